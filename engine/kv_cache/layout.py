@@ -1,0 +1,211 @@
+"""The one place that knows how KV pages are laid out in memory.
+
+Every layer owns two tensors, K and V, each shaped::
+
+    [num_blocks, block_size, num_kv_heads, head_dim]
+      block b ─┐
+               ▼
+    ┌──────────────── block 0 ────────────────┐┌──────── block 1 ───────── ...
+    │ off 0: [H_kv, D] │ off 1 │ ... │ off B-1 ││ off 0 │ ...
+    └──────────────────────────────────────────┘└─────────────────────────── ...
+
+A *slot* is a flat token index into that cache: ``slot = block * block_size + offset``.
+A sequence's *block table* lists its blocks in token order, so token position ``p`` of
+the sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+
+The KV transfer layer, the kernels and the engine all use these helpers; none of them
+recomputes slot math on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+PROTOCOL_VERSION = 1
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Map a dtype name (``float32``, ``float16``, ``bfloat16``) to a torch dtype."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported KV dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of :func:`dtype_from_name`."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}; choose one of {sorted(_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one worker's paged KV cache."""
+
+    num_layers: int
+    """Decoder layers, each with its own K and V tensors."""
+    num_blocks: int
+    """Blocks in the pool (the same block id indexes every layer)."""
+    block_size: int
+    """Tokens per block."""
+    num_kv_heads: int
+    """Key/value heads per layer (after GQA)."""
+    head_dim: int
+    """Elements per head."""
+    dtype: torch.dtype = torch.float32
+    """Element type of K and V."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
+        dtype_name(self.dtype)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """Shape of one block of one layer's K (or V): ``[block_size, kv_heads, head_dim]``."""
+        return (self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one layer's K (or V) tensor."""
+        return (self.num_blocks, *self.block_shape)
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer's K (V has the same size)."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes per token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.element_size
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed K and V tensors for every layer."""
+        return [
+            (
+                torch.zeros(self.cache_shape, dtype=self.dtype, device=device),
+                torch.zeros(self.cache_shape, dtype=self.dtype, device=device),
+            )
+            for _ in range(self.num_layers)
+        ]
+
+
+def slot_of(block_id: int, offset: int, block_size: int) -> int:
+    """Flat slot index of ``offset`` inside ``block_id``."""
+    return block_id * block_size + offset
+
+
+def block_and_offset(slot: int, block_size: int) -> tuple[int, int]:
+    """Inverse of :func:`slot_of`."""
+    return divmod(slot, block_size)
+
+
+def slot_mapping(
+    block_table: Sequence[int], start: int, end: int, block_size: int
+) -> list[int]:
+    """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def slot_mapping_tensor(
+    block_table: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Vectorised :func:`slot_mapping`: int64 slots for ``positions`` of one sequence."""
+    blocks = block_table.to(torch.int64)[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Copy ``block_ids`` of one layer's K or V into a contiguous ``[n, *block_shape]``."""
+    index = torch.as_tensor(block_ids, dtype=torch.int64, device=cache.device)
+    return cache.index_select(0, index)
+
+
+def scatter_blocks(
+    cache: torch.Tensor, block_ids: Sequence[int] | torch.Tensor, pages: torch.Tensor
+) -> None:
+    """Write contiguous ``pages`` (``[n, *block_shape]``) into ``block_ids`` of ``cache``."""
+    index = torch.as_tensor(block_ids, dtype=torch.int64, device=cache.device)
+    if pages.shape[0] != index.numel() or tuple(pages.shape[1:]) != tuple(cache.shape[1:]):
+        raise ValueError(
+            f"page shape {tuple(pages.shape)} does not fit {index.numel()} blocks of "
+            f"{tuple(cache.shape[1:])}"
+        )
+    cache.index_copy_(0, index, pages.to(cache.dtype))
+
+
+@dataclass(frozen=True)
+class KVLayoutSpec:
+    """What two workers must agree on before KV pages move between them."""
+
+    model_fingerprint: str
+    """Hash of the model's config and weight names (see :func:`model_fingerprint`)."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    """Dtype name, e.g. ``bfloat16``."""
+    block_size: int
+    protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_layout(cls, layout: KVLayout, model_fingerprint: str) -> KVLayoutSpec:
+        return cls(
+            model_fingerprint=model_fingerprint,
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            dtype=dtype_name(layout.dtype),
+            block_size=layout.block_size,
+        )
+
+    def check_compatible(self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs") -> None:
+        """Raise ``ValueError`` naming every mismatched field and both values."""
+        diffs = [
+            f"{k} mismatch: {ours}={a}, {theirs}={b}"
+            for k, a, b in ((k, asdict(self)[k], asdict(other)[k]) for k in asdict(self))
+            if a != b
+        ]
+        if diffs:
+            raise ValueError(
+                "KV layout mismatch: "
+                + "; ".join(diffs)
+                + ". Start both workers with the same model, --dtype and --block-size."
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KVLayoutSpec:
+        return cls(**json.loads(text))
+
+
+def model_fingerprint(hf_config: dict, weight_names: Sequence[str]) -> str:
+    """Stable short hash identifying a model (config + tensor names)."""
+    payload = json.dumps({"config": hf_config, "weights": sorted(weight_names)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
