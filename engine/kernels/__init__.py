@@ -10,6 +10,7 @@ in ``tests/kernels/conftest.py``).
 """
 
 from engine.kernels.paged_decode_attention import paged_decode_attention
+from engine.kernels.paged_prefill_attention import paged_prefill_attention
 from engine.kernels.store_kv import store_kv
 
-__all__ = ["paged_decode_attention", "store_kv"]
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
