@@ -8,6 +8,7 @@ from engine.attention.backend import AttentionBackend, AttentionMetadata
 
 _REGISTRY: dict[str, str] = {
     "torch": "engine.attention.torch_backend:TorchAttentionBackend",
+    "triton": "engine.attention.triton_backend:TritonAttentionBackend",
 }
 
 

@@ -123,14 +123,24 @@ class TorchAttentionBackend:
         nd = meta.num_decodes
         if nd:
             out[:nd] = paged_decode_reference(
-                query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                scale, sliding_window,
+                query[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                scale,
+                sliding_window,
             )
         starts = meta.query_start_loc.tolist()
         for i in range(nd, meta.num_seqs):
             s, e = starts[i], starts[i + 1]
             out[s:e] = paged_prefill_reference(
-                query[s:e], k_cache, v_cache, meta.block_tables[i], meta.context_lens_cpu[i],
-                scale, sliding_window,
+                query[s:e],
+                k_cache,
+                v_cache,
+                meta.block_tables[i],
+                meta.context_lens_cpu[i],
+                scale,
+                sliding_window,
             )
         return out

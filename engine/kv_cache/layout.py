@@ -40,7 +40,9 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unsupported KV dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+        raise ValueError(
+            f"unsupported KV dtype {name!r}; choose one of {sorted(_DTYPES)}"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,7 +105,9 @@ class KVLayout:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def allocate(
+        self, device: torch.device | str = "cpu"
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed K and V tensors for every layer."""
         return [
             (
@@ -124,9 +128,7 @@ def block_and_offset(slot: int, block_size: int) -> tuple[int, int]:
     return divmod(slot, block_size)
 
 
-def slot_mapping(
-    block_table: Sequence[int], start: int, end: int, block_size: int
-) -> list[int]:
+def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
@@ -183,7 +185,9 @@ class KVLayoutSpec:
             block_size=layout.block_size,
         )
 
-    def check_compatible(self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs") -> None:
+    def check_compatible(
+        self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs"
+    ) -> None:
         """Raise ``ValueError`` naming every mismatched field and both values."""
         diffs = [
             f"{k} mismatch: {ours}={a}, {theirs}={b}"

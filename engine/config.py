@@ -1,0 +1,87 @@
+"""Typed configuration for the engine: one frozen dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache settings."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Blocks in the pool; ``None`` sizes the pool from ``kv_cache_memory_bytes``."""
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    """Memory budget for K and V of all layers when ``num_blocks`` is ``None``."""
+    enable_prefix_caching: bool = True
+    """Reuse full blocks whose chained token hash matches an earlier request."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"block_size must be a positive power of two, got {self.block_size}; "
+                "try --block-size 16"
+            )
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching scheduler settings."""
+
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens + prefill chunk tokens)."""
+    max_num_seqs: int = 128
+    """Most sequences in one step."""
+    enable_chunked_prefill: bool = True
+    """Split a prompt that does not fit the step budget across steps."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an :class:`~engine.engine.LLMEngine` needs."""
+
+    model: str
+    """Local directory of a Hugging Face checkpoint (config.json + safetensors)."""
+    dtype: DTypeName = "auto"
+    """Weights and KV dtype; ``auto`` = float32 on CPU, bfloat16 on CUDA."""
+    device: str = "cpu"
+    """Torch device to run on."""
+    max_model_len: int | None = None
+    """Longest prompt + output; ``None`` = the model's ``max_position_embeddings``."""
+    attention_backend: str = "auto"
+    """``auto``, ``torch`` or ``triton`` (``auto`` = triton on CUDA, torch otherwise)."""
+    seed: int = 0
+    """Seed for requests that give none."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            self.dtype
+        ]

@@ -1,0 +1,253 @@
+"""LLMEngine: requests in, tokens out, one scheduler step at a time.
+
+Aggregated lifecycle: ``add_request`` → waiting → running (chunked prefill, then decode)
+→ finished. Disaggregated hooks:
+
+* prefill side: ``add_request(..., prefill_only=True)`` computes the prompt, samples the
+  first token and finishes as ``prefilled`` *keeping* its blocks; the KV layer hook sees
+  each layer's pages as soon as that layer is computed; ``release`` frees the blocks once
+  they were sent.
+* decode side: ``reserve`` allocates blocks for a prompt (reusing prefix-cache hits) and
+  returns the block ids to fill; after the KV arrived, ``admit_prefilled`` puts the request
+  straight into the running batch with its first token; ``abort`` frees a reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import get_backend
+from engine.config import EngineConfig
+from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.manager import KVCacheManager
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestOutput, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, make_output
+from engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """A prefill-only request's share of one step, for the KV layer hook."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    """The request's whole block table."""
+    start_pos: int
+    end_pos: int
+    """Token positions ``[start_pos, end_pos)`` whose K/V this step wrote."""
+
+
+KVLayerHook = Callable[[int, list[LayerKV], tuple[torch.Tensor, torch.Tensor]], None]
+"""``hook(layer, items, (k_cache, v_cache))`` after each layer of a step."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks reserved on the decode side for a prompt whose KV comes from elsewhere."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    """The request's whole block table for its prompt."""
+    num_cached_blocks: int
+    """Leading blocks already in this worker's prefix cache: not to be sent."""
+
+    @property
+    def blocks_to_fill(self) -> tuple[int, ...]:
+        return self.block_ids[self.num_cached_blocks :]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = config.torch_dtype
+        loaded = load_model(config.model, dtype, config.device, config.max_model_len)
+        self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
+        self.max_model_len = self._max_model_len(config)
+        self.layout = self._layout(config, dtype)
+        self.kv = KVCacheManager(
+            self.layout.num_blocks, self.layout.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.backend = get_backend(config.attention_backend, config.device)
+        self.runner = ModelRunner(
+            self.model,
+            self.layout.allocate(self.device),
+            self.backend,
+            self.layout.block_size,
+            self.device,
+            config.seed,
+        )
+        self.kv_layer_hook: KVLayerHook | None = None
+        self._reserved: dict[str, Request] = {}
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
+            self.spec.architecture,
+            self.layout.num_blocks,
+            self.layout.block_size,
+            self.max_model_len,
+            self.backend.name,
+        )
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _max_model_len(self, config: EngineConfig) -> int:
+        limit = self.spec.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={limit}; pass --max-model-len {limit} or less"
+            )
+        return config.max_model_len or limit
+
+    def _layout(self, config: EngineConfig, dtype: torch.dtype) -> KVLayout:
+        spec, cache = self.spec, config.cache
+        per_block = 2 * spec.num_layers * cache.block_size * spec.num_kv_heads * spec.head_dim
+        per_block *= torch.empty((), dtype=dtype).element_size()
+        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory_bytes // per_block)
+        return KVLayout(
+            spec.num_layers, num_blocks, cache.block_size, spec.num_kv_heads, spec.head_dim, dtype
+        )
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.runner.kv_caches
+
+    @property
+    def layout_spec(self) -> KVLayoutSpec:
+        return KVLayoutSpec.from_layout(self.layout, self.fingerprint)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request; raises ``ValueError`` naming the problem for bad input."""
+        self._check_request(request_id, prompt_token_ids)
+        req = Request(
+            request_id, list(prompt_token_ids), params, self.spec.eos_token_ids, prefill_only
+        )
+        self.scheduler.add(req)
+
+    def _check_request(self, request_id: str, prompt: list[int]) -> None:
+        if (
+            request_id in self.scheduler.requests
+            or self.kv.holds(request_id)
+            or request_id in self._reserved
+        ):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("prompt is empty; pass at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
+                f"(prompt + at least 1 generated token); shorten the prompt or raise --max-model-len"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+        need = self.layout.num_blocks_for(len(prompt) + 1)
+        if need > self.layout.num_blocks:
+            raise ValueError(
+                f"prompt needs {need} KV blocks but the pool has {self.layout.num_blocks}; "
+                "raise --num-kv-blocks or shorten the prompt"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any point (waiting, running, reserved or prefilled) and free
+        its blocks. Returns whether anything was held."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            return True
+        self._reserved.pop(request_id, None)
+        if self.kv.holds(request_id):
+            self.kv.free(request_id)
+            return True
+        return False
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    # -- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and report what each request gained."""
+        so = self.scheduler.schedule()
+        sampled = self.runner.execute(so, self._layer_hook(so))
+        return self.scheduler.update(so, sampled)
+
+    def _layer_hook(self, so: SchedulerOutput) -> Callable[[int], None] | None:
+        if self.kv_layer_hook is None:
+            return None
+        items = [
+            LayerKV(s.request_id, s.block_ids, s.start_pos, s.start_pos + s.num_tokens)
+            for s in so.sequences
+            if s.stream_kv
+        ]
+        if not items:
+            return None
+        hook, caches = self.kv_layer_hook, self.kv_caches
+        return lambda layer: hook(layer, items, caches[layer])
+
+    # -- disaggregation -------------------------------------------------------------------
+
+    def release(self, request_id: str) -> None:
+        """Free a prefilled request's blocks once its KV was sent."""
+        self.kv.free(request_id)
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Reservation | None:
+        """Allocate blocks for a prompt whose KV another worker computes; ``None`` if full."""
+        self._check_request(request_id, prompt_token_ids)
+        req = Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids)
+        prefix = self.kv.find_prefix(req)
+        if not self.kv.allocate(req, req.num_tokens - prefix.num_tokens, prefix, cache=False):
+            return None
+        self._reserved[request_id] = req
+        req.num_cached_tokens = prefix.num_tokens
+        return Reservation(
+            request_id,
+            tuple(self.kv.block_ids(request_id)),
+            prefix.num_tokens // self.layout.block_size,
+        )
+
+    def admit_prefilled(
+        self, request_id: str, first_token: int, first_logprobs: dict[int, float] | None = None
+    ) -> RequestOutput:
+        """Start decoding a reserved request whose prompt KV has fully arrived."""
+        req = self._reserved.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"no reservation for request {request_id!r} (expired or aborted?)")
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_blocks(req, req.num_prompt_tokens)
+        req.output_token_ids.append(first_token)
+        if first_logprobs is not None:
+            req.output_logprobs.append(first_logprobs)
+        status = self.scheduler.stop_status(req)
+        if status is not None:
+            req.status = status
+            self.kv.free(request_id)
+        else:
+            self.scheduler.add_running(req)
+        return make_output(req, 1)

@@ -1,0 +1,90 @@
+"""Sparse MoE block: top-k router, grouped expert matmuls, optional shared expert.
+
+Expert weights are stacked (fused in memory, per-expert on disk)::
+
+    w13: [num_local_experts, 2 * intermediate, hidden]   gate rows, then up rows
+    w2:  [num_local_experts, hidden, intermediate]
+
+``expert_start`` is the global id of local expert 0, so an expert-parallel rank can hold
+a contiguous slice of the experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.basic import GatedMLP, Linear
+from engine.model_spec import MoESpec
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, normalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32, top-k, optional renormalisation. Returns ``(weights, expert_ids)``."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+def expert_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert_start: int = 0,
+) -> torch.Tensor:
+    """Weighted sum of local experts' outputs for each token.
+
+    ``x`` ``[N, H]``; ``weights``/``expert_ids`` ``[N, k]`` (global ids; ids outside
+    ``[expert_start, expert_start + E_local)`` are ignored).
+    """
+    out = torch.zeros_like(x)
+    num_local, inter = w13.shape[0], w13.shape[1] // 2
+    flat_ids = expert_ids.reshape(-1) - expert_start
+    local = (flat_ids >= 0) & (flat_ids < num_local)
+    slots = torch.nonzero(local).squeeze(-1)
+    if slots.numel() == 0:
+        return out
+    order = slots[torch.argsort(flat_ids[slots], stable=True)]
+    counts = torch.bincount(flat_ids[order], minlength=num_local).tolist()
+    flat_weights = weights.reshape(-1)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        sel = order[start : start + count]
+        start += count
+        tokens = sel // expert_ids.shape[1]
+        gate, up = F.linear(x[tokens], w13[e]).split(inter, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e])
+        out.index_add_(0, tokens, y * flat_weights[sel, None])
+    return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(
+        self, hidden: int, spec: MoESpec, expert_start: int = 0, num_local: int | None = None
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.expert_start = expert_start
+        num_local = spec.num_experts if num_local is None else num_local
+        inter = spec.intermediate_size
+        self.router = Linear(hidden, spec.num_experts)
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter), requires_grad=False)
+        shared = spec.shared_expert_intermediate_size
+        self.shared = GatedMLP(hidden, shared) if shared else None
+        self.shared_gate = Linear(hidden, 1) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob, x.dtype)
+        out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out

@@ -1,0 +1,116 @@
+"""Offline generation: ``LLM(model_dir).generate(prompts, sampling_params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    """Runs an :class:`LLMEngine` to completion over a batch of prompts."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 128,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        attention_backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=str(model),
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            attention_backend=attention_backend,
+            seed=seed,
+            cache=CacheConfig(
+                block_size=block_size,
+                num_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = (
+            Tokenizer.from_dir(model) if (Path(model) / "tokenizer.json").is_file() else None
+        )
+        self._ids = itertools.count()
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Generate for every prompt (text or token ids); outputs keep the input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        outputs: dict[str, CompletionOutput] = {}
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                rid = f"offline-{next(self._ids)}"
+                ids = self._tokenize(prompt)
+                self.engine.add_request(rid, ids, p)
+                outputs[rid] = CompletionOutput(rid, ids)
+            self._run(outputs)
+        except BaseException:
+            for rid in outputs:
+                self.engine.abort(rid)
+            raise
+        return list(outputs.values())
+
+    def _run(self, outputs: dict[str, CompletionOutput]) -> None:
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                done = outputs[out.request_id]
+                done.token_ids.extend(out.new_token_ids)
+                done.logprobs.extend(out.new_logprobs)
+                done.num_cached_tokens = out.num_cached_tokens
+                if out.finished:
+                    done.finish_reason = out.finish_reason
+        if self.tokenizer is not None:
+            for out in outputs.values():
+                out.text = self.tokenizer.decode(out.token_ids)

@@ -1,0 +1,123 @@
+"""Load a local Hugging Face checkpoint: ``config.json`` + ``*.safetensors``.
+
+Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``)
+checkpoints both work. Every tensor the model needs must be present with the right
+shape; errors name the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.kv_cache.layout import model_fingerprint
+from engine.model_spec import ModelSpec, parse_model_spec
+from engine.models import build_model
+from engine.models.llama import CausalLM, WeightTarget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    spec: ModelSpec
+    fingerprint: str
+    """Stable id of config + weight names, used in the KV layout handshake."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no config.json in {model_dir}; pass a local Hugging Face checkpoint directory "
+            "(build a demo one with `pdserve make-tiny-model --arch llama DIR`)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when sharded."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists missing shard(s): {', '.join(missing)}")
+        return [root / n for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weight files in {root}")
+    return files
+
+
+def _copy(
+    param: torch.Tensor, target: WeightTarget, tensor: torch.Tensor, name: str, file: Path
+) -> None:
+    dest = param if target.expert is None else param[target.expert]
+    if target.rows is not None:
+        dest = dest[target.row_offset : target.row_offset + target.rows]
+    if tuple(dest.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"shape mismatch for tensor {name} in {file.name}: checkpoint has "
+            f"{tuple(tensor.shape)}, config.json implies {tuple(dest.shape)}"
+        )
+    dest.copy_(tensor.to(param.dtype))
+
+
+def _load_tensors(
+    model: CausalLM, targets: dict[str, WeightTarget], files: list[Path]
+) -> tuple[set[str], list[str]]:
+    """Copy every targeted tensor; returns ``(loaded names, all names on disk)``."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    on_disk: list[str] = []
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read weight file {file}: {e}") from None
+        with handle as f:
+            for name in f.keys():
+                on_disk.append(name)
+                target = targets.get(name)
+                if target is None:
+                    logger.debug("ignoring tensor %s in %s", name, file.name)
+                    continue
+                _copy(params[target.param], target, f.get_tensor(name), name, file)
+                loaded.add(name)
+    return loaded, on_disk
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_positions: int | None = None,
+    expert_range: tuple[int, int] | None = None,
+) -> LoadedModel:
+    """Build the model named by ``config.json`` and fill it from the safetensors files."""
+    cfg = read_config(model_dir)
+    spec = parse_model_spec(cfg, source=str(Path(model_dir) / "config.json"))
+    files = weight_files(model_dir)
+    logger.info("loading %s from %s (%d file(s))", spec.architecture, model_dir, len(files))
+    model, targets = build_model(spec, max_positions or spec.max_position_embeddings, expert_range)
+    model.to(dtype)
+    loaded, on_disk = _load_tensors(model, targets, files)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
+        raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensor(s): {shown}")
+    model.to(device).eval()
+    return LoadedModel(model, spec, model_fingerprint(cfg, on_disk))

@@ -1,0 +1,113 @@
+"""Runs one step: SchedulerOutput -> input tensors + attention metadata -> model -> tokens."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+
+from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.models.llama import CausalLM
+from engine.sampler import sample
+from engine.scheduler_output import SampledToken, SchedulerOutput
+
+LayerHook = Callable[[int], None]
+
+
+def build_metadata(so: SchedulerOutput, block_size: int, device: torch.device) -> AttentionMetadata:
+    """Attention metadata for one step (sequences already ordered decodes first)."""
+    seqs = so.sequences
+    qlens = [s.num_tokens for s in seqs]
+    seq_lens = [s.start_pos + s.num_tokens for s in seqs]
+    ctx_lens = [s.start_pos for s in seqs]
+    max_blocks = max(len(s.block_ids) for s in seqs)
+    tables = [list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
+    slots: list[int] = []
+    for s in seqs:
+        for p in range(s.start_pos, s.start_pos + s.num_tokens):
+            slots.append(s.block_ids[p // block_size] * block_size + p % block_size)
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return AttentionMetadata(
+        query_start_loc=as_i32(qsl),
+        seq_lens=as_i32(seq_lens),
+        context_lens=as_i32(ctx_lens),
+        block_tables=as_i32(tables),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        num_decodes=so.num_decodes,
+        max_query_len=max(qlens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        seq_lens_cpu=tuple(seq_lens),
+        context_lens_cpu=tuple(ctx_lens),
+    )
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and per-request sampler state."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(
+        self, so: SchedulerOutput, after_layer: LayerHook | None = None
+    ) -> dict[str, SampledToken]:
+        """Run the step; return a token for every sequence with ``sample=True``."""
+        for rid in so.finished_request_ids:
+            self._generators.pop(rid, None)
+        if so.is_empty:
+            return {}
+        input_ids = torch.tensor(
+            [t for s in so.sequences for t in s.token_ids], dtype=torch.int64, device=self.device
+        )
+        positions = torch.tensor(
+            [p for s in so.sequences for p in range(s.start_pos, s.start_pos + s.num_tokens)],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        meta = build_metadata(so, self.block_size, self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, after_layer)
+        sampling = [(i, s) for i, s in enumerate(so.sequences) if s.sample]
+        if not sampling:
+            return {}
+        last = meta.query_start_loc[1:].long() - 1
+        rows = torch.tensor([i for i, _ in sampling], device=self.device)
+        logits = self.model.compute_logits(hidden[last[rows]])
+        tokens = sample(
+            logits,
+            [s.sampling_params for _, s in sampling],
+            [self._generator(s.request_id, s.sampling_params.seed) for _, s in sampling],
+            [s.suppress_token_ids for _, s in sampling],
+        )
+        return {s.request_id: t for (_, s), t in zip(sampling, tokens, strict=True)}
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device="cpu" if self.device.type == "cpu" else self.device)
+            gen.manual_seed(seed if seed is not None else _default_seed(self.seed, request_id))
+            self._generators[request_id] = gen
+        return gen
+
+
+def _default_seed(engine_seed: int, request_id: str) -> int:
+    """A stable seed for requests that give none (differs per request, not per run)."""
+    return (engine_seed << 32) ^ zlib.crc32(request_id.encode())
