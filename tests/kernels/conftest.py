@@ -36,11 +36,7 @@ def _import_kernels_interpreted() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         for name in _KERNEL_MODULES:
-            try:
-                importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name != name:
-                    raise
+            importlib.import_module(name)
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
