@@ -212,7 +212,7 @@ def _launch(
         out, part_m, part_l, part_acc,
         out.stride(0), out.stride(1), head_dim, num_splits,
         NUM_HEADS=num_heads,
-        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_D=block_d,
     )  # fmt: skip
 
