@@ -1,0 +1,1 @@
+"""KV transfer backends; each module defines ``BACKEND`` (see kv_transfer.plane)."""

@@ -1,0 +1,179 @@
+"""shm: page bytes go through shared-memory regions on the same host.
+
+A region's life::
+
+    sender creates /dev/shm/pdserve-kv-* (free) -> staging(): gather + checksum into it
+      -> descriptor names it (busy) -> receiver maps it (and unlinks the name at once,
+      so a crash leaks nothing) -> checksum + scatter straight from the mapping
+      -> Release(name) -> free again
+    too small for a layer -> sender retires it (Release to the receiver: unmap)
+
+The sender keeps at most ``shm_regions`` regions (plane option, default 3), so layer
+i+1 is gathered while the receiver still writes layer i.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from kv_transfer.base import TransferConfig
+from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.plane import Backend, SimpleHost
+from proto import kv_transfer_pb2 as pb
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class _Region:
+    def __init__(self, path: str, size: int, create: bool):
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.name, self.path, self.size = os.path.basename(path), path, size
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self.tensor = None
+        try:
+            self.map.close()
+        except BufferError:  # a view is still alive somewhere; the GC unmaps it later
+            pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ShmSender:
+    def __init__(self, link: ControlLink, max_regions: int, wait_s: float):
+        self._link, self._max, self._wait_s = link, max_regions, wait_s
+        self._cond = threading.Condition()
+        self._free: list[_Region] = []
+        self._busy: dict[str, _Region] = {}
+        self._current: _Region | None = None
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._free or self._count() < self._max or self._link.closed, self._wait_s
+            ):
+                raise PeerLost(f"no shm region released for {self._wait_s}s; receiver stalled")
+            if self._link.closed:
+                raise PeerLost("link closed while waiting for a shm region")
+            region = self._free.pop() if self._free else None
+        if region is not None and region.size < nbytes:
+            self._retire(region)
+            region = None
+        if region is None:
+            path = os.path.join(_shm_dir(), f"pdserve-kv-{uuid.uuid4().hex}")
+            region = _Region(path, max(nbytes, 1 << 20), create=True)
+        self._current = region
+        return region.tensor[:nbytes]
+
+    def _count(self) -> int:
+        return len(self._free) + len(self._busy)
+
+    def _retire(self, region: _Region) -> None:
+        _unlink(region.path)
+        self._link.try_send(pb.Frame(release=pb.Release(name=region.name)))
+        region.close()
+
+    def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
+        region, self._current = self._current, None
+        desc.shm.CopyFrom(pb.ShmRegion(name=region.name, size=region.size, offset=0))
+        with self._cond:
+            self._busy[region.name] = region
+        try:
+            self._link.send(pb.Frame(pages=desc))
+        except PeerLost:
+            with self._cond:
+                self._free.append(self._busy.pop(region.name))
+            raise
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        if not frame.HasField("release"):
+            return False
+        with self._cond:
+            region = self._busy.pop(frame.release.name, None)
+            if region is not None:
+                self._free.append(region)
+            self._cond.notify_all()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            regions = self._free + list(self._busy.values())
+            self._free, self._busy = [], {}
+            self._cond.notify_all()
+        for region in regions:
+            _unlink(region.path)
+            region.close()
+
+
+class ShmReceiver:
+    def __init__(self, link: ControlLink):
+        self._link = link
+        self._maps: dict[str, _Region] = {}
+
+    def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
+        region = self._map(desc.shm)
+        offset = desc.shm.offset
+        if offset + sum(sizes) > region.size:
+            raise PeerLost(f"shm descriptor overruns region {region.name} of {region.size} bytes")
+        for size in sizes:
+            yield region.tensor[offset : offset + size]
+            offset += size
+        self._link.try_send(pb.Frame(release=pb.Release(name=region.name)))
+
+    def _map(self, ref: pb.ShmRegion) -> _Region:
+        region = self._maps.get(ref.name)
+        if region is None:
+            if os.path.basename(ref.name) != ref.name or not ref.name.startswith("pdserve-kv-"):
+                raise PeerLost(f"refusing shm region name {ref.name!r}")
+            path = os.path.join(_shm_dir(), ref.name)
+            region = _Region(path, ref.size, create=False)
+            _unlink(path)  # both sides hold mappings; nothing is left behind on a crash
+            self._maps[ref.name] = region
+        return region
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        if not frame.HasField("release"):
+            return False
+        region = self._maps.pop(frame.release.name, None)
+        if region is not None:
+            region.close()
+        return True
+
+    def close(self) -> None:
+        for region in self._maps.values():
+            region.close()
+        self._maps.clear()
+
+
+def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> ShmSender:
+    regions = int(config.plane.get("shm_regions", "3"))
+    return ShmSender(link, regions, wait_s=config.peer_timeout_s)
+
+
+BACKEND = Backend(
+    name="shm",
+    host=lambda config: SimpleHost(ShmReceiver),
+    connect=_connect,
+)

@@ -1,0 +1,214 @@
+"""ucx: page bytes go over UCX (ucxx) tagged messages, one UCX endpoint per link.
+
+Pairing: the endpoint runs one ucxx listener (port 0). For each sender link it hands
+out a one-time token; the sender connects to the listener and sends the token first, so
+the listener can bind the new UCX endpoint to that control link. Per layer::
+
+    sender:   descriptor on the control link -> ucx send of each chunk
+    receiver: descriptor -> ucx recv of chunk i+1 posted while chunk i is checksummed
+              and scattered (double buffering)
+
+ucxx runs on one asyncio loop in a daemon thread per process. Transports come from the
+plane options ``ucx_tls`` / ``ucx_net_devices``, else the UCX_TLS / UCX_NET_DEVICES
+environment, else ``tcp`` on ``lo`` (works on any host, no GPU or RDMA needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from kv_transfer.backends.tcp import GrowBuffer
+from kv_transfer.base import TransferConfig
+from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.plane import Backend, ReceiverPlane
+from kv_transfer.wire import payload_sizes
+from proto import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+def _buffer(chunk: torch.Tensor):
+    return chunk if chunk.is_cuda else chunk.numpy()
+
+
+class UcxLoop:
+    """The process's ucxx event loop thread; ``run`` submits a coroutine and waits."""
+
+    _instance: UcxLoop | None = None
+    _guard = threading.Lock()
+
+    @classmethod
+    def get(cls, config: TransferConfig) -> UcxLoop:
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls(config)
+            return cls._instance
+
+    def __init__(self, config: TransferConfig):
+        import ucxx  # the optional dependency: pip install ucxx-cu12
+
+        self.ucxx = ucxx
+        options = {
+            "TLS": config.plane.get("ucx_tls") or os.environ.get("UCX_TLS", "tcp"),
+            "NET_DEVICES": config.plane.get("ucx_net_devices")
+            or os.environ.get("UCX_NET_DEVICES", "lo"),
+        }
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="kv-ucx", daemon=True).start()
+        self.run(self._init(options), timeout=config.connect_timeout_s)
+        logger.info("ucxx %s initialised with %s", ucxx.get_ucx_version(), options)
+
+    async def _init(self, options: dict[str, str]) -> None:
+        self.ucxx.init(options=options)
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float):
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise PeerLost(f"ucx operation timed out after {timeout}s") from None
+        except self.ucxx.exceptions.UCXError as exc:
+            raise PeerLost(f"ucx: {exc}") from exc
+
+
+class UcxSender:
+    def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float):
+        self._link, self._ucx, self._ep, self._timeout = link, ucx, ep, timeout
+        self._buf = GrowBuffer()
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        return self._buf.get(nbytes)
+
+    def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
+        self._link.send(pb.Frame(pages=desc))
+        sizes = payload_sizes(desc, desc.k_bytes // len(desc.block_ids))
+
+        async def send_all() -> None:
+            offset = 0
+            for size in sizes:
+                await self._ep.send(_buffer(staging[offset : offset + size]))
+                offset += size
+
+        self._ucx.run(send_all(), timeout=self._timeout)
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        return False
+
+    def close(self) -> None:
+        try:
+            self._ucx.run(self._ep.close(), timeout=self._timeout)
+        except Exception as exc:  # the peer may already be gone
+            logger.debug("ucx close: %s", exc)
+
+
+class UcxReceiver:
+    def __init__(self, ucx: UcxLoop, ep, done: asyncio.Event, timeout: float):
+        self._ucx, self._ep, self._done, self._timeout = ucx, ep, done, timeout
+        self._bufs = (GrowBuffer(), GrowBuffer())
+
+    def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
+        def post(i: int) -> tuple[torch.Tensor, concurrent.futures.Future]:
+            chunk = self._bufs[i % 2].get(sizes[i])
+            return chunk, self._ucx.submit(self._ep.recv(_buffer(chunk)))
+
+        pending = post(0) if sizes else None
+        for i in range(len(sizes)):
+            chunk, future = pending
+            self._wait(future)
+            if i + 1 < len(sizes):
+                pending = post(i + 1)
+            yield chunk
+
+    def _wait(self, future: concurrent.futures.Future) -> None:
+        try:
+            future.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise PeerLost(f"no ucx data for {self._timeout}s") from None
+        except self._ucx.ucxx.exceptions.UCXError as exc:
+            raise PeerLost(f"ucx recv failed: {exc}") from exc
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._ucx.loop.call_soon_threadsafe(self._done.set)
+
+
+class UcxHost:
+    """One ucxx listener per endpoint; binds incoming UCX endpoints to links by token."""
+
+    def __init__(self, config: TransferConfig):
+        self._config = config
+        self._ucx = UcxLoop.get(config)
+        self._pending: dict[bytes, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._listener = self._ucx.run(self._listen(), timeout=config.connect_timeout_s)
+
+    async def _listen(self):
+        return self._ucx.ucxx.create_listener(self._on_endpoint, port=0)
+
+    async def _on_endpoint(self, ep) -> None:
+        token = torch.empty(16, dtype=torch.uint8)
+        await ep.recv(token.numpy())
+        with self._lock:
+            future = self._pending.pop(bytes(token.numpy()), None)
+        if future is None:
+            logger.warning("ucx listener: connection with an unknown token, closing it")
+            await ep.close()
+            return
+        done = asyncio.Event()
+        future.set_result((ep, done))
+        await done.wait()  # keep the handler (and so the endpoint) alive until the link ends
+        await ep.close()
+
+    def accept(
+        self, link: ControlLink, hello: pb.Hello
+    ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
+        token = uuid.uuid4().bytes
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._pending[token] = future
+        params = {"host": self._config.host, "port": str(self._listener.port), "token": token.hex()}
+
+        def finish() -> ReceiverPlane:
+            try:
+                ep, done = future.result(self._config.connect_timeout_s)
+            except concurrent.futures.TimeoutError:
+                with self._lock:
+                    self._pending.pop(token, None)
+                raise PeerLost("sender never connected to the ucx listener") from None
+            return UcxReceiver(self._ucx, ep, done, self._config.peer_timeout_s)
+
+        return params, finish
+
+    def close(self) -> None:
+        self._ucx.loop.call_soon_threadsafe(self._listener.close)
+
+
+def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> UcxSender:
+    ucx = UcxLoop.get(config)
+    timeout = config.connect_timeout_s
+
+    async def connect():
+        ep = await ucx.ucxx.create_endpoint(params["host"], int(params["port"]))
+        token = torch.frombuffer(bytearray(bytes.fromhex(params["token"])), dtype=torch.uint8)
+        await ep.send(token.numpy())
+        return ep
+
+    return UcxSender(link, ucx, ucx.run(connect(), timeout), config.peer_timeout_s)
+
+
+BACKEND = Backend(name="ucx", host=UcxHost, connect=_connect)

@@ -1,0 +1,188 @@
+"""The KV transfer interface: states, tickets, config and the role protocols.
+
+A transfer moves one request's KV pages from a prefill worker (sender) to a decode
+worker (receiver). Each side sees it pass through these states::
+
+    receiver:  expect() -> BOOTSTRAPPING -> (sender opens) WAITING
+                        -> (first layer) TRANSFERRING -> (all layers, checksums ok) SUCCESS
+    sender:    open()   -> BOOTSTRAPPING -> (receiver accepts) WAITING
+                        -> (first layer pushed) TRANSFERRING -> (receiver confirms) SUCCESS
+
+Any state can turn FAILED: abort from either side, lease expiry, a checksum mismatch,
+or a dead peer (no frame for ``peer_timeout_s``). On FAILED the receiver hands its
+reserved blocks back through ``free_blocks``; pages that arrive later are dropped and
+counted, never written. ``poll()`` never blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+
+FreeBlocks = Callable[[list[int]], None]
+"""Hook through which the receiver returns reserved blocks to its engine's pool."""
+
+
+class TransferState(enum.Enum):
+    """Where a transfer stands; see the module docstring for the transitions."""
+
+    BOOTSTRAPPING = "bootstrapping"
+    WAITING = "waiting"
+    TRANSFERRING = "transferring"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.SUCCESS, TransferState.FAILED)
+
+
+class HandshakeError(ValueError):
+    """Pairing refused: the two workers disagree on layout or backend."""
+
+
+@dataclass(frozen=True)
+class TransferTicket:
+    """What the receiver hands out (through the router) to the sender."""
+
+    transfer_id: str
+    """Unique id of this transfer on the receiver."""
+    endpoint: str
+    """Receiver address, ``host:port``."""
+    block_ids: tuple[int, ...]
+    """Destination blocks on the receiver, in the request's token order."""
+    epoch: int
+    """The receiver's owner epoch; pages for another epoch are dropped."""
+    lease_deadline: float
+    """Wall-clock time (``time.time()``) after which the receiver frees the blocks."""
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Tuning shared by every backend."""
+
+    heartbeat_s: float = 0.5
+    """Send a heartbeat when nothing was sent on a link for this long."""
+    peer_timeout_s: float = 3.0
+    """A link with no frame from the peer for this long is dead; its transfers fail."""
+    connect_timeout_s: float = 10.0
+    """Bound on connecting and pairing."""
+    chunk_bytes: int = 1 << 20
+    """Receiver processes pages in chunks of about this size (cache-friendly)."""
+    reap_interval_s: float = 0.05
+    """How often the receiver checks leases."""
+    host: str = "127.0.0.1"
+    """Interface the receiver endpoint listens on."""
+    plane: dict[str, str] = field(default_factory=dict)
+    """Backend-specific options (strings, see each backend)."""
+
+    def __post_init__(self) -> None:
+        if self.peer_timeout_s <= self.heartbeat_s:
+            raise ValueError(
+                f"peer_timeout_s={self.peer_timeout_s} must exceed heartbeat_s={self.heartbeat_s}; "
+                "use at least 3 heartbeats"
+            )
+        if self.chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
+
+
+@runtime_checkable
+class KVSender(Protocol):
+    """Prefill side of one transfer."""
+
+    ticket: TransferTicket
+
+    def send_layer(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        src_block_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Queue one layer's pages; returns at once.
+
+        Without ``src_block_ids``, ``k`` and ``v`` are pages ``[n, block_size, kv_heads,
+        head_dim]`` for the ticket's ``n`` blocks. With it, they are the layer's whole K
+        and V cache and the pages are gathered from ``src_block_ids``; the caller then
+        must not reuse those blocks until ``poll()`` is SUCCESS or FAILED.
+        """
+
+    def finish(self) -> None:
+        """Declare that every layer was queued; fails the transfer if one is missing."""
+
+    def abort(self, reason: str = "aborted by sender") -> None:
+        """Stop the transfer here and on the receiver."""
+
+    def poll(self) -> TransferState:
+        """Current state; never blocks."""
+
+    @property
+    def error(self) -> str | None:
+        """Why the transfer failed, if it did."""
+
+
+@runtime_checkable
+class KVReceiver(Protocol):
+    """Decode side of one transfer."""
+
+    ticket: TransferTicket
+
+    def poll(self) -> TransferState:
+        """Current state; never blocks."""
+
+    def layers_arrived(self) -> list[int]:
+        """Layers written and checksummed so far, in arrival order."""
+
+    def abort(self, reason: str = "aborted by receiver") -> None:
+        """Fail the transfer, free its blocks and tell the sender."""
+
+    @property
+    def error(self) -> str | None:
+        """Why the transfer failed, if it did."""
+
+
+class KVEndpoint(Protocol):
+    """Receiver-side server of one decode worker; accepts links from many senders."""
+
+    address: str
+    epoch: int
+
+    def expect(self, block_ids: Sequence[int], lease_s: float) -> KVReceiver:
+        """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters: dropped pages, failed/succeeded transfers, refused pairings."""
+
+    def close(self) -> None:
+        """Fail open transfers (freeing their blocks) and stop serving."""
+
+
+class KVClient(Protocol):
+    """Sender-side connector of one prefill worker; one paired link per endpoint."""
+
+    def connect(self, endpoint: str) -> None:
+        """Pair with ``endpoint`` now; raises :class:`HandshakeError` on mismatch."""
+
+    def open(self, ticket: TransferTicket) -> KVSender:
+        """Start a transfer for ``ticket`` (pairing first if needed)."""
+
+    def close(self) -> None:
+        """Fail open transfers and close every link."""
+
+
+@dataclass(frozen=True)
+class EndpointArgs:
+    """Everything a backend needs to build a receiver endpoint."""
+
+    layout: KVLayout
+    spec: KVLayoutSpec
+    kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    free_blocks: FreeBlocks
+    epoch: int
+    config: TransferConfig

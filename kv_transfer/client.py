@@ -1,0 +1,202 @@
+"""The sender-side connector of one prefill worker: one paired link per endpoint.
+
+connect(endpoint) -> Hello / HelloReply (layout + backend checked, else HandshakeError)
+                  -> backend data path connected -> writer thread + reader thread
+open(ticket)      -> Open frame; SenderTransfer registered on that link
+send_layer        -> LayerJob on the link's queue -> writer: gather + checksum into
+                     the plane's staging buffer -> descriptor + bytes
+link lost         -> every transfer on it FAILED; the next open() pairs again
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import uuid
+
+import torch
+
+from engine.kv_cache.layout import KVLayoutSpec, dtype_from_name
+from kv_transfer import wire
+from kv_transfer.base import HandshakeError, TransferConfig, TransferTicket
+from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.plane import Backend, SenderPlane
+from kv_transfer.sender import LayerJob, SenderTransfer
+from proto import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class _Link:
+    """A paired link to one endpoint with its send queue and transfers."""
+
+    def __init__(self, link: ControlLink, plane: SenderPlane, epoch: int, config: TransferConfig):
+        self.link, self.plane, self.epoch = link, plane, epoch
+        self._config = config
+        self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._transfers: dict[str, SenderTransfer] = {}
+        self.writer = threading.Thread(
+            target=self._write_loop, name=f"kv-w-{link.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+        self.link.start(self._on_frame, self._on_close)
+
+    def add(self, transfer: SenderTransfer) -> None:
+        with self._lock:
+            self._transfers[transfer.ticket.transfer_id] = transfer
+
+    def enqueue(self, job: LayerJob | None) -> None:
+        self._queue.put(job)
+
+    def _on_frame(self, frame: pb.Frame) -> None:
+        if frame.HasField("status"):
+            with self._lock:
+                transfer = self._transfers.get(frame.status.transfer_id)
+            if transfer is not None:
+                transfer.on_status(frame.status)
+                if not transfer.live:
+                    self._forget(transfer)
+        elif not self.plane.on_frame(frame):
+            logger.warning("link %s: unexpected %s frame", self.link.name, frame.WhichOneof("kind"))
+
+    def _forget(self, transfer: SenderTransfer) -> None:
+        with self._lock:
+            self._transfers.pop(transfer.ticket.transfer_id, None)
+
+    def _on_close(self, reason: str) -> None:
+        with self._lock:
+            transfers, self._transfers = list(self._transfers.values()), {}
+        for transfer in transfers:
+            transfer.fail(f"receiver lost: {reason}")
+        self._queue.put(None)
+
+    def _write_loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if not job.transfer.live:
+                continue
+            try:
+                self._send(job)
+            except PeerLost as exc:
+                job.transfer.fail(str(exc))
+                self.link.close()
+            except Exception as exc:
+                logger.exception("link %s: sending layer %d failed", self.link.name, job.layer)
+                job.transfer.abort(f"sending layer {job.layer} failed: {exc!r}")
+        self.plane.close()
+
+    def _send(self, job: LayerJob) -> None:
+        n = job.k.shape[0] if job.src_block_ids is None else job.src_block_ids.numel()
+        block_bytes = job.k[0].numel() * job.k.element_size()
+        staging = self.plane.staging(2 * n * block_bytes)
+        checksum = wire.Checksum()
+        chunk = self._config.chunk_bytes
+        for i, source in enumerate((job.k, job.v)):
+            region = staging[i * n * block_bytes : (i + 1) * n * block_bytes]
+            pages = region.view(job.k.dtype).view(n, *job.k.shape[1:])
+            for a, b in wire.chunk_plan(n, block_bytes, chunk):
+                if job.src_block_ids is None:
+                    pages[a:b].copy_(source[a:b])
+                else:
+                    # Gather straight into the staging buffer: one copy, then hash while hot.
+                    torch.index_select(source, 0, job.src_block_ids[a:b], out=pages[a:b])
+                checksum.update(pages[a:b])
+        ticket = job.transfer.ticket
+        desc = pb.PageDescriptor(
+            transfer_id=ticket.transfer_id,
+            epoch=ticket.epoch,
+            layer=job.layer,
+            block_ids=ticket.block_ids,
+            k_bytes=n * block_bytes,
+            v_bytes=n * block_bytes,
+            checksum=checksum.value(),
+            chunk_bytes=chunk,
+        )
+        self.plane.send(desc, staging)
+
+
+class Client:
+    """A ``KVClient`` for any backend; see the module docstring."""
+
+    def __init__(self, backend: Backend, spec: KVLayoutSpec, config: TransferConfig):
+        self.backend, self.spec, self.config = backend, spec, config
+        self.sender_id = uuid.uuid4().hex[:8]
+        self._dtype = dtype_from_name(spec.dtype)
+        self._lock = threading.Lock()
+        self._links: dict[str, _Link] = {}
+
+    def connect(self, endpoint: str) -> None:
+        self._link_for(endpoint)
+
+    def open(self, ticket: TransferTicket) -> SenderTransfer:
+        link = self._link_for(ticket.endpoint)
+        block_shape = (self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        transfer = SenderTransfer(
+            ticket,
+            self.spec.num_layers,
+            block_shape,
+            self._dtype,
+            enqueue=link.enqueue,
+            send_abort=lambda msg: link.link.try_send(pb.Frame(abort=msg)),
+        )
+        if ticket.epoch != link.epoch:
+            transfer.fail(
+                f"ticket epoch {ticket.epoch} does not match the receiver's epoch {link.epoch} "
+                f"at {ticket.endpoint}; the decode worker restarted, reserve again"
+            )
+            return transfer
+        link.add(transfer)
+        if not link.link.try_send(
+            pb.Frame(open=pb.Open(transfer_id=ticket.transfer_id, epoch=ticket.epoch))
+        ):
+            transfer.fail(f"link to {ticket.endpoint} is closed")
+        return transfer
+
+    def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.link.close()
+            link.link.join(timeout=5)
+            link.writer.join(timeout=5)
+
+    def _link_for(self, endpoint: str) -> _Link:
+        with self._lock:
+            link = self._links.get(endpoint)
+            if link is None or link.link.closed:
+                link = self._pair(endpoint)
+                self._links[endpoint] = link
+            return link
+
+    def _pair(self, endpoint: str) -> _Link:
+        host, _, port = endpoint.rpartition(":")
+        cfg = self.config
+        sock = socket.create_connection((host, int(port)), timeout=cfg.connect_timeout_s)
+        link = ControlLink(
+            sock, f"s{self.sender_id}->{endpoint}", cfg.heartbeat_s, cfg.peer_timeout_s
+        )
+        try:
+            hello = pb.Hello(
+                spec=wire.spec_to_pb(self.spec), backend=self.backend.name, sender_id=self.sender_id
+            )
+            link.send(pb.Frame(hello=hello))
+            reply = link.recv_frame().hello_reply
+            if not reply.ok:
+                raise HandshakeError(f"{endpoint} refused pairing: {reply.error}")
+            try:
+                self.spec.check_compatible(
+                    wire.spec_from_pb(reply.spec), ours="prefill", theirs="decode"
+                )
+            except ValueError as exc:
+                raise HandshakeError(str(exc)) from None
+            plane = self.backend.connect(link, dict(reply.plane), cfg)
+        except BaseException:
+            link.close()
+            raise
+        paired = _Link(link, plane, reply.epoch, cfg)
+        paired.start()
+        return paired

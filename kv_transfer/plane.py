@@ -1,0 +1,116 @@
+"""Backend data paths ("planes") and the registry that builds them by name.
+
+Every backend shares the same control link (framed protobuf over TCP, see link.py)
+and differs only in how a layer's page bytes travel. Per link the bytes pass::
+
+    sender:   staging(n) -> gather + checksum into it -> send(descriptor, staging)
+    receiver: descriptor -> chunks(descriptor, sizes) -> checksum + scatter each chunk
+
+A backend module exposes ``BACKEND: Backend``. The registry maps a name to that module
+and imports it only when the backend is first used, so a missing optional library
+(ucxx) only affects its own backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kv_transfer.base import TransferConfig
+from kv_transfer.link import ControlLink
+from proto import kv_transfer_pb2 as pb
+
+
+class SenderPlane(Protocol):
+    """Sender half of a data path; used only by its link's writer thread."""
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of ``nbytes`` to fill with K then V pages (may wait for space)."""
+
+    def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
+        """Send the descriptor on the link and the staged bytes on the data path."""
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        """Handle a plane-level control frame (e.g. shm Release); True if consumed."""
+
+    def close(self) -> None: ...
+
+
+class ReceiverPlane(Protocol):
+    """Receiver half of a data path; used only by its link's reader thread."""
+
+    def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Yield the descriptor's bytes as uint8 chunks of ``sizes``; always exhaust it."""
+
+    def on_frame(self, frame: pb.Frame) -> bool:
+        """Handle a plane-level control frame; True if consumed."""
+
+    def close(self) -> None: ...
+
+
+class PlaneHost(Protocol):
+    """Per-endpoint resources of a backend (a store, a listener)."""
+
+    def accept(
+        self, link: ControlLink, hello: pb.Hello
+    ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
+        """Parameters for the HelloReply, and a callable that finishes pairing after it."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named data path: how the endpoint hosts it and how a sender connects to it."""
+
+    name: str
+    host: Callable[[TransferConfig], PlaneHost]
+    connect: Callable[[ControlLink, Mapping[str, str], TransferConfig], SenderPlane]
+
+
+_REGISTRY: dict[str, str] = {
+    "tcp": "kv_transfer.backends.tcp",
+    "shm": "kv_transfer.backends.shm",
+    "torch_dist": "kv_transfer.backends.torch_dist",
+    "ucx": "kv_transfer.backends.ucx",
+}
+
+
+def backend_names() -> list[str]:
+    """Every registered backend name."""
+    return list(_REGISTRY)
+
+
+def register_backend(name: str, module: str) -> None:
+    """Add (or replace) a backend: ``module`` must define ``BACKEND``."""
+    _REGISTRY[name] = module
+
+
+def get_backend(name: str) -> Backend:
+    """Import and return the backend registered as ``name``."""
+    try:
+        module = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown KV transfer backend {name!r}; choose one of {sorted(_REGISTRY)}"
+        ) from None
+    return importlib.import_module(module).BACKEND
+
+
+class SimpleHost:
+    """A PlaneHost for backends with no per-endpoint resources."""
+
+    def __init__(self, make: Callable[[ControlLink], ReceiverPlane]):
+        self._make = make
+
+    def accept(
+        self, link: ControlLink, hello: pb.Hello
+    ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
+        return {}, lambda: self._make(link)
+
+    def close(self) -> None:
+        pass

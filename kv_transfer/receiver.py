@@ -1,0 +1,157 @@
+"""Decode-side state of one transfer (the ``KVReceiver`` the decode worker polls).
+
+    expect() -> BOOTSTRAPPING -> Open from a sender -> WAITING
+             -> first layer written -> TRANSFERRING -> every layer, checksums ok -> SUCCESS
+    any non-terminal state -> FAILED (abort, lease expiry, checksum, dead sender)
+
+Blocks are freed exactly once, on FAILED, and only after no chunk is being written
+(``_writers == 0``), so the engine never reuses a block under an in-flight write.
+On SUCCESS the blocks belong to the admitted request and are not freed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kv_transfer.base import FreeBlocks, TransferState, TransferTicket
+from kv_transfer.link import ControlLink
+from proto import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class ReceiverTransfer:
+    """One expected transfer; thread-safe, all transitions under ``_lock``."""
+
+    def __init__(
+        self,
+        ticket: TransferTicket,
+        num_layers: int,
+        free_blocks: FreeBlocks,
+        on_terminal: Callable[[ReceiverTransfer], None],
+    ):
+        self.ticket = ticket
+        self._num_layers = num_layers
+        self._free_blocks = free_blocks
+        self._on_terminal = on_terminal
+        self._lock = threading.Lock()
+        self._state = TransferState.BOOTSTRAPPING
+        self._error: str | None = None
+        self._arrived: list[int] = []
+        self._writers = 0
+        self._freed = False
+        self._link: ControlLink | None = None
+        self._deadline = time.monotonic() + max(0.0, ticket.lease_deadline - time.time())
+
+    # -- KVReceiver -------------------------------------------------------------
+    def poll(self) -> TransferState:
+        return self._state
+
+    def layers_arrived(self) -> list[int]:
+        with self._lock:
+            return list(self._arrived)
+
+    def abort(self, reason: str = "aborted by receiver") -> None:
+        self.fail(reason, notify_sender=True)
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    # -- driven by the endpoint -------------------------------------------------
+    def attach(self, link: ControlLink, epoch: int) -> str | None:
+        """A sender opened this transfer; returns why it is refused, if it is."""
+        with self._lock:
+            if epoch != self.ticket.epoch:
+                return f"stale epoch {epoch} for transfer {self.ticket.transfer_id}; receiver epoch is {self.ticket.epoch}"
+            if self._state.terminal:
+                return f"transfer {self.ticket.transfer_id} is already {self._state.value}: {self._error}"
+            if self._link is not None and self._link is not link:
+                return f"transfer {self.ticket.transfer_id} was already opened by another sender"
+            self._link = link
+            if self._state is TransferState.BOOTSTRAPPING:
+                self._state = TransferState.WAITING
+            return None
+
+    def begin_write(self, desc: pb.PageDescriptor, link: ControlLink) -> str | None:
+        """Admit one layer's pages for writing; returns why they must be dropped."""
+        with self._lock:
+            if self._state.terminal:
+                return f"transfer is {self._state.value}"
+            if link is not self._link:
+                return "pages from a link that did not open the transfer"
+            if desc.epoch != self.ticket.epoch:
+                return f"stale epoch {desc.epoch}, receiver epoch is {self.ticket.epoch}"
+            self._writers += 1
+            return None
+
+    def writable(self) -> bool:
+        """Whether chunks may still be written (the transfer did not fail meanwhile)."""
+        return not self._state.terminal
+
+    def end_write(self, layer: int, checksum_ok: bool) -> None:
+        """Finish one layer: record arrival, or fail on a bad checksum or duplicate."""
+        done = False
+        with self._lock:
+            self._writers -= 1
+            problem = self._layer_problem(layer, checksum_ok)
+            if problem is None and not self._state.terminal:
+                self._arrived.append(layer)
+                done = len(self._arrived) == self._num_layers
+                self._state = TransferState.SUCCESS if done else TransferState.TRANSFERRING
+        if problem is not None:
+            self.fail(problem, notify_sender=True)
+        elif done:
+            self._notify(pb.Status.SUCCESS, "")
+            self._on_terminal(self)
+        self._maybe_free()
+
+    def _layer_problem(self, layer: int, checksum_ok: bool) -> str | None:
+        if not checksum_ok:
+            return f"checksum mismatch on layer {layer}: pages corrupted in transit"
+        if layer in self._arrived:
+            return f"layer {layer} arrived twice"
+        if not 0 <= layer < self._num_layers:
+            return f"layer {layer} out of range [0, {self._num_layers})"
+        return None
+
+    def expire_if_due(self, now: float) -> None:
+        if not self._state.terminal and now >= self._deadline:
+            lease = self.ticket.lease_deadline
+            self.fail(
+                f"lease expired (deadline {lease:.3f}, {len(self._arrived)}/{self._num_layers} "
+                "layers arrived); raise the lease or check the prefill worker",
+                notify_sender=True,
+            )
+
+    def fail(self, reason: str, notify_sender: bool) -> None:
+        with self._lock:
+            if self._state.terminal:
+                return
+            self._state = TransferState.FAILED
+            self._error = reason
+        logger.info("transfer %s failed: %s", self.ticket.transfer_id, reason)
+        if notify_sender:
+            self._notify(pb.Status.FAILED, reason)
+        self._on_terminal(self)
+        self._maybe_free()
+
+    def on_link_lost(self, link: ControlLink, reason: str) -> None:
+        if self._link is link:
+            self.fail(f"sender lost: {reason}", notify_sender=False)
+
+    def _maybe_free(self) -> None:
+        with self._lock:
+            if self._state is not TransferState.FAILED or self._writers or self._freed:
+                return
+            self._freed = True
+        self._free_blocks(list(self.ticket.block_ids))
+
+    def _notify(self, state: int, error: str) -> None:
+        link = self._link
+        if link is not None:
+            status = pb.Status(transfer_id=self.ticket.transfer_id, state=state, error=error)
+            link.try_send(pb.Frame(status=status))
