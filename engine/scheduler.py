@@ -30,6 +30,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+        """Preemptions since start (a metric; tests use it to prove preemption happened)."""
 
     # -- queue management -------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def _build_output(self, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:

@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 VOCAB_SIZE = 512
-INIT_RANGE = 0.25
+INIT_RANGE = 1.0
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64,

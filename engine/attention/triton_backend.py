@@ -19,6 +19,11 @@ from engine.attention.backend import AttentionMetadata
 from engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row strides but need a contiguous head dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class TritonAttentionBackend:
     """Paged attention with Triton kernels (CUDA, or the Triton interpreter in tests)."""
 
@@ -32,7 +37,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        store_kv(_rows(key), _rows(value), k_cache, v_cache, meta.slot_mapping)
 
     def forward(
         self,
@@ -44,6 +49,7 @@ class TritonAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
+        query = _rows(query)
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:

@@ -1,0 +1,41 @@
+"""Greedy reference outputs from Hugging Face ``transformers`` on the same checkpoint."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+
+@cache
+def _hf_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@cache
+def _greedy(model_dir: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    model = _hf_model(model_dir)
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return tuple(out[0, len(prompt) :].tolist())
+
+
+def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF ``generate()`` greedy continuations (EOS ignored), one prompt at a time."""
+    return [list(_greedy(str(model_dir), tuple(p), max_new_tokens)) for p in prompts]
+
+
+def make_prompts(lengths: list[int], seed: int = 0, vocab: int = 500) -> list[list[int]]:
+    """Deterministic token-id prompts of the given lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
