@@ -1,7 +1,7 @@
 """The ``pdserve`` command line.
 
-    pdserve make-tiny-model --arch llama DIR     write a tiny random-init checkpoint
-    pdserve generate [--model DIR] --prompt ...  offline generation (demo model by default)
+pdserve make-tiny-model --arch llama DIR     write a tiny random-init checkpoint
+pdserve generate [--model DIR] --prompt ...  offline generation (demo model by default)
 """
 
 from __future__ import annotations
@@ -72,20 +72,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = args.model or ensure_demo_model()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(
-        model, dtype=args.dtype, device=device, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+        model,
+        dtype=args.dtype,
+        device=device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
     )
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
     )
     start = time.perf_counter()
     outputs = llm.generate(args.prompt, params)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(args.prompt, outputs, strict=True):
-        print(f"prompt: {prompt!r}\noutput: {out.text!r}\n  ({len(out.token_ids)} tokens, finish={out.finish_reason})")
+        print(
+            f"prompt: {prompt!r}\noutput: {out.text!r}\n  ({len(out.token_ids)} tokens, finish={out.finish_reason})"
+        )
     total = sum(len(o.token_ids) for o in outputs)
     print(f"{total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s)")
     return 0
@@ -98,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-init HF checkpoint")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", default="llama",
-                      choices=["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"])
+    tiny.add_argument(
+        "--arch",
+        default="llama",
+        choices=["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"],
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
@@ -118,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     _configure_threads()
     try:
         return args.func(args)

@@ -43,7 +43,9 @@ class LayerKV:
     """The request's whole block table."""
     start_pos: int
     end_pos: int
-    """Token positions ``[start_pos, end_pos)`` whose K/V this step wrote."""
+    """Token positions ``[start_pos, end_pos)`` whose K/V is new to the hook: this step's
+    tokens, plus on a request's first step any prefix-cache hit (which the receiver may
+    not hold)."""
 
 
 KVLayerHook = Callable[[int, list[LayerKV], tuple[torch.Tensor, torch.Tensor]], None]
@@ -89,6 +91,7 @@ class LLMEngine:
         )
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
+        self._kv_streamed: set[str] = set()
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
             self.spec.architecture,
@@ -171,6 +174,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request at any point (waiting, running, reserved or prefilled) and free
         its blocks. Returns whether anything was held."""
+        self._kv_streamed.discard(request_id)
         req = self.scheduler.requests.get(request_id)
         if req is not None:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
@@ -199,11 +203,13 @@ class LLMEngine:
     def _layer_hook(self, so: SchedulerOutput) -> Callable[[int], None] | None:
         if self.kv_layer_hook is None:
             return None
-        items = [
-            LayerKV(s.request_id, s.block_ids, s.start_pos, s.start_pos + s.num_tokens)
-            for s in so.sequences
-            if s.stream_kv
-        ]
+        items = []
+        for s in so.sequences:
+            if not s.stream_kv:
+                continue
+            start = s.start_pos if s.request_id in self._kv_streamed else 0
+            self._kv_streamed.add(s.request_id)
+            items.append(LayerKV(s.request_id, s.block_ids, start, s.start_pos + s.num_tokens))
         if not items:
             return None
         hook, caches = self.kv_layer_hook, self.kv_caches
@@ -213,6 +219,7 @@ class LLMEngine:
 
     def release(self, request_id: str) -> None:
         """Free a prefilled request's blocks once its KV was sent."""
+        self._kv_streamed.discard(request_id)
         self.kv.free(request_id)
 
     def reserve(

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from engine.attention.backend import AttentionMetadata
-from engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from engine.kernels.paged_decode_attention import paged_decode_attention
+from engine.kernels.paged_prefill_attention import paged_prefill_attention
+from engine.kernels.store_kv import store_kv
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

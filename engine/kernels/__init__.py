@@ -7,10 +7,8 @@ backend that wires them into the engine is ``engine/attention/triton_backend.py`
 Importing this package imports ``triton``. On a machine without CUDA the kernels only run
 when ``TRITON_INTERPRET=1`` was set before this package was first imported (tests do it
 in ``tests/kernels/conftest.py``).
+
+The public ops are imported from their own modules (``from
+engine.kernels.store_kv import store_kv``); this package re-exports nothing, so a module
+name never shadows the op of the same name.
 """
-
-from engine.kernels.paged_decode_attention import paged_decode_attention
-from engine.kernels.paged_prefill_attention import paged_prefill_attention
-from engine.kernels.store_kv import store_kv
-
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]

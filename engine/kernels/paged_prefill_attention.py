@@ -210,9 +210,11 @@ def paged_prefill_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
         return out
-    on_gpu = query.device.type == "cuda"
-    block_m = block_m or (64 if on_gpu else 32)
-    block_n = block_n or (64 if on_gpu else 32)
+    # 64x64 tiles on GPU; fp32 KV at 32x32 keeps K/V/Q tiles within shared memory.
+    # The interpreter pays per program, so it gets mid-sized tiles.
+    big = query.device.type == "cuda" and k_cache.dtype != torch.float32
+    block_m = block_m or (64 if big else 32)
+    block_n = block_n or (64 if big else 32)
     _launch(
         out, query, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale,
         sliding_window, max_query_len, block_m, block_n,

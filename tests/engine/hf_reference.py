@@ -30,7 +30,9 @@ def _greedy(model_dir: str, prompt: tuple[int, ...], max_new_tokens: int) -> tup
     return tuple(out[0, len(prompt) :].tolist())
 
 
-def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(
+    model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
     """HF ``generate()`` greedy continuations (EOS ignored), one prompt at a time."""
     return [list(_greedy(str(model_dir), tuple(p), max_new_tokens)) for p in prompts]
 
