@@ -79,7 +79,7 @@ def _decode_inputs(batch: int, context: int) -> dict:
 
 
 def decode_point(batch: int, context: int, iters: int, flush: torch.Tensor) -> dict:
-    from engine.kernels import paged_decode_attention
+    from engine.kernels.paged_decode_attention import paged_decode_attention
 
     args = _decode_inputs(batch, context)
     out = torch.empty_like(args["query"])
@@ -101,7 +101,7 @@ def decode_point(batch: int, context: int, iters: int, flush: torch.Tensor) -> d
 
 
 def split_speedup(context: int, iters: int, flush: torch.Tensor) -> dict:
-    from engine.kernels import paged_decode_attention
+    from engine.kernels.paged_decode_attention import paged_decode_attention
 
     args = _decode_inputs(1, context)
     out = torch.empty_like(args["query"])

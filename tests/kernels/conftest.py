@@ -16,7 +16,9 @@ import pytest
 import torch
 
 _KERNEL_MODULES = (
-    "engine.kernels",
+    "engine.kernels.store_kv",
+    "engine.kernels.paged_decode_attention",
+    "engine.kernels.paged_prefill_attention",
     "engine.attention.triton_backend",
 )
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from paged_cases import DEVICE, TOLERANCE, make_block_tables, make_cache, randn
 
-from engine.kernels import paged_decode_attention, paged_prefill_attention
+from engine.kernels.paged_decode_attention import paged_decode_attention
 from engine.kernels.paged_decode_attention import reference as decode_reference
+from engine.kernels.paged_prefill_attention import paged_prefill_attention
 from engine.kernels.paged_prefill_attention import reference as prefill_reference
 
 pytestmark = [
