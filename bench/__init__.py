@@ -1,0 +1,1 @@
+"""Benchmark scripts. Each prints a JSON object as its last line."""

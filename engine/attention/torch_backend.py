@@ -9,6 +9,7 @@ sequence's cached context.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from engine.attention.backend import AttentionMetadata
 
@@ -28,23 +29,24 @@ def store_kv_reference(
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """``[B, num_blocks * block_size, Hkv, D]`` for the first ``num_blocks`` of each table."""
-    blocks = cache[block_tables[:, :num_blocks].to(torch.int64)]
-    b, nb, bs, h, d = blocks.shape
-    return blocks.reshape(b, nb * bs, h, d)
+    b = block_tables.shape[0]
+    index = block_tables[:, :num_blocks].reshape(-1).to(torch.int64)
+    return cache.index_select(0, index).view(b, num_blocks * cache.shape[1], *cache.shape[2:])
 
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Grouped-query attention. q ``[B, Q, H, D]``, k/v ``[B, L, Hkv, D]``, mask ``[B, Q, L]``."""
-    b, nq, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.float().reshape(b, nq, hkv, h // hkv, d)
-    scores = torch.einsum("bqhgd,blhd->bhgql", qg, k.float()) * scale
-    scores = scores.masked_fill(~mask[:, None, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgql,blhd->bqhgd", probs, v.float())
-    return out.reshape(b, nq, h, d).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)
 
 
 def paged_decode_reference(
