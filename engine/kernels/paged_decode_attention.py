@@ -28,6 +28,7 @@ softmax runs in fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -217,17 +218,21 @@ def _launch(
     )  # fmt: skip
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, *, block_n: int
 ) -> int:
-    """Enough splits to give every SM a few programs, but never splits under 256 tokens."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 1  # interpreter: every program costs time, so split as little as possible
+    """Enough splits to give every SM a few programs, but never splits under 256 tokens,
+    and at most 64 (the reduce kernel holds all splits' ``[D]`` partials in registers)."""
+    # Interpreter: every program costs time, so split as little as possible.
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
     wanted = math.ceil(4 * sms / max(1, batch * num_kv_heads))
     useful = math.ceil(max_seq_len / max(256, block_n))
-    return max(1, min(wanted, useful, 256))
+    return max(1, min(wanted, useful, 64))
 
 
 def paged_decode_attention(
