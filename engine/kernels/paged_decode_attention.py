@@ -193,7 +193,7 @@ def _launch(
         (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
     )
     upcast = upcast_dots(_decode_split_kernel, k_cache.dtype)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, part_m, part_l, part_acc,
         query.stride(0), query.stride(1),
@@ -267,6 +267,8 @@ def paged_decode_attention(
         )
     if query.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("query and the caches need a contiguous head dim (stride 1)")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
     check_kv_dtype(k_cache)

@@ -154,7 +154,7 @@ def _launch(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         HAS_WINDOW=sliding_window is not None,
         UPCAST=upcast,
         PRECISION="ieee" if upcast else "tf32",
@@ -194,6 +194,8 @@ def paged_prefill_attention(
         )
     if query.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("query and the caches need a contiguous head dim (stride 1)")
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
     if query_start_loc.shape[0] != context_lens.shape[0] + 1:
         raise ValueError(
             f"query_start_loc has {query_start_loc.shape[0]} entries for "

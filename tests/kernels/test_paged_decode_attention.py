@@ -23,7 +23,9 @@ def _case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, num_bl
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 64), (8, 2, 64), (4, 1, 128)])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(2, 2, 64), (8, 2, 64), (6, 2, 64), (4, 1, 128)]
+)
 def test_decode_matches_reference(dtype, block_size, num_heads, num_kv_heads, head_dim):
     # Odd lengths, a length of 1, an exact block multiple and one just past it.
     seq_lens = [1, 37, block_size, block_size + 1, 70]
@@ -74,3 +76,13 @@ def test_decode_rejects_bad_gqa_ratio():
     query, k, v, tables, lens = _case([4], 3, 2, 64, 16, torch.float32)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         paged_decode_attention(query, k, v, tables, lens, 0.125)
+
+
+def test_decode_small_head_dim_and_sliced_block_table():
+    """Head dim 16 (the tiny test models) and a column-sliced block table view."""
+    seq_lens = [20, 3]
+    query, k, v, tables, lens = _case(seq_lens, 4, 2, 16, 16, torch.float32)
+    wide = torch.cat([tables, torch.zeros_like(tables)], dim=1)
+    got = paged_decode_attention(query, k, v, wide[:, : tables.shape[1]], lens, 0.25)
+    want = reference(query, k, v, tables, lens, 0.25)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])

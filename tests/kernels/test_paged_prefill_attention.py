@@ -28,7 +28,9 @@ def _case(ctx_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 64), (4, 1, 64), (2, 1, 128)])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(2, 2, 64), (4, 1, 64), (3, 1, 64), (2, 1, 128)]
+)
 def test_prefill_matches_reference(dtype, block_size, num_heads, num_kv_heads, head_dim):
     # Fresh prompt over two query tiles, a chunk after a cached prefix, a one-token
     # chunk, and a prefix-cache hit ending exactly on a block boundary.
