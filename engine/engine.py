@@ -248,9 +248,7 @@ class LLMEngine:
             raise KeyError(f"no reservation for request {request_id!r} (expired or aborted?)")
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_blocks(req, req.num_prompt_tokens)
-        req.output_token_ids.append(first_token)
-        if first_logprobs is not None:
-            req.output_logprobs.append(first_logprobs)
+        req.append_output(first_token, first_logprobs)
         status = self.scheduler.stop_status(req)
         if status is not None:
             req.status = status

@@ -43,9 +43,19 @@ class Request:
     """Prompt tokens served from the prefix cache at first schedule (for usage reports)."""
     num_preemptions: int = 0
 
+    def __post_init__(self) -> None:
+        self._all_token_ids = list(self.prompt_token_ids)
+
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt then output tokens (a shared list: do not mutate; use append_output)."""
+        return self._all_token_ids
+
+    def append_output(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
 
     @property
     def num_tokens(self) -> int:

@@ -162,9 +162,7 @@ class Scheduler:
             if not seq.sample:
                 continue
             token = sampled[seq.request_id]
-            req.output_token_ids.append(token.token_id)
-            if token.logprobs is not None:
-                req.output_logprobs.append(token.logprobs)
+            req.append_output(token.token_id, token.logprobs)
             status = self.stop_status(req)
             if status is not None:
                 self.finish(req, status, free=status is not RequestStatus.FINISHED_PREFILLED)

@@ -99,17 +99,14 @@ def test_max_num_seqs_caps_the_batch():
 
 def test_stop_conditions():
     s = _sched()
-    r = Request(
-        "a",
-        [1, 2],
-        SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(9,)),
-        eos_token_ids=(0,),
-    )
-    r.output_token_ids = [0]
-    assert s.stop_status(r) is None  # EOS before min_tokens does not stop
-    r.output_token_ids = [5, 0]
-    assert s.stop_status(r) is RequestStatus.FINISHED_STOPPED
-    r.output_token_ids = [5, 9]
-    assert s.stop_status(r) is RequestStatus.FINISHED_STOPPED
-    r.output_token_ids = [5, 6, 7, 8, 1]
-    assert s.stop_status(r) is RequestStatus.FINISHED_LENGTH
+
+    def after(*outputs):
+        r = Request("a", [1, 2], SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(9,)), eos_token_ids=(0,))
+        for t in outputs:
+            r.append_output(t)
+        return s.stop_status(r)
+
+    assert after(0) is None  # EOS before min_tokens does not stop
+    assert after(5, 0) is RequestStatus.FINISHED_STOPPED
+    assert after(5, 9) is RequestStatus.FINISHED_STOPPED
+    assert after(5, 6, 7, 8, 1) is RequestStatus.FINISHED_LENGTH
