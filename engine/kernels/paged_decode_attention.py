@@ -13,7 +13,7 @@ Flash-decoding: the context of each sequence is cut into ``num_splits`` ranges o
 ``tokens_per_split`` positions (a multiple of ``BLOCK_N``)::
 
     grid = (batch, kv_head, split)
-    seq b:  [── split 0 ──][── split 1 ──][── split 2 ──]...   (empty splits write m=-inf)
+    seq b:  [── split 0 ──][── split 1 ──][── split 2 ──]...   (empty splits write m=-1e30, l=0)
               │               │               │
               ▼               ▼               ▼
           (m, l, acc)     (m, l, acc)     (m, l, acc)   fp32 scratch [B, H, S(, D)]
