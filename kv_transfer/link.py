@@ -137,5 +137,7 @@ class ControlLink:
         self.sock.close()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        thread = self._thread
+        started = thread is not None and thread.ident is not None
+        if started and thread is not threading.current_thread():
+            thread.join(timeout)

@@ -1,0 +1,125 @@
+"""Fixtures for the KV transfer conformance suite: every test runs on every backend.
+
+A ``BlockPool`` stands in for the decode engine's allocator; after each test every
+block must be back in it (no leaks), whatever the test did.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from kv_transfer import TransferConfig, backend_names, make_client, make_endpoint
+
+NUM_BLOCKS = 64
+FAST = TransferConfig(heartbeat_s=0.2, peer_timeout_s=1.5, reap_interval_s=0.02, chunk_bytes=512)
+"""Small chunks so even tiny test layers go through several data-path messages."""
+PEER_DEATH_BOUND_S = FAST.peer_timeout_s + 1.0
+
+
+def tiny_layout(dtype: torch.dtype = torch.float32, block_size: int = 4) -> KVLayout:
+    return KVLayout(
+        num_layers=4,
+        num_blocks=NUM_BLOCKS,
+        block_size=block_size,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=dtype,
+    )
+
+
+def random_caches(layout: KVLayout, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        tuple(torch.randn(layout.cache_shape, generator=g).to(layout.dtype) for _ in range(2))
+        for _ in range(layout.num_layers)
+    ]
+
+
+class BlockPool:
+    """Thread-safe free set standing in for the decode engine's block pool."""
+
+    def __init__(self, num_blocks: int, seed: int = 0):
+        self.total = num_blocks
+        self._free = set(range(num_blocks))
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` scattered (non-contiguous, unordered) free blocks."""
+        with self._lock:
+            ids = self._rng.sample(sorted(self._free), n)
+            self._free.difference_update(ids)
+            return ids
+
+    def free(self, ids: list[int]) -> None:
+        with self._lock:
+            twice = self._free.intersection(ids)
+            assert not twice, f"blocks freed twice: {sorted(twice)}"
+            self._free.update(ids)
+
+    @property
+    def num_free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+@dataclass
+class Pair:
+    """A receiver endpoint and a sender client for one backend, plus their caches."""
+
+    backend: str
+    layout: KVLayout
+    spec: KVLayoutSpec
+    pool: BlockPool
+    endpoint: object
+    client: object
+    src: list[tuple[torch.Tensor, torch.Tensor]]
+    dst: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@pytest.fixture(params=backend_names())
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_pair(backend) -> Callable[..., Pair]:
+    """``make_pair(dtype=..., block_size=...)``; closes everything and checks for leaks."""
+    made: list[Pair] = []
+
+    def make(dtype: torch.dtype = torch.float32, block_size: int = 4) -> Pair:
+        layout = tiny_layout(dtype, block_size)
+        spec = KVLayoutSpec.from_layout(layout, "test-model")
+        pool = BlockPool(NUM_BLOCKS, seed=len(made))
+        dst = layout.allocate()
+        endpoint = make_endpoint(backend, layout, dst, spec, pool.free, config=FAST)
+        client = make_client(backend, spec, config=FAST)
+        pair = Pair(backend, layout, spec, pool, endpoint, client, random_caches(layout, 1), dst)
+        made.append(pair)
+        return pair
+
+    yield make
+    for pair in made:
+        pair.client.close()
+        pair.endpoint.close()
+        assert pair.pool.num_free == pair.pool.total, (
+            f"{pair.pool.total - pair.pool.num_free} KV blocks leaked on {pair.backend}"
+        )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, fails on timeout."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.005)
+    return time.monotonic() - start

@@ -1,0 +1,190 @@
+"""The conformance suite: every backend must pass every test here (see conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv_cache.layout import KVLayoutSpec, gather_blocks
+from kv_transfer import HandshakeError, KVReceiver, KVSender, TransferState, make_client
+
+from .conftest import FAST, wait_until
+
+S = TransferState
+
+
+def send_layers(pair, tx, src_ids, layers=None, pages=False) -> None:
+    for layer in range(pair.layout.num_layers) if layers is None else layers:
+        k, v = pair.src[layer]
+        if pages:
+            tx.send_layer(layer, gather_blocks(k, src_ids), gather_blocks(v, src_ids))
+        else:
+            tx.send_layer(layer, k, v, src_block_ids=src_ids)
+
+
+def assert_copied(pair, src_ids, dst_ids) -> None:
+    for layer in range(pair.layout.num_layers):
+        for kv in (0, 1):
+            got = gather_blocks(pair.dst[layer][kv], dst_ids)
+            want = gather_blocks(pair.src[layer][kv], src_ids)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (layer, kv)
+
+
+def both_done(rx, tx) -> bool:
+    return rx.poll().terminal and tx.poll().terminal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pages", [False, True], ids=["gather", "pages"])
+def test_round_trip_bit_exact(make_pair, dtype, pages):
+    pair = make_pair(dtype=dtype)
+    dst_ids = pair.pool.allocate(7)
+    src_ids = [40, 3, 17, 9, 60, 1, 33]
+    rx = pair.endpoint.expect(dst_ids, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    assert isinstance(rx, KVReceiver) and isinstance(tx, KVSender)
+    send_layers(pair, tx, src_ids, pages=pages)
+    tx.finish()
+    wait_until(lambda: both_done(rx, tx))
+    assert (rx.poll(), tx.poll()) == (S.SUCCESS, S.SUCCESS), (rx.error, tx.error)
+    assert_copied(pair, src_ids, dst_ids)
+    untouched = sorted(set(range(pair.layout.num_blocks)) - set(dst_ids))
+    assert not pair.dst[0][0][untouched].any(), "a block outside the ticket was written"
+    pair.pool.free(dst_ids)  # the decode engine owns them after SUCCESS
+
+
+def test_concurrent_transfers(make_pair):
+    pair = make_pair(dtype=torch.bfloat16)
+    other = make_client(pair.backend, pair.spec, config=FAST)
+    try:
+        jobs = []
+        for i in range(4):
+            dst = pair.pool.allocate(3 + i)
+            rx = pair.endpoint.expect(dst, lease_s=10)
+            tx = (pair.client if i % 2 else other).open(rx.ticket)
+            jobs.append((rx, tx, list(range(10 * i, 10 * i + 3 + i)), dst))
+        for layer in range(pair.layout.num_layers):  # interleave every transfer, layer by layer
+            for _, tx, src, _ in jobs:
+                send_layers(pair, tx, src, layers=[layer])
+        for rx, tx, src, dst in jobs:
+            tx.finish()
+            wait_until(lambda rx=rx, tx=tx: both_done(rx, tx))
+            assert (rx.poll(), tx.poll()) == (S.SUCCESS, S.SUCCESS), (rx.error, tx.error)
+            assert_copied(pair, src, dst)
+            pair.pool.free(dst)
+    finally:
+        other.close()
+
+
+def test_layers_arrive_one_by_one(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(5)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    assert rx.poll() is S.BOOTSTRAPPING
+    tx = pair.client.open(rx.ticket)
+    wait_until(lambda: rx.poll() is S.WAITING and tx.poll() is S.WAITING)
+    order = [2, 0, 3, 1]
+    for n, layer in enumerate(order, start=1):
+        send_layers(pair, tx, list(range(5)), layers=[layer])
+        wait_until(lambda n=n: len(rx.layers_arrived()) == n)
+        assert rx.layers_arrived() == order[:n]
+        expected = S.SUCCESS if n == len(order) else S.TRANSFERRING
+        assert rx.poll() is expected
+    tx.finish()
+    wait_until(lambda: tx.poll() is S.SUCCESS)
+    pair.pool.free(dst)
+
+
+def test_sender_abort(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(4)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, [0, 1, 2, 3], layers=[0])
+    wait_until(lambda: rx.layers_arrived() == [0])
+    tx.abort("client went away")
+    assert tx.poll() is S.FAILED and "client went away" in tx.error
+    wait_until(lambda: rx.poll() is S.FAILED)
+    assert "aborted by sender: client went away" in rx.error
+    wait_until(lambda: pair.pool.num_free == pair.pool.total)
+    send_layers(pair, tx, [0, 1, 2, 3], layers=[1])  # ignored after abort
+    assert rx.layers_arrived() == [0]
+
+
+def test_receiver_abort_drops_late_pages(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(4)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, [0, 1, 2, 3], layers=[0])
+    wait_until(lambda: rx.layers_arrived() == [0])
+    before = pair.dst[1][0].clone()
+    rx.abort("request cancelled")
+    assert rx.poll() is S.FAILED
+    wait_until(lambda: pair.pool.num_free == pair.pool.total)
+    wait_until(lambda: tx.poll() is S.FAILED)
+    assert "request cancelled" in tx.error
+    # A layer already in flight when the abort landed is dropped and counted, never written.
+    tx._terminal = None  # simulate the race: the sender has not seen the abort yet
+    send_layers(pair, tx, [0, 1, 2, 3], layers=[1])
+    wait_until(lambda: pair.endpoint.stats()["dropped_layers"] == 1)
+    assert torch.equal(pair.dst[1][0], before)
+
+
+def test_lease_expiry_frees_blocks(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(6)
+    rx = pair.endpoint.expect(dst, lease_s=0.3)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, list(range(6)), layers=[0])
+    waited = wait_until(lambda: rx.poll() is S.FAILED, timeout=3)
+    assert waited < 2 and "lease expired" in rx.error
+    wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+    wait_until(lambda: tx.poll() is S.FAILED)
+    assert "lease expired" in tx.error
+    late = pair.client.open(rx.ticket)  # a sender that shows up after expiry is refused
+    wait_until(lambda: late.poll() is S.FAILED)
+    assert "unknown or finished transfer" in late.error
+
+
+def test_stale_epoch_is_refused(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(2)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    stale = rx.ticket.__class__(**{**rx.ticket.__dict__, "epoch": rx.ticket.epoch - 1})
+    tx = pair.client.open(stale)
+    assert tx.poll() is S.FAILED and "epoch" in tx.error
+    rx.abort()
+    wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("block_size", 8, "block_size mismatch: decode=4, prefill=8"),
+        ("dtype", "bfloat16", "dtype mismatch: decode=float32, prefill=bfloat16"),
+        ("model_fingerprint", "other-model", "model_fingerprint mismatch"),
+        ("protocol_version", 99, "protocol_version mismatch: decode=1, prefill=99"),
+    ],
+)
+def test_layout_mismatch_is_refused(make_pair, field, value, message):
+    pair = make_pair()
+    theirs = KVLayoutSpec(**{**pair.spec.__dict__, field: value})
+    client = make_client(pair.backend, theirs, config=FAST)
+    try:
+        with pytest.raises(HandshakeError, match=message):
+            client.connect(pair.endpoint.address)
+    finally:
+        client.close()
+    wait_until(lambda: pair.endpoint.stats()["refused_pairings"] == 1)
+
+
+def test_backend_mismatch_is_refused(make_pair):
+    pair = make_pair()
+    other = "shm" if pair.backend == "tcp" else "tcp"
+    client = make_client(other, pair.spec, config=FAST)
+    try:
+        with pytest.raises(HandshakeError, match=f"backend mismatch: prefill={other}"):
+            client.connect(pair.endpoint.address)
+    finally:
+        client.close()
