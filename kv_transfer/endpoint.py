@@ -22,12 +22,10 @@ import time
 import uuid
 from collections.abc import Sequence
 
-import torch
-
-from engine.kv_cache.layout import dtype_from_name, scatter_blocks
 from kv_transfer import wire
 from kv_transfer.base import EndpointArgs, HandshakeError, TransferState, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.pages import PageWriter
 from kv_transfer.plane import Backend, ReceiverPlane
 from kv_transfer.receiver import ReceiverTransfer
 from proto import kv_transfer_pb2 as pb
@@ -43,7 +41,7 @@ class Endpoint:
         self.backend = backend
         self.args = args
         self.epoch = args.epoch
-        self._dtype = dtype_from_name(args.spec.dtype)
+        self._writers = [(PageWriter(k), PageWriter(v)) for k, v in args.kv_caches]
         self._block_bytes = args.layout.block_bytes
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
@@ -242,13 +240,8 @@ class Endpoint:
         for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
             checksum.update(chunk)
             if transfer.writable():
-                self._write(desc.layer, kv, desc.block_ids[a:b], chunk)
+                self._writers[desc.layer][kv].write(desc.block_ids[a:b], chunk)
         return checksum.value() == desc.checksum
-
-    def _write(self, layer: int, kv: int, block_ids: Sequence[int], chunk: torch.Tensor) -> None:
-        cache = self.args.kv_caches[layer][kv]
-        pages = chunk.view(self._dtype).view(len(block_ids), *cache.shape[1:])
-        scatter_blocks(cache, list(block_ids), pages.to(cache.device, non_blocking=True))
 
     def _drop(self, desc: pb.PageDescriptor, chunks, why: str) -> None:
         for _ in chunks:
