@@ -90,6 +90,10 @@ class _Link:
         self.plane.close()
 
     def _send(self, job: LayerJob) -> None:
+        cpu = job.k.device.type == "cpu" and job.k.is_contiguous() and job.v.is_contiguous()
+        if getattr(self.plane, "zero_copy", False) and cpu:
+            self._send_parts(job)
+            return
         n = job.k.shape[0] if job.src_block_ids is None else job.src_block_ids.numel()
         block_bytes = job.k[0].numel() * job.k.element_size()
         staging = self.plane.staging(2 * n * block_bytes)
@@ -105,18 +109,36 @@ class _Link:
                     # Gather straight into the staging buffer: one copy, then hash while hot.
                     torch.index_select(source, 0, job.src_block_ids[a:b], out=pages[a:b])
                 checksum.update(pages[a:b])
+        self.plane.send(self._descriptor(job, n * block_bytes, checksum.value()), staging)
+
+    def _send_parts(self, job: LayerJob) -> None:
+        """Zero-copy: send the source blocks as they lie in the cache (no staging copy)."""
+        block_bytes = job.k[0].numel() * job.k.element_size()
+        if job.src_block_ids is None:
+            parts = [wire.byte_view(job.k), wire.byte_view(job.v)]
+        else:
+            ids = job.src_block_ids.tolist()
+            parts = [
+                flat[b * block_bytes : (b + 1) * block_bytes]
+                for flat in (wire.byte_view(job.k), wire.byte_view(job.v))
+                for b in ids
+            ]
+        nbytes = sum(p.nbytes for p in parts) // 2
+        # The plane hashes each chunk as it sends it and puts the checksum in a trailer.
+        self.plane.send_parts(self._descriptor(job, nbytes, 0), parts)
+
+    def _descriptor(self, job: LayerJob, half_bytes: int, checksum: int) -> pb.PageDescriptor:
         ticket = job.transfer.ticket
-        desc = pb.PageDescriptor(
+        return pb.PageDescriptor(
             transfer_id=ticket.transfer_id,
             epoch=ticket.epoch,
             layer=job.layer,
             block_ids=ticket.block_ids,
-            k_bytes=n * block_bytes,
-            v_bytes=n * block_bytes,
-            checksum=checksum.value(),
-            chunk_bytes=chunk,
+            k_bytes=half_bytes,
+            v_bytes=half_bytes,
+            checksum=checksum,
+            chunk_bytes=self._config.chunk_bytes,
         )
-        self.plane.send(desc, staging)
 
 
 class Client:

@@ -28,6 +28,7 @@ from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pages import PageWriter
 from kv_transfer.plane import Backend, ReceiverPlane
 from kv_transfer.receiver import ReceiverTransfer
+from kv_transfer.wire import byte_view
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Endpoint:
         self.args = args
         self.epoch = args.epoch
         self._writers = [(PageWriter(k), PageWriter(v)) for k, v in args.kv_caches]
+        self._direct_ok = self._writers[0][0].block_views([]) is not None
         self._block_bytes = args.layout.block_bytes
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
@@ -215,17 +217,21 @@ class Endpoint:
         chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
         transfer = self._find(desc.transfer_id)
         if transfer is None:
-            self._drop(desc, chunks, "unknown or finished transfer")
+            self._drop(plane, desc, chunks, "unknown or finished transfer")
             return
         if list(desc.block_ids) != list(transfer.ticket.block_ids):
             transfer.fail(f"layer {desc.layer}: block ids differ from the ticket's", True)
         why = transfer.begin_write(desc, link)
         if why is not None:
-            self._drop(desc, chunks, why)
+            self._drop(plane, desc, chunks, why)
             return
         ok = False
         try:
-            ok = self._receive_layer(transfer, desc, plan, chunks)
+            if getattr(plane, "direct", False) and self._direct_ok:
+                chunks.close()
+                ok = self._receive_layer_direct(transfer, desc, plan, plane)
+            else:
+                ok = self._receive_layer(transfer, desc, plan, plane, chunks)
         except BaseException as exc:
             transfer.fail(f"layer {desc.layer} interrupted: {exc}", notify_sender=False)
             raise
@@ -233,19 +239,36 @@ class Endpoint:
             transfer.end_write(desc.layer, ok)
 
     def _receive_layer(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, chunks
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
     ) -> bool:
         """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
         checksum = wire.Checksum()
+        writers = self._writers[desc.layer]
         for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
             checksum.update(chunk)
             if transfer.writable():
-                self._writers[desc.layer][kv].write(desc.block_ids[a:b], chunk)
-        return checksum.value() == desc.checksum
+                writers[kv].write(desc.block_ids[a:b], chunk)
+        return checksum.value() == _expected_checksum(plane, desc)
 
-    def _drop(self, desc: pb.PageDescriptor, chunks, why: str) -> None:
+    def _receive_layer_direct(
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
+    ) -> bool:
+        """Receive each chunk straight into its destination blocks, then checksum them."""
+        checksum = wire.Checksum()
+        writers = self._writers[desc.layer]
+        for kv, a, b in plan:
+            views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None
+            if views is None:  # failed meanwhile: read the bytes into scratch, never the cache
+                views = [byte_view(plane.scratch((b - a) * self._block_bytes))]
+            plane.recv_views(views)
+            for view in views:
+                checksum.update(view)
+        return checksum.value() == _expected_checksum(plane, desc)
+
+    def _drop(self, plane: ReceiverPlane, desc: pb.PageDescriptor, chunks, why: str) -> None:
         for _ in chunks:
             pass
+        _expected_checksum(plane, desc)
         logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
         with self._lock:
             self._counters["dropped_layers"] += 1
@@ -258,3 +281,8 @@ class Endpoint:
         for transfer in transfers:
             transfer.on_link_lost(link, reason)
         plane.close()
+
+
+def _expected_checksum(plane: ReceiverPlane, desc: pb.PageDescriptor) -> int:
+    """The descriptor's checksum, or the one in the trailer that follows the payload."""
+    return plane.trailer(desc) if desc.checksum_in_trailer else desc.checksum

@@ -12,16 +12,19 @@ reader; backends that stream page bytes inline read them from inside ``on_frame`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from kv_transfer import wire
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
+_IOV_MAX = 512
+"""Buffers per sendmsg/recvmsg_into call (Linux allows 1024)."""
 
 
 class PeerLost(ConnectionError):
@@ -48,19 +51,29 @@ class ControlLink:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def send(self, frame: pb.Frame, payload: memoryview | None = None) -> None:
-        """Send one frame (and optional inline payload bytes) atomically."""
-        data = wire.encode_frame(frame)
+    def send(self, frame: pb.Frame, payload: Sequence[memoryview] = ()) -> None:
+        """Send one frame, then the ``payload`` buffers (inline page bytes), atomically."""
+        with self.writing() as write:
+            write([memoryview(wire.encode_frame(frame)), *payload])
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Callable[[list[memoryview]], None]]:
+        """Hold the write lock; yields ``write(buffers)`` for a multi-part message."""
         with self._wlock:
             if self.closed:
                 raise PeerLost(f"link {self.name} is closed")
             try:
-                self.sock.sendall(data)
-                if payload is not None and payload.nbytes:
-                    self.sock.sendall(payload)
+                yield self._sendmsg
             except OSError as exc:
                 raise PeerLost(f"link {self.name}: send failed: {exc}") from exc
             self._last_sent = time.monotonic()
+
+    def _sendmsg(self, views: list[memoryview]) -> None:
+        # Scatter-gather send: page bytes go from their blocks to the socket with no copy.
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i : i + _IOV_MAX])
+            i = _advance(views, i, sent)
 
     def try_send(self, frame: pb.Frame) -> bool:
         """Send if the link is up; report instead of raising."""
@@ -92,6 +105,22 @@ class ControlLink:
         body = bytearray(wire.frame_length(self._prefix))
         self.recv_into(memoryview(body))
         return wire.decode_frame(body)
+
+    def recv_into_views(self, views: list[memoryview]) -> None:
+        """Fill every buffer in ``views`` exactly, in order (scatter receive, no copy)."""
+        views, i = list(views), 0
+        while i < len(views):
+            try:
+                n = self.sock.recvmsg_into(views[i : i + _IOV_MAX])[0]
+            except TimeoutError:
+                self._idle_tick()
+                continue
+            except OSError as exc:
+                raise PeerLost(f"link {self.name}: {exc}") from exc
+            if n == 0:
+                raise PeerLost(f"link {self.name}: peer closed the connection")
+            self._last_recv = time.monotonic()
+            i = _advance(views, i, n)
 
     def _idle_tick(self) -> None:
         if self.closed:
@@ -141,3 +170,18 @@ class ControlLink:
         started = thread is not None and thread.ident is not None
         if started and thread is not threading.current_thread():
             thread.join(timeout)
+
+
+def _advance(views: list[memoryview], i: int, nbytes: int) -> int:
+    """Consume ``nbytes`` from ``views[i:]``; returns the first unfinished index."""
+    while nbytes and i < len(views):
+        size = views[i].nbytes
+        if nbytes >= size:
+            nbytes -= size
+            i += 1
+        else:
+            views[i] = views[i][nbytes:]
+            nbytes = 0
+    while i < len(views) and views[i].nbytes == 0:
+        i += 1
+    return i

@@ -25,10 +25,20 @@ class PageWriter:
     def __init__(self, cache: torch.Tensor):
         self.cache = cache
         self._rows: np.ndarray | None = None
-        block_bytes = cache[0].numel() * cache.element_size()
-        if cache.device.type == "cpu" and cache.is_contiguous() and block_bytes % 8 == 0:
-            rows = cache.view(cache.shape[0], -1).view(torch.int64)
-            self._rows = rows.numpy()
+        self._flat: memoryview | None = None
+        self.block_bytes = block_bytes = cache[0].numel() * cache.element_size()
+        on_cpu = cache.device.type == "cpu" and cache.is_contiguous()
+        if on_cpu:
+            self._flat = memoryview(cache.view(-1).view(torch.uint8).numpy())
+        if on_cpu and block_bytes % 8 == 0:
+            self._rows = cache.view(cache.shape[0], -1).view(torch.int64).numpy()
+
+    def block_views(self, block_ids: Sequence[int]) -> list[memoryview] | None:
+        """Writable byte views of ``block_ids`` (CPU caches only), for scatter receives."""
+        if self._flat is None:
+            return None
+        bb = self.block_bytes
+        return [self._flat[b * bb : (b + 1) * bb] for b in block_ids]
 
     def write(self, block_ids: Sequence[int], chunk: torch.Tensor) -> None:
         """Write ``chunk`` (uint8 bytes of ``len(block_ids)`` pages) into ``block_ids``."""

@@ -78,8 +78,8 @@ class Checksum:
     def __init__(self) -> None:
         self._h = xxhash.xxh3_64()
 
-    def update(self, tensor: torch.Tensor) -> None:
-        self._h.update(byte_view(tensor))
+    def update(self, data: torch.Tensor | memoryview) -> None:
+        self._h.update(byte_view(data) if isinstance(data, torch.Tensor) else data)
 
     def value(self) -> int:
         return self._h.intdigest()

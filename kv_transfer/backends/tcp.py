@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from kv_transfer.base import TransferConfig
-from kv_transfer.link import ControlLink
+from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, SimpleHost
-from kv_transfer.wire import byte_view
+from kv_transfer.wire import Checksum, byte_view, encode_frame
 from proto import kv_transfer_pb2 as pb
 
 
@@ -33,6 +33,9 @@ class GrowBuffer:
 
 
 class TcpSender:
+    zero_copy = True
+    """Takes ``send_parts``: page bytes straight from the source blocks."""
+
     def __init__(self, link: ControlLink):
         self._link = link
         self._buf = GrowBuffer()
@@ -41,7 +44,22 @@ class TcpSender:
         return self._buf.get(nbytes)
 
     def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
-        self._link.send(pb.Frame(pages=desc), byte_view(staging))
+        self._link.send(pb.Frame(pages=desc), [byte_view(staging)])
+
+    def send_parts(self, desc: pb.PageDescriptor, parts: list[memoryview]) -> None:
+        """Descriptor, then each chunk hashed just before it is sent, then the trailer."""
+        desc.checksum_in_trailer = True
+        checksum = Checksum()
+        with self._link.writing() as write:
+            write([memoryview(encode_frame(pb.Frame(pages=desc)))])
+            for batch in _batches(parts, desc.chunk_bytes):
+                for part in batch:
+                    checksum.update(part)
+                write(batch)
+            trailer = pb.PageTrailer(
+                transfer_id=desc.transfer_id, layer=desc.layer, checksum=checksum.value()
+            )
+            write([memoryview(encode_frame(pb.Frame(trailer=trailer)))])
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
@@ -51,9 +69,31 @@ class TcpSender:
 
 
 class TcpReceiver:
+    direct = True
+    """Takes ``recv_views``: page bytes straight into the destination blocks."""
+
     def __init__(self, link: ControlLink):
         self._link = link
         self._buf = GrowBuffer()
+
+    def recv_views(self, views: list[memoryview]) -> None:
+        self._link.recv_into_views(views)
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        return self._buf.get(nbytes)
+
+    def trailer(self, desc: pb.PageDescriptor) -> int:
+        """Read the PageTrailer that follows the payload; its checksum."""
+        frame = self._link.recv_frame()
+        t = frame.trailer
+        if not frame.HasField("trailer") or (t.transfer_id, t.layer) != (
+            desc.transfer_id,
+            desc.layer,
+        ):
+            raise PeerLost(
+                f"expected the trailer of layer {desc.layer}, got {frame.WhichOneof('kind')}"
+            )
+        return t.checksum
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
         for size in sizes:
@@ -66,6 +106,19 @@ class TcpReceiver:
 
     def close(self) -> None:
         pass
+
+
+def _batches(parts: list[memoryview], chunk_bytes: int) -> Iterator[list[memoryview]]:
+    batch: list[memoryview] = []
+    size = 0
+    for part in parts:
+        batch.append(part)
+        size += part.nbytes
+        if size >= chunk_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> TcpSender:
