@@ -1,0 +1,1 @@
+"""The prefill worker: batch prompts, compute their KV, stream it layer by layer to decode."""

@@ -1,0 +1,33 @@
+"""The ``Info`` answer both worker kinds give the router at registration."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from decode_worker.runtime import WorkerConfig
+from engine.engine import LLMEngine
+from kv_transfer.wire import spec_to_pb
+from proto import worker_pb2 as pb
+
+EPOCH = time.time_ns()
+"""This process's incarnation; a restarted worker reports a new one."""
+
+
+def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        worker_id=config.name,
+        role=config.role,
+        address=address,
+        layout=spec_to_pb(engine.layout_spec),
+        num_blocks=engine.layout.num_blocks,
+        block_size=engine.layout.block_size,
+        max_model_len=engine.max_model_len,
+        model=str(engine.config.model),
+        epoch=EPOCH,
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+        kv_transports=list(config.kv_transports) if config.role == "prefill" else [],
+        vocab_size=engine.spec.vocab_size,
+    )

@@ -1,0 +1,199 @@
+"""What both worker kinds share: config, the engine thread, output sinks, the gRPC server.
+
+The engine is single-threaded. :class:`EngineLoop` owns it on one thread::
+
+    loop thread:  [lock: housekeeping() -> engine.step() -> on_outputs(outs)] -> repeat
+    gRPC handlers and kv_transfer threads:  with loop.lock: engine.<call>(); loop.wake()
+
+so every engine call, from any thread, happens under ``loop.lock`` (an ``RLock``: a
+kv_transfer callback may run synchronously inside a call that already holds it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.request import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process: its role, engine and where it listens."""
+
+    role: Role
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    """Interface for the gRPC server and the KV endpoints (the node's address)."""
+    port: int = 0
+    """gRPC port; 0 picks a free one."""
+    kv_transports: tuple[str, ...] = ("tcp",)
+    """Decode: a KV endpoint per backend. Prefill: the backends it may send with."""
+    worker_id: str | None = None
+    """Name in logs and metrics; default ``<role>-<pid>``."""
+    lease_s: float = 30.0
+    """Decode: how long a prefilled request may wait for its Decode call."""
+    fault_delay_s: float = 0.0
+    """Prefill, tests only: sleep this long before each prefill (fault injection)."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """kv_transfer plane options (TransferConfig.plane)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        if not self.kv_transports:
+            raise ValueError("kv_transports is empty; pass at least one, e.g. --kv-transport tcp")
+        if self.host in ("0.0.0.0", "::", ""):
+            logger.warning("worker %s binds every interface (%r)", self.role, self.host)
+
+    @property
+    def name(self) -> str:
+        return self.worker_id or f"{self.role}-{os.getpid()}"
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` on a dedicated thread; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        housekeeping: Callable[[], bool],
+        name: str,
+    ) -> None:
+        self.engine = engine
+        self.lock = threading.RLock()
+        self._on_outputs = on_outputs
+        self._housekeeping = housekeeping
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self.alive = False
+        self.num_steps = 0
+
+    def start(self) -> None:
+        self.alive = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                with self.lock:
+                    polling = self._housekeeping()
+                    busy = self.engine.has_unfinished_requests()
+                    if busy:
+                        self._on_outputs(self.engine.step())
+                        self.num_steps += 1
+                if not busy:
+                    # Transfers in flight are polled; otherwise sleep until woken.
+                    self._wake.wait(0.002 if polling else 1.0)
+        except BaseException:
+            logger.exception("engine loop crashed")
+            raise
+        finally:
+            self.alive = False
+
+
+class Sink:
+    """Hands items from the engine thread to one asyncio consumer."""
+
+    _END = object()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        """Thread-safe; ``item`` may be an exception, which the consumer raises."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> Any:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class WorkerError(Exception):
+    """A request-level failure with the gRPC status the servicer should return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class GrpcServer:
+    """A ``grpc.aio`` server on its own asyncio loop thread (works in any process)."""
+
+    def __init__(self, register: Callable[[grpc.aio.Server], None], host: str, port: int):
+        self._register = register
+        self._bind = f"{host}:{port}"
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self.address = ""
+
+    def start(self) -> str:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        self.address = fut.result(timeout=30)
+        return self.address
+
+    async def _start(self) -> str:
+        opts = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+        self._server = grpc.aio.server(options=opts)
+        self._register(self._server)
+        port = self._server.add_insecure_port(self._bind)
+        if port == 0:
+            raise OSError(f"cannot bind the gRPC server to {self._bind}")
+        await self._server.start()
+        host = self._bind.rsplit(":", 1)[0]
+        return f"{host}:{port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self.loop)
+            fut.result(timeout=grace + 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def default_host() -> str:
+    """This node's address for internal ports (never 0.0.0.0)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

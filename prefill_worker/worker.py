@@ -1,0 +1,212 @@
+"""The prefill worker: computes prompts and streams their KV into decode workers' blocks.
+
+A request passes through these queues::
+
+    Prefill(ticket) ──> waiting ──(scheduled; chunked prefill)──> running
+        ──(final chunk: after each layer, send_layer into the ticket's blocks)──>
+        sending ──(sender SUCCESS: D has every layer)──> done: release blocks, reply
+                 ──(sender FAILED)──────────────────────> done: release, ABORTED
+
+``waiting``/``running`` are the engine scheduler's queues; ``sending`` and ``done`` are
+this module's. The engine's KV layer hook runs on the engine thread after each layer;
+on a request's final prefill chunk every earlier chunk's KV is already in the cache, so
+the hook queues that layer's pages for the whole prompt (kv_transfer gathers and sends
+on its own thread) while the next layers compute. Blocks are released only once the
+sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
+from engine.engine import LayerKV, LLMEngine
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer import KVClient, KVSender, TransferConfig, TransferState, make_client
+from proto import worker_pb2 as pb
+from proto.convert import token_to_pb
+
+logger = logging.getLogger(__name__)
+
+Reply = Callable[[pb.PrefillResponse | WorkerError], None]
+
+
+@dataclass
+class _Job:
+    request_id: str
+    params: SamplingParams
+    prompt_len: int
+    sender: KVSender
+    num_cached_blocks: int
+    reply: Reply
+    state: str = "waiting"
+    """waiting | running | sending."""
+    first: RequestOutput | None = None
+    sent_layers: int = 0
+    t_first_layer: float = 0.0
+
+
+class PrefillWorker:
+    """Engine + KV clients + the job table; thread-safe (see runtime.EngineLoop)."""
+
+    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._clients: dict[str, KVClient] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._block_bytes = engine.layout.block_bytes
+        engine.kv_layer_hook = self._on_layer
+        self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
+        self.loop.start()
+
+    def close(self) -> None:
+        self.loop.stop()
+        for client in self._clients.values():
+            client.close()
+
+    def client(self, backend: str) -> KVClient:
+        if backend not in self.config.kv_transports:
+            raise WorkerError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"kv transport {backend!r} is not enabled on {self.config.name}; "
+                f"enabled: {list(self.config.kv_transports)}",
+            )
+        with self.loop.lock:
+            if backend not in self._clients:
+                tcfg = TransferConfig(host=self.config.host, plane=dict(self.config.extra))
+                self._clients[backend] = make_client(backend, self.engine.layout_spec, config=tcfg)
+            return self._clients[backend]
+
+    # -- requests (any thread) ------------------------------------------------------------
+
+    def submit(
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        sender: KVSender,
+        num_cached_blocks: int,
+        reply: Reply,
+    ) -> None:
+        """Queue a prefill whose KV goes to ``sender``; ``reply`` gets the outcome once."""
+        bs = self.engine.layout.block_size
+        need = -(-len(prompt) // bs) - num_cached_blocks
+        if need != len(sender.ticket.block_ids):
+            sender.abort("prefill refused the ticket")
+            raise WorkerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"ticket has {len(sender.ticket.block_ids)} blocks but a {len(prompt)}-token "
+                f"prompt with {num_cached_blocks} cached blocks needs {need} (block_size={bs})",
+            )
+        with self.loop.lock:
+            try:
+                self.engine.add_request(rid, prompt, params, prefill_only=True)
+            except ValueError as exc:
+                sender.abort(f"prefill refused: {exc}")
+                raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            self._jobs[rid] = _Job(rid, params, len(prompt), sender, num_cached_blocks, reply)
+        self.loop.wake()
+
+    def abort(self, rid: str) -> bool:
+        with self.loop.lock:
+            job = self._jobs.pop(rid, None)
+            if job is not None:
+                job.sender.abort("aborted by the router")
+                job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
+            return self.engine.abort(rid) or job is not None
+
+    def stats(self) -> pb.StatsResponse:
+        with self.loop.lock:
+            sched = self.engine.scheduler
+            sending = sum(1 for j in self._jobs.values() if j.state == "sending")
+            queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
+            queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
+            return pb.StatsResponse(
+                num_blocks=self.engine.layout.num_blocks,
+                num_free_blocks=self.engine.num_free_blocks,
+                queues={
+                    "waiting": len(sched.waiting),
+                    "running": len(sched.running),
+                    "sending": sending,
+                },
+                queued_prefill_tokens=max(0, queued),
+                num_requests=len(self._jobs),
+            )
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def _on_layer(
+        self, layer: int, items: list[LayerKV], cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        for item in items:
+            job = self._jobs.get(item.request_id)
+            if job is None:
+                continue
+            job.state = "running"
+            if item.end_pos < job.prompt_len:
+                continue  # not the final chunk: this layer is sent once the prompt is whole
+            self._send_layer(job, layer, item, cache)
+
+    def _send_layer(self, job: _Job, layer: int, item: LayerKV, cache) -> None:
+        #  prefill block table:  [ cached on D | blocks to fill ... ]
+        #                          0 .. nc-1     nc .. nc+len(ticket)-1  -> ticket.block_ids
+        nc, n = job.num_cached_blocks, len(job.sender.ticket.block_ids)
+        src = item.block_ids[nc : nc + n]
+        if layer == 0:
+            job.t_first_layer = time.monotonic()
+        try:
+            job.sender.send_layer(layer, cache[0], cache[1], src_block_ids=src)
+        except ValueError as exc:
+            job.sender.abort(f"prefill could not send layer {layer}: {exc}")
+            return
+        job.sent_layers += 1
+        if job.sent_layers == self.engine.layout.num_layers:
+            job.sender.finish()
+
+    def _on_outputs(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            job = self._jobs.get(out.request_id)
+            if job is not None and out.finished:
+                job.first, job.state = out, "sending"
+
+    def _housekeeping(self) -> bool:
+        in_flight = False
+        for job in list(self._jobs.values()):
+            state = job.sender.poll()
+            if state is TransferState.FAILED:
+                self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
+            elif state is TransferState.SUCCESS and job.first is not None:
+                self._finish(job, self._response(job))
+            elif job.state == "sending":
+                in_flight = True
+        return in_flight
+
+    def _why(self, job: _Job) -> str:
+        return f"KV transfer to {job.sender.ticket.endpoint} failed: {job.sender.error}"
+
+    def _finish(self, job: _Job, result: pb.PrefillResponse | WorkerError) -> None:
+        self._jobs.pop(job.request_id, None)
+        if job.first is not None:
+            self.engine.release(job.request_id)
+        else:
+            self.engine.abort(job.request_id)
+        job.reply(result)
+
+    def _response(self, job: _Job) -> pb.PrefillResponse:
+        out = job.first
+        lps = out.new_logprobs[0] if out.new_logprobs else None
+        n = len(job.sender.ticket.block_ids)
+        return pb.PrefillResponse(
+            first_token=token_to_pb(out.new_token_ids[0], lps, job.params.logprobs),
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            transfer_bytes=2 * n * self._block_bytes * self.engine.layout.num_layers,
+            transfer_seconds=time.monotonic() - job.t_first_layer,
+        )

@@ -1,0 +1,63 @@
+"""In-process workers over real gRPC (no Ray) for worker-level tests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+
+from decode_worker.runtime import WorkerConfig
+from decode_worker.server import RunningWorker, start_worker
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.sampling_params import SamplingParams
+from proto import worker_pb2 as pb
+from proto import worker_pb2_grpc as rpc
+from proto.convert import params_to_pb
+
+NUM_BLOCKS = 64
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def start(
+    role: str,
+    model: Path,
+    *,
+    transports=("tcp",),
+    block_size: int = 16,
+    chunk: int = 2048,
+    **kw,
+) -> RunningWorker:
+    engine = EngineConfig(
+        str(model),
+        cache=CacheConfig(block_size=block_size, num_blocks=NUM_BLOCKS),
+        scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
+    )
+    kw.setdefault("worker_id", f"{role}-t")
+    return start_worker(WorkerConfig(role, engine, kv_transports=tuple(transports), **kw))
+
+
+def stub(worker: RunningWorker):
+    channel = grpc.insecure_channel(worker.address)
+    cls = rpc.DecodeServiceStub if worker.config.role == "decode" else rpc.PrefillServiceStub
+    return cls(channel), channel
+
+
+def spec(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> pb.RequestSpec:
+    return pb.RequestSpec(request_id=rid, prompt_token_ids=prompt, params=params_to_pb(params))
+
+
+def tokens(chunks) -> list[int]:
+    return [t.token_id for c in chunks for t in c.tokens]
+
+
+def wait_all_free(stubs, timeout: float = 5.0) -> None:
+    """Every worker's blocks are back in its pool within ``timeout`` (no leak)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = [s.Stats(pb.StatsRequest()) for s in stubs]
+        if all(st.num_free_blocks == st.num_blocks and st.num_requests == 0 for st in stats):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks still held after {timeout}s: {stats}")
+        time.sleep(0.02)
