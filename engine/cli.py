@@ -2,6 +2,8 @@
 
 pdserve make-tiny-model --arch llama DIR     write a tiny random-init checkpoint
 pdserve generate [--model DIR] --prompt ...  offline generation (demo model by default)
+pdserve serve [--prefill N --decode M] ...   OpenAI-compatible server (Ray + router)
+pdserve worker --role prefill|decode ...     one standalone worker (no Ray)
 """
 
 from __future__ import annotations
@@ -128,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_cmd_generate)
+
+    from router.serve import add_serve_args, add_worker_args, cmd_serve, cmd_worker
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API with prefill/decode workers")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run one prefill or decode worker (no Ray)")
+    add_engine_args(worker)
+    add_worker_args(worker)
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -1,0 +1,204 @@
+"""Workers as Ray actors: placed by Ray, restarted by Ray, found by the router.
+
+Each actor starts a worker (engine thread + gRPC server bound to its node's address) in
+its own process and answers ``info()`` with plain values. Settings travel as JSON; all
+request traffic is gRPC with protobuf. A dead actor is restarted (``max_restarts=-1``)
+with a new port and epoch; the router's supervisor re-reads ``info()`` and re-registers.
+
+    launch():  ray.remote(WorkerActor).options(num_gpus=1 | num_cpus=1, max_restarts=-1)
+    addresses(): [actor.info()["address"] for live actors]  -> Router source
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs besides its role: plain values (they travel as JSON)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    kv_transports: tuple[str, ...] = ("tcp", "shm")
+    host: str | None = None
+    """gRPC/KV bind address; ``None`` = the node's address (Ray's node IP)."""
+    port: int = 0
+    fault_delay_s: float = 0.0
+    plane: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSettings:
+        data = json.loads(text)
+        data["kv_transports"] = tuple(data["kv_transports"])
+        return cls(**data)
+
+    def worker_config(self, role: str, worker_id: str | None, host: str):
+        import torch
+
+        from decode_worker.runtime import WorkerConfig
+        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = EngineConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=device,
+            max_model_len=self.max_model_len,
+            attention_backend=self.attention_backend,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_blocks=self.num_kv_blocks,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs
+            ),
+        )
+        return WorkerConfig(
+            role=role,
+            engine=engine,
+            host=self.host or host,
+            port=self.port,
+            kv_transports=tuple(self.kv_transports),
+            worker_id=worker_id,
+            fault_delay_s=self.fault_delay_s,
+            extra=dict(self.plane),
+        )
+
+
+class WorkerActor:
+    """A worker process under Ray (wrapped with ``ray.remote`` in :func:`launch`)."""
+
+    def __init__(self, role: str, worker_id: str, settings_json: str) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        import ray
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        from decode_worker.server import start_worker
+
+        settings = WorkerSettings.from_json(settings_json)
+        host = ray.util.get_node_ip_address()
+        self.running = start_worker(settings.worker_config(role, worker_id, host))
+
+    def info(self) -> dict[str, Any]:
+        i = self.running.info
+        return {
+            "worker_id": i.worker_id,
+            "role": i.role,
+            "address": i.address,
+            "epoch": i.epoch,
+            "pid": i.pid,
+            "num_blocks": i.num_blocks,
+            "block_size": i.block_size,
+            "layout": {"model_fingerprint": i.layout.model_fingerprint, "dtype": i.layout.dtype},
+        }
+
+
+def start_ray(address: str | None, node_ip: str | None, num_cpus: int | None) -> None:
+    """Join the cluster at ``address``, or start a local one on ``node_ip``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address=node_ip,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def _placement() -> dict[str, Any]:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"num_gpus": 1}
+    return {"num_cpus": 1}
+
+
+class RayWorkers:
+    """Actors launched on Ray and the addresses of their gRPC servers."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, Any] = {}
+
+    def launch(self, role: str, count: int, settings: WorkerSettings, prefix: str = "") -> None:
+        import ray
+
+        cls = ray.remote(WorkerActor).options(
+            max_restarts=-1, max_task_retries=0, **_placement()
+        )  # fmt: skip
+        for i in range(count):
+            worker_id = f"{prefix}{role}-{i}"
+            self.actors[worker_id] = cls.remote(role, worker_id, settings.to_json())
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
+        """Block until every actor answers ``info()``; returns their infos."""
+        import ray
+
+        refs = {wid: a.info.remote() for wid, a in self.actors.items()}
+        infos = ray.get(list(refs.values()), timeout=timeout_s)
+        return dict(zip(refs, infos, strict=True))
+
+    def info_sync(self, worker_id: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+        import ray
+
+        try:
+            return ray.get(self.actors[worker_id].info.remote(), timeout=timeout_s)
+        except Exception:  # restarting or dead: the supervisor asks again later
+            return None
+
+    async def addresses(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        infos = await asyncio.gather(
+            *(loop.run_in_executor(None, self.info_sync, wid) for wid in self.actors)
+        )
+        return [i["address"] for i in infos if i is not None]
+
+    def kill(self, worker_id: str, restart: bool = True) -> None:
+        import ray
+
+        ray.kill(self.actors[worker_id], no_restart=not restart)
+
+    def shutdown(self, disconnect: bool = False) -> None:
+        """Kill every actor; ``disconnect`` also shuts this driver's Ray connection down."""
+        import ray
+
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors.clear()
+        if disconnect and ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,88 @@
+"""Prometheus metrics of one router (its own registry, so several can live in a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "Time between consecutive output tokens of a request.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "pdserve_requests", "Finished requests by outcome.", ["outcome"], registry=r
+        )
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens.", registry=r)
+        self.generation_tokens = Counter(
+            "pdserve_generation_tokens", "Generated tokens.", registry=r
+        )
+        self.routing = Counter(
+            "pdserve_routing_decisions",
+            "Routing decisions by path (remote/local) and reason (fallbacks included).",
+            ["path", "reason"],
+            registry=r,
+        )
+        self.inflight = Gauge("pdserve_router_inflight_requests", "Requests in flight.", registry=r)
+        self.queue_depth = Gauge(
+            "pdserve_worker_queue_depth",
+            "Requests in each worker queue (from the worker's Stats).",
+            ["worker", "queue"],
+            registry=r,
+        )
+        self.kv_blocks_in_use = Gauge(
+            "pdserve_kv_blocks_in_use", "KV blocks in use per worker.", ["worker"], registry=r
+        )
+        self.kv_blocks_total = Gauge(
+            "pdserve_kv_blocks_total", "KV blocks per worker.", ["worker"], registry=r
+        )
+        self.kv_bytes = Counter(
+            "pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode.", registry=r
+        )
+        self.kv_seconds = Counter(
+            "pdserve_kv_transfer_seconds", "Seconds spent moving KV (first layer to SUCCESS).",
+            registry=r,
+        )  # fmt: skip
+        self.workers = Gauge(
+            "pdserve_workers", "Registered workers by role and health.", ["role", "healthy"],
+            registry=r,
+        )  # fmt: skip
+
+    def route(self, path: str, reason: str) -> None:
+        self.routing.labels(path=path, reason=reason).inc()
+
+    def worker_stats(self, worker_id: str, num_blocks: int, free: int, queues: dict) -> None:
+        self.kv_blocks_in_use.labels(worker=worker_id).set(num_blocks - free)
+        self.kv_blocks_total.labels(worker=worker_id).set(num_blocks)
+        for name, depth in queues.items():
+            self.queue_depth.labels(worker=worker_id, queue=name).set(depth)
+
+    def forget_worker(self, worker_id: str) -> None:
+        for gauge in (self.kv_blocks_in_use, self.kv_blocks_total):
+            try:
+                gauge.remove(worker_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

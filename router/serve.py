@@ -1,0 +1,166 @@
+"""``pdserve serve`` and ``pdserve worker``: start workers (on Ray or standalone) and the router."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+
+from router.launcher import RayWorkers, WorkerSettings, start_ray
+
+logger = logging.getLogger("pdserve")
+
+TRANSPORTS = ["auto", "shm", "tcp", "ucx", "torch_dist"]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0 = aggregated)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument(
+        "--node-ip", default="127.0.0.2", help="node IP of a local Ray instance (loopback)"
+    )
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="use this standalone worker (repeatable); skips Ray",
+    )
+    p.add_argument("--served-model-name", default=None, help="model name clients send")
+    p.add_argument("--kv-transport", default="auto", choices=TRANSPORTS)
+    p.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=0,
+        help="prefill on the decode worker when at most this many prompt tokens are uncached",
+    )
+    p.add_argument("--prefill-timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--max-inflight", type=int, default=256, help="429 above this")
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="Bearer key")
+
+
+def settings_from_args(args: argparse.Namespace, model: str, transports) -> WorkerSettings:
+    return WorkerSettings(
+        model=str(model),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
+        kv_transports=tuple(transports),
+    )
+
+
+def worker_transports(choice: str) -> tuple[str, ...]:
+    base = ("tcp", "shm")
+    return base if choice in ("auto", *base) else (*base, choice)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.cli import ensure_demo_model
+    from router.server import Router
+    from router.service import RouterConfig
+
+    start = time.monotonic()
+    model = str(args.model or ensure_demo_model())
+    config = RouterConfig(
+        model=model,
+        served_model_name=args.served_model_name or os.path.basename(model.rstrip("/")),
+        kv_transport=args.kv_transport,
+        local_prefill_tokens=args.local_prefill_tokens,
+        prefill_timeout_s=args.prefill_timeout,
+        request_timeout_s=args.request_timeout,
+        max_inflight=args.max_inflight,
+        api_key=args.api_key,
+    )
+    ray_workers = None
+    if args.worker:
+        source = list(args.worker)
+        logger.info("using %d standalone worker(s): %s", len(source), ", ".join(source))
+    else:
+        if args.decode < 1 or args.prefill < 0:
+            raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
+        logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
+        start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill + args.decode + 1))  # fmt: skip
+        ray_workers = RayWorkers()
+        settings = settings_from_args(args, model, worker_transports(args.kv_transport))
+        ray_workers.launch("prefill", args.prefill, settings)
+        ray_workers.launch("decode", args.decode, settings)
+        logger.info("launching %d prefill + %d decode worker(s) for %s", args.prefill, args.decode, model)  # fmt: skip
+        for wid, info in ray_workers.wait_ready().items():
+            logger.info("  %s ready at %s (pid %d)", wid, info["address"], info["pid"])
+        source = ray_workers.addresses
+    try:
+        router = Router(config, source)
+        mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
+        _announce(router, args, config, mode, start)
+        router.serve(args.host, args.port)
+    finally:
+        if ray_workers is not None:
+            _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
+    return 0
+
+
+def _bounded(fn, timeout_s: float) -> None:
+    """Run a shutdown step that may hang when Ray is already gone (signals to the group)."""
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        logger.warning("Ray shutdown did not finish in %.0fs; exiting anyway", timeout_s)
+
+
+def _announce(router, args, config, mode: str, start: float) -> None:
+    def wait() -> None:
+        if router.ready.wait(120):
+            url = f"http://{args.host}:{args.port}"
+            logger.info(
+                "pdserve ready in %.1fs (%s): %s/v1  model=%s  (try: curl %s/v1/models)",
+                time.monotonic() - start, mode, url, config.served_model_name, url,
+            )  # fmt: skip
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", required=True, choices=["prefill", "decode"])
+    p.add_argument("--host", default=None, help="bind address (default: this node's address)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument(
+        "--kv-transport",
+        action="append",
+        default=None,
+        choices=TRANSPORTS[1:],
+        help="KV backends to serve/send with (repeatable; default tcp and shm)",
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from decode_worker.runtime import default_host
+    from decode_worker.server import start_worker
+    from engine.cli import ensure_demo_model
+
+    model = args.model or ensure_demo_model()
+    settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
+    running = start_worker(settings.worker_config(args.role, args.worker_id, args.host or default_host()))  # fmt: skip
+    print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    running.stop()
+    return 0

@@ -1,0 +1,125 @@
+"""Assemble and run a router: state, registry, policy, metrics, service, app, uvicorn.
+
+Workers come from a *source*: a fixed list of gRPC addresses (standalone workers) or a
+callable returning the current addresses (Ray actors, which move when restarted). The
+router re-reads the source and polls every worker's Stats every ``poll_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+
+from engine.tokenizer import Tokenizer
+from router.app import create_app
+from router.cluster import ClusterState, MemoryClusterState
+from router.metrics import Metrics
+from router.policy import CostPolicy, RoutingPolicy
+from router.service import RouterConfig, RouterService
+from router.workers import Registry
+
+logger = logging.getLogger(__name__)
+
+Source = Callable[[], Awaitable[list[str]]]
+
+
+class Router:
+    def __init__(
+        self,
+        config: RouterConfig,
+        workers: list[str] | Source,
+        *,
+        state: ClusterState | None = None,
+        policy: RoutingPolicy | None = None,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.state = state or MemoryClusterState()
+        self.metrics = Metrics()
+        self.registry = Registry(self.state, self.metrics, poll_interval_s)
+        self.policy = policy or CostPolicy(config.local_prefill_tokens)
+        self.service = RouterService(
+            config,
+            self.state,
+            self.registry,
+            self.policy,
+            self.metrics,
+            Tokenizer.from_dir(config.model),
+        )
+        self._source = workers if callable(workers) else _fixed(list(workers))
+        self.poll_interval_s = poll_interval_s
+        self.app = create_app(self.service, lifespan=self._lifespan)
+        self.ready = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        await self.sync()
+        task = asyncio.ensure_future(self._supervise())
+        self.ready.set()
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.registry.close()
+
+    async def sync(self) -> None:
+        try:
+            addresses = await self._source()
+        except Exception as exc:
+            logger.warning("cannot list workers: %r", exc)
+            return
+        await self.registry.sync(addresses)
+        await self.registry.poll_once()
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.sync()
+            except Exception:
+                logger.exception("worker supervision failed")
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve HTTP in the foreground until interrupted."""
+        uvicorn.run(self.app, host=host, port=port, log_level="warning", access_log=False)
+
+    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RouterThread:
+        return RouterThread(self, host, port)
+
+
+def _fixed(addresses: list[str]) -> Source:
+    async def source() -> list[str]:
+        return addresses
+
+    return source
+
+
+class RouterThread:
+    """A router serving HTTP on a background thread (tests, embedded use)."""
+
+    def __init__(self, router: Router, host: str, port: int) -> None:
+        self.router = router
+        config = uvicorn.Config(
+            router.app, host=host, port=port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="router", daemon=True)
+        self._thread.start()
+        if not router.ready.wait(60):
+            raise RuntimeError("router did not start within 60 s")
+        while not self.server.started:
+            threading.Event().wait(0.01)
+        sock = self.server.servers[0].sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)

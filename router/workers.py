@@ -1,0 +1,192 @@
+"""Worker registration (with the layout check), gRPC clients and health/load polling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.kv_cache.layout import KVLayoutSpec
+from kv_transfer.wire import spec_from_pb
+from proto import worker_pb2 as pb
+from proto import worker_pb2_grpc as rpc
+from router.cluster import ClusterState, WorkerLoad, WorkerRecord
+from router.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerClient:
+    """gRPC stubs for one worker incarnation."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.decode = rpc.DecodeServiceStub(self.channel)
+        self.prefill = rpc.PrefillServiceStub(self.channel)
+
+    def stub(self, role: str):
+        return self.decode if role == "decode" else self.prefill
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def fetch_info(client: WorkerClient, timeout: float) -> pb.InfoResponse:
+    """Ask a worker of either role who it is."""
+    try:
+        return await client.decode.Info(pb.InfoRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    return await client.prefill.Info(pb.InfoRequest(), timeout=timeout)
+
+
+@dataclass
+class Refusal:
+    address: str
+    worker_id: str
+    reason: str
+
+
+@dataclass
+class Registry:
+    """Registers workers into a ``ClusterState`` and keeps their health and load fresh."""
+
+    state: ClusterState
+    metrics: Metrics
+    poll_interval_s: float = 0.5
+    rpc_timeout_s: float = 2.0
+    layout: KVLayoutSpec | None = None
+    """The cluster's KV layout: the first registered worker's, every later one must match."""
+    clients: dict[str, WorkerClient] = field(default_factory=dict)
+    refused: list[Refusal] = field(default_factory=list)
+    _failures: dict[str, int] = field(default_factory=dict)
+
+    async def register(self, address: str) -> WorkerRecord | None:
+        """Register the worker at ``address``; ``None`` (and an error log) if refused."""
+        client = WorkerClient(address)
+        try:
+            info = await fetch_info(client, self.rpc_timeout_s)
+        except grpc.aio.AioRpcError:
+            await client.close()
+            raise
+        spec = spec_from_pb(info.layout)
+        if self.layout is not None:
+            try:
+                self.layout.check_compatible(spec, ours="cluster", theirs=info.worker_id)
+            except ValueError as exc:
+                logger.error(
+                    "refusing %s worker %s at %s: %s", info.role, info.worker_id, address, exc
+                )
+                self.refused.append(Refusal(address, info.worker_id, str(exc)))
+                await client.close()
+                return None
+        self.layout = self.layout or spec
+        record = WorkerRecord(
+            worker_id=info.worker_id,
+            role=info.role,
+            address=info.address or address,
+            layout=spec,
+            num_blocks=info.num_blocks,
+            max_model_len=info.max_model_len,
+            epoch=info.epoch,
+            hostname=info.hostname,
+            kv_transports=tuple(info.kv_transports),
+        )
+        old = self.clients.pop(info.worker_id, None)
+        if old is not None:
+            await old.close()
+        self.clients[info.worker_id] = client
+        self.state.register(record)
+        self._failures.pop(info.worker_id, None)
+        logger.info(
+            "registered %s worker %s at %s (epoch %d, %d KV blocks)",
+            record.role,
+            record.worker_id,
+            record.address,
+            record.epoch,
+            record.num_blocks,
+        )
+        return record
+
+    async def sync(self, addresses: list[str]) -> None:
+        """Register new addresses; drop workers whose address is gone (restarted elsewhere)."""
+        known = {w.address: w.worker_id for w in self.state.workers(healthy_only=False)}
+        refused = {r.address for r in self.refused}
+        for address in addresses:
+            if address in known or address in refused:
+                continue
+            try:
+                await self.register(address)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("cannot register worker at %s yet: %s", address, exc.code())
+        for address, worker_id in known.items():
+            if address not in addresses:
+                current = self.state.get(worker_id)
+                if current is not None and current.address == address:
+                    await self.deregister(worker_id)
+
+    async def deregister(self, worker_id: str) -> None:
+        self.state.deregister(worker_id)
+        self.metrics.forget_worker(worker_id)
+        client = self.clients.pop(worker_id, None)
+        if client is not None:
+            await client.close()
+
+    def client(self, worker_id: str) -> WorkerClient:
+        return self.clients[worker_id]
+
+    async def poll_once(self) -> None:
+        workers = self.state.workers(healthy_only=False)
+        await asyncio.gather(*(self._poll(w) for w in workers))
+        for role in ("prefill", "decode"):
+            for healthy in (True, False):
+                n = sum(1 for w in workers if w.role == role and w.healthy == healthy)
+                self.metrics.workers.labels(role=role, healthy=str(healthy).lower()).set(n)
+
+    async def _poll(self, w: WorkerRecord) -> None:
+        client = self.clients.get(w.worker_id)
+        if client is None:
+            return
+        try:
+            stats = await client.stub(w.role).Stats(pb.StatsRequest(), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._failures[w.worker_id] = self._failures.get(w.worker_id, 0) + 1
+            if w.healthy:
+                logger.warning(
+                    "worker %s at %s is unhealthy: %s", w.worker_id, w.address, exc.code()
+                )
+            self.state.mark_unhealthy(w.worker_id)
+            return
+        queues = dict(stats.queues)
+        load = WorkerLoad(
+            num_free_blocks=stats.num_free_blocks,
+            queued_prefill_tokens=stats.queued_prefill_tokens,
+            num_running=queues.get("running", 0),
+            num_waiting=queues.get("waiting", 0),
+            queues=queues,
+        )
+        if not w.healthy:
+            logger.info("worker %s at %s answers again", w.worker_id, w.address)
+            info = await fetch_info(client, self.rpc_timeout_s)
+            if info.epoch != w.epoch:  # restarted in place: a new incarnation
+                await self.register(w.address)
+                return
+        self.state.heartbeat(w.worker_id, load)
+        self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:
+                logger.exception("health poll failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def close(self) -> None:
+        for client in list(self.clients.values()):
+            await client.close()
+        self.clients.clear()

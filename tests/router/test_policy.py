@@ -1,0 +1,94 @@
+"""Routing: load- and prefix-aware cost, conditional disaggregation, the shared hashes."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.kv_cache.hashing import hash_blocks
+from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
+from router.policy import CostPolicy, NoWorkerError, RouteRequest
+
+SPEC = KVLayoutSpec("fp", 2, 2, 16, "float32", 16)
+
+
+def worker(wid: str, role: str, epoch: int = 1, **load) -> WorkerRecord:
+    return WorkerRecord(wid, role, f"{wid}:1", SPEC, 64, 2048, epoch, load=WorkerLoad(**load))
+
+
+def req(tokens: list[int]) -> RouteRequest:
+    return RouteRequest(len(tokens), hash_blocks(tokens, 16))
+
+
+@pytest.fixture
+def state() -> MemoryClusterState:
+    s = MemoryClusterState()
+    for w in (worker("d0", "decode"), worker("d1", "decode"), worker("p0", "prefill")):
+        s.register(w)
+    return s
+
+
+def test_router_hashes_equal_the_engine_prefix_cache():
+    tokens = list(range(100, 150))
+    kv = KVCacheManager(16, 16)
+    engine_hashes = kv.block_hashes(Request("r", tokens, SamplingParams()))
+    assert hash_blocks(tokens, 16) == engine_hashes and len(engine_hashes) == 3
+
+
+def test_prefix_aware_picks_the_worker_holding_the_prefix(state):
+    tokens = list(range(200, 264))
+    state.record_prefix("d1", hash_blocks(tokens, 16)[:3])
+    d = CostPolicy().route(req(tokens), state)
+    assert (d.decode.worker_id, d.cached_blocks, d.path, d.prefill.worker_id) == (
+        "d1",
+        3,
+        "remote",
+        "p0",
+    )
+
+
+def test_load_aware_avoids_the_busy_worker(state):
+    state.heartbeat("d0", WorkerLoad(num_running=10, queued_prefill_tokens=500))
+    assert CostPolicy().route(req([1, 2, 3]), state).decode.worker_id == "d1"
+    state.add_inflight("d1", 50)  # 16 * 50 > 500 + 16 * 10
+    assert CostPolicy().route(req([1, 2, 3]), state).decode.worker_id == "d0"
+
+
+def test_short_uncached_prompt_prefills_locally(state):
+    policy = CostPolicy(local_prefill_tokens=8)
+    assert (policy.route(req([1] * 8), state).path, policy.route(req([1] * 8), state).reason) == (
+        "local",
+        "short_prompt",
+    )
+    long = list(range(300, 340))
+    assert policy.route(req(long), state).path == "remote"
+    state.record_prefix("d0", hash_blocks(long, 16))
+    state.record_prefix("d1", hash_blocks(long, 16))
+    d = policy.route(req(long), state)  # 8 uncached tokens after 2 cached blocks
+    assert (d.path, d.reason) == ("local", "prefix_cached")
+
+
+def test_no_healthy_prefill_worker_means_local(state):
+    state.mark_unhealthy("p0")
+    d = CostPolicy().route(req([1, 2]), state)
+    assert (d.path, d.reason, d.prefill) == ("local", "no_prefill_worker", None)
+    state.deregister("p0")
+    assert CostPolicy().route(req([1, 2]), state).reason == "aggregated"
+
+
+def test_no_decode_worker_raises(state):
+    state.mark_unhealthy("d0")
+    state.mark_unhealthy("d1")
+    with pytest.raises(NoWorkerError):
+        CostPolicy().route(req([1]), state)
+
+
+def test_prefix_index_is_capped_and_reset_on_new_epoch(state):
+    hashes = list(range(100))
+    state.record_prefix("d0", hashes)  # capped at the worker's 64 blocks, oldest dropped
+    assert state.match_prefix("d0", hashes[36:]) == 64 and state.match_prefix("d0", hashes) == 0
+    state.register(worker("d0", "decode", epoch=2))  # restarted: its cache is empty
+    assert state.match_prefix("d0", hashes[36:]) == 0
