@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(BIN)/python -m pip install $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
+# Extra flags for `make serve`, e.g. make serve SERVE_ARGS="--port 8080 --prefill 0"
+SERVE_ARGS ?=
+
 serve: setup
-	$(BIN)/pdserve generate --prompt "The quick brown fox" --max-tokens 32
+	$(BIN)/pdserve serve $(SERVE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
