@@ -94,22 +94,32 @@ class _Link:
         if getattr(self.plane, "zero_copy", False) and cpu:
             self._send_parts(job)
             return
-        n = job.k.shape[0] if job.src_block_ids is None else job.src_block_ids.numel()
-        block_bytes = job.k[0].numel() * job.k.element_size()
-        staging = self.plane.staging(2 * n * block_bytes)
-        checksum = wire.Checksum()
-        chunk = self._config.chunk_bytes
-        for i, source in enumerate((job.k, job.v)):
-            region = staging[i * n * block_bytes : (i + 1) * n * block_bytes]
-            pages = region.view(job.k.dtype).view(n, *job.k.shape[1:])
-            for a, b in wire.chunk_plan(n, block_bytes, chunk):
-                if job.src_block_ids is None:
-                    pages[a:b].copy_(source[a:b])
-                else:
-                    # Gather straight into the staging buffer: one copy, then hash while hot.
-                    torch.index_select(source, 0, job.src_block_ids[a:b], out=pages[a:b])
-                checksum.update(pages[a:b])
-        self.plane.send(self._descriptor(job, n * block_bytes, checksum.value()), staging)
+        self._send_staged(job)
+
+    def _send_staged(self, job: LayerJob) -> None:
+        """Gather (or copy) pages into the plane's staging memory, hashing while hot.
+
+        A plane with ``max_payload_bytes`` gets the layer as several descriptors, each
+        for a slice of the ticket's blocks, so its buffers stay cache-sized.
+        """
+        n, bb = len(job.transfer.ticket.block_ids), job.k[0].numel() * job.k.element_size()
+        step = max(1, getattr(self.plane, "max_payload_bytes", 2 * n * bb) // (2 * bb))
+        for a in range(0, n, step):
+            m = min(step, n - a)
+            staging = self.plane.staging(2 * m * bb)
+            checksum = wire.Checksum()
+            for i, source in enumerate((job.k, job.v)):
+                pages = staging[i * m * bb : (i + 1) * m * bb].view(job.k.dtype)
+                pages = pages.view(m, *job.k.shape[1:])
+                for c0, c1 in wire.chunk_plan(m, bb, self._config.chunk_bytes):
+                    if job.src_block_ids is None:
+                        pages[c0:c1].copy_(source[a + c0 : a + c1])
+                    else:  # gather straight into staging: one copy, hashed while hot
+                        idx = job.src_block_ids[a + c0 : a + c1]
+                        torch.index_select(source, 0, idx, out=pages[c0:c1])
+                    checksum.update(pages[c0:c1])
+            desc = self._descriptor(job, slice(a, a + m), m * bb, checksum.value())
+            self.plane.send(desc, staging)
 
     def _send_parts(self, job: LayerJob) -> None:
         """Zero-copy: send the source blocks as they lie in the cache (no staging copy)."""
@@ -125,15 +135,17 @@ class _Link:
             ]
         nbytes = sum(p.nbytes for p in parts) // 2
         # The plane hashes each chunk as it sends it and puts the checksum in a trailer.
-        self.plane.send_parts(self._descriptor(job, nbytes, 0), parts)
+        self.plane.send_parts(self._descriptor(job, slice(None), nbytes, 0), parts)
 
-    def _descriptor(self, job: LayerJob, half_bytes: int, checksum: int) -> pb.PageDescriptor:
+    def _descriptor(
+        self, job: LayerJob, blocks: slice, half_bytes: int, checksum: int
+    ) -> pb.PageDescriptor:
         ticket = job.transfer.ticket
         return pb.PageDescriptor(
             transfer_id=ticket.transfer_id,
             epoch=ticket.epoch,
             layer=job.layer,
-            block_ids=ticket.block_ids,
+            block_ids=ticket.block_ids[blocks],
             k_bytes=half_bytes,
             v_bytes=half_bytes,
             checksum=checksum,

@@ -49,7 +49,7 @@ class Endpoint:
         self._transfers: dict[str, ReceiverTransfer] = {}
         self._links: set[ControlLink] = set()
         self._counters = dict.fromkeys(
-            ("dropped_layers", "dropped_bytes", "succeeded", "failed", "refused_pairings"), 0
+            ("dropped_pages", "dropped_bytes", "succeeded", "failed", "refused_pairings"), 0
         )
         self._stop = threading.Event()
         self._host = backend.host(args.config)
@@ -219,8 +219,6 @@ class Endpoint:
         if transfer is None:
             self._drop(plane, desc, chunks, "unknown or finished transfer")
             return
-        if list(desc.block_ids) != list(transfer.ticket.block_ids):
-            transfer.fail(f"layer {desc.layer}: block ids differ from the ticket's", True)
         why = transfer.begin_write(desc, link)
         if why is not None:
             self._drop(plane, desc, chunks, why)
@@ -236,7 +234,7 @@ class Endpoint:
             transfer.fail(f"layer {desc.layer} interrupted: {exc}", notify_sender=False)
             raise
         finally:
-            transfer.end_write(desc.layer, ok)
+            transfer.end_write(desc, ok)
 
     def _receive_layer(
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
@@ -271,7 +269,7 @@ class Endpoint:
         _expected_checksum(plane, desc)
         logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
         with self._lock:
-            self._counters["dropped_layers"] += 1
+            self._counters["dropped_pages"] += 2 * len(desc.block_ids)  # K and V
             self._counters["dropped_bytes"] += desc.k_bytes + desc.v_bytes
 
     def _on_close(self, link: ControlLink, plane: ReceiverPlane, reason: str) -> None:

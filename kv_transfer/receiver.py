@@ -41,6 +41,7 @@ class ReceiverTransfer:
         self._state = TransferState.BOOTSTRAPPING
         self._error: str | None = None
         self._arrived: list[int] = []
+        self._missing: dict[int, set[int]] = {}  # layer -> block ids not yet received
         self._writers = 0
         self._freed = False
         self._link: ControlLink | None = None
@@ -77,7 +78,11 @@ class ReceiverTransfer:
             return None
 
     def begin_write(self, desc: pb.PageDescriptor, link: ControlLink) -> str | None:
-        """Admit one layer's pages for writing; returns why they must be dropped."""
+        """Admit pages of one layer for writing; returns why they must be dropped.
+
+        A descriptor may carry all of the ticket's blocks or any not-yet-received subset
+        (the shm backend splits layers to keep its regions cache-sized).
+        """
         with self._lock:
             if self._state.terminal:
                 return f"transfer is {self._state.value}"
@@ -85,38 +90,47 @@ class ReceiverTransfer:
                 return "pages from a link that did not open the transfer"
             if desc.epoch != self.ticket.epoch:
                 return f"stale epoch {desc.epoch}, receiver epoch is {self.ticket.epoch}"
-            self._writers += 1
-            return None
+            problem = self._pages_problem(desc.layer, desc.block_ids)
+            if problem is None:
+                self._writers += 1
+                return None
+        self.fail(problem, notify_sender=True)
+        return problem
+
+    def _pages_problem(self, layer: int, block_ids) -> str | None:
+        if not 0 <= layer < self._num_layers:
+            return f"layer {layer} out of range [0, {self._num_layers})"
+        missing = self._missing.setdefault(layer, set(self.ticket.block_ids))
+        extra = [b for b in block_ids if b not in missing]
+        if extra or len(set(block_ids)) != len(block_ids):
+            return (
+                f"layer {layer}: blocks {extra[:8]} are not in the ticket or arrived twice; "
+                "the sender must send each ticket block once per layer"
+            )
+        return None
 
     def writable(self) -> bool:
         """Whether chunks may still be written (the transfer did not fail meanwhile)."""
         return not self._state.terminal
 
-    def end_write(self, layer: int, checksum_ok: bool) -> None:
-        """Finish one layer: record arrival, or fail on a bad checksum or duplicate."""
+    def end_write(self, desc: pb.PageDescriptor, checksum_ok: bool) -> None:
+        """Finish one descriptor: record its blocks (and the layer once complete), or fail."""
         done = False
         with self._lock:
             self._writers -= 1
-            problem = self._layer_problem(layer, checksum_ok)
-            if problem is None and not self._state.terminal:
-                self._arrived.append(layer)
+            if checksum_ok and not self._state.terminal:
+                missing = self._missing[desc.layer]
+                missing.difference_update(desc.block_ids)
+                if not missing:
+                    self._arrived.append(desc.layer)
                 done = len(self._arrived) == self._num_layers
                 self._state = TransferState.SUCCESS if done else TransferState.TRANSFERRING
-        if problem is not None:
-            self.fail(problem, notify_sender=True)
+        if not checksum_ok:
+            self.fail(f"checksum mismatch on layer {desc.layer}: pages corrupted in transit", True)
         elif done:
             self._notify(pb.Status.SUCCESS, "")
             self._on_terminal(self)
         self._maybe_free()
-
-    def _layer_problem(self, layer: int, checksum_ok: bool) -> str | None:
-        if not checksum_ok:
-            return f"checksum mismatch on layer {layer}: pages corrupted in transit"
-        if layer in self._arrived:
-            return f"layer {layer} arrived twice"
-        if not 0 <= layer < self._num_layers:
-            return f"layer {layer} out of range [0, {self._num_layers})"
-        return None
 
     def expire_if_due(self, now: float) -> None:
         if not self._state.terminal and now >= self._deadline:

@@ -9,7 +9,10 @@ A region's life::
     too small for a layer -> sender retires it (Release to the receiver: unmap)
 
 The sender keeps at most ``shm_regions`` regions (plane option, default 3), so layer
-i+1 is gathered while the receiver still writes layer i.
+i+1 is gathered while the receiver still writes layer i. A layer larger than
+``shm_region_bytes`` (default 16 MiB) goes as several descriptors, each for a slice of
+the ticket's blocks. (Smaller regions that stay in the last-level cache were measured
+slower here: each descriptor/Release round trip costs more than the cache saves.)
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def _unlink(path: str) -> None:
 
 
 class ShmSender:
-    def __init__(self, link: ControlLink, max_regions: int, wait_s: float):
+    def __init__(self, link: ControlLink, max_regions: int, region_bytes: int, wait_s: float):
         self._link, self._max, self._wait_s = link, max_regions, wait_s
+        self.max_payload_bytes = region_bytes
+        """Layers are sent as descriptors of at most this many bytes (see client.py)."""
         self._cond = threading.Condition()
         self._free: list[_Region] = []
         self._busy: dict[str, _Region] = {}
@@ -169,7 +174,8 @@ class ShmReceiver:
 
 def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> ShmSender:
     regions = int(config.plane.get("shm_regions", "3"))
-    return ShmSender(link, regions, wait_s=config.peer_timeout_s)
+    region_bytes = int(config.plane.get("shm_region_bytes", str(16 << 20)))
+    return ShmSender(link, regions, region_bytes, wait_s=config.peer_timeout_s)
 
 
 BACKEND = Backend(

@@ -19,8 +19,15 @@ from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from kv_transfer import TransferConfig, backend_names, make_client, make_endpoint
 
 NUM_BLOCKS = 64
-FAST = TransferConfig(heartbeat_s=0.2, peer_timeout_s=1.5, reap_interval_s=0.02, chunk_bytes=512)
-"""Small chunks so even tiny test layers go through several data-path messages."""
+FAST = TransferConfig(
+    heartbeat_s=0.2,
+    peer_timeout_s=1.5,
+    reap_interval_s=0.02,
+    chunk_bytes=512,
+    plane={"shm_region_bytes": "1024", "shm_regions": "2"},
+)
+"""Small chunks and shm regions, so even tiny test layers go through several data-path
+messages and the shm backend splits every layer into several descriptors."""
 PEER_DEATH_BOUND_S = FAST.peer_timeout_s + 1.0
 
 

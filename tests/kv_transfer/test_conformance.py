@@ -127,7 +127,7 @@ def test_receiver_abort_drops_late_pages(make_pair):
     # A layer already in flight when the abort landed is dropped and counted, never written.
     tx._terminal = None  # simulate the race: the sender has not seen the abort yet
     send_layers(pair, tx, [0, 1, 2, 3], layers=[1])
-    wait_until(lambda: pair.endpoint.stats()["dropped_layers"] == 1)
+    wait_until(lambda: pair.endpoint.stats()["dropped_pages"] == 2 * 4)  # K and V of 4 blocks
     assert torch.equal(pair.dst[1][0], before)
 
 
