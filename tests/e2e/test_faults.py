@@ -1,0 +1,73 @@
+"""Faults on a dedicated cluster whose prefill worker is slow (a test hook): remote prefill
+killed mid-request or timing out falls back to local prefill on the decode worker; Ray
+restarts the dead worker and the router registers its new incarnation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.engine.hf_reference import hf_greedy, make_prompts
+
+from .conftest import MODEL_NAME, client, launch
+from .test_parity import routed
+
+DELAY_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def slow(ray_session, tiny_model):
+    cluster = launch(tiny_model("llama"), prefix="fault-", fault_delay_s=DELAY_S)
+    yield cluster
+    cluster.stop()
+
+
+def greedy(rt, prompt: list[int]) -> list[int]:
+    r = client(rt).completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    return r.choices[0].token_ids
+
+
+def test_prefill_timeout_falls_back_to_local(slow, tiny_model):
+    rt = slow.router("tcp", prefill_timeout_s=0.5)
+    prompt = make_prompts([30], seed=61)[0]
+    assert greedy(rt, prompt) == hf_greedy(tiny_model("llama"), [prompt], 8)[0]
+    assert routed(rt, "local", "prefill_timeout") == 1
+    slow.wait_all_free(timeout=DELAY_S + 5)  # the prefill worker aborts after its delay
+
+
+def test_prefill_worker_killed_mid_request_completes_locally_then_rejoins(slow, tiny_model):
+    rt = slow.router("ray")
+    old = slow.infos["fault-prefill-0"]
+    prompts = make_prompts([26, 33], seed=62)
+    want = hf_greedy(tiny_model("llama"), prompts, 8)
+    result: dict[str, list[int]] = {}
+    t = threading.Thread(target=lambda: result.setdefault("ids", greedy(rt, prompts[0])))
+    t.start()
+    time.sleep(DELAY_S / 3)  # the prefill worker holds the request now
+    os.kill(old["pid"], signal.SIGKILL)
+    t.join(30)
+    assert result["ids"] == want[0]
+    assert routed(rt, "local", "prefill_failed") == 1
+    # Ray restarts the actor; the router registers the new incarnation (new port, epoch).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = httpx.get(rt.url + "/health").json()["workers"]
+        w = workers.get("fault-prefill-0")
+        if w and w["healthy"] and w["address"] != old["address"]:
+            break
+        time.sleep(0.25)
+    else:
+        raise AssertionError(f"restarted prefill worker never registered: {workers}")
+    slow.refresh()
+    assert slow.infos["fault-prefill-0"]["epoch"] != old["epoch"]
+    assert greedy(rt, prompts[1]) == want[1]
+    assert routed(rt, "remote", "cost") == 1
+    slow.wait_all_free()
