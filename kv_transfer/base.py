@@ -73,8 +73,9 @@ class TransferConfig:
     """A link with no frame from the peer for this long is dead; its transfers fail."""
     connect_timeout_s: float = 10.0
     """Bound on connecting and pairing."""
-    chunk_bytes: int = 1 << 20
-    """Receiver processes pages in chunks of about this size (cache-friendly)."""
+    chunk_bytes: int | None = None
+    """Data-path message / checksum granularity; None: the backend's default (1 MiB, or
+    4 MiB for ucx and torch_dist, whose per-message cost is higher)."""
     reap_interval_s: float = 0.05
     """How often the receiver checks leases."""
     host: str = "127.0.0.1"
@@ -88,7 +89,7 @@ class TransferConfig:
                 f"peer_timeout_s={self.peer_timeout_s} must exceed heartbeat_s={self.heartbeat_s}; "
                 "use at least 3 heartbeats"
             )
-        if self.chunk_bytes <= 0:
+        if self.chunk_bytes is not None and self.chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
 
 
@@ -157,7 +158,8 @@ class KVEndpoint(Protocol):
         """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``."""
 
     def stats(self) -> dict[str, int]:
-        """Counters: dropped pages, failed/succeeded transfers, refused pairings."""
+        """Counters: ``dropped_pages`` / ``dropped_bytes`` (late or stale pages, never
+        written), ``succeeded``, ``failed``, ``refused_pairings``, ``active``."""
 
     def close(self) -> None:
         """Fail open transfers (freeing their blocks) and stop serving."""

@@ -38,6 +38,7 @@ class _Link:
         self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._transfers: dict[str, SenderTransfer] = {}
+        self._chunk_bytes = config.chunk_bytes or getattr(plane, "chunk_bytes", 1 << 20)
         self.writer = threading.Thread(
             target=self._write_loop, name=f"kv-w-{link.name}", daemon=True
         )
@@ -111,7 +112,7 @@ class _Link:
             for i, source in enumerate((job.k, job.v)):
                 pages = staging[i * m * bb : (i + 1) * m * bb].view(job.k.dtype)
                 pages = pages.view(m, *job.k.shape[1:])
-                for c0, c1 in wire.chunk_plan(m, bb, self._config.chunk_bytes):
+                for c0, c1 in wire.chunk_plan(m, bb, self._chunk_bytes):
                     if job.src_block_ids is None:
                         pages[c0:c1].copy_(source[a + c0 : a + c1])
                     else:  # gather straight into staging: one copy, hashed while hot
@@ -149,7 +150,7 @@ class _Link:
             k_bytes=half_bytes,
             v_bytes=half_bytes,
             checksum=checksum,
-            chunk_bytes=self._config.chunk_bytes,
+            chunk_bytes=self._chunk_bytes,
         )
 
 

@@ -6,6 +6,15 @@ and differs only in how a layer's page bytes travel. Per link the bytes pass::
     sender:   staging(n) -> gather + checksum into it -> send(descriptor, staging)
     receiver: descriptor -> chunks(descriptor, sizes) -> checksum + scatter each chunk
 
+Optional capabilities a plane may add (checked with ``getattr``):
+
+- sender ``zero_copy`` + ``send_parts(desc, views)``: sends page bytes straight from the
+  source blocks and hashes them on the way, checksum in a ``PageTrailer`` (tcp);
+- sender ``max_payload_bytes``: split a layer into descriptors of at most this size (shm);
+- sender ``chunk_bytes``: default data-path message size (ucx, torch_dist);
+- receiver ``direct`` + ``recv_views(views)`` / ``scratch(n)``: receive straight into the
+  destination blocks (tcp); ``trailer(desc)``: read the checksum trailer.
+
 A backend module exposes ``BACKEND: Backend``. The registry maps a name to that module
 and imports it only when the backend is first used, so a missing optional library
 (ucxx) only affects its own backend.

@@ -12,24 +12,12 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from kv_transfer.backends.buffers import GrowBuffer
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, SimpleHost
 from kv_transfer.wire import Checksum, byte_view, encode_frame
 from proto import kv_transfer_pb2 as pb
-
-
-class GrowBuffer:
-    """A reusable uint8 buffer that grows to the largest size asked for."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        self._device = device
-        self._buf = torch.empty(0, dtype=torch.uint8, device=device)
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        if self._buf.numel() < nbytes:
-            self._buf = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
-        return self._buf[:nbytes]
 
 
 class TcpSender:

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kv_transfer.backends.tcp import GrowBuffer
+from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
@@ -40,6 +40,13 @@ def _group(store: dist.Store, key: str, rank: int, device: str, timeout: timedel
     return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
 
 
+def _wait(work, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise PeerLost(f"torch.distributed {what} failed: {exc}") from exc
+
+
 def _chunks_of(tensor: torch.Tensor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
     offset = 0
     for size in sizes:
@@ -48,21 +55,25 @@ def _chunks_of(tensor: torch.Tensor, sizes: Sequence[int]) -> Iterator[torch.Ten
 
 
 class DistSender:
+    chunk_bytes = 4 << 20
+    """Default message size: per-message cost is high here, so bigger than tcp's."""
+
     def __init__(self, link: ControlLink, group, device: str):
         self._link, self._group = link, group
-        self._buf = GrowBuffer(device)
+        self._buffers = PingPong(device)
 
     def staging(self, nbytes: int) -> torch.Tensor:
-        return self._buf.get(nbytes)
+        return self._buffers.staging(nbytes)
 
     def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
+        """Post the sends and return; the buffer is reused only after they complete."""
         self._link.send(pb.Frame(pages=desc))
         sizes = payload_sizes(desc, desc.k_bytes // len(desc.block_ids))
         try:
-            for chunk in _chunks_of(staging, sizes):
-                self._group.send([chunk], 0, _TAG).wait()
+            works = [self._group.send([c], 0, _TAG) for c in _chunks_of(staging, sizes)]
         except RuntimeError as exc:
             raise PeerLost(f"torch.distributed send failed: {exc}") from exc
+        self._buffers.sent([lambda w=w: _wait(w, "send") for w in works])
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
@@ -85,10 +96,7 @@ class DistReceiver:
         pending = post(0) if sizes else None
         for i in range(len(sizes)):
             chunk, work = pending
-            try:
-                work.wait()
-            except RuntimeError as exc:
-                raise PeerLost(f"torch.distributed recv failed: {exc}") from exc
+            _wait(work, "recv")
             if i + 1 < len(sizes):
                 pending = post(i + 1)
             yield chunk

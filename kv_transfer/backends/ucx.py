@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from kv_transfer.backends.tcp import GrowBuffer
+from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
@@ -73,7 +73,9 @@ class UcxLoop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro, timeout: float):
-        future = self.submit(coro)
+        return self.wait(self.submit(coro), timeout)
+
+    def wait(self, future: concurrent.futures.Future, timeout: float):
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -83,25 +85,36 @@ class UcxLoop:
             raise PeerLost(f"ucx: {exc}") from exc
 
 
+async def _make_lock() -> asyncio.Lock:
+    return asyncio.Lock()
+
+
 class UcxSender:
+    chunk_bytes = 4 << 20
+    """Default message size: per-message cost is high here, so bigger than tcp's."""
+
     def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float):
         self._link, self._ucx, self._ep, self._timeout = link, ucx, ep, timeout
-        self._buf = GrowBuffer()
+        self._buffers = PingPong()
+        self._order = ucx.run(_make_lock(), timeout)
 
     def staging(self, nbytes: int) -> torch.Tensor:
-        return self._buf.get(nbytes)
+        return self._buffers.staging(nbytes)
 
     def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
+        """Post the sends and return; the buffer is reused only after they complete."""
         self._link.send(pb.Frame(pages=desc))
         sizes = payload_sizes(desc, desc.k_bytes // len(desc.block_ids))
 
         async def send_all() -> None:
-            offset = 0
-            for size in sizes:
-                await self._ep.send(_buffer(staging[offset : offset + size]))
-                offset += size
+            async with self._order:  # FIFO: layers go out in the order they were posted
+                offset = 0
+                for size in sizes:
+                    await self._ep.send(_buffer(staging[offset : offset + size]))
+                    offset += size
 
-        self._ucx.run(send_all(), timeout=self._timeout)
+        future = self._ucx.submit(send_all())
+        self._buffers.sent([lambda: self._ucx.wait(future, self._timeout)])
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
@@ -126,19 +139,10 @@ class UcxReceiver:
         pending = post(0) if sizes else None
         for i in range(len(sizes)):
             chunk, future = pending
-            self._wait(future)
+            self._ucx.wait(future, self._timeout)
             if i + 1 < len(sizes):
                 pending = post(i + 1)
             yield chunk
-
-    def _wait(self, future: concurrent.futures.Future) -> None:
-        try:
-            future.result(self._timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise PeerLost(f"no ucx data for {self._timeout}s") from None
-        except self._ucx.ucxx.exceptions.UCXError as exc:
-            raise PeerLost(f"ucx recv failed: {exc}") from exc
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False

@@ -188,3 +188,21 @@ def test_backend_mismatch_is_refused(make_pair):
             client.connect(pair.endpoint.address)
     finally:
         client.close()
+
+
+def test_checksum_mismatch_fails_the_transfer(make_pair, monkeypatch):
+    import kv_transfer.endpoint as endpoint_module
+
+    real = endpoint_module._expected_checksum
+    monkeypatch.setattr(
+        endpoint_module, "_expected_checksum", lambda plane, desc: real(plane, desc) ^ 1
+    )
+    pair = make_pair()
+    dst = pair.pool.allocate(3)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, [5, 6, 7])
+    wait_until(lambda: both_done(rx, tx))
+    assert (rx.poll(), tx.poll()) == (S.FAILED, S.FAILED)
+    assert "checksum mismatch on layer 0" in rx.error and "checksum mismatch" in tx.error
+    wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
