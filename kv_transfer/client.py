@@ -115,9 +115,13 @@ class _Link:
                 for c0, c1 in wire.chunk_plan(m, bb, self._chunk_bytes):
                     if job.src_block_ids is None:
                         pages[c0:c1].copy_(source[a + c0 : a + c1])
-                    else:  # gather straight into staging: one copy, hashed while hot
+                    elif source.device == pages.device:  # gather straight into staging
                         idx = job.src_block_ids[a + c0 : a + c1]
                         torch.index_select(source, 0, idx, out=pages[c0:c1])
+                    else:  # e.g. a CUDA cache staged in host memory for tcp/shm
+                        pages[c0:c1].copy_(
+                            source.index_select(0, job.src_block_ids[a + c0 : a + c1])
+                        )
                     checksum.update(pages[c0:c1])
             desc = self._descriptor(job, slice(a, a + m), m * bb, checksum.value())
             self.plane.send(desc, staging)

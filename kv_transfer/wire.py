@@ -79,7 +79,10 @@ class Checksum:
         self._h = xxhash.xxh3_64()
 
     def update(self, data: torch.Tensor | memoryview) -> None:
-        self._h.update(byte_view(data) if isinstance(data, torch.Tensor) else data)
+        if isinstance(data, torch.Tensor):
+            # xxh3 runs on the host: device pages (NCCL path) are hashed from a host copy.
+            data = byte_view(data if data.device.type == "cpu" else data.cpu())
+        self._h.update(data)
 
     def value(self) -> int:
         return self._h.intdigest()
