@@ -69,6 +69,11 @@ class _Link:
         with self._lock:
             self._transfers.pop(transfer.ticket.transfer_id, None)
 
+    def abort(self, transfer: SenderTransfer, msg: pb.Abort) -> None:
+        """Tell the receiver (no reply comes back) and stop tracking the transfer."""
+        self._forget(transfer)
+        self.link.try_send(pb.Frame(abort=msg))
+
     def _on_close(self, reason: str) -> None:
         with self._lock:
             transfers, self._transfers = list(self._transfers.values()), {}
@@ -180,7 +185,7 @@ class Client:
             block_shape,
             self._dtype,
             enqueue=link.enqueue,
-            send_abort=lambda msg: link.link.try_send(pb.Frame(abort=msg)),
+            send_abort=lambda msg: link.abort(transfer, msg),
         )
         if ticket.epoch != link.epoch:
             transfer.fail(

@@ -4,8 +4,9 @@ A transfer passes through the endpoint's tables like this::
 
     expect()            -> _transfers[id]  (BOOTSTRAPPING, lease running)
     Open on a link      -> bound to that link (WAITING)
-    PageDescriptor      -> chunks: checksum + scatter_blocks into the KV cache
-                           (TRANSFERRING; SUCCESS after the last layer)
+    PageDescriptor      -> chunks: checksum + write into the KV cache at the ticket's
+                           block ids (pages.py; tcp receives straight into the blocks)
+                           (TRANSFERRING; SUCCESS once every layer's blocks arrived)
     terminal            -> removed from _transfers; later pages are dropped and counted
 
 Threads: one acceptor, one reaper (lease expiry), and per link one reader that does the
@@ -96,6 +97,10 @@ class Endpoint:
         if self._stop.is_set():
             return
         self._stop.set()
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
         self._server.close()
         with self._lock:
             transfers, links = list(self._transfers.values()), list(self._links)
@@ -136,13 +141,18 @@ class Endpoint:
     def _pair(self, link: ControlLink) -> None:
         try:
             plane = self._handshake(link)
-        except (HandshakeError, PeerLost, TimeoutError, OSError) as exc:
+        except (HandshakeError, PeerLost, TimeoutError, OSError, RuntimeError) as exc:
+            # RuntimeError: a backend's pairing step failed (e.g. torch.distributed store).
             logger.warning("endpoint %s refused a sender: %s", self.address, exc)
             with self._lock:
                 self._counters["refused_pairings"] += 1
             link.close()
             return
         with self._lock:
+            if self._stop.is_set():
+                link.close()
+                plane.close()
+                return
             self._links.add(link)
         link.start(
             lambda f: self._on_frame(link, plane, f), lambda r: self._on_close(link, plane, r)
