@@ -38,7 +38,8 @@ class _Link:
         self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._transfers: dict[str, SenderTransfer] = {}
-        self._chunk_bytes = config.chunk_bytes or getattr(plane, "chunk_bytes", 1 << 20)
+        fixed = getattr(plane, "chunk_bytes", None)  # a plane may fix it at pairing
+        self._chunk_bytes = fixed or config.chunk_bytes or getattr(plane, "default_chunk", 1 << 20)
         self.writer = threading.Thread(
             target=self._write_loop, name=f"kv-w-{link.name}", daemon=True
         )

@@ -11,7 +11,8 @@ Optional capabilities a plane may add (checked with ``getattr``):
 - sender ``zero_copy`` + ``send_parts(desc, views)``: sends page bytes straight from the
   source blocks and hashes them on the way, checksum in a ``PageTrailer`` (tcp);
 - sender ``max_payload_bytes``: split a layer into descriptors of at most this size (shm);
-- sender ``chunk_bytes``: default data-path message size (ucx, torch_dist);
+- sender ``chunk_bytes``: message size fixed at pairing (torch_dist), overriding the
+  config; ``default_chunk``: the size used when the config sets none (ucx);
 - receiver ``direct`` + ``recv_views(views)`` / ``scratch(n)``: receive straight into the
   destination blocks (tcp); ``trailer(desc)``: read the checksum trailer.
 

@@ -4,8 +4,15 @@ Pairing: the endpoint hosts one TCPStore; for each sender link it hands out a gr
 key, and both sides build a ProcessGroupGloo (CPU caches) or ProcessGroupNCCL (CUDA)
 over ``PrefixStore(key, store)``: receiver rank 0, sender rank 1. Per layer::
 
-    sender: descriptor on the control link -> send() of each chunk (chunk_plan sizes)
-    receiver: descriptor -> recv() of each chunk into a reusable buffer -> checksum + scatter
+    sender:   descriptor on the control link -> one send() per chunk of at most
+              msg_bytes (set by the receiver at pairing) -> returns; the staging buffer
+              is reused once those sends complete (ping-pong)
+    receiver: a ring of ``dist_ring`` receives of msg_bytes is always posted (gloo sends
+              complete only against a posted receive) -> checksum + scatter each chunk
+              -> re-post its buffer
+
+Plane options: ``dist_msg_bytes`` (default 4 MiB, or TransferConfig.chunk_bytes),
+``dist_ring`` (default 4), ``device`` (``cpu`` -> gloo, ``cuda`` -> NCCL).
 
 Using group objects directly (no ``init_process_group``) gives one group per
 sender/receiver pair and lets one process hold many.
@@ -13,6 +20,7 @@ sender/receiver pair and lets one process hold many.
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -20,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kv_transfer.backends.buffers import GrowBuffer, PingPong
+from kv_transfer.backends.buffers import PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
@@ -55,11 +63,12 @@ def _chunks_of(tensor: torch.Tensor, sizes: Sequence[int]) -> Iterator[torch.Ten
 
 
 class DistSender:
-    chunk_bytes = 4 << 20
-    """Default message size: per-message cost is high here, so bigger than tcp's."""
+    """Sends each chunk as one message of at most ``chunk_bytes`` (the receiver's size)."""
 
-    def __init__(self, link: ControlLink, group, device: str):
+    def __init__(self, link: ControlLink, group, device: str, msg_bytes: int):
         self._link, self._group = link, group
+        self.chunk_bytes = msg_bytes
+        """Fixed by the receiver at pairing; overrides TransferConfig.chunk_bytes."""
         self._buffers = PingPong(device)
 
     def staging(self, nbytes: int) -> torch.Tensor:
@@ -83,23 +92,33 @@ class DistSender:
 
 
 class DistReceiver:
-    def __init__(self, group, device: str):
-        self._group = group
-        self._bufs = (GrowBuffer(device), GrowBuffer(device))
+    """Keeps ``ring`` receives of ``msg_bytes`` posted at all times.
+
+    gloo completes a send only once the matching receive is posted, so receives posted
+    just in time would stall the sender on every descriptor round trip. A message
+    shorter than the posted buffer is fine (gloo fills a prefix), so chunks are not
+    padded.
+    """
+
+    def __init__(self, group, device: str, msg_bytes: int, ring: int):
+        self._group, self._msg = group, msg_bytes
+        self._slots: collections.deque = collections.deque()
+        for _ in range(ring):
+            self._post(torch.empty(msg_bytes, dtype=torch.uint8, device=device))
+
+    def _post(self, buf: torch.Tensor) -> None:
+        self._slots.append((buf, self._group.recv([buf], 1, _TAG)))
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        # Double buffering: chunk i+1 is received while chunk i is checksummed and scattered.
-        def post(i: int):
-            chunk = self._bufs[i % 2].get(sizes[i])
-            return chunk, self._group.recv([chunk], 1, _TAG)
-
-        pending = post(0) if sizes else None
-        for i in range(len(sizes)):
-            chunk, work = pending
+        if desc.chunk_bytes > self._msg:
+            raise PeerLost(f"sender chunk_bytes={desc.chunk_bytes} > paired size {self._msg}")
+        for size in sizes:
+            buf, work = self._slots.popleft()
             _wait(work, "recv")
-            if i + 1 < len(sizes):
-                pending = post(i + 1)
-            yield chunk
+            try:
+                yield buf[:size]
+            finally:
+                self._post(buf)  # the consumer is done with it: receive the next message
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
@@ -128,14 +147,17 @@ class DistHost:
     ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
         key = uuid.uuid4().hex
         device = self._config.plane.get("device", "cpu")
+        msg = self._config.chunk_bytes or int(self._config.plane.get("dist_msg_bytes", 4 << 20))
+        ring = int(self._config.plane.get("dist_ring", "4"))
         params = {
             "host": self._config.host,
             "port": str(self._store.port),
             "key": key,
             "device": device,
+            "msg_bytes": str(msg),
         }
         return params, lambda: DistReceiver(
-            _group(self._store, key, 0, device, self._timeout), device
+            _group(self._store, key, 0, device, self._timeout), device, msg, ring
         )
 
     def close(self) -> None:
@@ -152,7 +174,7 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
     )
     timeout = timedelta(seconds=config.peer_timeout_s)
     group = _group(store, params["key"], 1, params["device"], timeout)
-    return DistSender(link, group, params["device"])
+    return DistSender(link, group, params["device"], int(params["msg_bytes"]))
 
 
 BACKEND = Backend(name="torch_dist", host=DistHost, connect=_connect)

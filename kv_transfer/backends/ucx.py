@@ -90,7 +90,7 @@ async def _make_lock() -> asyncio.Lock:
 
 
 class UcxSender:
-    chunk_bytes = 4 << 20
+    default_chunk = 4 << 20
     """Default message size: per-message cost is high here, so bigger than tcp's."""
 
     def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float):
