@@ -112,7 +112,11 @@ class DecodeWorker:
                     f"no free KV blocks for {len(prompt)} tokens on {self.config.name} "
                     f"({self.engine.num_free_blocks} free)",
                 )
-            receiver = endpoint.expect(res.blocks_to_fill, lease_s)
+            try:
+                receiver = endpoint.expect(res.blocks_to_fill, lease_s)
+            except (ValueError, RuntimeError) as exc:
+                self.engine.abort(rid)
+                raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"cannot expect KV: {exc}") from None
             self._owner[tuple(receiver.ticket.block_ids)] = rid
             cached = res.num_cached_blocks * self.engine.layout.block_size
             self._reqs[rid] = _Request(rid, params, "reserved", receiver, num_cached_tokens=cached)

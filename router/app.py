@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import Shaper
-from router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from router.service import ApiError, Output, RouterService
+from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from router.run import Output
+from router.service import RouterService
 
 logger = logging.getLogger(__name__)
 

@@ -106,6 +106,9 @@ class WorkerActor:
         self.running = start_worker(settings.worker_config(role, worker_id, host))
 
     def info(self) -> dict[str, Any]:
+        """Address, role, KV layout and capacity, as plain values."""
+        from google.protobuf import json_format
+
         i = self.running.info
         return {
             "worker_id": i.worker_id,
@@ -115,7 +118,8 @@ class WorkerActor:
             "pid": i.pid,
             "num_blocks": i.num_blocks,
             "block_size": i.block_size,
-            "layout": {"model_fingerprint": i.layout.model_fingerprint, "dtype": i.layout.dtype},
+            "max_model_len": i.max_model_len,
+            "layout": json_format.MessageToDict(i.layout, preserving_proto_field_name=True),
         }
 
 

@@ -1,37 +1,21 @@
-"""The router's work behind the HTTP routes: validate, route, run, detokenize.
-
-One request::
-
-    prepare()  tokens + sampling params, checked against the context limit
-    route      policy -> (decode D, prefill P | local, reason)     counted in metrics
-    remote:    D.Reserve -> P.Prefill (first token) -> D.Decode stream
-               any failure before the first token -> abort on P and D, local fallback
-    local:     D.Generate stream
-    stream     tokens -> TextStream (stop strings) -> Output deltas
-    finally    unfinished (disconnect, timeout, stop string) -> Abort on P and D
-"""
+"""The router's work behind the HTTP routes: validate, admit, route, run (router/run.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-
-import grpc
+from dataclasses import dataclass
 
 from engine.kv_cache.hashing import hash_blocks
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from proto import worker_pb2 as pb
-from proto.convert import params_to_pb
 from router.cluster import ClusterState, WorkerRecord
-from router.detok import TextStream
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
+from router.protocol import ApiError
+from router.run import Job, Output, RequestRun
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
@@ -67,51 +51,6 @@ class RouterConfig:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
 
 
-class ApiError(Exception):
-    """An OpenAI-style error: HTTP status, message, type, param, extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
-
-
-@dataclass
-class Job:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    stop: list[str]
-    arrival: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Output:
-    """New text and tokens of one step; the last one has ``finish_reason`` and usage."""
-
-    text: str
-    token_ids: list[int]
-    tokens: list[pb.Token]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-class _Fallback(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class RouterService:
     def __init__(
         self,
@@ -126,7 +65,6 @@ class RouterService:
         self.state, self.registry, self.policy = state, registry, policy
         self.metrics, self.tokenizer = metrics, tokenizer
         self.inflight = 0
-        self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
 
     # -- validation -------------------------------------------------------------------------
@@ -183,7 +121,7 @@ class RouterService:
         self.admit()
         self.inflight += 1
         self.metrics.inflight.inc()
-        run = _Run(self, job)
+        run = RequestRun(self, job)
         try:
             async for out in run.outputs():
                 yield out
@@ -216,201 +154,3 @@ class RouterService:
             return self.config.kv_transport
         same_host = p.hostname == d.hostname and "shm" in d.kv_transports
         return "shm" if same_host and "shm" in p.kv_transports else "tcp"
-
-
-_SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
-
-
-class _Run:
-    """One request's attempts on the workers (see the module docstring)."""
-
-    def __init__(self, svc: RouterService, job: Job) -> None:
-        self.svc, self.job = svc, job
-        self.cfg = svc.config
-        self.spec = pb.RequestSpec(
-            request_id=job.request_id,
-            prompt_token_ids=job.prompt,
-            params=params_to_pb(job.params),
-        )
-        self.to_abort: list[tuple[str, str, str]] = []
-        """(worker id, role, request id) of every attempt not known to be finished."""
-        self.inflight: list[str] = []
-        self.finish_reason: str | None = None
-        self.cached_tokens = 0
-        self.num_prompt_tokens = len(job.prompt)
-        self.num_output = 0
-        self._call = None
-
-    # -- token streams ------------------------------------------------------------------
-
-    async def outputs(self) -> AsyncIterator[Output]:
-        m, job = self.svc.metrics, self.job
-        text = TextStream(self.svc.tokenizer, job.stop)
-        last = None
-        user_stops = set(job.params.stop_token_ids)
-        async for chunk in self._chunks():
-            now = time.monotonic()
-            ids = [t.token_id for t in chunk.tokens]
-            for _ in ids:
-                if last is None:
-                    m.ttft.observe(now - job.arrival)
-                else:
-                    m.itl.observe(now - last)
-                last = now
-            self.num_output += len(ids)
-            shown = ids
-            if chunk.finished and chunk.finish_reason == "stop" and ids and ids[-1] in user_stops:
-                shown = ids[:-1]  # a stop token id ends the text without appearing in it
-            delta = text.add(shown)
-            if text.stopped:
-                self.finish_reason = "stop"
-                yield self._out(delta, ids, chunk.tokens, "stop")
-                return
-            if chunk.finished:
-                self.finish_reason = chunk.finish_reason or "stop"
-                delta += text.flush()
-                yield self._out(delta, ids, chunk.tokens, self.finish_reason)
-                return
-            if ids:
-                yield self._out(delta, ids, chunk.tokens, None)
-        raise ApiError(502, "the decode worker ended the stream early", "server_error")
-
-    def _out(self, text: str, ids, tokens, reason: str | None) -> Output:
-        if reason is not None:
-            self.svc.metrics.e2e.observe(time.monotonic() - self.job.arrival)
-            self.svc.metrics.prompt_tokens.inc(self.num_prompt_tokens)
-            self.svc.metrics.generation_tokens.inc(self.num_output)
-        return Output(
-            text, list(ids), list(tokens), reason, self.num_prompt_tokens, self.num_output,
-            self.cached_tokens,
-        )  # fmt: skip
-
-    async def _chunks(self) -> AsyncIterator[pb.TokenChunk]:
-        svc = self.svc
-        decision = svc.route(self.job)
-        d = decision.decode
-        if decision.path == "remote":
-            try:
-                first = await self._remote_prefill(decision)
-            except _Fallback as fb:
-                svc.metrics.route("local", fb.reason)
-                logger.warning("request %s: remote prefill failed (%s)", self.job.request_id, fb)
-            else:
-                svc.metrics.route("remote", decision.reason)
-                yield first
-                async for chunk in self._stream_decode(d):
-                    yield chunk
-                return
-        else:
-            svc.metrics.route("local", decision.reason)
-        async for chunk in self._stream_local(d, decision.path == "remote"):
-            yield chunk
-
-    def _track(self, worker: WorkerRecord, rid: str) -> None:
-        self.to_abort.append((worker.worker_id, worker.role, rid))
-        self.svc.state.add_inflight(worker.worker_id, 1)
-        self.inflight.append(worker.worker_id)
-
-    def _done(self, worker: WorkerRecord, rid: str) -> None:
-        self.to_abort = [t for t in self.to_abort if (t[0], t[2]) != (worker.worker_id, rid)]
-
-    async def _remote_prefill(self, decision: RouteDecision) -> pb.TokenChunk:
-        svc, d, p = self.svc, decision.decode, decision.prefill
-        rid = self.job.request_id
-        reg = svc.registry
-        transport = svc.transport(p, d)
-        self._track(d, rid)
-        try:
-            res = await reg.client(d.worker_id).decode.Reserve(
-                pb.ReserveRequest(request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s),
-                timeout=5.0,
-            )  # fmt: skip
-        except grpc.aio.AioRpcError as exc:
-            self._raise_bad_input(exc)
-            raise _Fallback("reserve_failed") from exc
-        self._track(p, rid)
-        req = pb.PrefillRequest(
-            request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks
-        )
-        try:
-            pre = await reg.client(p.worker_id).prefill.Prefill(
-                req, timeout=self.cfg.prefill_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            await self._abort_all()
-            self._raise_bad_input(exc)
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                svc.state.mark_unhealthy(p.worker_id)
-            reason = {
-                grpc.StatusCode.DEADLINE_EXCEEDED: "prefill_timeout",
-                grpc.StatusCode.ABORTED: "transfer_failed",
-                grpc.StatusCode.FAILED_PRECONDITION: "layout_mismatch",
-            }.get(code, "prefill_failed")
-            raise _Fallback(f"{reason}") from exc
-        self._done(p, rid)
-        svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
-        svc.metrics.kv_bytes.inc(pre.transfer_bytes)
-        svc.metrics.kv_seconds.inc(max(0.0, pre.transfer_seconds))
-        self.cached_tokens = pre.num_cached_tokens
-        self._call = reg.client(d.worker_id).decode.Decode(
-            pb.DecodeRequest(request_id=rid, first_token=pre.first_token)
-        )
-        return pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)
-
-    def _raise_bad_input(self, exc: grpc.aio.AioRpcError) -> None:
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise ApiError(400, exc.details() or "invalid request") from None
-
-    async def _stream_decode(self, d: WorkerRecord) -> AsyncIterator[pb.TokenChunk]:
-        async for chunk in self._drain(self._call, d, self.job.request_id):
-            yield chunk
-
-    async def _stream_local(self, d: WorkerRecord, fallback: bool) -> AsyncIterator[pb.TokenChunk]:
-        spec = pb.RequestSpec()
-        spec.CopyFrom(self.spec)
-        if fallback:  # the first attempt's id may still be held while its blocks drain
-            spec.request_id = f"{self.job.request_id}-local"
-        self._track(d, spec.request_id)
-        self.svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
-        self._call = self.svc.registry.client(d.worker_id).decode.Generate(spec)
-        async for chunk in self._drain(self._call, d, spec.request_id):
-            if chunk.num_cached_tokens:
-                self.cached_tokens = chunk.num_cached_tokens
-            yield chunk
-
-    async def _drain(self, call, d: WorkerRecord, rid: str) -> AsyncIterator[pb.TokenChunk]:
-        try:
-            async for chunk in call:
-                if chunk.finished:
-                    self._done(d, rid)
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            self._raise_bad_input(exc)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.svc.state.mark_unhealthy(d.worker_id)
-            raise ApiError(502, f"decode worker {d.worker_id} failed: {exc.details()}", "server_error") from None  # fmt: skip
-
-    # -- cleanup --------------------------------------------------------------------------
-
-    async def _abort_all(self) -> None:
-        targets, self.to_abort = self.to_abort, []
-        reg = self.svc.registry
-        calls = []
-        for worker_id, role, rid in targets:
-            client = reg.clients.get(worker_id)
-            if client is not None:
-                calls.append(client.stub(role).Abort(pb.AbortRequest(request_id=rid), timeout=5.0))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, _SHIELD_ERRORS):
-                logger.warning("abort failed: %r", result)
-
-    async def cleanup(self) -> None:
-        if self._call is not None and not self._call.done():
-            self._call.cancel()
-        for worker_id in self.inflight:
-            self.svc.state.add_inflight(worker_id, -1)
-        self.inflight = []
-        if self.to_abort:
-            # Shielded: the caller may be a cancelled task (client disconnect).
-            self.svc.background(self._abort_all())

@@ -57,8 +57,9 @@ def test_stream_is_incremental_and_cancel_frees_both_workers(rt, llama):
     c = client(rt)
     stream = c.completions.create(model=MODEL_NAME, prompt=[5, 6, 7, 8], stream=True, **LONG)
     chunks = iter(stream)
-    next(chunks)
-    # The first chunk is here while the decode worker is still generating the rest.
+    next(chunks)  # the prefill worker's first token
+    next(chunks)  # the decode worker's first
+    # Both are here while the decode worker is still generating the other 1498 tokens.
     assert decode_stats(llama).queues["running"] == 1
     for _ in range(5):
         next(chunks)
