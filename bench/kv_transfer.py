@@ -171,24 +171,23 @@ class Bench:
             raise RuntimeError(f"{backend} {method}: {result}")
         return result
 
-    def kv_runs(self, backend: str) -> list[float]:
-        freed: list[int] = []
-        endpoint = make_endpoint(backend, LAYOUT, self.dst, SPEC, freed.extend)
+    def runs_of(self, backend: str) -> tuple[list[float], list[float]]:
+        """Alternate KV runs and ceiling runs, so both see the same background load."""
+        endpoint = make_endpoint(backend, LAYOUT, self.dst, SPEC, lambda ids: None)
+        ceiling = getattr(self, f"_ceiling_{backend}")
         try:
-            times = []
-            for _ in range(self.runs + 1):  # run 0 pairs and warms up
-                rx = endpoint.expect(scattered(seed=2), lease_s=120)
-                took = self.ask("kv", backend, rx.ticket)
-                if rx.poll() is not TransferState.SUCCESS:
-                    raise RuntimeError(f"{backend}: receiver ended {rx.poll()}: {rx.error}")
-                times.append(took)
-            return times[1:]
+            self._kv(endpoint, backend)  # pairs and warms up
+            pairs = [(self._kv(endpoint, backend), ceiling()) for _ in range(self.runs)]
         finally:
             endpoint.close()
+        return [kv for kv, _ in pairs], [c for _, c in pairs]
 
-    def ceiling_runs(self, backend: str) -> list[float]:
-        runner = getattr(self, f"_ceiling_{backend}")
-        return [runner() for _ in range(self.runs)]
+    def _kv(self, endpoint, backend: str) -> float:
+        rx = endpoint.expect(scattered(seed=2), lease_s=120)
+        took = self.ask("kv", backend, rx.ticket)
+        if rx.poll() is not TransferState.SUCCESS:
+            raise RuntimeError(f"{backend}: receiver ended {rx.poll()}: {rx.error}")
+        return took
 
     def _ceiling_shm(self) -> float:
         return self.ask("raw_shm", "shm", None)
@@ -223,6 +222,7 @@ class Bench:
         async def handler(ep) -> None:
             await ep.recv(buf)
             await ep.send(torch.ones(1, dtype=torch.uint8).numpy())
+            await ep.close()
 
         async def listen():
             return ucx.ucxx.create_listener(handler, port=0)
@@ -259,10 +259,12 @@ class Bench:
 
 def summarise(kv: list[float], ceiling: list[float]) -> dict:
     g, c = statistics.median(map(gbps, kv)), statistics.median(map(gbps, ceiling))
+    paired = statistics.median(c_t / kv_t for kv_t, c_t in zip(kv, ceiling, strict=True))
     return {
         "gbps": round(g, 3),
         "ceiling_gbps": round(c, 3),
         "ratio": round(g / c, 3),
+        "paired_ratio": round(paired, 3),
         "gbps_runs": [round(gbps(t), 3) for t in kv],
         "ceiling_gbps_runs": [round(gbps(t), 3) for t in ceiling],
     }
@@ -280,10 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {}
     try:
         for backend in args.backends.split(","):
-            logger.info("%s: %d KV runs of %.0f MiB ...", backend, args.runs, NBYTES / 2**20)
-            kv = bench.kv_runs(backend)
-            logger.info("%s: %d ceiling runs ...", backend, args.runs)
-            report[backend] = summarise(kv, bench.ceiling_runs(backend))
+            mib = NBYTES / 2**20
+            logger.info("%s: %d KV + ceiling runs of %.0f MiB ...", backend, args.runs, mib)
+            report[backend] = summarise(*bench.runs_of(backend))
             if not args.json:
                 r = report[backend]
                 print(
