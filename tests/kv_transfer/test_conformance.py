@@ -206,3 +206,16 @@ def test_checksum_mismatch_fails_the_transfer(make_pair, monkeypatch):
     assert (rx.poll(), tx.poll()) == (S.FAILED, S.FAILED)
     assert "checksum mismatch on layer 0" in rx.error and "checksum mismatch" in tx.error
     wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+
+
+def test_finish_with_a_missing_layer_fails_both_sides(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(2)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, [0, 1], layers=[0, 1, 3])
+    tx.finish()
+    assert tx.poll() is S.FAILED and "1 of 4 layers never sent (first missing: 2)" in tx.error
+    wait_until(lambda: rx.poll() is S.FAILED)
+    assert "aborted by sender: finish()" in rx.error
+    wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
