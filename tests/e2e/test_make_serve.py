@@ -1,5 +1,6 @@
-"""`make serve` (= `pdserve serve` with no flags but the port): builds the demo model,
-starts local Ray, 1 prefill + 1 decode worker and the router, serves, and stops cleanly."""
+"""`make serve` (= `pdserve serve` with no flags but the port) from a fresh clone of HEAD:
+builds the demo model, starts local Ray, 1 prefill + 1 decode worker and the router,
+serves, and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -21,14 +22,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fresh_clone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A clone of HEAD (only committed files) that runs on this checkout's virtualenv."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
+    for dep in ("pyproject.toml", "constraints/cpu.txt"):  # the shared venv counts as set up
+        os.utime(clone / dep, (0, 0))
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    return clone, {"PYTHONPATH": str(clone)}  # import the clone, not the editable install
+
+
 def test_make_serve_answers_then_stops(tmp_path):
     port = free_port()
-    env = {**os.environ, "PDSERVE_CACHE": str(tmp_path / "cache")}  # demo model built fresh
+    clone, extra = fresh_clone(tmp_path)
+    env = {
+        **os.environ,
+        **extra,
+        "PDSERVE_CACHE": str(tmp_path / "cache"),
+    }  # demo model built fresh
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         ["make", "--no-print-directory", "serve", f"SERVE_ARGS=--port {port}"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,7 +8,7 @@ import httpx
 
 from router.server import Router
 from router.service import RouterConfig
-from tests.decode_worker.inproc import start
+from tests.decode_worker.inproc import start, stub, wait_all_free
 
 
 def test_layout_mismatch_is_refused_at_registration(tiny_model, caplog):
@@ -33,6 +33,10 @@ def test_layout_mismatch_is_refused_at_registration(tiny_model, caplog):
         r = httpx.post(rt.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         rt.stop()
+        stubs = [stub(w) for w in (decode, odd)]
+        wait_all_free([s for s, _ in stubs])
+        for _, channel in stubs:
+            channel.close()
     finally:
         decode.stop()
         odd.stop()
