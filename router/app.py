@@ -1,4 +1,10 @@
-"""The HTTP routes: thin adapters from the OpenAI protocol to :class:`RouterService`."""
+"""The HTTP routes: thin adapters from the OpenAI protocol to :class:`RouterService`.
+
+Errors are OpenAI-shaped (``{"error": {message, type, param, code}}``) with the documented
+status: validation 400 (FastAPI's 422 is remapped), unknown route 404, and whatever
+``ApiError`` the service raises. A stream reports errors before its first token as an HTTP
+status and later ones in-band.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +48,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(service: RouterService, lifespan=None) -> FastAPI:
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
-    cfg = service.config
+    _install_error_handlers(app)
+    app.include_router(probes)
+    app.include_router(v1)
+    return app
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return _api_error_response(exc)
@@ -63,88 +74,64 @@ def create_app(service: RouterService, lifespan=None) -> FastAPI:
         logger.exception("internal error on %s", request.url.path)
         return JSONResponse(error_body(500, f"internal error: {exc!r}", "server_error"), 500)
 
-    async def auth(request: Request) -> None:
-        if cfg.api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                raise ApiError(
-                    401,
-                    "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+def _service(request: Request) -> RouterService:
+    return request.app.state.service
 
-    @app.get("/health")
-    async def health():
-        decodes = service.state.workers("decode")
-        body = {
-            "status": "ok" if decodes else "unavailable",
-            "workers": {
-                w.worker_id: {"role": w.role, "healthy": w.healthy, "address": w.address}
-                for w in service.state.workers(healthy_only=False)
-            },
-        }
-        return JSONResponse(body, 200 if decodes else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @v1.get("/models")
-    async def models():
-        card = ModelCard(id=cfg.served_model_name, max_model_len=service.max_model_len)
-        return ModelList(data=[card]).model_dump()
-
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        prompt = body.prompt
-        ids = service.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        job = service.prepare(ids, sampling(body, body.logprobs), body.stop, body.max_tokens)
-        shaper = Shaper("completion", job.request_id, cfg.served_model_name, service.tokenizer, body.logprobs, body.return_token_ids)  # fmt: skip
-        return await respond(service, job, shaper, body, request)
-
-    @v1.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = service.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
-        except Exception as exc:  # template errors are the caller's input
-            raise ApiError(400, f"chat template failed: {exc}", param="messages") from None
-        ids = service.tokenizer.encode(text, add_special_tokens=False)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        job = service.prepare(ids, sampling(body, top), body.stop, body.requested_max_tokens)
-        job.request_id = "chatcmpl-" + job.request_id.removeprefix("cmpl-")
-        shaper = Shaper("chat", job.request_id, cfg.served_model_name, service.tokenizer, top, body.return_token_ids)  # fmt: skip
-        return await respond(service, job, shaper, body, request)
-
-    def check_model(name: str) -> None:
-        if name != cfg.served_model_name:
+async def _auth(request: Request) -> None:
+    key = _service(request).config.api_key
+    if key:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{cfg.served_model_name}`.",
-                param="model",
-                code="model_not_found",
+                401,
+                "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
             )
 
-    app.include_router(v1)
-    return app
+
+probes = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 
 
-def sampling(body, logprobs: int | None) -> dict:
-    return {
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": body.effective_top_k,
-        "seed": body.seed,
-        "stop_token_ids": tuple(body.stop_token_ids),
-        "ignore_eos": body.ignore_eos,
-        "min_tokens": body.min_tokens,
-        "logprobs": logprobs,
+@probes.get("/health")
+async def health(request: Request):
+    state = _service(request).state
+    decodes = state.workers("decode")
+    body = {
+        "status": "ok" if decodes else "unavailable",
+        "workers": {
+            w.worker_id: {"role": w.role, "healthy": w.healthy, "address": w.address}
+            for w in state.workers(healthy_only=False)
+        },
     }
+    return JSONResponse(body, 200 if decodes else 503)
+
+
+@probes.get("/metrics")
+async def metrics(request: Request):
+    return Response(_service(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@v1.get("/models")
+async def models(request: Request):
+    svc = _service(request)
+    card = ModelCard(id=svc.config.served_model_name, max_model_len=svc.max_model_len)
+    return ModelList(data=[card]).model_dump()
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    job, shaper = _service(request).completion_job(body)
+    return await respond(_service(request), job, shaper, body, request)
+
+
+@v1.post("/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request):
+    job, shaper = _service(request).chat_job(body)
+    return await respond(_service(request), job, shaper, body, request)
 
 
 async def _until(outs: AsyncIterator[Output], timeout_s: float) -> AsyncIterator[Output]:

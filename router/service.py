@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from engine.kv_cache.hashing import hash_blocks
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from router.api import Shaper
 from router.cluster import ClusterState, WorkerRecord
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
-from router.protocol import ApiError
+from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from router.run import Job, Output, RequestRun
 from router.workers import Registry
 
@@ -66,6 +67,42 @@ class RouterService:
         self.metrics, self.tokenizer = metrics, tokenizer
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
+
+    # -- requests -> jobs --------------------------------------------------------------------
+
+    def completion_job(self, body: CompletionRequest) -> tuple[Job, Shaper]:
+        self.check_model(body.model)
+        prompt = body.prompt
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        job = self.prepare(ids, _sampling(body, body.logprobs), body.stop, body.max_tokens)
+        return job, self._shaper("completion", job, body.logprobs, body.return_token_ids)
+
+    def chat_job(self, body: ChatCompletionRequest) -> tuple[Job, Shaper]:
+        self.check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        except Exception as exc:  # template errors come from the caller's messages
+            raise ApiError(400, f"chat template failed: {exc}", param="messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = self.prepare(ids, _sampling(body, top), body.stop, body.requested_max_tokens)
+        job.request_id = "chatcmpl-" + job.request_id.removeprefix("cmpl-")
+        return job, self._shaper("chat", job, top, body.return_token_ids)
+
+    def _shaper(self, kind: str, job: Job, logprobs: int | None, token_ids: bool) -> Shaper:
+        name = self.config.served_model_name
+        return Shaper(kind, job.request_id, name, self.tokenizer, logprobs, token_ids)
+
+    def check_model(self, name: str) -> None:
+        served = self.config.served_model_name
+        if name != served:
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{served}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     # -- validation -------------------------------------------------------------------------
 
@@ -126,7 +163,10 @@ class RouterService:
             async for out in run.outputs():
                 yield out
             self.metrics.requests.labels(outcome=run.finish_reason or "error").inc()
-        except BaseException:
+        except Exception:
+            self.metrics.requests.labels(outcome="error").inc()
+            raise
+        except BaseException:  # cancelled: client gone or timed out
             self.metrics.requests.labels(outcome="cancelled").inc()
             raise
         finally:
@@ -154,3 +194,17 @@ class RouterService:
             return self.config.kv_transport
         same_host = p.hostname == d.hostname and "shm" in d.kv_transports
         return "shm" if same_host and "shm" in p.kv_transports else "tcp"
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> dict:
+    """Engine SamplingParams fields from a request (OpenAI defaults where unset)."""
+    return {
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": body.effective_top_k,
+        "seed": body.seed,
+        "stop_token_ids": tuple(body.stop_token_ids),
+        "ignore_eos": body.ignore_eos,
+        "min_tokens": body.min_tokens,
+        "logprobs": logprobs,
+    }
