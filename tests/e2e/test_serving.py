@@ -76,6 +76,13 @@ def test_non_streaming_client_timeout_aborts(rt, llama):
     llama.wait_all_free(timeout=5.0)
 
 
+def test_request_timeout_is_504_and_aborts(llama):
+    rt = llama.router("tcp", request_timeout_s=0.5)
+    body = {"model": MODEL_NAME, "prompt": [4, 5, 6], "max_tokens": 1500, "ignore_eos": True}
+    assert_error(post(rt, "/v1/completions", body), 504, "timed out after 0.5s")
+    llama.wait_all_free(timeout=5.0)
+
+
 def test_stop_strings_and_stop_token_ids(rt, tiny_model):
     c = client(rt)
     tok = Tokenizer.from_dir(tiny_model("llama"))
@@ -101,6 +108,11 @@ def test_stop_strings_and_stop_token_ids(rt, tiny_model):
     ids = r.choices[0].token_ids
     assert ids == want[: want.index(stop_id) + 1] and r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == tok.decode(ids[:-1])
+    late = c.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0.0,
+        extra_body={"stop_token_ids": [stop_id], "min_tokens": 24, "return_token_ids": True},
+    )  # fmt: skip
+    assert stop_id not in late.choices[0].token_ids and late.choices[0].finish_reason == "length"
 
 
 def test_logprobs_seed_and_usage(rt):
