@@ -159,12 +159,21 @@ class UcxHost:
         self._ucx = UcxLoop.get(config)
         self._pending: dict[bytes, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
+        self._handlers: set[asyncio.Task] = set()  # touched on the loop thread only
         self._listener = self._ucx.run(self._listen(), timeout=config.connect_timeout_s)
 
     async def _listen(self):
         return self._ucx.ucxx.create_listener(self._on_endpoint, port=0)
 
     async def _on_endpoint(self, ep) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            await self._serve(ep)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve(self, ep) -> None:
         token = torch.empty(16, dtype=torch.uint8)
         await ep.recv(token.numpy())
         with self._lock:
@@ -199,7 +208,17 @@ class UcxHost:
         return params, finish
 
     def close(self) -> None:
-        self._ucx.loop.call_soon_threadsafe(self._listener.close)
+        """Let the handlers close their endpoints, then close the listener."""
+
+        async def shutdown() -> None:
+            if self._handlers:
+                await asyncio.wait(set(self._handlers), timeout=self._config.peer_timeout_s)
+            self._listener.close()
+
+        try:
+            self._ucx.run(shutdown(), timeout=self._config.peer_timeout_s + 1)
+        except PeerLost as exc:
+            logger.warning("ucx listener shutdown: %s", exc)
 
 
 def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> UcxSender:
