@@ -61,8 +61,12 @@ def run_hf(model_dir: str, reqs: list[tuple[list[int], int]], batch_size: int) -
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=mask, max_new_tokens=max(m for _, m in batch),
-                do_sample=False, eos_token_id=None, pad_token_id=0,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max(m for _, m in batch),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
         elapsed += time.perf_counter() - start
         counted += sum(m for _, m in batch)

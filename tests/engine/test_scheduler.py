@@ -101,7 +101,12 @@ def test_stop_conditions():
     s = _sched()
 
     def after(*outputs):
-        r = Request("a", [1, 2], SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(9,)), eos_token_ids=(0,))
+        r = Request(
+            "a",
+            [1, 2],
+            SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=(9,)),
+            eos_token_ids=(0,),
+        )
         for t in outputs:
             r.append_output(t)
         return s.stop_status(r)
