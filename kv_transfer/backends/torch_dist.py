@@ -21,6 +21,8 @@ sender/receiver pair and lets one process hold many.
 from __future__ import annotations
 
 import collections
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -62,33 +64,70 @@ def _chunks_of(tensor: torch.Tensor, sizes: Sequence[int]) -> Iterator[torch.Ten
         offset += size
 
 
+class _Poster:
+    """A thread that performs the gloo sends in order.
+
+    A gloo send writes the socket in the calling thread, so posting it from the writer
+    thread would serialise gathering layer i+1 behind sending layer i.
+    """
+
+    def __init__(self, group) -> None:
+        self._group = group
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="kv-dist-send", daemon=True).start()
+
+    def submit(self, chunks: list[torch.Tensor]) -> Callable[[], None]:
+        """Queue the sends; returns a wait() that raises PeerLost if one failed."""
+        done, errors = threading.Event(), []
+        self._queue.put((chunks, done, errors))
+
+        def wait() -> None:
+            done.wait()
+            if errors:
+                raise PeerLost(f"torch.distributed send failed: {errors[0]}")
+
+        return wait
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            chunks, done, errors = item
+            try:
+                for chunk in chunks:
+                    if not errors:
+                        self._group.send([chunk], 0, _TAG).wait()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
 class DistSender:
     """Sends each chunk as one message of at most ``chunk_bytes`` (the receiver's size)."""
 
     def __init__(self, link: ControlLink, group, device: str, msg_bytes: int):
-        self._link, self._group = link, group
+        self._link = link
         self.chunk_bytes = msg_bytes
         """Fixed by the receiver at pairing; overrides TransferConfig.chunk_bytes."""
         self._buffers = PingPong(device)
+        self._poster = _Poster(group)
 
     def staging(self, nbytes: int) -> torch.Tensor:
         return self._buffers.staging(nbytes)
 
     def send(self, desc: pb.PageDescriptor, staging: torch.Tensor) -> None:
-        """Post the sends and return; the buffer is reused only after they complete."""
+        """Queue the sends and return; the buffer is reused only after they complete."""
         self._link.send(pb.Frame(pages=desc))
         sizes = payload_sizes(desc, desc.k_bytes // len(desc.block_ids))
-        try:
-            works = [self._group.send([c], 0, _TAG) for c in _chunks_of(staging, sizes)]
-        except RuntimeError as exc:
-            raise PeerLost(f"torch.distributed send failed: {exc}") from exc
-        self._buffers.sent([lambda w=w: _wait(w, "send") for w in works])
+        self._buffers.sent([self._poster.submit(list(_chunks_of(staging, sizes)))])
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
 
     def close(self) -> None:
-        self._group = None
+        self._poster.close()
 
 
 class DistReceiver:
