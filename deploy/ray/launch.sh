@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start the pdserve router on a Ray cluster (run it on the head node, or any node).
+#
+#   deploy/ray/launch.sh [--ray-address auto] [--prefill 1] [--decode 1]
+#                        [--prefill-ep 1] [--decode-ep 1] [--kv-transport auto]
+#                        [--redis-url redis://HOST:6379/0] [-- more `pdserve serve` flags]
+#
+# e.g. deploy/ray/launch.sh --prefill 2 --decode 4 --kv-transport ucx -- \
+#        --model /models/Llama-3.1-8B-Instruct --host 0.0.0.0 --port 8000
+#
+# Workers go to nodes started with start-head.sh / start-worker.sh --role (or the
+# prefill_gpu / decode_gpu node types of cluster.yaml). EP sizes above 1 and a Redis URL
+# are passed on only when given. $PDSERVE names the pdserve executable (default: pdserve).
+set -euo pipefail
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+count() { # count FLAG VALUE MIN
+  if ! [[ $2 =~ ^[0-9]+$ ]] || (($2 < $3)); then
+    die "$1 must be an integer >= $3, got '$2'"
+  fi
+}
+
+ray_address=auto prefill=1 decode=1 prefill_ep=1 decode_ep=1 transport=auto redis_url=""
+while (($#)); do
+  case $1 in
+    --ray-address) ray_address=${2:?}; shift 2 ;;
+    --prefill) prefill=${2:?}; shift 2 ;;
+    --decode) decode=${2:?}; shift 2 ;;
+    --prefill-ep) prefill_ep=${2:?}; shift 2 ;;
+    --decode-ep) decode_ep=${2:?}; shift 2 ;;
+    --kv-transport) transport=${2:?}; shift 2 ;;
+    --redis-url) redis_url=${2:?}; shift 2 ;;
+    --) shift; break ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) die "unknown flag '$1' (put \`pdserve serve\` flags after --)" ;;
+  esac
+done
+count --prefill "$prefill" 0
+count --decode "$decode" 1
+count --prefill-ep "$prefill_ep" 1
+count --decode-ep "$decode_ep" 1
+
+args=(serve --ray-address "$ray_address" --prefill "$prefill" --decode "$decode")
+args+=(--kv-transport "$transport")
+((prefill_ep == 1)) || args+=(--prefill-ep-size "$prefill_ep")
+((decode_ep == 1)) || args+=(--decode-ep-size "$decode_ep")
+[[ -z $redis_url ]] || args+=(--redis-url "$redis_url")
+exec "${PDSERVE:-pdserve}" "${args[@]}" "$@"
