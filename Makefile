@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install $(CONSTRAINTS) -e '.[test,bench]'
 	touch $(STAMP)
 
 # Extra flags for `make serve`, e.g. make serve SERVE_ARGS="--port 8080 --prefill 0"

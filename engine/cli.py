@@ -4,6 +4,7 @@ pdserve make-tiny-model --arch llama DIR     write a tiny random-init checkpoint
 pdserve generate [--model DIR] --prompt ...  offline generation (demo model by default)
 pdserve serve [--prefill N --decode M] ...   OpenAI-compatible server (Ray + router)
 pdserve worker --role prefill|decode ...     one standalone worker (no Ray)
+pdserve bench serve|compare ...              serving load generator; aggregated vs disaggregated
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(worker)
     add_worker_args(worker)
     worker.set_defaults(func=cmd_worker)
+
+    from bench.serve.cli import add_bench_commands
+
+    add_bench_commands(sub)
     return parser
 
 
