@@ -1,9 +1,17 @@
 """tcp: page bytes follow their descriptor on the control socket itself.
 
-Per layer: descriptor frame + K/V bytes in one locked write on the sender; on the
-receiver the reader thread reads them straight into a reusable chunk buffer, which the
-endpoint checksums and scatters before reading the next chunk. Works anywhere; several
-transfers share one link per endpoint and interleave layer by layer.
+Per layer, under the link's write lock::
+
+    sender:   PageDescriptor -> for each ~chunk_bytes batch of source blocks: xxh3 the
+              batch, sendmsg() it straight from the cache (iovec, no staging copy)
+              -> PageTrailer(checksum)
+    receiver: descriptor -> recvmsg_into() straight into the destination blocks, one
+              chunk at a time, xxh3 each chunk while hot -> trailer -> compare
+
+A transfer that failed meanwhile has its remaining bytes read into scratch, never into
+the cache. Caches not in host memory go through a staging buffer instead (checksum in
+the descriptor). Works anywhere; several transfers share one link per endpoint and
+interleave layer by layer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Pairing: the endpoint runs one ucxx listener (port 0). For each sender link it h
 out a one-time token; the sender connects to the listener and sends the token first, so
 the listener can bind the new UCX endpoint to that control link. Per layer::
 
-    sender:   descriptor on the control link -> ucx send of each chunk
+    sender:   gather + checksum into staging buffer A -> descriptor on the control link
+              -> ucx sends of its chunks (default 4 MiB) posted on the loop, in order
+              -> returns; the next layer goes into buffer B (ping-pong), A is reused
+              once its sends completed
     receiver: descriptor -> ucx recv of chunk i+1 posted while chunk i is checksummed
               and scattered (double buffering)
 
