@@ -77,7 +77,7 @@ class SenderAgent:
             tx.send_layer(layer, k, v, src_block_ids=src_ids)
         tx.finish()
         while not tx.poll().terminal:
-            time.sleep(0.0002)
+            time.sleep(0.001)  # a worker loop polling at 1 kHz
         if tx.poll() is not TransferState.SUCCESS:
             raise RuntimeError(f"{backend} transfer failed: {tx.error}")
         return time.perf_counter() - start
