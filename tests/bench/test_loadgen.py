@@ -60,7 +60,8 @@ def test_random_workload_metrics(fake):
         assert len(r.itl) == req.output_len - 1  # every chunk, the empty first one too
     bodies = fake.state.bodies
     assert len(bodies) == 14  # 2 warmup
-    assert bodies[0]["prompt"] == reqs[0].prompt[::-1]  # warmup: reversed prompts
+    warm = sorted(b["prompt"] for b in bodies[:2])  # warmup: reversed prompts, sent at once
+    assert warm == sorted(r.prompt[::-1] for r in reqs[:2])
     assert all(b["ignore_eos"] and b["stream_options"]["include_usage"] for b in bodies)
     assert all(b["temperature"] == 0.0 for b in bodies)
 
@@ -70,7 +71,7 @@ def test_request_rate_spreads_sends(fake):
     result = bench(fake, reqs, request_rate=40.0, seed=3)
     starts = [r.start for r in result.records]
     for got, want in zip(starts, arrival_offsets(8, 40.0, seed=3), strict=True):
-        assert want - 0.001 <= got <= want + 0.25
+        assert want - 0.001 <= got <= want + 0.5
 
 
 def test_max_concurrency_caps_inflight(fake):
@@ -93,7 +94,9 @@ def test_chat_endpoint_text_prompts(fake):
     reqs = [BenchRequest("hello there", 2, 3), BenchRequest("hi", 1, 1)]
     result = bench(fake, reqs, endpoint=CHAT)
     assert result.summary["completed"] == 2
-    assert fake.state.bodies[0]["messages"] == [{"role": "user", "content": "hello there"}]
+    sent = sorted(b["messages"][0]["content"] for b in fake.state.bodies)
+    assert sent == ["hello there", "hi"]
+    assert all(b["messages"][0]["role"] == "user" and "prompt" not in b for b in fake.state.bodies)
     assert [r.output_tokens for r in result.records] == [3, 1]
     assert result.records[1].tpot is None and result.records[1].itl == []
 
@@ -104,7 +107,7 @@ def test_trace_replay_timestamps_and_cache_hits(fake, small_trace):
     result = bench(fake, reqs, request_rate=0.001)  # ignored: the trace's timestamps rule
     assert result.summary["completed"] == 16
     for r, req in zip(result.records, reqs, strict=True):
-        assert req.arrival_s - 0.001 <= r.start <= req.arrival_s + 0.25
+        assert req.arrival_s - 0.001 <= r.start <= req.arrival_s + 0.5
     st = fake.state
     assert st.cached_tokens > 0
     assert result.summary["prefix_cache_hit_rate"] == st.cached_tokens / st.prompt_tokens
