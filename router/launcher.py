@@ -5,7 +5,8 @@ its own process and answers ``info()`` with plain values. Settings travel as JSO
 request traffic is gRPC with protobuf. A dead actor is restarted (``max_restarts=-1``)
 with a new port and epoch; the router's supervisor re-reads ``info()`` and re-registers.
 
-    launch():  ray.remote(WorkerActor).options(num_gpus=1 | num_cpus=1, max_restarts=-1)
+    launch():  ray.remote(WorkerActor).options(num_gpus=1 | num_cpus=1, max_restarts=-1,
+                                               resources={"<role>_gpu": 1} if advertised)
     addresses(): [actor.info()["address"] for live actors]  -> Router source
 """
 
@@ -142,12 +143,17 @@ def start_ray(address: str | None, node_ip: str | None, num_cpus: int | None) ->
     )
 
 
-def _placement() -> dict[str, Any]:
+def _placement(role: str) -> dict[str, Any]:
+    """Ray options for one ``role`` worker: a GPU (a CPU without GPUs), plus one unit of the
+    custom resource ``<role>_gpu`` when nodes advertise it (deploy/ray scripts, the Helm
+    chart), so prefill and decode workers land on their own nodes."""
     import ray
 
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"num_gpus": 1}
-    return {"num_cpus": 1}
+    resources = ray.cluster_resources()
+    options: dict[str, Any] = {"num_gpus": 1} if resources.get("GPU", 0) >= 1 else {"num_cpus": 1}
+    if resources.get(f"{role}_gpu", 0) >= 1:
+        options["resources"] = {f"{role}_gpu": 1}
+    return options
 
 
 class RayWorkers:
@@ -160,7 +166,7 @@ class RayWorkers:
         import ray
 
         cls = ray.remote(WorkerActor).options(
-            max_restarts=-1, max_task_retries=0, **_placement()
+            max_restarts=-1, max_task_retries=0, **_placement(role)
         )  # fmt: skip
         for i in range(count):
             worker_id = f"{prefix}{role}-{i}"
