@@ -190,6 +190,16 @@ def test_cpu_only_aggregated_values():
     assert {"--prefill=0", "--decode=2"} <= set(router_container(docs)["args"])
 
 
+def test_gpus_per_worker_must_match_the_ep_size():
+    """A worker is one pod and takes one GPU (one `<role>_gpu` unit) per EP rank."""
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"decode.gpusPerWorker=8 but decode.epSize=2"
+    ):
+        render({"decode": {"gpusPerWorker": 8, "epSize": 2}})
+    cpu = worker_groups(render({"decode": {"gpusPerWorker": 0, "epSize": 2}}))["decode"]
+    assert json.loads(json.loads(cpu["rayStartParams"]["resources"])) == {"decode_gpu": 2}
+
+
 def test_every_value_is_documented_in_the_chart_readme():
     documented = set(re.findall(r"^\| `([^`]+)` \|", (CHART / "README.md").read_text(), re.M))
     missing = []
