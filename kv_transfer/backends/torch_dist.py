@@ -40,13 +40,14 @@ from proto import kv_transfer_pb2 as pb
 _TAG = 7
 
 
-def _group(store: dist.Store, key: str, rank: int, device: str, timeout: timedelta):
+def _group(store: dist.Store, key: str, rank: int, device: str, timeout: timedelta, host: str):
     prefixed = dist.PrefixStore(f"pdserve-kv/{key}", store)
     if device == "cuda":
         return dist.ProcessGroupNCCL(prefixed, rank, 2)
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    # gloo binds and advertises this address: this worker's own interface (config.host).
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
 
 
@@ -196,7 +197,7 @@ class DistHost:
             "msg_bytes": str(msg),
         }
         return params, lambda: DistReceiver(
-            _group(self._store, key, 0, device, self._timeout), device, msg, ring
+            _group(self._store, key, 0, device, self._timeout, self._config.host), device, msg, ring
         )
 
     def close(self) -> None:
@@ -212,7 +213,7 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
         timeout=timedelta(seconds=config.connect_timeout_s),
     )
     timeout = timedelta(seconds=config.peer_timeout_s)
-    group = _group(store, params["key"], 1, params["device"], timeout)
+    group = _group(store, params["key"], 1, params["device"], timeout, config.host)
     return DistSender(link, group, params["device"], int(params["msg_bytes"]))
 
 

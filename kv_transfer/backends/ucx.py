@@ -190,6 +190,16 @@ class UcxHost:
         await done.wait()  # keep the handler (and so the endpoint) alive until the link ends
         await ep.close()
 
+    def _ucx_host(self) -> str:
+        """The address senders dial for UCX (plane option ``ucx_host`` overrides).
+
+        The listener binds 0.0.0.0, but with UCX's tcp transport on ``lo`` only the
+        interface's own address (127.0.0.1) completes the wireup: dialing another
+        loopback address such as 127.0.0.2 fails with "Endpoint is not connected".
+        """
+        host = self._config.plane.get("ucx_host") or self._config.host
+        return "127.0.0.1" if host.startswith("127.") else host
+
     def accept(
         self, link: ControlLink, hello: pb.Hello
     ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
@@ -197,7 +207,7 @@ class UcxHost:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._pending[token] = future
-        params = {"host": self._config.host, "port": str(self._listener.port), "token": token.hex()}
+        params = {"host": self._ucx_host(), "port": str(self._listener.port), "token": token.hex()}
 
         def finish() -> ReceiverPlane:
             try:

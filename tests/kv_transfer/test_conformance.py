@@ -219,3 +219,32 @@ def test_finish_with_a_missing_layer_fails_both_sides(make_pair):
     wait_until(lambda: rx.poll() is S.FAILED)
     assert "aborted by sender: finish()" in rx.error
     wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+
+
+def test_endpoint_on_another_loopback_address(backend):
+    """Workers on one host often get 127.0.0.x addresses of their own (Ray nodes)."""
+    from engine.kv_cache.layout import KVLayoutSpec as Spec
+    from kv_transfer import make_endpoint
+
+    from .conftest import BlockPool, random_caches, tiny_layout
+
+    config = FAST.__class__(**{**FAST.__dict__, "host": "127.0.0.2"})
+    layout = tiny_layout()
+    spec = Spec.from_layout(layout, "test-model")
+    pool, dst, src = BlockPool(layout.num_blocks), layout.allocate(), random_caches(layout, 3)
+    endpoint = make_endpoint(backend, layout, dst, spec, pool.free, config=config)
+    client = make_client(backend, spec, config=config)
+    try:
+        ids = pool.allocate(3)
+        rx = endpoint.expect(ids, lease_s=10)
+        assert rx.ticket.endpoint.startswith("127.0.0.2:")
+        tx = client.open(rx.ticket)
+        for layer in range(layout.num_layers):
+            tx.send_layer(layer, *src[layer], src_block_ids=[1, 2, 3])
+        wait_until(lambda: both_done(rx, tx))
+        assert (rx.poll(), tx.poll()) == (S.SUCCESS, S.SUCCESS), (rx.error, tx.error)
+        pool.free(ids)
+    finally:
+        client.close()
+        endpoint.close()
+    assert pool.num_free == pool.total
