@@ -53,7 +53,7 @@ class Endpoint:
             ("dropped_pages", "dropped_bytes", "succeeded", "failed", "refused_pairings"), 0
         )
         self._stop = threading.Event()
-        self._host = backend.host(args.config)
+        self._host = backend.host(args)
         self._server = socket.create_server((args.config.host, 0))
         self.address = f"{args.config.host}:{self._server.getsockname()[1]}"
         self._threads = [

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from kv_transfer.base import TransferConfig
+from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
 
@@ -78,7 +78,7 @@ class Backend:
     """A named data path: how the endpoint hosts it and how a sender connects to it."""
 
     name: str
-    host: Callable[[TransferConfig], PlaneHost]
+    host: Callable[[EndpointArgs], PlaneHost]
     connect: Callable[[ControlLink, Mapping[str, str], TransferConfig], SenderPlane]
 
 

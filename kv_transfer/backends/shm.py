@@ -180,6 +180,6 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
 
 BACKEND = Backend(
     name="shm",
-    host=lambda config: SimpleHost(ShmReceiver),
+    host=lambda args: SimpleHost(ShmReceiver),
     connect=_connect,
 )

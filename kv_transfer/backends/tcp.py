@@ -123,6 +123,6 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
 
 BACKEND = Backend(
     name="tcp",
-    host=lambda config: SimpleHost(TcpReceiver),
+    host=lambda args: SimpleHost(TcpReceiver),
     connect=_connect,
 )

@@ -12,7 +12,8 @@ over ``PrefixStore(key, store)``: receiver rank 0, sender rank 1. Per layer::
               -> re-post its buffer
 
 Plane options: ``dist_msg_bytes`` (default 4 MiB, or TransferConfig.chunk_bytes),
-``dist_ring`` (default 4), ``device`` (``cpu`` -> gloo, ``cuda`` -> NCCL).
+``dist_ring`` (default 4), ``device`` (default: where the receiver's KV cache is;
+``cpu`` -> gloo, ``cuda`` -> NCCL; the NCCL path is untested on this CPU-only box).
 
 Using group objects directly (no ``init_process_group``) gives one group per
 sender/receiver pair and lets one process hold many.
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.backends.buffers import PingPong
-from kv_transfer.base import TransferConfig
+from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
 from kv_transfer.wire import payload_sizes
@@ -170,8 +171,10 @@ class DistReceiver:
 class DistHost:
     """Hosts the TCPStore every pair of this endpoint rendezvous through."""
 
-    def __init__(self, config: TransferConfig):
-        self._config = config
+    def __init__(self, args: EndpointArgs):
+        config = self._config = args.config
+        on_cuda = args.kv_caches[0][0].is_cuda
+        self._device = config.plane.get("device") or ("cuda" if on_cuda else "cpu")
         self._timeout = timedelta(seconds=config.peer_timeout_s)
         self._store = dist.TCPStore(
             config.host,
@@ -186,7 +189,7 @@ class DistHost:
         self, link: ControlLink, hello: pb.Hello
     ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
         key = uuid.uuid4().hex
-        device = self._config.plane.get("device", "cpu")
+        device = self._device
         msg = self._config.chunk_bytes or int(self._config.plane.get("dist_msg_bytes", 4 << 20))
         ring = int(self._config.plane.get("dist_ring", "4"))
         params = {

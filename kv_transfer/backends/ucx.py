@@ -247,4 +247,4 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
     return UcxSender(link, ucx, ucx.run(connect(), timeout), config.peer_timeout_s)
 
 
-BACKEND = Backend(name="ucx", host=UcxHost, connect=_connect)
+BACKEND = Backend(name="ucx", host=lambda args: UcxHost(args.config), connect=_connect)
