@@ -142,6 +142,11 @@ def test_lease_expiry_frees_blocks(make_pair):
     wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
     wait_until(lambda: tx.poll() is S.FAILED)
     assert "lease expired" in tx.error
+    before = pair.dst[2][1].clone()
+    tx._terminal = None  # a layer the sender sent before it heard of the expiry
+    send_layers(pair, tx, list(range(6)), layers=[2])
+    wait_until(lambda: pair.endpoint.stats()["dropped_pages"] == 2 * 6)
+    assert torch.equal(pair.dst[2][1], before), "a page of an expired transfer was written"
     late = pair.client.open(rx.ticket)  # a sender that shows up after expiry is refused
     wait_until(lambda: late.poll() is S.FAILED)
     assert "unknown or finished transfer" in late.error
