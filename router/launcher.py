@@ -157,19 +157,26 @@ def _placement(role: str) -> dict[str, Any]:
 
 
 class RayWorkers:
-    """Actors launched on Ray and the addresses of their gRPC servers."""
+    """Actors launched on Ray and the addresses of their gRPC servers.
 
-    def __init__(self) -> None:
+    With a ``namespace`` the workers are shared by every router that names it: each actor
+    is detached and named by its worker id in that Ray namespace, a router finding one
+    already there uses it, and a router that exits leaves them running for the others.
+    """
+
+    def __init__(self, namespace: str | None = None) -> None:
         self.actors: dict[str, Any] = {}
+        self.namespace = namespace
 
     def launch(self, role: str, count: int, settings: WorkerSettings, prefix: str = "") -> None:
         import ray
 
-        cls = ray.remote(WorkerActor).options(
-            max_restarts=-1, max_task_retries=0, **_placement(role)
-        )  # fmt: skip
+        options = {"max_restarts": -1, "max_task_retries": 0, **_placement(role)}
         for i in range(count):
             worker_id = f"{prefix}{role}-{i}"
+            if self.namespace:
+                options.update(name=worker_id, namespace=self.namespace, lifetime="detached", get_if_exists=True)  # fmt: skip
+            cls = ray.remote(WorkerActor).options(**options)
             self.actors[worker_id] = cls.remote(role, worker_id, settings.to_json())
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
@@ -201,10 +208,10 @@ class RayWorkers:
         ray.kill(self.actors[worker_id], no_restart=not restart)
 
     def shutdown(self, disconnect: bool = False) -> None:
-        """Kill every actor; ``disconnect`` also shuts this driver's Ray connection down."""
+        """Kill every actor (shared ones stay); ``disconnect`` also leaves Ray."""
         import ray
 
-        for actor in self.actors.values():
+        for actor in [] if self.namespace else self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:

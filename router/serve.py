@@ -26,6 +26,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--node-ip", default="127.0.0.2", help="node IP of a local Ray instance (loopback)"
     )
     p.add_argument(
+        "--ray-namespace",
+        default=None,
+        help="share the workers with every router naming this Ray namespace (detached "
+        "actors: the first router starts them, the others reuse them, none stops them)",
+    )
+    p.add_argument(
         "--worker",
         action="append",
         default=[],
@@ -93,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
         logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
         start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill + args.decode + 1))  # fmt: skip
-        ray_workers = RayWorkers()
+        ray_workers = RayWorkers(namespace=args.ray_namespace)
         settings = settings_from_args(args, model, worker_transports(args.kv_transport))
         ray_workers.launch("prefill", args.prefill, settings)
         ray_workers.launch("decode", args.decode, settings)

@@ -133,6 +133,7 @@ def test_router_flags_parse_with_pdserve_serve(rendered):
 
     args = build_parser().parse_args(router_container(rendered["default"])["args"])
     assert (args.prefill, args.decode, args.kv_transport, args.host) == (1, 1, "auto", "0.0.0.0")
+    assert args.ray_namespace == "llm-pdserve"  # every router replica shares the workers
     multinode = router_container(rendered["multinode"])["args"]
     args, unknown = build_parser().parse_known_args(multinode)
     assert (args.prefill, args.decode, args.kv_transport) == (2, 4, "ucx")
@@ -142,6 +143,21 @@ def test_router_flags_parse_with_pdserve_serve(rendered):
     redis = f"--redis-url=redis://llm-pdserve-redis.{NAMESPACE}.svc:6379/0"
     assert set(unknown) <= {"--prefill-ep-size=8", "--decode-ep-size=8", redis}
     assert {"--prefill-ep-size=8", "--decode-ep-size=8", redis} <= set(multinode)
+
+
+def test_worker_settings_change_recreates_the_raycluster(rendered):
+    """Shared workers outlive routers: new worker settings must recreate the Ray pods."""
+
+    def checksums(docs: list[dict]) -> set[str]:
+        spec = one(docs, "RayCluster")["spec"]
+        assert spec["upgradeStrategy"] == {"type": "Recreate"}
+        pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+        return {p["template"]["metadata"]["annotations"]["pdserve.io/worker-settings"] for p in pods}  # fmt: skip
+
+    (default,) = checksums(rendered["default"])
+    assert checksums(render({"router": {"replicas": 3}})) == {default}
+    (other,) = checksums(render({"engine": {"blockSize": 32}}))
+    assert other != default
 
 
 def test_multinode_mounts_the_model_pvc_everywhere(rendered):

@@ -1,7 +1,8 @@
 """Two Ray nodes on one machine, started by deploy/ray/start-head.sh (role prefill, on
 127.0.0.2) and start-worker.sh (role decode, on 127.0.0.3); deploy/ray/launch.sh starts
 `pdserve serve --ray-address`, which puts the prefill worker on the head and the decode
-worker on the other node; a request then succeeds end to end.
+worker on the other node; a request then succeeds end to end. A second router naming the
+same `--ray-namespace` shares those workers and keeps serving after the first one stops.
 
 Everything runs in subprocesses on its own ports and temp dirs, never touching the Ray
 instance other tests use: each node is a `ray start --block` in its own session, and the
@@ -139,7 +140,6 @@ def _session_members(sid: int) -> list[int]:
 def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path):
     base = port_base()
     gcs = f"{HEAD_IP}:{base}"
-    http_port = base + SPAN - 1
     env = {
         **os.environ,
         "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
@@ -166,27 +166,39 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
         nodes.start("worker", [str(RAY_DIR / "start-worker.sh"), "--role", "decode", "--address", gcs, "--gpus", "0", "--", *worker_args])  # fmt: skip
         nodes.wait_for("worker", "Ray runtime started", 60)
 
-        serve_argv = [
-            str(RAY_DIR / "launch.sh"), "--ray-address", gcs, "--prefill", "1", "--decode", "1",
-            "--kv-transport", "tcp", "--",
-            "--model", str(tiny_model("llama")), "--served-model-name", "tiny",
-            "--num-kv-blocks", "64", "--port", str(http_port),
-        ]  # fmt: skip
-        nodes.start("serve", serve_argv)
-        url = f"http://127.0.0.1:{http_port}"
-        nodes.wait_for("serve", "pdserve ready in", 120)
+        def serve(name: str, port: int) -> str:
+            nodes.start(name, [
+                str(RAY_DIR / "launch.sh"), "--ray-address", gcs, "--prefill", "1", "--decode", "1",
+                "--kv-transport", "tcp", "--",
+                "--model", str(tiny_model("llama")), "--served-model-name", "tiny",
+                "--num-kv-blocks", "64", "--port", str(port), "--ray-namespace", "t2n",
+            ])  # fmt: skip
+            nodes.wait_for(name, "pdserve ready in", 120)
+            return f"http://127.0.0.1:{port}"
 
-        workers = httpx.get(url + "/health", timeout=5).json()["workers"]
+        first = serve("serve", base + SPAN - 1)
+        workers = httpx.get(first + "/health", timeout=5).json()["workers"]
         hosts = {w["role"]: w["address"].rsplit(":", 1)[0] for w in workers.values()}
         assert hosts == {"prefill": HEAD_IP, "decode": WORKER_IP}, workers
-        body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 8
-        metrics = httpx.get(url + "/metrics", timeout=5).text
+        complete(first)
+        metrics = httpx.get(first + "/metrics", timeout=5).text
         assert _remote_prefills(metrics) >= 1, metrics
 
-        nodes.interrupt("serve", 30)  # Ctrl-C: the router kills its workers and leaves
+        # a second router naming the same Ray namespace shares the workers, and keeps
+        # them when the first one stops
+        second = serve("serve2", base + SPAN - 2)
+        assert httpx.get(second + "/health", timeout=5).json()["workers"] == workers
+        nodes.interrupt("serve", 30)  # Ctrl-C
+        assert nodes.procs["serve"].poll() is not None, nodes.logs()
+        complete(second)
+        nodes.interrupt("serve2", 30)
+
+
+def complete(url: str) -> None:
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8
 
 
 def _remote_prefills(metrics: str) -> float:

@@ -60,6 +60,7 @@ ray://{{ include "pdserve.fullname" . }}-head-svc.{{ .Release.Namespace }}.svc:{
 - --host=0.0.0.0
 - --port={{ $v.router.port }}
 - --ray-address={{ include "pdserve.rayAddress" . }}
+- --ray-namespace={{ include "pdserve.fullname" . }}
 - --prefill={{ $v.prefill.replicas }}
 - --decode={{ $v.decode.replicas }}
 {{- if gt (int $v.prefill.epSize) 1 }}
