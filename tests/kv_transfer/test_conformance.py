@@ -133,6 +133,7 @@ def test_receiver_abort_drops_late_pages(make_pair):
 
 def test_lease_expiry_frees_blocks(make_pair):
     pair = make_pair()
+    pair.client.connect(pair.endpoint.address)  # pair first: ucx pairing can outlast 0.3 s
     dst = pair.pool.allocate(6)
     rx = pair.endpoint.expect(dst, lease_s=0.3)
     tx = pair.client.open(rx.ticket)
