@@ -146,6 +146,11 @@ def add_bench_commands(sub) -> None:
     serve = bench_sub.add_parser("serve", help="load-generate against an OpenAI-compatible server")  # fmt: skip
     add_args(serve)
     serve.set_defaults(func=cmd_serve)
+    from bench import compare
+
+    cmp = bench_sub.add_parser("compare", help="aggregated vs disaggregated A/B on this machine")
+    compare.add_args(cmp)
+    cmp.set_defaults(func=compare.cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

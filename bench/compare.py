@@ -1,0 +1,305 @@
+"""Aggregated vs disaggregated serving on this machine: one tiny model, one seeded workload.
+
+    python -m bench.compare [--json] [--rates 2,4,6] [--num-prompts 40]
+    pdserve bench compare --json
+
+    (a) aggregated      2 decode workers that prefill locally
+    (b) disaggregated   1 prefill + 1 decode worker, KV pages over shm
+
+Both clusters run at once as Ray actors (idle workers sleep), each worker pinned to its
+own core where the OS allows (every thread, ``sched_setaffinity``); each setup has its
+own router process (``pdserve serve --worker ...``) and this process generates the load.
+
+    calibrate   requests one at a time on each setup: low-load TTFT and TPOT. SLOs are a
+                fixed multiple of the larger of the two medians. Disaggregation's TTFT
+                overhead per KV megabyte moved is set beside 1 / the transport bandwidth
+                the router measured (its pdserve_kv_transfer_* counters).
+    sweep       per request rate, the same seeded prefill-heavy mix on (a) then (b), so
+                both see the same background load; goodput, P99 TTFT and P99 TPOT.
+    report      bench/results/compare.md with plots; the last line printed is JSON with
+                goodput_ratio (best goodput of (b) over the sweep ÷ that of (a)) and
+                p99_tpot_ratio (P99 TPOT over all sweep requests, (b) ÷ (a)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.serve.client import ClientConfig
+from bench.serve.datasets import BenchRequest, random_requests
+from bench.serve.metrics import summarize
+from bench.serve.runner import BenchResult, RunConfig, run
+
+logger = logging.getLogger("bench.compare")
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL_NAME = "tiny"
+TTFT_SLO_X, TPOT_SLO_X = 4.0, 3.0
+"""SLO = this multiple of the larger low-load median (aggregated, disaggregated)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    prefill: int
+    decode: int
+
+
+SETUPS = (Setup("aggregated", 0, 2), Setup("disaggregated", 1, 1))
+
+
+def prefill_heavy_mix(num: int, seed: int, vocab: int, long_output_share: float = 0.25):
+    """Long prompts (~1800 tokens) with short outputs (~8), and a share of ~256-token
+    prompts with long outputs (~128): prefills big enough to stall co-located decodes."""
+    heavy = random_requests(num, 1800, 8, 0.1, vocab, seed)
+    chatty = random_requests(num, 256, 128, 0.25, vocab, seed + 1)
+    rng = random.Random(seed)
+    return [c if rng.random() < long_output_share else h for h, c in zip(heavy, chatty, strict=True)]  # fmt: skip
+
+
+# -- clusters ------------------------------------------------------------------------------
+
+
+def pin(pid: int, core: int) -> bool:
+    """Pin every thread of ``pid`` to ``core``; False where the OS does not allow it."""
+    if not hasattr(os, "sched_setaffinity") or core >= (os.cpu_count() or 1):
+        return False
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {core})
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot pin pid %d to core %d: %s", pid, core, exc)
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """One setup's Ray workers (pinned) and its router subprocess."""
+
+    def __init__(self, setup: Setup, model: str, workers) -> None:
+        self.setup, self.model, self.workers = setup, model, workers
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def launch(self, settings) -> None:
+        prefix = f"{self.setup.name}-"
+        self.workers.launch("prefill", self.setup.prefill, settings, prefix=prefix)
+        self.workers.launch("decode", self.setup.decode, settings, prefix=prefix)
+
+    def start_router(self, log_dir: Path) -> None:
+        infos = [i for w, i in self.workers.wait_ready().items() if w.startswith(self.setup.name)]
+        for core, info in enumerate(sorted(infos, key=lambda i: i["worker_id"])):
+            pinned = pin(info["pid"], core)
+            logger.info("%s: %s pid %d%s", self.setup.name, info["worker_id"], info["pid"],
+                        f" pinned to core {core}" if pinned else " (not pinned)")  # fmt: skip
+        port = free_port()
+        cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "serve",
+               "--model", self.model, "--served-model-name", MODEL_NAME, "--port", str(port)]  # fmt: skip
+        for info in infos:
+            cmd += ["--worker", info["address"]]
+        log = (log_dir / f"router-{self.setup.name}.log").open("w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        self.expected = len(infos)
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, "router exited"
+            try:
+                workers = httpx.get(self.url + "/health", timeout=2).json().get("workers", {})
+                if sum(w["healthy"] for w in workers.values()) == self.expected:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.setup.name} router not ready in {timeout_s}s")
+
+    def kv_counters(self) -> tuple[float, float]:
+        """(bytes, seconds) the router counted moving KV from prefill to decode."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        get = lambda name: sum(float(v) for v in re.findall(rf"^{name}_total (\S+)$", text, re.M))  # noqa: E731
+        return get("pdserve_kv_transfer_bytes"), get("pdserve_kv_transfer_seconds")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], object]:
+    from router.launcher import RayWorkers, WorkerSettings, start_ray
+
+    start_ray(None, "127.0.0.2", num_cpus=8)
+    workers = RayWorkers()
+    settings = WorkerSettings(model=model, kv_transports=("tcp", "shm"))
+    clusters = {s.name: Cluster(s, model, workers) for s in SETUPS}
+    for c in clusters.values():
+        c.launch(settings)
+    for c in clusters.values():
+        c.start_router(log_dir)
+    for c in clusters.values():
+        c.wait_ready()
+    return clusters, workers
+
+
+# -- measurements --------------------------------------------------------------------------
+
+
+def bench(cluster: Cluster, requests: list[BenchRequest], cfg: RunConfig) -> BenchResult:
+    client = ClientConfig(cluster.url, MODEL_NAME, ignore_eos=True)
+    return asyncio.run(run(client, cfg, requests))
+
+
+def interleaved(clusters, requests, cfg: RunConfig, segments: int) -> dict[str, dict]:
+    """Run ``requests`` on every setup in ``segments`` slices, alternating which setup goes
+    first, so bursts of background load on this shared box hit both setups alike.
+    Per setup: the records of every slice and a summary over their summed durations."""
+    n = len(requests)
+    cuts = [n * k // segments for k in range(segments + 1)]
+    got: dict[str, dict] = {name: {"records": [], "duration_s": 0.0} for name in clusters}
+    for k in range(segments):
+        for name in sorted(clusters, reverse=bool(k % 2)):
+            result = bench(clusters[name], requests[cuts[k] : cuts[k + 1]], cfg)
+            got[name]["records"] += result.records
+            got[name]["duration_s"] += result.summary["duration_s"]
+    for g in got.values():
+        g["summary"] = summarize(g["records"], g["duration_s"], cfg.goodput)
+    return got
+
+
+def calibrate(clusters: dict[str, Cluster], requests: list[BenchRequest], seed: int) -> dict:
+    """Low load (one request at a time): medians, SLOs, KV moved per request."""
+    cfg = RunConfig(max_concurrency=1, seed=seed, warmup=2, progress=False)
+    before = {name: c.kv_counters() for name, c in clusters.items()}
+    got = interleaved(clusters, requests, cfg, segments=4)
+    out: dict = {}
+    for name, c in clusters.items():
+        s = got[name]["summary"]
+        after = c.kv_counters()
+        kv_bytes, kv_s = after[0] - before[name][0], after[1] - before[name][1]
+        n = s["completed"] + 2 * 4  # the warmup requests moved KV too
+        out[name] = {"median_ttft_ms": s["median_ttft_ms"], "median_tpot_ms": s["median_tpot_ms"],
+                     "kv_mb_per_request": kv_bytes / 1e6 / n,
+                     "router_kv_ms_per_mb": 1e3 * kv_s / (kv_bytes / 1e6) if kv_bytes else None}  # fmt: skip
+    a, d = out["aggregated"], out["disaggregated"]
+    out["slo_multiples"] = {"ttft": TTFT_SLO_X, "tpot": TPOT_SLO_X}
+    out["slo_ms"] = {
+        "ttft": round(TTFT_SLO_X * max(a["median_ttft_ms"], d["median_ttft_ms"]), 1),
+        "tpot": round(TPOT_SLO_X * max(a["median_tpot_ms"], d["median_tpot_ms"]), 2),
+    }
+    mb = d["kv_mb_per_request"]
+    out["ttft_overhead_ms_per_kv_mb"] = (d["median_ttft_ms"] - a["median_ttft_ms"]) / mb if mb else None  # fmt: skip
+    return out
+
+
+def sweep(clusters, workload, rates, slos, seed, segments) -> dict[str, list[dict]]:
+    """Per rate, fresh prompts (no prefix cache hits from an earlier rate) on both setups."""
+    runs: dict[str, list[dict]] = {name: [] for name in clusters}
+    for i, rate in enumerate(rates):
+        cfg = RunConfig(request_rate=rate, seed=seed + i, goodput=slos, progress=False)
+        for name, g in interleaved(clusters, workload(i), cfg, segments).items():
+            s = g["summary"]
+            logger.info("%-13s %5.2f req/s: goodput %.2f, P99 TTFT %.0f ms, P99 TPOT %.1f ms, failed %d",
+                        name, rate, s["request_goodput"], s["p99_ttft_ms"], s["p99_tpot_ms"], s["failed"])  # fmt: skip
+            runs[name].append({"rate": rate, **g})
+    return runs
+
+
+def transport_gbps(runs: int = 3) -> float:
+    """Bulk shm bandwidth (the transport the disaggregated setup uses), bench.kv_transfer."""
+    import statistics
+
+    from bench import kv_transfer
+
+    b = kv_transfer.Bench(runs)
+    try:
+        kv, _ = b.runs_of("shm")
+    finally:
+        b.close()
+    return statistics.median(kv_transfer.gbps(t) for t in kv)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print only the JSON line (and logs)")
+    p.add_argument("--rates", default="4,8,12,16", help="request rates to sweep (req/s)")
+    p.add_argument("--num-prompts", type=int, default=120, help="requests per rate and setup")
+    p.add_argument("--calibration-prompts", type=int, default=16)
+    p.add_argument("--segments", type=int, default=3, help="alternating slices per rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS), help="report directory")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    from bench.compare_report import analyse, write_report
+    from engine.cli import ensure_demo_model
+    from engine.tokenizer import Tokenizer
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    rates = [float(r) for r in args.rates.split(",")]
+    model = str(ensure_demo_model())
+    vocab = Tokenizer.from_dir(model).vocab_size
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    logger.info("measuring the shm transport's bandwidth (bench.kv_transfer)")
+    gbps = transport_gbps()
+    clusters, workers = start_clusters(model, out_dir)
+    try:
+        calib = calibrate(clusters, prefill_heavy_mix(args.calibration_prompts, args.seed + 100, vocab), args.seed)  # fmt: skip
+        calib["transport_gbps"] = gbps
+        calib["inverse_bandwidth_ms_per_mb"] = 1.0 / gbps
+        logger.info("calibration: %s", json.dumps(calib))
+
+        def workload(i: int) -> list[BenchRequest]:
+            return prefill_heavy_mix(args.num_prompts, args.seed + 1000 * (i + 1), vocab)
+
+        runs = sweep(clusters, workload, rates, calib["slo_ms"], args.seed, args.segments)
+        requests = workload(0)
+    finally:
+        for c in clusters.values():
+            c.stop()
+        workers.shutdown(disconnect=True)
+    result = {**analyse(runs, calib), "rates": rates, "num_prompts": args.num_prompts,
+              "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
+    report = write_report(out_dir, result, runs, requests)
+    if not args.json:
+        print(report.read_text())
+    logger.info("wrote %s", report)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])  # fmt: skip
+    add_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    return cmd(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
