@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint format clean
+.PHONY: setup serve test lint format clean redis
 
 setup: $(STAMP)
 
@@ -25,7 +25,12 @@ SERVE_ARGS ?=
 serve: setup
 	$(BIN)/pdserve serve $(SERVE_ARGS)
 
-test: setup
+# The Redis cluster-state tests start their own redis-server from the distribution's package.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+
+test: setup redis
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -1,7 +1,7 @@
 """Routing state behind the ``ClusterState`` protocol: workers, their load, prefix index.
 
-``MemoryClusterState`` is the embedded default (one router). A Redis implementation
-shares the same protocol between several routers.
+``MemoryClusterState`` is the embedded default (one router). ``RedisClusterState``
+(router/redis_state.py, ``--redis-url``) shares the same protocol between several routers.
 
 The prefix index maps each worker to the chained block hashes (engine/kv_cache/hashing)
 of prompts it was sent, most recent last, capped at the worker's block count: an
@@ -74,6 +74,16 @@ class ClusterState(Protocol):
     def add_inflight(self, worker_id: str, delta: int) -> None:
         """Count requests this router routed to the worker and not yet finished."""
 
+    def reserve(self, worker_id: str, seen_inflight: int) -> bool:
+        """Atomically take one in-flight slot if the count is still ``seen_inflight``.
+
+        Several routers that saw the same load cannot all pile onto one worker: the
+        losers get ``False`` and route again on fresh state.
+        """
+
+    def health(self) -> dict:
+        """Backend and reachability, for ``/health`` and metrics."""
+
     def record_prefix(self, worker_id: str, block_hashes: list[int]) -> None:
         """The worker now holds (or will hold) these prompt blocks."""
 
@@ -130,6 +140,17 @@ class MemoryClusterState:
             w = self._workers.get(worker_id)
             if w is not None:
                 self._workers[worker_id] = replace(w, inflight=max(0, w.inflight + delta))
+
+    def reserve(self, worker_id: str, seen_inflight: int) -> bool:
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is None or w.inflight != seen_inflight:
+                return False
+            self._workers[worker_id] = replace(w, inflight=w.inflight + 1)
+            return True
+
+    def health(self) -> dict:
+        return {"backend": "memory", "connected": True}
 
     def record_prefix(self, worker_id: str, block_hashes: list[int]) -> None:
         with self._lock:

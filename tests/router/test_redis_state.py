@@ -1,0 +1,166 @@
+"""ClusterState behaviour, the same for MemoryClusterState and RedisClusterState (a real
+redis-server on a loopback port), plus what only the shared Redis state does."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from engine.kv_cache.layout import KVLayoutSpec
+from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
+from router.redis_state import RedisClusterState
+from tests.redis_server import RedisServer
+
+SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
+
+
+def rec(worker_id: str, role="decode", epoch=1, num_blocks=8, layout=SPEC) -> WorkerRecord:
+    return WorkerRecord(worker_id, role, f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1000}",
+                        layout, num_blocks, 128, epoch)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RedisServer().start()
+    yield s
+    s.close()
+
+
+def redis_state(server, prefix: str, **kw) -> RedisClusterState:
+    return RedisClusterState(server.url, prefix=prefix, **kw)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request, server):
+    if request.param == "memory":
+        return MemoryClusterState()
+    return redis_state(server, f"t{uuid.uuid4().hex[:8]}")
+
+
+def test_registry_roles_health(state):
+    state.register(rec("d0"))
+    state.register(rec("p0", "prefill"))
+    assert {w.worker_id for w in state.workers()} == {"d0", "p0"}
+    assert [w.worker_id for w in state.workers("prefill")] == ["p0"]
+    state.heartbeat("d0", WorkerLoad(num_free_blocks=5, queued_prefill_tokens=7))
+    assert state.get("d0").load.queued_prefill_tokens == 7
+    assert state.get("d0").load.num_free_blocks == 5
+    state.mark_unhealthy("d0")
+    assert state.workers("decode") == []
+    assert [w.healthy for w in state.workers("decode", healthy_only=False)] == [False]
+    state.heartbeat("d0", WorkerLoad())
+    assert [w.worker_id for w in state.workers("decode")] == ["d0"]
+    state.deregister("d0")
+    assert state.get("d0") is None and len(state.workers(healthy_only=False)) == 1
+    assert state.health()["connected"] is True
+
+
+def test_prefix_index_lru_and_epochs(state):
+    state.register(rec("d0", num_blocks=4))
+    state.record_prefix("d0", [1, 2, 3])
+    assert state.match_prefix("d0", [1, 2, 3, 9]) == 3
+    assert state.match_prefix("d0", [2, 3]) == 2
+    assert state.match_prefix("d0", [9, 1]) == 0
+    state.record_prefix("d0", [4, 5])  # over 4 blocks: the oldest (1) goes
+    assert state.match_prefix("d0", [1, 2]) == 0
+    assert state.match_prefix("d0", [2, 3, 4, 5]) == 4
+    state.register(rec("d0", num_blocks=4))  # same incarnation re-registered: kept
+    assert state.match_prefix("d0", [2]) == 1
+    state.add_inflight("d0", 2)
+    state.register(rec("d0", epoch=2, num_blocks=4))  # restarted: its cache is empty
+    assert state.match_prefix("d0", [2]) == 0
+    assert state.get("d0").epoch == 2 and state.get("d0").inflight == 0
+
+
+def test_inflight_and_reservation(state):
+    state.register(rec("d0"))
+    state.add_inflight("d0", 2)
+    state.add_inflight("d0", -5)
+    assert state.get("d0").inflight == 0
+    assert state.reserve("d0", 0) is True
+    assert state.reserve("d0", 0) is False  # someone else took it since we looked
+    assert state.get("d0").inflight == 1
+    assert state.reserve("nope", 0) is False or isinstance(state, RedisClusterState)
+
+
+def test_routers_share_state(server):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a, b = redis_state(server, prefix), redis_state(server, prefix)
+    a.register(rec("d0"))
+    a.heartbeat("d0", WorkerLoad(num_running=3))
+    a.record_prefix("d0", [11, 12])
+    a.add_inflight("d0", 1)
+    [w] = b.workers("decode")
+    assert (w.worker_id, w.load.num_running, w.inflight) == ("d0", 3, 1)
+    assert b.match_prefix("d0", [11, 12, 13]) == 2
+    # a new router (or a restarted one) loses nothing
+    assert redis_state(server, prefix).match_prefix("d0", [11, 12]) == 2
+
+
+def test_reservation_is_atomic_across_routers(server):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    routers = [redis_state(server, prefix) for _ in range(8)]
+    routers[0].register(rec("d0"))
+    for r in routers:
+        r.workers()
+    won, go = [], threading.Barrier(len(routers))
+
+    def take(r):
+        go.wait()
+        won.append(r.reserve("d0", 0))
+
+    threads = [threading.Thread(target=take, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False] * 7 + [True]
+    assert routers[3].get("d0").inflight == 1
+
+
+def test_heartbeat_ttl_lapses(server):
+    s = redis_state(server, f"t{uuid.uuid4().hex[:8]}", heartbeat_ttl_s=0.3)
+    s.register(rec("d0"))
+    assert len(s.workers("decode")) == 1
+    time.sleep(0.2)
+    s.heartbeat("d0", WorkerLoad())
+    time.sleep(0.2)
+    assert len(s.workers("decode")) == 1
+    time.sleep(0.3)
+    assert s.workers("decode") == []
+    assert len(s.workers("decode", healthy_only=False)) == 1
+
+
+def test_mismatched_layout_refused(server):
+    s = redis_state(server, f"t{uuid.uuid4().hex[:8]}")
+    s.register(rec("d0"))
+    other = KVLayoutSpec("fp", 2, 2, 8, "float32", block_size=8)
+    with pytest.raises(ValueError, match="block_size mismatch: cluster=4, d1=8"):
+        s.register(rec("d1", layout=other))
+    assert [w.worker_id for w in s.workers(healthy_only=False)] == ["d0"]
+
+
+def test_redis_down_keeps_last_state_and_resyncs():
+    server = RedisServer().start()
+    try:
+        s = RedisClusterState(server.url, prefix="down", retry_s=0.1)
+        s.register(rec("d0"))
+        s.record_prefix("d0", [1, 2])
+        assert len(s.workers("decode")) == 1
+        server.stop()
+        assert [w.worker_id for w in s.workers("decode")] == ["d0"]  # last known state
+        assert s.health()["connected"] is False
+        assert s.match_prefix("d0", [1, 2]) == 2
+        s.heartbeat("d0", WorkerLoad(num_running=1))
+        server.start()  # empty: no persistence
+        time.sleep(0.15)
+        s.heartbeat("d0", WorkerLoad(num_running=2))
+        assert s.health()["connected"] is True
+        fresh = RedisClusterState(server.url, prefix="down")
+        [w] = fresh.workers("decode")
+        assert (w.worker_id, w.load.num_running) == ("d0", 2)
+    finally:
+        server.close()
