@@ -26,6 +26,8 @@ from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.step_sync import broadcast_step, run_follower
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, make_output
@@ -68,11 +70,13 @@ class Reservation:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, ep: ExpertParallelGroup | None = None) -> None:
+        """``ep``: this engine is one rank of an expert-parallel group (rank 0 leads)."""
         self.config = config
+        self.ep = ep if ep is not None and ep.size > 1 else None
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
-        loaded = load_model(config.model, dtype, config.device, config.max_model_len)
+        loaded = load_model(config.model, dtype, config.device, config.max_model_len, ep=self.ep)
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.max_model_len = self._max_model_len(config)
         self.layout = self._layout(config, dtype)
@@ -197,8 +201,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report what each request gained."""
         so = self.scheduler.schedule()
+        if self.ep is not None:
+            broadcast_step(so, self.ep)
         sampled = self.runner.execute(so, self._layer_hook(so))
         return self.scheduler.update(so, sampled)
+
+    def run_follower(self) -> int:
+        """EP follower: run the leader's steps until it calls :meth:`stop_followers`."""
+        assert self.ep is not None and not self.ep.is_leader, "only EP followers follow"
+        return run_follower(self.runner, self.ep)
+
+    def stop_followers(self) -> None:
+        """EP leader: release the followers from :meth:`run_follower`."""
+        if self.ep is not None and self.ep.is_leader:
+            broadcast_step(None, self.ep)
 
     def _layer_hook(self, so: SchedulerOutput) -> Callable[[int], None] | None:
         if self.kv_layer_hook is None:

@@ -44,7 +44,10 @@ class LLM:
         enable_chunked_prefill: bool = True,
         attention_backend: str = "auto",
         seed: int = 0,
+        ep=None,
     ) -> None:
+        """``ep``: an :class:`~engine.parallel.ep.ExpertParallelGroup` for this rank; the
+        leader (rank 0) generates, followers call ``llm.engine.run_follower()``."""
         config = EngineConfig(
             model=str(model),
             dtype=dtype,
@@ -63,7 +66,7 @@ class LLM:
                 enable_chunked_prefill=enable_chunked_prefill,
             ),
         )
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, ep)
         self.tokenizer = (
             Tokenizer.from_dir(model) if (Path(model) / "tokenizer.json").is_file() else None
         )

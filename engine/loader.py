@@ -104,13 +104,16 @@ def load_model(
     device: str = "cpu",
     max_positions: int | None = None,
     expert_range: tuple[int, int] | None = None,
+    ep=None,
 ) -> LoadedModel:
     """Build the model named by ``config.json`` and fill it from the safetensors files."""
     cfg = read_config(model_dir)
     spec = parse_model_spec(cfg, source=str(Path(model_dir) / "config.json"))
     files = weight_files(model_dir)
     logger.info("loading %s from %s (%d file(s))", spec.architecture, model_dir, len(files))
-    model, targets = build_model(spec, max_positions or spec.max_position_embeddings, expert_range)
+    model, targets = build_model(
+        spec, max_positions or spec.max_position_embeddings, expert_range, ep
+    )
     model.to(dtype)
     loaded, on_disk = _load_tensors(model, targets, files)
     missing = sorted(set(targets) - loaded)

@@ -6,7 +6,9 @@ Expert weights are stacked (fused in memory, per-expert on disk)::
     w2:  [num_local_experts, hidden, intermediate]
 
 ``expert_start`` is the global id of local expert 0, so an expert-parallel rank can hold
-a contiguous slice of the experts.
+a contiguous slice of the experts. With an :class:`~engine.parallel.ep.ExpertParallelGroup`
+the layer holds only its rank's slice and exchanges tokens with the other ranks
+(``engine/parallel/ep.py``); router, shared expert and everything else are replicated.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from engine.layers.basic import GatedMLP, Linear
 from engine.model_spec import MoESpec
+from engine.parallel.ep import ExpertParallelGroup, ep_moe_replicated
 
 
 def route(
@@ -68,10 +71,19 @@ def expert_forward(
 
 class SparseMoE(nn.Module):
     def __init__(
-        self, hidden: int, spec: MoESpec, expert_start: int = 0, num_local: int | None = None
+        self,
+        hidden: int,
+        spec: MoESpec,
+        expert_start: int = 0,
+        num_local: int | None = None,
+        ep: ExpertParallelGroup | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.ep = ep
+        if ep is not None:
+            expert_start, end = ep.expert_range(spec.num_experts)
+            num_local = end - expert_start
         self.expert_start = expert_start
         num_local = spec.num_experts if num_local is None else num_local
         inter = spec.intermediate_size
@@ -84,7 +96,17 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob, x.dtype)
-        out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
+        if self.ep is None:
+            out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
+        else:
+            out = ep_moe_replicated(
+                x, weights, ids, self.spec.num_experts, self.ep, self._run_received
+            )
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out
+
+    def _run_received(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Unweighted output of this rank's experts for rows routed here by other ranks."""
+        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+        return expert_forward(rows, ones, ids[:, None], self.w13, self.w2, self.expert_start)

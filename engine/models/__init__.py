@@ -17,7 +17,18 @@ _FAMILIES = {
 }
 
 
-def build_model(spec: ModelSpec, max_positions: int, expert_range: tuple[int, int] | None = None):
-    """``(model, weight_targets)`` for ``spec.architecture``."""
+def build_model(
+    spec: ModelSpec,
+    max_positions: int,
+    expert_range: tuple[int, int] | None = None,
+    ep=None,
+):
+    """``(model, weight_targets)`` for ``spec.architecture``; ``ep`` splits MoE experts."""
     module = importlib.import_module(_FAMILIES[spec.architecture])
-    return module.build(spec, max_positions, expert_range)
+    if ep is None or ep.size == 1:
+        return module.build(spec, max_positions, expert_range)
+    if spec.moe is None:
+        raise ValueError(
+            f"--ep-size {ep.size} needs an MoE model; {spec.architecture} has no experts"
+        )
+    return module.build(spec, max_positions, ep=ep)

@@ -11,6 +11,7 @@ from engine.layers.basic import GatedMLP
 from engine.layers.moe import SparseMoE
 from engine.model_spec import ModelSpec
 from engine.models.llama import CausalLM, WeightTarget, dense_weight_targets, gated_mlp_targets
+from engine.parallel.ep import ExpertParallelGroup
 
 # Per-expert tensor names on disk: (gate, up, down).
 _EXPERT_NAMES = {
@@ -40,16 +41,21 @@ def _moe_targets(spec: ModelSpec, layer: int, experts: range) -> dict[str, Weigh
 
 
 def build(
-    spec: ModelSpec, max_positions: int, expert_range: tuple[int, int] | None = None
+    spec: ModelSpec,
+    max_positions: int,
+    expert_range: tuple[int, int] | None = None,
+    ep: ExpertParallelGroup | None = None,
 ) -> tuple[CausalLM, dict[str, WeightTarget]]:
-    """An MoE model holding experts ``expert_range`` (default: all), and its weight targets."""
+    """An MoE model holding experts ``expert_range`` (default: all, or ``ep``'s slice)."""
     moe = spec.moe
+    if ep is not None:
+        expert_range = ep.expert_range(moe.num_experts)
     start, end = expert_range or (0, moe.num_experts)
     sparse = set(moe.sparse_layers)
 
     def make_mlp(i: int):
         if i in sparse:
-            return SparseMoE(spec.hidden_size, moe, expert_start=start, num_local=end - start)
+            return SparseMoE(spec.hidden_size, moe, start, end - start, ep)
         return GatedMLP(spec.hidden_size, spec.intermediate_size)
 
     targets = dense_weight_targets(spec)

@@ -1,0 +1,165 @@
+"""Expert parallelism: dispatch tokens to the ranks owning their top-k experts, combine back.
+
+Each of the ``size`` ranks owns a contiguous slice of ``num_experts // size`` experts.
+One MoE layer on one rank, for ``N`` tokens and top-``k`` routing::
+
+    slots (N*k, one per token/expert pair), sorted by global expert id
+      ──► grouped by owner rank:  | rank 0 slots | rank 1 slots | ... |   send_splits
+    all_to_all_single(per-expert counts)      equal splits: num_local ints per rank
+    all_to_all_single(hidden rows)            uneven: send_splits ──► recv_splits
+    owner runs its experts on the received rows (source-major, expert-minor order)
+    all_to_all_single(expert outputs)         uneven: recv_splits ──► send_splits
+    out.index_add_(token_of_slot, y * weight_of_slot)
+
+Routing weights never travel: the sender keeps them and applies them on the way back.
+Only ``all_to_all_single`` is used because gloo supports uneven splits only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ExpertParallelGroup:
+    """This rank's place in an EP group serving one model replica."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None = None
+    """Group for expert traffic (NCCL on CUDA, gloo on CPU); ``None`` = default group."""
+    control_group: dist.ProcessGroup | None = None
+    """CPU (gloo) group for the leader's per-step broadcast; ``None`` = ``group``."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"EP rank {self.rank} out of range for ep_size={self.size}")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cpu_group(self) -> dist.ProcessGroup | None:
+        return self.control_group if self.control_group is not None else self.group
+
+    def expert_range(self, num_experts: int) -> tuple[int, int]:
+        """Global ids ``[start, end)`` of the experts this rank owns."""
+        if num_experts % self.size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by ep_size={self.size}; "
+                f"pick an --ep-size that divides {num_experts}"
+            )
+        per = num_experts // self.size
+        return self.rank * per, (self.rank + 1) * per
+
+
+@dataclass
+class Dispatched:
+    """Rows this rank received for its experts, and what ``combine`` needs to send back."""
+
+    x: torch.Tensor
+    """``[R, H]`` hidden rows, source-rank-major then local-expert-minor."""
+    expert_ids: torch.Tensor
+    """``[R]`` global expert id of each received row."""
+    tokens: torch.Tensor
+    """``[S]`` token index of each sent slot, in send order."""
+    weights: torch.Tensor
+    """``[S]`` routing weight of each sent slot, in send order."""
+    send_splits: list[int]
+    recv_splits: list[int]
+    num_tokens: int
+    group: dist.ProcessGroup | None = None
+
+
+def dispatch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    ep: ExpertParallelGroup,
+) -> Dispatched:
+    """Send each (token, expert) pair's hidden row to the expert's owner."""
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat, minlength=num_experts)
+    per_local = num_experts // ep.size
+    recv_counts = torch.empty_like(per_expert)
+    dist.all_to_all_single(recv_counts, per_expert, group=ep.group)
+    send_splits = per_expert.view(ep.size, per_local).sum(1).tolist()
+    recv_counts_cpu = recv_counts.view(ep.size, per_local).cpu()
+    recv_splits = recv_counts_cpu.sum(1).tolist()
+    tokens = order // k
+    send = x[tokens]
+    recv = x.new_empty(sum(recv_splits), x.shape[1])
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=ep.group)
+    start, _ = ep.expert_range(num_experts)
+    local = torch.arange(start, start + per_local, device=x.device).repeat(ep.size)
+    recv_ids = torch.repeat_interleave(local, recv_counts.reshape(-1))
+    return Dispatched(
+        recv,
+        recv_ids,
+        tokens,
+        weights.reshape(-1)[order],
+        send_splits,
+        recv_splits,
+        x.shape[0],
+        ep.group,
+    )
+
+
+def combine(y: torch.Tensor, d: Dispatched) -> torch.Tensor:
+    """Return expert outputs ``y`` ``[R, H]`` to their senders; weighted sum per token."""
+    back = y.new_empty(sum(d.send_splits), y.shape[1])
+    dist.all_to_all_single(back, y.contiguous(), d.send_splits, d.recv_splits, group=d.group)
+    back.mul_(d.weights[:, None].to(back.dtype))
+    out = y.new_zeros(d.num_tokens, y.shape[1])
+    out.index_add_(0, d.tokens, back)
+    return out
+
+
+def ep_expert_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    ep: ExpertParallelGroup,
+    run_local,
+) -> torch.Tensor:
+    """``dispatch`` → ``run_local(rows, global_ids) -> [R, H]`` → ``combine``."""
+    d = dispatch(x, weights, expert_ids, num_experts, ep)
+    return combine(run_local(d.x, d.expert_ids), d)
+
+
+def ep_moe_replicated(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    ep: ExpertParallelGroup,
+    run_local,
+) -> torch.Tensor:
+    """MoE output for all ``N`` tokens when every rank holds the same ``N`` rows.
+
+    Attention is replicated, so each rank dispatches only its own slice of the tokens
+    (rank ``r`` takes rows ``[r*ceil(N/size), ...)``); the combined slices are then
+    gathered so every rank has the full output for the next layer::
+
+        rank 0: rows [0, c)   ──dispatch/experts/combine──► out[0, c)   ┐
+        rank 1: rows [c, 2c)  ──dispatch/experts/combine──► out[c, 2c)  ┴► all_gather
+    """
+    n, h = x.shape
+    per = -(-n // ep.size)
+    lo, hi = min(ep.rank * per, n), min((ep.rank + 1) * per, n)
+    part = ep_expert_forward(
+        x[lo:hi], weights[lo:hi], expert_ids[lo:hi], num_experts, ep, run_local
+    )
+    padded = x.new_zeros(per, h)
+    padded[: hi - lo] = part
+    chunks = [torch.empty_like(padded) for _ in range(ep.size)]
+    dist.all_gather(chunks, padded, group=ep.group)
+    return torch.cat(chunks)[:n]
