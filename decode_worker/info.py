@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 import socket
 import time
+import weakref
 
 from decode_worker.runtime import WorkerConfig
 from engine.engine import LLMEngine
 from kv_transfer.wire import spec_to_pb
 from proto import worker_pb2 as pb
 
-EPOCH = time.time_ns()
-"""This process's incarnation; a restarted worker reports a new one."""
+_EPOCHS: weakref.WeakKeyDictionary[LLMEngine, int] = weakref.WeakKeyDictionary()
+"""Each worker start (its engine) is an incarnation: a restarted worker, even in the same
+process, reports a new epoch."""
+
+
+def epoch_of(engine: LLMEngine) -> int:
+    return _EPOCHS.setdefault(engine, time.time_ns())
 
 
 def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.InfoResponse:
@@ -25,7 +31,7 @@ def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.Inf
         block_size=engine.layout.block_size,
         max_model_len=engine.max_model_len,
         model=str(engine.config.model),
-        epoch=EPOCH,
+        epoch=epoch_of(engine),
         pid=os.getpid(),
         hostname=socket.gethostname(),
         kv_transports=list(config.kv_transports) if config.role == "prefill" else [],

@@ -102,6 +102,7 @@ async def health(request: Request):
     decodes = state.workers("decode")
     body = {
         "status": "ok" if decodes else "unavailable",
+        "cluster_state": state.health(),
         "workers": {
             w.worker_id: {"role": w.role, "healthy": w.healthy, "address": w.address}
             for w in state.workers(healthy_only=False)

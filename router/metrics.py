@@ -68,6 +68,18 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
+        self.state_connected = Gauge(
+            "pdserve_cluster_state_connected",
+            "1 while the shared cluster state (Redis) is reachable; 0 = serving on the last known state.",
+            registry=r,
+        )  # fmt: skip
+        self.state_connected.set(1)
+        self.reservation_conflicts = Counter(
+            "pdserve_route_reservation_conflicts",
+            "Routing decisions retried because another router took the worker first.",
+            registry=r,
+        )  # fmt: skip
+
     def route(self, path: str, reason: str) -> None:
         self.routing.labels(path=path, reason=reason).inc()
 

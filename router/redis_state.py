@@ -95,6 +95,11 @@ class RedisClusterState:
         if not self.connected and time.monotonic() < self._retry_at:
             raise RedisDown(self.url)
         try:
+            if not self.connected:
+                self.r.ping()
+                self.connected = True
+                logger.info("redis %s is back: resyncing", self.url)
+                self._resync()
             result = fn()
         except redis.RedisError as exc:
             self.errors += 1
@@ -103,16 +108,13 @@ class RedisClusterState:
             self.connected = False
             self._retry_at = time.monotonic() + self.retry_s
             raise RedisDown(self.url) from exc
-        if not self.connected:
-            self.connected = True
-            logger.info("redis %s is back: resyncing", self.url)
-            self._resync()
         return result
 
     def _resync(self) -> None:
         """Push this router's view again (a restarted Redis has lost everything)."""
         for w in self.local.workers(healthy_only=False):
             try:
+                self.r.set(self._k("layout"), w.layout.to_json(), nx=True)
                 self._put(w)
                 if w.healthy:
                     self._beat(w.worker_id, w.epoch, w.load)

@@ -84,6 +84,7 @@ class RequestRun:
         self.num_prompt_tokens = len(job.prompt)
         self.num_output = 0
         self._call = None
+        self._reserved: str | None = None
 
     # -- token streams ------------------------------------------------------------------
 
@@ -132,6 +133,8 @@ class RequestRun:
         svc = self.svc
         decision = svc.route(self.job)
         d = decision.decode
+        self.inflight.append(d.worker_id)  # the slot svc.route reserved
+        self._reserved = d.worker_id
         if decision.path == "remote":
             try:
                 first = await self._remote_prefill(decision)
@@ -151,6 +154,9 @@ class RequestRun:
 
     def _track(self, worker: WorkerRecord, rid: str) -> None:
         self.to_abort.append((worker.worker_id, worker.role, rid))
+        if worker.worker_id == self._reserved:
+            self._reserved = None  # counted since routing
+            return
         self.svc.state.add_inflight(worker.worker_id, 1)
         self.inflight.append(worker.worker_id)
 

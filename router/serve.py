@@ -38,6 +38,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="use this standalone worker (repeatable); skips Ray",
     )
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="share routing state (workers, load, prefix index) with other routers in this "
+        "Redis, e.g. redis://127.0.0.1:6379/0 (default: in-memory, one router)",
+    )
+    p.add_argument(
+        "--router-only",
+        action="store_true",
+        help="start no workers: route to the workers registered in --redis-url",
+    )
     p.add_argument("--served-model-name", default=None, help="model name clients send")
     p.add_argument("--kv-transport", default="auto", choices=TRANSPORTS)
     p.add_argument(
@@ -90,8 +101,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         api_key=args.api_key,
     )
-    ray_workers = None
-    if args.worker:
+    ray_workers, state = None, None
+    if args.redis_url:
+        from router.redis_state import RedisClusterState
+
+        state = RedisClusterState(args.redis_url)
+        logger.info("sharing cluster state in %s", args.redis_url)
+    if args.router_only:
+        if state is None:
+            raise ValueError("--router-only needs --redis-url (where the cluster's workers are registered)")  # fmt: skip
+        source = state_source(state)
+        logger.info("router only: joining the workers registered in %s", args.redis_url)
+    elif args.worker:
         source = list(args.worker)
         logger.info("using %d standalone worker(s): %s", len(source), ", ".join(source))
     else:
@@ -108,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.info("  %s ready at %s (pid %d)", wid, info["address"], info["pid"])
         source = ray_workers.addresses
     try:
-        router = Router(config, source)
+        router = Router(config, source, state=state)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
         _announce(router, args, config, mode, start)
         router.serve(args.host, args.port)
@@ -116,6 +137,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
     return 0
+
+
+def state_source(state):
+    """Worker addresses as the shared state lists them (routers started --router-only)."""
+
+    async def source() -> list[str]:
+        return [w.address for w in state.workers(healthy_only=False)]
+
+    return source
 
 
 def _bounded(fn, timeout_s: float) -> None:

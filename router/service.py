@@ -179,15 +179,28 @@ class RouterService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def route(self, job: Job) -> RouteDecision:
+    def route(self, job: Job, attempts: int = 3) -> RouteDecision:
+        """Route ``job`` and hold one in-flight slot on its decode worker (the caller
+        releases it with ``state.add_inflight(worker, -1)``).
+
+        The slot is taken with ``state.reserve``: when another router took the worker
+        since this one read its load, route again on the fresh state.
+        """
         layout = self.registry.layout
         hashes = hash_blocks(job.prompt, layout.block_size) if layout else []
-        try:
-            return self.policy.route(RouteRequest(len(job.prompt), hashes), self.state)
-        except NoWorkerError as exc:
-            raise ApiError(
-                503, f"{exc}; retry later", "service_unavailable", headers={"Retry-After": "5"}
-            ) from None
+        for _ in range(attempts):
+            try:
+                decision = self.policy.route(RouteRequest(len(job.prompt), hashes), self.state)
+            except NoWorkerError as exc:
+                raise ApiError(
+                    503, f"{exc}; retry later", "service_unavailable", headers={"Retry-After": "5"}
+                ) from None
+            d = decision.decode
+            if self.state.reserve(d.worker_id, d.inflight):
+                return decision
+            self.metrics.reservation_conflicts.inc()
+        self.state.add_inflight(d.worker_id, 1)  # contended: take it anyway
+        return decision
 
     def transport(self, p: WorkerRecord, d: WorkerRecord) -> str:
         if self.config.kv_transport != "auto":

@@ -62,6 +62,8 @@ class Registry:
     layout: KVLayoutSpec | None = None
     """The cluster's KV layout: the first registered worker's, every later one must match."""
     clients: dict[str, WorkerClient] = field(default_factory=dict)
+    epochs: dict[str, int] = field(default_factory=dict)
+    """The incarnation each client was opened for."""
     refused: list[Refusal] = field(default_factory=list)
     _failures: dict[str, int] = field(default_factory=dict)
 
@@ -96,11 +98,18 @@ class Registry:
             hostname=info.hostname,
             kv_transports=tuple(info.kv_transports),
         )
+        try:
+            self.state.register(record)  # a shared state checks the cluster's layout too
+        except ValueError as exc:
+            logger.error("refusing %s worker %s at %s: %s", info.role, info.worker_id, address, exc)  # fmt: skip
+            self.refused.append(Refusal(address, info.worker_id, str(exc)))
+            await client.close()
+            return None
         old = self.clients.pop(info.worker_id, None)
         if old is not None:
             await old.close()
         self.clients[info.worker_id] = client
-        self.state.register(record)
+        self.epochs[info.worker_id] = info.epoch
         self._failures.pop(info.worker_id, None)
         logger.info(
             "registered %s worker %s at %s (epoch %d, %d KV blocks)",
@@ -114,7 +123,9 @@ class Registry:
 
     async def sync(self, addresses: list[str]) -> None:
         """Register new addresses; drop workers whose address is gone (restarted elsewhere)."""
-        known = {w.address: w.worker_id for w in self.state.workers(healthy_only=False)}
+        # Known = workers this router holds connections to (a shared state also lists
+        # workers other routers registered).
+        known = {c.address: worker_id for worker_id, c in self.clients.items()}
         refused = {r.address for r in self.refused}
         for address in addresses:
             if address in known or address in refused:
@@ -126,8 +137,10 @@ class Registry:
         for address, worker_id in known.items():
             if address not in addresses:
                 current = self.state.get(worker_id)
-                if current is not None and current.address == address:
+                if current is None or current.address == address:
                     await self.deregister(worker_id)
+                elif self.clients.get(worker_id) is not None:  # re-registered elsewhere
+                    await self.clients.pop(worker_id).close()
 
     async def deregister(self, worker_id: str) -> None:
         self.state.deregister(worker_id)
@@ -141,6 +154,7 @@ class Registry:
 
     async def poll_once(self) -> None:
         workers = self.state.workers(healthy_only=False)
+        self.metrics.state_connected.set(1 if self.state.health()["connected"] else 0)
         await asyncio.gather(*(self._poll(w) for w in workers))
         for role in ("prefill", "decode"):
             for healthy in (True, False):
@@ -150,6 +164,12 @@ class Registry:
     async def _poll(self, w: WorkerRecord) -> None:
         client = self.clients.get(w.worker_id)
         if client is None:
+            return
+        if self.epochs.get(w.worker_id, w.epoch) != w.epoch:
+            # Another router registered a new incarnation: drop our connection to the old.
+            logger.info("worker %s has a new epoch %d: reconnecting", w.worker_id, w.epoch)
+            await self.clients.pop(w.worker_id).close()
+            await self.register(w.address)
             return
         try:
             stats = await client.stub(w.role).Stats(pb.StatsRequest(), timeout=self.rpc_timeout_s)
