@@ -182,11 +182,14 @@ class DecodeWorker:
             for name, ep in self.endpoints.items():
                 for key, value in ep.stats().items():
                     transfer[f"{name}.{key}"] = value
+            stored, evicted = self.engine.kv.pool.drain_events()
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,
                 queues=queues,
                 queued_prefill_tokens=max(0, queued),
+                stored_block_hashes=stored,
+                evicted_block_hashes=evicted,
                 num_requests=len(self._reqs),
                 transfer=transfer,
             )

@@ -128,6 +128,7 @@ class PrefillWorker:
             sending = sum(1 for j in self._jobs.values() if j.state == "sending")
             queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
             queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
+            stored, evicted = self.engine.kv.pool.drain_events()
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,
@@ -137,6 +138,8 @@ class PrefillWorker:
                     "sending": sending,
                 },
                 queued_prefill_tokens=max(0, queued),
+                stored_block_hashes=stored,
+                evicted_block_hashes=evicted,
                 num_requests=len(self._jobs),
             )
 

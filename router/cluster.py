@@ -4,7 +4,8 @@
 (router/redis_state.py, ``--redis-url``) shares the same protocol between several routers.
 
 The prefix index maps each worker to the chained block hashes (engine/kv_cache/hashing)
-of prompts it was sent, most recent last, capped at the worker's block count: an
+of prompts it was sent, most recent last, capped at the worker's block count, corrected by
+the block-stored and block-evicted events the worker reports in its Stats: an
 approximation of what its prefix cache holds.
 """
 
@@ -87,6 +88,9 @@ class ClusterState(Protocol):
     def record_prefix(self, worker_id: str, block_hashes: list[int]) -> None:
         """The worker now holds (or will hold) these prompt blocks."""
 
+    def apply_block_events(self, worker_id: str, stored: list[int], evicted: list[int]) -> None:
+        """The worker's own prefix-cache events (from its Stats): add stored, drop evicted."""
+
     def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
         """How many leading blocks of ``block_hashes`` the worker is believed to hold."""
 
@@ -153,13 +157,18 @@ class MemoryClusterState:
         return {"backend": "memory", "connected": True}
 
     def record_prefix(self, worker_id: str, block_hashes: list[int]) -> None:
+        self.apply_block_events(worker_id, block_hashes, [])
+
+    def apply_block_events(self, worker_id: str, stored: list[int], evicted: list[int]) -> None:
         with self._lock:
             index, w = self._prefix.get(worker_id), self._workers.get(worker_id)
             if index is None or w is None:
                 return
-            for h in block_hashes:
+            for h in stored:
                 index[h] = None
                 index.move_to_end(h)
+            for h in evicted:
+                index.pop(h, None)
             while len(index) > w.num_blocks:
                 index.popitem(last=False)
 

@@ -57,6 +57,16 @@ return 1
 """
 
 
+_BLOCK_EVENTS = """
+local seq = redis.call('INCRBY', KEYS[2], #ARGV)
+local cap, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, 2 + n do redis.call('ZADD', KEYS[1], seq - #ARGV + i, ARGV[i]) end
+for i = 3 + n, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(cap + 1))
+return 1
+"""
+
+
 class RedisDown(RuntimeError):
     pass
 
@@ -84,6 +94,7 @@ class RedisClusterState:
         self._add_inflight = self.r.register_script(_ADD_INFLIGHT)
         self._reserve = self.r.register_script(_RESERVE)
         self._record_prefix = self.r.register_script(_RECORD_PREFIX)
+        self._block_events = self.r.register_script(_BLOCK_EVENTS)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -276,6 +287,15 @@ class RedisClusterState:
         keys = [self._k("prefix", worker_id, w.epoch), self._k("seq")]
         args = [w.num_blocks, *map(str, block_hashes)]
         self._try(lambda: self._record_prefix(keys=keys, args=args))
+
+    def apply_block_events(self, worker_id: str, stored: list[int], evicted: list[int]) -> None:
+        self.local.apply_block_events(worker_id, stored, evicted)
+        w = self.local.get(worker_id) or self.get(worker_id)
+        if w is None or not (stored or evicted):
+            return
+        keys = [self._k("prefix", worker_id, w.epoch), self._k("seq")]
+        args = [w.num_blocks, len(stored), *map(str, stored), *map(str, evicted)]
+        self._try(lambda: self._block_events(keys=keys, args=args))
 
     def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
         if not block_hashes:

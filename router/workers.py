@@ -196,6 +196,9 @@ class Registry:
                 await self.register(w.address)
                 return
         self.state.heartbeat(w.worker_id, load)
+        stored, evicted = list(stats.stored_block_hashes), list(stats.evicted_block_hashes)
+        if stored or evicted:
+            self.state.apply_block_events(w.worker_id, stored, evicted)
         self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
 
     async def run(self) -> None:

@@ -122,14 +122,14 @@ def test_reservation_is_atomic_across_routers(server):
 
 
 def test_heartbeat_ttl_lapses(server):
-    s = redis_state(server, f"t{uuid.uuid4().hex[:8]}", heartbeat_ttl_s=0.3)
+    s = redis_state(server, f"t{uuid.uuid4().hex[:8]}", heartbeat_ttl_s=1.0)
     s.register(rec("d0"))
     assert len(s.workers("decode")) == 1
-    time.sleep(0.2)
-    s.heartbeat("d0", WorkerLoad())
-    time.sleep(0.2)
+    time.sleep(0.6)
+    s.heartbeat("d0", WorkerLoad())  # renewed: alive past the first TTL
+    time.sleep(0.6)
     assert len(s.workers("decode")) == 1
-    time.sleep(0.3)
+    time.sleep(0.9)
     assert s.workers("decode") == []
     assert len(s.workers("decode", healthy_only=False)) == 1
 
@@ -164,3 +164,14 @@ def test_redis_down_keeps_last_state_and_resyncs():
         assert (w.worker_id, w.load.num_running) == ("d0", 2)
     finally:
         server.close()
+
+
+def test_block_events_correct_the_index(state):
+    state.register(rec("d0", num_blocks=4))
+    state.record_prefix("d0", [1, 2, 3])
+    state.apply_block_events("d0", stored=[7, 8], evicted=[2])
+    assert state.match_prefix("d0", [1, 2, 3]) == 1  # 2 left the worker's cache
+    assert state.match_prefix("d0", [7, 8]) == 2
+    assert state.match_prefix("d0", [3]) == 1
+    state.apply_block_events("d0", stored=[9], evicted=[])  # capped at 4 blocks: 1 goes
+    assert state.match_prefix("d0", [1]) == 0 and state.match_prefix("d0", [9]) == 1
