@@ -89,6 +89,24 @@ def test_two_routers_share_prefix_index(cluster):
         assert health["cluster_state"]["connected"] is True and len(health["workers"]) == 3
 
 
+def test_restarted_router_loses_nothing(cluster):
+    prefixes = [[200 + 29 * g + i % 40 for i in range(PREFIX_TOKENS)] for g in range(3)]
+    for g, prefix in enumerate(prefixes):
+        complete(cluster["routers"][0], prefix + [g, 1, 2, 3, 4, 5, 6, 7])
+    state = cluster["state"]()  # a new router process: nothing in memory
+    fresh = Router(cluster["routers"][0].router.config, state_source(state), state=state)
+    rt = fresh.start_in_thread()
+    try:
+        wait_until(lambda: len(fresh.registry.clients) == 3)
+        for g, prefix in enumerate(prefixes):
+            out = complete(rt, prefix + [g, 9, 9, 9, 9, 9, 9, 9])
+            assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
+        # routed on the shared prefix index (an empty index would prefill remotely)
+        assert 'reason="prefix_cached"} 3.0' in httpx.get(rt.url + "/metrics").text
+    finally:
+        rt.stop()
+
+
 def test_killed_worker_leaves_and_rejoins_with_new_epoch(cluster):
     view = cluster["state"]()
     old = view.get("d1").epoch
