@@ -74,6 +74,13 @@ def complete(rt, prompt: list[int]) -> dict:
     return r.json()
 
 
+def prefix_routed(rt) -> float:
+    for line in httpx.get(rt.url + "/metrics").text.splitlines():
+        if line.startswith('pdserve_routing_decisions_total{path="local",reason="prefix_cached"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_two_routers_share_prefix_index(cluster):
     routers, hits, follow_ups = cluster["routers"], 0, 0
     for g in range(3):
@@ -84,6 +91,9 @@ def test_two_routers_share_prefix_index(cluster):
                 follow_ups += 1
                 hits += out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
     assert hits / follow_ups >= 0.9, f"prefix hit rate {hits}/{follow_ups}"
+    # and each router chose the worker from the shared index (its own would miss the
+    # first follow-up it sees of every prefix)
+    assert sum(prefix_routed(rt) for rt in routers) >= 0.9 * follow_ups
     for rt in routers:
         health = httpx.get(rt.url + "/health").json()
         assert health["cluster_state"]["connected"] is True and len(health["workers"]) == 3
@@ -102,7 +112,7 @@ def test_restarted_router_loses_nothing(cluster):
             out = complete(rt, prefix + [g, 9, 9, 9, 9, 9, 9, 9])
             assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
         # routed on the shared prefix index (an empty index would prefill remotely)
-        assert 'reason="prefix_cached"} 3.0' in httpx.get(rt.url + "/metrics").text
+        assert prefix_routed(rt) == 3
     finally:
         rt.stop()
 
