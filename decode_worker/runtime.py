@@ -85,6 +85,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self.alive = False
         self.num_steps = 0
+        self.on_crash: Callable[[BaseException], None] | None = None
+        """Called on the engine thread if a step raises (EP: a rank died)."""
 
     def start(self) -> None:
         self.alive = True
@@ -108,11 +110,15 @@ class EngineLoop:
                     if busy:
                         self._on_outputs(self.engine.step())
                         self.num_steps += 1
+                    elif self.engine.ep is not None:
+                        self.engine.heartbeat()  # EP followers time out without steps
                 if not busy:
                     # Transfers in flight are polled; otherwise sleep until woken.
                     self._wake.wait(0.002 if polling else 1.0)
-        except BaseException:
+        except BaseException as exc:
             logger.exception("engine loop crashed")
+            if self.on_crash is not None:
+                self.on_crash(exc)
             raise
         finally:
             self.alive = False

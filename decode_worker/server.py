@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
 from decode_worker.runtime import GrpcServer, WorkerConfig
 from engine.engine import LLMEngine
+from engine.parallel.ep import ExpertParallelGroup
 from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -27,11 +30,29 @@ class RunningWorker:
         self.worker.close()
 
 
-def start_worker(config: WorkerConfig) -> RunningWorker:
-    """Load the model, start the engine thread and serve gRPC on ``config.host``."""
+def _exit_on_ep_failure(worker, name: str) -> None:
+    """EP leader: a failed step means a rank died. Fail the streams with a clear error and
+    exit, so the supervisor (Ray) restarts the whole group rather than leaving it hung."""
+
+    def on_crash(exc: BaseException) -> None:
+        why = f"expert-parallel group of {name} failed ({exc}); the worker restarts"
+        if hasattr(worker, "fail_all"):
+            worker.fail_all(why)
+        logger.error("%s; exiting", why)
+        threading.Timer(0.5, os._exit, args=(1,)).start()
+
+    worker.loop.on_crash = on_crash
+
+
+def start_worker(config: WorkerConfig, ep: ExpertParallelGroup | None = None) -> RunningWorker:
+    """Load the model, start the engine thread and serve gRPC on ``config.host``.
+
+    With ``ep`` this process is the EP leader (rank 0); the followers run
+    :func:`engine.parallel.step_sync.run_follower` on an engine of their own.
+    """
     from decode_worker.info import worker_info
 
-    engine = LLMEngine(config.engine)
+    engine = LLMEngine(config.engine, ep)
     if config.role == "decode":
         from decode_worker.service import DecodeServicer
         from decode_worker.worker import DecodeWorker
@@ -46,6 +67,8 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
 
         worker = PrefillWorker(engine, config)
         servicer = PrefillServicer(worker, "")
+    if engine.ep is not None:
+        _exit_on_ep_failure(worker, config.name)
     server = GrpcServer(lambda s: add(servicer, s), config.host, config.port)
     try:
         address = server.start()

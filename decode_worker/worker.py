@@ -164,6 +164,13 @@ class DecodeWorker:
                 req.sink.put(pb.TokenChunk(finished=True, finish_reason="abort"))
             return True
 
+    def fail_all(self, why: str) -> None:
+        """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
+        for req in list(self._reqs.values()):
+            if req.sink is not None:
+                req.sink.put(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
+        self._reqs.clear()
+
     def stats(self) -> pb.StatsResponse:
         with self.loop.lock:
             sched = self.engine.scheduler

@@ -96,6 +96,8 @@ class LLMEngine:
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
         self._kv_streamed: set[str] = set()
+        self._kv_forward: list[int] = []
+        """EP leader: blocks that arrived by transfer, to copy to followers next step."""
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
             self.spec.architecture,
@@ -202,7 +204,8 @@ class LLMEngine:
         """Schedule, run the model once, and report what each request gained."""
         so = self.scheduler.schedule()
         if self.ep is not None:
-            broadcast_step(so, self.ep)
+            broadcast_step(so, self.ep, self.kv_caches, self._kv_forward)
+            self._kv_forward = []
         sampled = self.runner.execute(so, self._layer_hook(so))
         return self.scheduler.update(so, sampled)
 
@@ -210,6 +213,11 @@ class LLMEngine:
         """EP follower: run the leader's steps until it calls :meth:`stop_followers`."""
         assert self.ep is not None and not self.ep.is_leader, "only EP followers follow"
         return run_follower(self.runner, self.ep)
+
+    def heartbeat(self) -> None:
+        """EP leader, idle: an empty step, so followers see the leader is alive."""
+        if self.ep is not None:
+            broadcast_step(SchedulerOutput((), 0), self.ep)
 
     def stop_followers(self) -> None:
         """EP leader: release the followers from :meth:`run_follower`."""
@@ -270,5 +278,7 @@ class LLMEngine:
             req.status = status
             self.kv.free(request_id)
         else:
+            if self.ep is not None:
+                self._kv_forward.extend(self.kv.block_ids(request_id))
             self.scheduler.add_running(req)
         return make_output(req, 1)

@@ -8,6 +8,13 @@ with a new port and epoch; the router's supervisor re-reads ``info()`` and re-re
     launch():  ray.remote(WorkerActor).options(num_gpus=1 | num_cpus=1, max_restarts=-1,
                                                resources={"<role>_gpu": 1} if advertised)
     addresses(): [actor.info()["address"] for live actors]  -> Router source
+
+Expert parallelism (``ep_size`` > 1): a worker is a placement group of ``ep_size``
+bundles (STRICT_PACK, one node). The leader actor sits in bundle 0 and is what the router
+sees; in its ``__init__`` it picks a rendezvous port, starts one :class:`EPFollowerActor`
+per other bundle (owned by the leader, so they die with it) and joins the torch.distributed
+group with them. A follower that dies fails the leader's next collective: the leader fails
+its streams and exits, Ray restarts it, and it starts a fresh group.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +50,12 @@ class WorkerSettings:
     port: int = 0
     fault_delay_s: float = 0.0
     plane: dict[str, str] = field(default_factory=dict)
+    ep_size: int = 1
+    """Expert-parallel ranks serving this worker's model replica (MoE models)."""
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -89,22 +103,27 @@ class WorkerSettings:
 class WorkerActor:
     """A worker process under Ray (wrapped with ``ray.remote`` in :func:`launch`)."""
 
-    def __init__(self, role: str, worker_id: str, settings_json: str) -> None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    def __init__(
+        self, role: str, worker_id: str, settings_json: str, placement_group: Any = None
+    ) -> None:
+        _setup_process()
         import ray
-        import torch
 
-        if not torch.cuda.is_available():
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         from decode_worker.server import start_worker
 
         settings = WorkerSettings.from_json(settings_json)
         host = ray.util.get_node_ip_address()
-        self.running = start_worker(settings.worker_config(role, worker_id, host))
+        config = settings.worker_config(role, worker_id, host)
+        ep, self.followers = None, []
+        if settings.ep_size > 1:
+            ep, self.followers = _start_ep_group(settings, config, placement_group, host)
+        self.running = start_worker(config, ep)
+
+    def ep_pids(self) -> list[int]:
+        """Process ids of the EP ranks, leader first (one entry without EP)."""
+        import ray
+
+        return [os.getpid(), *ray.get([f.pid.remote() for f in self.followers])]
 
     def info(self) -> dict[str, Any]:
         """Address, role, KV layout and capacity, as plain values."""
@@ -122,6 +141,93 @@ class WorkerActor:
             "max_model_len": i.max_model_len,
             "layout": json_format.MessageToDict(i.layout, preserving_proto_field_name=True),
         }
+
+
+def _setup_process() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _start_ep_group(settings: WorkerSettings, config, placement_group: Any, host: str):
+    """Leader side: start the followers in bundles 1.., join the group as rank 0."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from engine.parallel.ep import join_ep_group
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        init_method = f"tcp://{host}:{s.getsockname()[1]}"
+    cuda = config.engine.device.startswith("cuda")
+    followers = []
+    for rank in range(1, settings.ep_size):
+        strategy = PlacementGroupSchedulingStrategy(placement_group, rank)
+        cls = ray.remote(EPFollowerActor).options(
+            max_restarts=0,
+            scheduling_strategy=strategy,
+            **({"num_gpus": 1} if cuda else {"num_cpus": 1}),  # fmt: skip
+        )
+        followers.append(cls.remote(settings.to_json(), config.role, rank, init_method))
+    ep = join_ep_group(0, settings.ep_size, init_method, config.engine.device)
+    logger.info("EP group of %d ranks joined at %s", settings.ep_size, init_method)
+    return ep, followers
+
+
+def ep_follower_main(settings_json: str, role: str, rank: int, init_method: str) -> None:
+    """EP rank > 0 (a Ray actor's thread, or a process of ``pdserve worker --ep-size``):
+    join the group, load this rank's experts, run the leader's steps until it stops or the
+    group fails, then exit the process."""
+    _setup_process()
+    from engine.engine import LLMEngine
+    from engine.parallel.ep import join_ep_group
+
+    try:
+        settings = WorkerSettings.from_json(settings_json)
+        config = settings.worker_config(role, None, "127.0.0.1")
+        ep = join_ep_group(rank, settings.ep_size, init_method, config.engine.device)
+        LLMEngine(config.engine, ep).run_follower()
+    except BaseException:
+        logger.exception("EP rank %d lost its group", rank)
+    os._exit(0)
+
+
+def start_local_ep_group(settings: WorkerSettings, config) -> Any:
+    """``pdserve worker --ep-size N`` (no Ray): N-1 follower processes on this host; this
+    process joins as the leader. ``None`` when ``ep_size`` is 1."""
+    if settings.ep_size == 1:
+        return None
+    import multiprocessing as mp
+
+    from engine.parallel.ep import join_ep_group
+
+    with socket.socket() as s:
+        s.bind((config.host, 0))
+        init_method = f"tcp://{config.host}:{s.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    for rank in range(1, settings.ep_size):
+        args = (settings.to_json(), config.role, rank, init_method)
+        ctx.Process(target=ep_follower_main, args=args, daemon=True).start()
+    return join_ep_group(0, settings.ep_size, init_method, config.engine.device)
+
+
+class EPFollowerActor:
+    """A Ray actor around :func:`ep_follower_main` (which runs on its own thread)."""
+
+    def __init__(self, settings_json: str, role: str, rank: int, init_method: str) -> None:
+        import threading
+
+        args = (settings_json, role, rank, init_method)
+        threading.Thread(target=ep_follower_main, args=args, daemon=True).start()
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def start_ray(address: str | None, node_ip: str | None, num_cpus: int | None) -> None:
@@ -167,6 +273,7 @@ class RayWorkers:
     def __init__(self, namespace: str | None = None) -> None:
         self.actors: dict[str, Any] = {}
         self.namespace = namespace
+        self.placement_groups: list[Any] = []
 
     def launch(self, role: str, count: int, settings: WorkerSettings, prefix: str = "") -> None:
         import ray
@@ -176,8 +283,26 @@ class RayWorkers:
             worker_id = f"{prefix}{role}-{i}"
             if self.namespace:
                 options.update(name=worker_id, namespace=self.namespace, lifetime="detached", get_if_exists=True)  # fmt: skip
+            pg = self._ep_placement(options, settings.ep_size)
             cls = ray.remote(WorkerActor).options(**options)
-            self.actors[worker_id] = cls.remote(role, worker_id, settings.to_json())
+            self.actors[worker_id] = cls.remote(role, worker_id, settings.to_json(), pg)
+
+    def _ep_placement(self, options: dict[str, Any], ep_size: int) -> Any:
+        """For EP: a placement group of one bundle per rank; the leader takes bundle 0."""
+        if ep_size == 1:
+            options.pop("scheduling_strategy", None)
+            return None
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"GPU": 1} if "num_gpus" in options else {"CPU": 1}
+        bundle.update(options.get("resources", {}))
+        pg = placement_group([bundle] * ep_size, strategy="STRICT_PACK")
+        ray.get(pg.ready(), timeout=120)
+        self.placement_groups.append(pg)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+        return pg
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
         """Block until every actor answers ``info()``; returns their infos."""
@@ -217,5 +342,14 @@ class RayWorkers:
             except Exception:
                 pass
         self.actors.clear()
+        if not self.namespace:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self.placement_groups:
+                try:
+                    remove_placement_group(pg)
+                except Exception:
+                    pass
+            self.placement_groups.clear()
         if disconnect and ray.is_initialized():
             ray.shutdown()

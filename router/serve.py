@@ -8,8 +8,9 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
-from router.launcher import RayWorkers, WorkerSettings, start_ray
+from router.launcher import RayWorkers, WorkerSettings, start_local_ep_group, start_ray
 
 logger = logging.getLogger("pdserve")
 
@@ -58,6 +59,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="prefill on the decode worker when at most this many prompt tokens are uncached",
     )
     p.add_argument("--prefill-timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--prefill-ep-size", type=int, default=1, help="expert-parallel ranks per prefill worker")  # fmt: skip
+    p.add_argument("--decode-ep-size", type=int, default=1, help="expert-parallel ranks per decode worker")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--max-inflight", type=int, default=256, help="429 above this")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="Bearer key")
@@ -119,11 +122,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.decode < 1 or args.prefill < 0:
             raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
         logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
-        start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill + args.decode + 1))  # fmt: skip
+        start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill * args.prefill_ep_size + args.decode * args.decode_ep_size + 1))  # fmt: skip
         ray_workers = RayWorkers(namespace=args.ray_namespace)
         settings = settings_from_args(args, model, worker_transports(args.kv_transport))
-        ray_workers.launch("prefill", args.prefill, settings)
-        ray_workers.launch("decode", args.decode, settings)
+        ray_workers.launch("prefill", args.prefill, replace(settings, ep_size=args.prefill_ep_size))  # fmt: skip
+        ray_workers.launch("decode", args.decode, replace(settings, ep_size=args.decode_ep_size))  # fmt: skip
         logger.info("launching %d prefill + %d decode worker(s) for %s", args.prefill, args.decode, model)  # fmt: skip
         for wid, info in ray_workers.wait_ready().items():
             logger.info("  %s ready at %s (pid %d)", wid, info["address"], info["pid"])
@@ -181,6 +184,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         choices=TRANSPORTS[1:],
         help="KV backends to serve/send with (repeatable; default tcp and shm)",
     )
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (MoE models)")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -190,7 +194,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     model = args.model or ensure_demo_model()
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
-    running = start_worker(settings.worker_config(args.role, args.worker_id, args.host or default_host()))  # fmt: skip
+    settings = replace(settings, ep_size=args.ep_size)
+    config = settings.worker_config(args.role, args.worker_id, args.host or default_host())
+    running = start_worker(config, start_local_ep_group(settings, config))
     print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -163,3 +163,25 @@ def ep_moe_replicated(
     chunks = [torch.empty_like(padded) for _ in range(ep.size)]
     dist.all_gather(chunks, padded, group=ep.group)
     return torch.cat(chunks)[:n]
+
+
+def join_ep_group(
+    rank: int, size: int, init_method: str, device: str, timeout_s: float = 120.0
+) -> ExpertParallelGroup:
+    """Join the EP group at ``init_method`` (``tcp://host:port`` of rank 0).
+
+    Expert traffic uses NCCL on CUDA and gloo on CPU; the per-step broadcast always uses
+    a gloo group (it carries CPU bytes).
+    """
+    from datetime import timedelta
+
+    cuda = str(device).startswith("cuda")
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    control = dist.new_group(backend="gloo") if cuda else None
+    return ExpertParallelGroup(rank, size, None, control)
