@@ -167,7 +167,9 @@ def write_report(out_dir: Path, result: dict, runs: dict[str, list[dict]], reque
             f"TTFT×{x['ttft_x']}/TPOT×{x['tpot_x']}: {x['goodput_ratio']:.2f}"
             for x in result["slo_sensitivity"]
         ),  # fmt: skip
-        f"- wall time {result['seconds']:.0f} s",
+        f"- wall time {result['seconds']:.0f} s; load average (1, 5, 15 min) before "
+        f"{'/'.join(map(str, result['load_average'][:3]))}, after "
+        f"{'/'.join(map(str, result['load_average'][3:]))} on {os.cpu_count()} CPUs",
         "",
         f"![sweep]({sweep_png.name})",
         "",

@@ -137,4 +137,6 @@ async def run(client: ClientConfig, cfg: RunConfig, requests: list[BenchRequest]
     config = {**asdict(client), **asdict(cfg), "num_prompts": len(requests)}
     config.pop("api_key", None)
     config["request_rate"] = str(cfg.request_rate) if math.isinf(cfg.request_rate) else cfg.request_rate  # fmt: skip
+    if requests and all(r.arrival_s is not None for r in requests):
+        config["request_rate"] = "trace timestamps"
     return BenchResult(summary, records, config)
