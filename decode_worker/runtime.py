@@ -188,6 +188,14 @@ class GrpcServer:
         self._thread.join(timeout=10)
 
 
+def expert_stats(engine: LLMEngine) -> dict[str, Any]:
+    """StatsResponse fields for an MoE engine's expert load (empty for dense models)."""
+    load = engine.expert_load()
+    if load is None:
+        return {}
+    return {"expert_tokens": load.tokens_per_expert, "ep_size": len(load.tokens_per_rank)}
+
+
 def default_host() -> str:
     """This node's address for internal ports (never 0.0.0.0)."""
     try:

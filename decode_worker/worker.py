@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError
+from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError, expert_stats
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -193,6 +193,7 @@ class DecodeWorker:
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,
+                **expert_stats(self.engine),
                 queues=queues,
                 queued_prefill_tokens=max(0, queued),
                 stored_block_hashes=stored,

@@ -27,6 +27,7 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.expert_load import ExpertLoad, expert_load
 from engine.parallel.step_sync import broadcast_step, run_follower
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -213,6 +214,10 @@ class LLMEngine:
         """EP follower: run the leader's steps until it calls :meth:`stop_followers`."""
         assert self.ep is not None and not self.ep.is_leader, "only EP followers follow"
         return run_follower(self.runner, self.ep)
+
+    def expert_load(self) -> ExpertLoad | None:
+        """Tokens routed per expert and per EP rank since start (``None``: dense model)."""
+        return expert_load(self.model, self.ep.size if self.ep is not None else 1)
 
     def heartbeat(self) -> None:
         """EP leader, idle: an empty step, so followers see the leader is alive."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
+from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError, expert_stats
 from engine.engine import LayerKV, LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -132,6 +132,7 @@ class PrefillWorker:
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,
+                **expert_stats(self.engine),
                 queues={
                     "waiting": len(sched.waiting),
                     "running": len(sched.running),

@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,11 +159,10 @@ def _start_ep_group(settings: WorkerSettings, config, placement_group: Any, host
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from engine.parallel.ep import join_ep_group
+    from engine.parallel.ep import ep_store, join_ep_group
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        init_method = f"tcp://{host}:{s.getsockname()[1]}"
+    store = ep_store(host, settings.ep_size)
+    init_method = f"tcp://{host}:{store.port}"
     cuda = config.engine.device.startswith("cuda")
     followers = []
     for rank in range(1, settings.ep_size):
@@ -175,7 +173,7 @@ def _start_ep_group(settings: WorkerSettings, config, placement_group: Any, host
             **({"num_gpus": 1} if cuda else {"num_cpus": 1}),  # fmt: skip
         )
         followers.append(cls.remote(settings.to_json(), config.role, rank, init_method))
-    ep = join_ep_group(0, settings.ep_size, init_method, config.engine.device)
+    ep = join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
     logger.info("EP group of %d ranks joined at %s", settings.ep_size, init_method)
     return ep, followers
 
@@ -205,16 +203,15 @@ def start_local_ep_group(settings: WorkerSettings, config) -> Any:
         return None
     import multiprocessing as mp
 
-    from engine.parallel.ep import join_ep_group
+    from engine.parallel.ep import ep_store, join_ep_group
 
-    with socket.socket() as s:
-        s.bind((config.host, 0))
-        init_method = f"tcp://{config.host}:{s.getsockname()[1]}"
+    store = ep_store(config.host, settings.ep_size)
+    init_method = f"tcp://{config.host}:{store.port}"
     ctx = mp.get_context("spawn")
     for rank in range(1, settings.ep_size):
         args = (settings.to_json(), config.role, rank, init_method)
         ctx.Process(target=ep_follower_main, args=args, daemon=True).start()
-    return join_ep_group(0, settings.ep_size, init_method, config.engine.device)
+    return join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
 
 
 class EPFollowerActor:

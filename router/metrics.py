@@ -80,6 +80,19 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
+        self.expert_tokens = Gauge(
+            "pdserve_expert_tokens", "MoE (token, expert) assignments since the worker started.",
+            ["worker", "rank", "expert"], registry=r,
+        )  # fmt: skip
+        self.rank_tokens = Gauge(
+            "pdserve_expert_rank_tokens", "MoE (token, expert) assignments per EP rank.",
+            ["worker", "rank"], registry=r,
+        )  # fmt: skip
+        self.expert_balancedness = Gauge(
+            "pdserve_expert_balancedness", "MoE load balance, mean/max tokens (1 = even).",
+            ["worker", "level"], registry=r,
+        )  # fmt: skip
+
     def route(self, path: str, reason: str) -> None:
         self.routing.labels(path=path, reason=reason).inc()
 
@@ -88,6 +101,19 @@ class Metrics:
         self.kv_blocks_total.labels(worker=worker_id).set(num_blocks)
         for name, depth in queues.items():
             self.queue_depth.labels(worker=worker_id, queue=name).set(depth)
+
+    def expert_stats(self, worker_id: str, tokens: list[int], ep_size: int) -> None:
+        """Per expert and per EP rank: tokens routed, and balancedness (mean / max)."""
+        per = len(tokens) // max(ep_size, 1)
+        ranks = [sum(tokens[r * per : (r + 1) * per]) for r in range(ep_size)]
+        for e, n in enumerate(tokens):
+            self.expert_tokens.labels(worker=worker_id, rank=str(e // per), expert=str(e)).set(n)
+        for r, n in enumerate(ranks):
+            self.rank_tokens.labels(worker=worker_id, rank=str(r)).set(n)
+        for level, counts in (("expert", tokens), ("rank", ranks)):
+            top = max(counts)
+            value = sum(counts) / len(counts) / top if top else 1.0
+            self.expert_balancedness.labels(worker=worker_id, level=level).set(value)
 
     def forget_worker(self, worker_id: str) -> None:
         for gauge in (self.kv_blocks_in_use, self.kv_blocks_total):

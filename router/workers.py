@@ -200,6 +200,8 @@ class Registry:
         if stored or evicted:
             self.state.apply_block_events(w.worker_id, stored, evicted)
         self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
+        if stats.expert_tokens:
+            self.metrics.expert_stats(w.worker_id, list(stats.expert_tokens), stats.ep_size or 1)
 
     async def run(self) -> None:
         while True:

@@ -93,9 +93,14 @@ class SparseMoE(nn.Module):
         shared = spec.shared_expert_intermediate_size
         self.shared = GatedMLP(hidden, shared) if shared else None
         self.shared_gate = Linear(hidden, 1) if shared else None
+        # Load statistics (engine/parallel/expert_load.py): every rank routes every token.
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(spec.num_experts, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob, x.dtype)
+        self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts)
         if self.ep is None:
             out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
         else:

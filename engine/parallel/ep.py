@@ -165,10 +165,26 @@ def ep_moe_replicated(
     return torch.cat(chunks)[:n]
 
 
+def ep_store(host: str, size: int, timeout_s: float = 120.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store on a free port of ``host`` (bound atomically: no race
+    between picking a port and listening on it); followers use ``tcp://host:store.port``."""
+    from datetime import timedelta
+
+    return dist.TCPStore(
+        host, 0, size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
 def join_ep_group(
-    rank: int, size: int, init_method: str, device: str, timeout_s: float = 120.0
+    rank: int,
+    size: int,
+    init_method: str | None,
+    device: str,
+    timeout_s: float = 120.0,
+    store: dist.Store | None = None,
 ) -> ExpertParallelGroup:
-    """Join the EP group at ``init_method`` (``tcp://host:port`` of rank 0).
+    """Join the EP group at ``init_method`` (``tcp://host:port`` of rank 0's store), or,
+    on rank 0, through its own ``store`` (:func:`ep_store`).
 
     Expert traffic uses NCCL on CUDA and gloo on CPU; the per-step broadcast always uses
     a gloo group (it carries CPU bytes).
@@ -178,7 +194,9 @@ def join_ep_group(
     cuda = str(device).startswith("cuda")
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=init_method,
+        init_method=None if store is not None else init_method,
+        # init_method rendezvous prefixes its store with "default_pg"; match it.
+        store=dist.PrefixStore("default_pg", store) if store is not None else None,
         rank=rank,
         world_size=size,
         timeout=timedelta(seconds=timeout_s),

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import replace
 
+import httpx
 import pytest
 import ray
 
@@ -67,6 +68,24 @@ def test_decode_ep2_equals_hf(ep_cluster, tiny_model):
         out = c.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY, extra_body=EXTRA)
         assert out.choices[0].token_ids == expected
     cluster.wait_all_free()
+    _check_expert_metrics(rt, f"ep-{arch}-decode-0")
+
+
+def _check_expert_metrics(rt, worker: str) -> None:
+    """The router exports the decode EP worker's load per rank and expert."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(rt.url + "/metrics").text
+        lines = [ln for ln in text.splitlines() if f'worker="{worker}"' in ln]
+        rank1 = [ln for ln in lines if ln.startswith("pdserve_expert_rank_tokens") and 'rank="1"' in ln]  # fmt: skip
+        if rank1 and float(rank1[0].split()[-1]) > 0:
+            break
+        assert time.monotonic() < deadline, "no expert load metrics for " + worker
+        time.sleep(0.25)
+    balance = [ln for ln in lines if ln.startswith("pdserve_expert_balancedness")]
+    assert {ln.split('level="')[1].split('"')[0] for ln in balance} == {"expert", "rank"}
+    assert all(0 < float(ln.split()[-1]) <= 1 for ln in balance)
+    assert sum(ln.startswith("pdserve_expert_tokens{") for ln in lines) == 4
 
 
 def test_follower_death_fails_cleanly_then_recovers(ep_cluster, tiny_model):

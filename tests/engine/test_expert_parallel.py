@@ -90,7 +90,13 @@ def _generate_rank(ep, model_dirs, prompts, out_path):
         finally:
             llm.engine.stop_followers()
         leaked = llm.engine.layout.num_blocks - llm.engine.num_free_blocks
-        results[arch] = {"tokens": [o.token_ids for o in outs], "leaked": leaked}
+        load = llm.engine.expert_load()
+        results[arch] = {
+            "tokens": [o.token_ids for o in outs],
+            "leaked": leaked,
+            "per_expert": list(load.tokens_per_expert),
+            "per_rank": list(load.tokens_per_rank),
+        }
     if ep.is_leader:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -103,6 +109,27 @@ def test_ep2_equals_ep1_equals_hf(tiny_model, tmp_path):
     spawn_ep(_generate_rank, dirs, prompts, str(out))
     ep2 = json.loads(out.read_text())
     for arch, d in dirs.items():
-        ep1 = [o.token_ids for o in LLM(d, max_num_batched_tokens=16).generate(prompts, GREEDY)]
+        llm = LLM(d, max_num_batched_tokens=16)
+        ep1 = [o.token_ids for o in llm.generate(prompts, GREEDY)]
         assert ep2[arch]["tokens"] == ep1 == hf_greedy(d, prompts, MAX_NEW), arch
         assert ep2[arch]["leaked"] == 0
+        # The leader counts every token's routing: the same as EP=1, split by owner rank.
+        load = llm.engine.expert_load()
+        assert ep2[arch]["per_expert"] == list(load.tokens_per_expert)
+        half = len(load.tokens_per_expert) // 2
+        per_rank = [sum(load.tokens_per_expert[:half]), sum(load.tokens_per_expert[half:])]
+        assert ep2[arch]["per_rank"] == per_rank
+
+
+def test_expert_load_counts_every_routed_token(tiny_model):
+    llm = LLM(tiny_model("mixtral"))
+    assert llm.engine.expert_load().tokens_per_expert == (0, 0, 0, 0)
+    prompts = make_prompts([7, 5], seed=12)
+    llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    load = llm.engine.expert_load()
+    spec = llm.engine.spec.moe
+    tokens = 12 + 2 * 2  # prompts, then 2 decode steps per request (3rd token not fed back)
+    assert sum(load.tokens_per_expert) == tokens * spec.top_k * len(spec.sparse_layers)
+    assert load.tokens_per_rank == (sum(load.tokens_per_expert),)
+    assert 0 < load.expert_balancedness <= 1 and load.rank_balancedness == 1.0
+    assert LLM(tiny_model("llama")).engine.expert_load() is None
