@@ -22,31 +22,39 @@ PREFIX_TOKENS = 64  # 4 blocks of 16
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model):
-    model = tiny_model("llama")
-    server = RedisServer().start()
-    workers = {
-        "p0": start("prefill", model, worker_id="p0"),
-        "d0": start("decode", model, worker_id="d0"),
-        "d1": start("decode", model, worker_id="d1"),
-    }
-    cfg = RouterConfig(str(model), "m", local_prefill_tokens=16)
+def redis_server():
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()  # also when the cluster below fails to start
 
-    def state():
-        return RedisClusterState(server.url, heartbeat_ttl_s=TTL_S, retry_s=0.3)
 
-    first = Router(cfg, [w.address for w in workers.values()], state=state(), poll_interval_s=POLL_S)  # fmt: skip
-    second_state = state()  # router-only: finds the workers in Redis
-    second = Router(cfg, state_source(second_state), state=second_state, poll_interval_s=POLL_S)
-    env = {"server": server, "workers": workers, "model": model, "state": state}
-    env["routers"] = [first.start_in_thread(), second.start_in_thread()]
-    wait_until(lambda: len(second.state.workers()) == 3 and len(second.registry.clients) == 3)
-    yield env
-    for rt in env["routers"]:
-        rt.stop()
-    for w in env["workers"].values():
-        w.stop()
-    server.close()
+@pytest.fixture(scope="module")
+def cluster(tiny_model, redis_server):
+    model, server = tiny_model("llama"), redis_server
+    env = {"server": server, "workers": {}, "model": model, "routers": []}
+    try:
+        for role, wid in (("prefill", "p0"), ("decode", "d0"), ("decode", "d1")):
+            env["workers"][wid] = start(role, model, worker_id=wid)
+        cfg = RouterConfig(str(model), "m", local_prefill_tokens=16)
+
+        def state():
+            return RedisClusterState(server.url, heartbeat_ttl_s=TTL_S, retry_s=0.3)
+
+        env["state"] = state
+        addresses = [w.address for w in env["workers"].values()]
+        first = Router(cfg, addresses, state=state(), poll_interval_s=POLL_S)
+        second_state = state()  # router-only: finds the workers in Redis
+        second = Router(cfg, state_source(second_state), state=second_state, poll_interval_s=POLL_S)  # fmt: skip
+        env["routers"] += [first.start_in_thread(), second.start_in_thread()]
+        wait_until(lambda: len(second.state.workers()) == 3 and len(second.registry.clients) == 3)
+        yield env
+    finally:
+        for rt in env["routers"]:
+            rt.stop()
+        for w in env["workers"].values():
+            w.stop()
 
 
 @pytest.fixture(autouse=True)
