@@ -194,7 +194,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     model = args.model or ensure_demo_model()
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
-    settings = replace(settings, ep_size=args.ep_size)
+    settings = replace(settings, ep_size=args.ep_size, port=args.port)
     config = settings.worker_config(args.role, args.worker_id, args.host or default_host())
     running = start_worker(config, start_local_ep_group(settings, config))
     print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
