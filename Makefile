@@ -28,7 +28,7 @@ serve: setup
 # The Redis cluster-state tests start their own redis-server from the distribution's package.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 redis:
-	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
 
 test: setup redis
 	$(BIN)/python -m pytest -q
