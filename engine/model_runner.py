@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.kv_cache.layout import slot_mapping
 from engine.models.llama import CausalLM
 from engine.sampler import sample
 from engine.scheduler_output import SampledToken, SchedulerOutput
@@ -23,10 +24,11 @@ def build_metadata(so: SchedulerOutput, block_size: int, device: torch.device) -
     ctx_lens = [s.start_pos for s in seqs]
     max_blocks = max(len(s.block_ids) for s in seqs)
     tables = [list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
-    slots: list[int] = []
-    for s in seqs:
-        for p in range(s.start_pos, s.start_pos + s.num_tokens):
-            slots.append(s.block_ids[p // block_size] * block_size + p % block_size)
+    slots = [
+        slot
+        for s in seqs
+        for slot in slot_mapping(s.block_ids, s.start_pos, s.start_pos + s.num_tokens, block_size)
+    ]
     qsl = [0]
     for n in qlens:
         qsl.append(qsl[-1] + n)

@@ -18,7 +18,7 @@ import uuid
 
 import torch
 
-from engine.kv_cache.layout import KVLayoutSpec, dtype_from_name
+from engine.kv_cache.layout import KVLayoutSpec, block_byte_views, dtype_from_name
 from kv_transfer import wire
 from kv_transfer.base import HandshakeError, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
@@ -134,16 +134,11 @@ class _Link:
 
     def _send_parts(self, job: LayerJob) -> None:
         """Zero-copy: send the source blocks as they lie in the cache (no staging copy)."""
-        block_bytes = job.k[0].numel() * job.k.element_size()
         if job.src_block_ids is None:
             parts = [wire.byte_view(job.k), wire.byte_view(job.v)]
         else:
             ids = job.src_block_ids.tolist()
-            parts = [
-                flat[b * block_bytes : (b + 1) * block_bytes]
-                for flat in (wire.byte_view(job.k), wire.byte_view(job.v))
-                for b in ids
-            ]
+            parts = block_byte_views(job.k, ids) + block_byte_views(job.v, ids)
         nbytes = sum(p.nbytes for p in parts) // 2
         # The plane hashes each chunk as it sends it and puts the checksum in a trailer.
         self.plane.send_parts(self._descriptor(job, slice(None), nbytes, 0), parts)

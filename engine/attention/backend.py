@@ -49,10 +49,6 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 class AttentionBackend(Protocol):
     """Stores a step's K/V into the paged cache and computes attention over it."""

@@ -118,16 +118,6 @@ class KVLayout:
         ]
 
 
-def slot_of(block_id: int, offset: int, block_size: int) -> int:
-    """Flat slot index of ``offset`` inside ``block_id``."""
-    return block_id * block_size + offset
-
-
-def block_and_offset(slot: int, block_size: int) -> tuple[int, int]:
-    """Inverse of :func:`slot_of`."""
-    return divmod(slot, block_size)
-
-
 def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -150,14 +140,38 @@ def gather_blocks(cache: torch.Tensor, block_ids: Sequence[int] | torch.Tensor) 
 def scatter_blocks(
     cache: torch.Tensor, block_ids: Sequence[int] | torch.Tensor, pages: torch.Tensor
 ) -> None:
-    """Write contiguous ``pages`` (``[n, *block_shape]``) into ``block_ids`` of ``cache``."""
+    """Write contiguous ``pages`` (``[n, *block_shape]``) into ``block_ids`` of ``cache``.
+
+    On CPU, same-dtype pages are copied as int64 rows with numpy fancy indexing: the same
+    bytes as ``index_copy_`` at memcpy speed (~27 GB/s here versus ~5 GB/s).
+    """
     index = torch.as_tensor(block_ids, dtype=torch.int64, device=cache.device)
     if pages.shape[0] != index.numel() or tuple(pages.shape[1:]) != tuple(cache.shape[1:]):
         raise ValueError(
             f"page shape {tuple(pages.shape)} does not fit {index.numel()} blocks of "
             f"{tuple(cache.shape[1:])}"
         )
+    if _cpu_rows_ok(cache) and pages.device.type == "cpu" and pages.dtype == cache.dtype:
+        rows = cache.view(cache.shape[0], -1).view(torch.int64).numpy()
+        src = pages.contiguous().view(pages.shape[0], -1).view(torch.int64).numpy()
+        rows[index.numpy()] = src
+        return
     cache.index_copy_(0, index, pages.to(cache.dtype))
+
+
+def block_byte_views(cache: torch.Tensor, block_ids: Sequence[int]) -> list[memoryview] | None:
+    """Writable byte views of ``block_ids`` of a contiguous CPU ``cache`` (``None``
+    elsewhere), so a transport can receive straight into the blocks."""
+    if cache.device.type != "cpu" or not cache.is_contiguous():
+        return None
+    flat = memoryview(cache.view(-1).view(torch.uint8).numpy())
+    size = cache[0].numel() * cache.element_size()
+    return [flat[b * size : (b + 1) * size] for b in block_ids]
+
+
+def _cpu_rows_ok(cache: torch.Tensor) -> bool:
+    block_bytes = cache[0].numel() * cache.element_size()
+    return cache.device.type == "cpu" and cache.is_contiguous() and block_bytes % 8 == 0
 
 
 @dataclass(frozen=True)

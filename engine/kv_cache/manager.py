@@ -121,7 +121,3 @@ class KVCacheManager:
         self._num_cached.pop(request_id, None)
         if blocks:
             self.pool.free(blocks)
-
-    def forget_hashes(self, request_id: str) -> None:
-        """Drop a request's hash bookkeeping (its tokens changed)."""
-        self._hashes.pop(request_id, None)
