@@ -36,4 +36,5 @@ def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.Inf
         hostname=socket.gethostname(),
         kv_transports=list(config.kv_transports) if config.role == "prefill" else [],
         vocab_size=engine.spec.vocab_size,
+        ep_size=engine.ep.size if engine.ep is not None else 1,
     )

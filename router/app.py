@@ -104,7 +104,13 @@ async def health(request: Request):
         "status": "ok" if decodes else "unavailable",
         "cluster_state": state.health(),
         "workers": {
-            w.worker_id: {"role": w.role, "healthy": w.healthy, "address": w.address}
+            w.worker_id: {
+                "role": w.role,
+                "healthy": w.healthy,
+                "address": w.address,
+                "epoch": w.epoch,
+                "ep_size": w.ep_size,
+            }
             for w in state.workers(healthy_only=False)
         },
     }

@@ -46,6 +46,8 @@ class WorkerRecord:
     epoch: int
     """Incarnation: a restarted worker registers again with a new epoch."""
     hostname: str = ""
+    ep_size: int = 1
+    """Expert-parallel ranks serving this worker (1 = no expert parallelism)."""
     kv_transports: tuple[str, ...] = ()
     healthy: bool = True
     last_heartbeat: float = field(default_factory=time.monotonic)

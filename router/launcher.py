@@ -138,6 +138,7 @@ class WorkerActor:
             "num_blocks": i.num_blocks,
             "block_size": i.block_size,
             "max_model_len": i.max_model_len,
+            "ep_size": i.ep_size or 1,
             "layout": json_format.MessageToDict(i.layout, preserving_proto_field_name=True),
         }
 

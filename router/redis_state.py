@@ -163,6 +163,7 @@ class RedisClusterState:
             "max_model_len": w.max_model_len,
             "epoch": w.epoch,
             "hostname": w.hostname,
+            "ep_size": w.ep_size,
             "kv_transports": list(w.kv_transports),
         }
         pipe = self.r.pipeline()
@@ -240,6 +241,7 @@ class RedisClusterState:
                 max_model_len=f["max_model_len"],
                 epoch=f["epoch"],
                 hostname=f["hostname"],
+                ep_size=f.get("ep_size", 1),
                 kv_transports=tuple(f["kv_transports"]),
                 healthy=alive[i] is not None and int(alive[i]) == f["epoch"],
                 load=_load(loads.get(worker_id)),

@@ -96,6 +96,7 @@ class Registry:
             max_model_len=info.max_model_len,
             epoch=info.epoch,
             hostname=info.hostname,
+            ep_size=info.ep_size or 1,
             kv_transports=tuple(info.kv_transports),
         )
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -89,12 +90,12 @@ def test_inflight_and_reservation(state):
 def test_routers_share_state(server):
     prefix = f"t{uuid.uuid4().hex[:8]}"
     a, b = redis_state(server, prefix), redis_state(server, prefix)
-    a.register(rec("d0"))
+    a.register(replace(rec("d0"), ep_size=2))
     a.heartbeat("d0", WorkerLoad(num_running=3))
     a.record_prefix("d0", [11, 12])
     a.add_inflight("d0", 1)
     [w] = b.workers("decode")
-    assert (w.worker_id, w.load.num_running, w.inflight) == ("d0", 3, 1)
+    assert (w.worker_id, w.load.num_running, w.inflight, w.ep_size) == ("d0", 3, 1, 2)
     assert b.match_prefix("d0", [11, 12, 13]) == 2
     # a new router (or a restarted one) loses nothing
     assert redis_state(server, prefix).match_prefix("d0", [11, 12]) == 2

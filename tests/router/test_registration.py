@@ -29,6 +29,7 @@ def test_layout_mismatch_is_refused_at_registration(tiny_model, caplog):
         assert [w.worker_id for w in router.state.workers()] == ["d16"]
         health = httpx.get(rt.url + "/health").json()
         assert list(health["workers"]) == ["d16"]
+        assert health["workers"]["d16"]["ep_size"] == 1  # from Info, as registered
         body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
         r = httpx.post(rt.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
