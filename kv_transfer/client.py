@@ -6,6 +6,8 @@ open(ticket)      -> Open frame; SenderTransfer registered on that link
 send_layer        -> LayerJob on the link's queue -> writer: gather + checksum into
                      the plane's staging buffer -> descriptor + bytes
 link lost         -> every transfer on it FAILED; the next open() pairs again
+new epoch         -> a ticket newer than the link's epoch (the receiver restarted at the
+                     same address): the old link is closed, never reused; pair again
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class Client:
         self._link_for(endpoint)
 
     def open(self, ticket: TransferTicket) -> SenderTransfer:
-        link = self._link_for(ticket.endpoint)
+        link = self._link_for(ticket.endpoint, ticket.epoch)
         block_shape = (self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         transfer = SenderTransfer(
             ticket,
@@ -204,13 +206,22 @@ class Client:
             link.link.join(timeout=5)
             link.writer.join(timeout=5)
 
-    def _link_for(self, endpoint: str) -> _Link:
+    def _link_for(self, endpoint: str, epoch: int | None = None) -> _Link:
+        """The paired link to ``endpoint``; a ticket of a newer ``epoch`` than the link's
+        means the receiver restarted at the same address: the old link is closed (its
+        transfers fail) and never reused, and a fresh one is paired."""
+        stale = None
         with self._lock:
             link = self._links.get(endpoint)
+            if link is not None and epoch is not None and epoch > link.epoch:
+                stale, link = link, None
             if link is None or link.link.closed:
                 link = self._pair(endpoint)
                 self._links[endpoint] = link
-            return link
+        if stale is not None:
+            logger.info("%s has a new epoch %d (was %d): closing the old link", endpoint, epoch, stale.epoch)  # fmt: skip
+            stale.link.close()
+        return link
 
     def _pair(self, endpoint: str) -> _Link:
         host, _, port = endpoint.rpartition(":")

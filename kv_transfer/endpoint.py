@@ -202,13 +202,22 @@ class Endpoint:
         elif not plane.on_frame(frame):
             logger.warning("endpoint %s: unexpected %s frame", self.address, kind)
 
+    def _epoch_error(self, epoch: int, transfer_id: str) -> str:
+        return (
+            f"transfer {transfer_id} carries epoch {epoch}, which is not this endpoint's "
+            f"epoch {self.epoch} at {self.address}; the ticket belongs to another incarnation "
+            "of the decode worker: reserve again"
+        )
+
     def _find(self, transfer_id: str) -> ReceiverTransfer | None:
         with self._lock:
             return self._transfers.get(transfer_id)
 
     def _on_open(self, link: ControlLink, msg: pb.Open) -> None:
         transfer = self._find(msg.transfer_id)
-        if transfer is None:
+        if msg.epoch != self.epoch:
+            error = self._epoch_error(msg.epoch, msg.transfer_id)
+        elif transfer is None:
             error = f"unknown or finished transfer {msg.transfer_id} on {self.address}"
         else:
             error = transfer.attach(link, msg.epoch)
@@ -226,6 +235,9 @@ class Endpoint:
         plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
         chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
         transfer = self._find(desc.transfer_id)
+        if desc.epoch != self.epoch:
+            self._drop(plane, desc, chunks, self._epoch_error(desc.epoch, desc.transfer_id))
+            return
         if transfer is None:
             self._drop(plane, desc, chunks, "unknown or finished transfer")
             return

@@ -164,6 +164,43 @@ def test_stale_epoch_is_refused(make_pair):
     wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
 
 
+def test_new_epoch_never_reuses_the_old_link(make_pair):
+    """The receiver restarted at the same address (new epoch) before the sender noticed:
+    the old connection is closed, a fresh one pairs, the transfer succeeds."""
+    pair = make_pair()
+    first = pair.endpoint.expect(pair.pool.allocate(1), lease_s=10)
+    pair.client.connect(first.ticket.endpoint)
+    old = pair.client._links[first.ticket.endpoint]
+    first.abort()
+    pair.endpoint.epoch = first.ticket.epoch + 1  # a new incarnation at the same address
+    dst = pair.pool.allocate(2)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    tx = pair.client.open(rx.ticket)
+    new = pair.client._links[rx.ticket.endpoint]
+    assert new is not old and new.epoch == rx.ticket.epoch
+    wait_until(lambda: old.link.closed)
+    send_layers(pair, tx, [0, 1])
+    tx.finish()
+    wait_until(lambda: both_done(rx, tx))
+    assert rx.poll() is S.SUCCESS, rx.error
+    assert_copied(pair, [0, 1], dst)
+    pair.pool.free(dst)
+
+
+def test_receiver_refuses_a_transfer_of_another_epoch(make_pair):
+    pair = make_pair()
+    dst = pair.pool.allocate(2)
+    rx = pair.endpoint.expect(dst, lease_s=10)
+    pair.client.connect(rx.ticket.endpoint)  # paired with the old incarnation
+    pair.endpoint.epoch = rx.ticket.epoch + 1  # the endpoint is now another incarnation
+    tx = pair.client.open(rx.ticket)
+    wait_until(lambda: tx.poll() is S.FAILED)
+    assert f"carries epoch {rx.ticket.epoch}, which is not this endpoint's epoch" in tx.error
+    assert "reserve again" in tx.error
+    rx.abort()
+    wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
