@@ -27,11 +27,12 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.parallel.ep import ExpertParallelGroup
-from engine.parallel.expert_load import ExpertLoad, expert_load
-from engine.parallel.step_sync import broadcast_step, run_follower
+from engine.parallel.expert_load import ExpertLoad, expert_counts, expert_load
+from engine.parallel.kv_relay import pull_hook, pull_slots
+from engine.parallel.step_sync import StepMessage, broadcast_step, run_follower
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, make_output
+from engine.scheduler import Scheduler, make_output, pick_home
 from engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class LLMEngine:
         self.kv = KVCacheManager(
             self.layout.num_blocks, self.layout.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.ep_size)
         self.backend = get_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(
             self.model,
@@ -93,12 +94,13 @@ class LLMEngine:
             self.layout.block_size,
             self.device,
             config.seed,
+            self.ep,
         )
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
         self._kv_streamed: set[str] = set()
-        self._kv_forward: list[int] = []
-        """EP leader: blocks that arrived by transfer, to copy to followers next step."""
+        self._kv_forward: dict[int, list[int]] = {}
+        """EP leader: home rank -> blocks that arrived by transfer, to send it next step."""
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
             self.spec.architecture,
@@ -127,6 +129,10 @@ class LLMEngine:
         return KVLayout(
             spec.num_layers, num_blocks, cache.block_size, spec.num_kv_heads, spec.head_dim, dtype
         )
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep.size if self.ep is not None else 1
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -204,11 +210,24 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report what each request gained."""
         so = self.scheduler.schedule()
+        items = self._stream_items(so)
+        hook = self._layer_hook(items)
         if self.ep is not None:
-            broadcast_step(so, self.ep, self.kv_caches, self._kv_forward)
-            self._kv_forward = []
-        sampled = self.runner.execute(so, self._layer_hook(so))
+            hook = self._ep_broadcast(so, items, hook)
+        sampled = self.runner.execute(so, hook)
         return self.scheduler.update(so, sampled)
+
+    def _ep_broadcast(
+        self, so: SchedulerOutput, items: list[LayerKV], hook: Callable[[int], None] | None
+    ) -> Callable[[int], None] | None:
+        """EP leader: send the step (and forwarded KV); the hook first pulls followers' KV."""
+        pulls = [(i.request_id, i.start_pos, i.end_pos) for i in items]
+        broadcast_step(StepMessage(so, self._kv_forward, pulls), self.ep, self.kv_caches)
+        self._kv_forward = {}
+        bs = self.layout.block_size
+        slots = {r: pull_slots(so, pulls, r, bs) for r in range(1, self.ep.size)}
+        slots = {r: s for r, s in slots.items() if s.numel()}
+        return pull_hook(self.kv_caches, slots, self.ep, hook) if slots else hook
 
     def run_follower(self) -> int:
         """EP follower: run the leader's steps until it calls :meth:`stop_followers`."""
@@ -216,22 +235,26 @@ class LLMEngine:
         return run_follower(self.runner, self.ep)
 
     def expert_load(self) -> ExpertLoad | None:
-        """Tokens routed per expert and per EP rank since start (``None``: dense model)."""
-        return expert_load(self.model, self.ep.size if self.ep is not None else 1)
+        """Tokens routed per expert and per EP rank since start (``None``: dense model);
+        on an EP leader, summed over every rank."""
+        if self.ep is None:
+            return expert_load(expert_counts(self.model))
+        return expert_load(self.runner.expert_sync.total, self.ep.size)
 
     def heartbeat(self) -> None:
         """EP leader, idle: an empty step, so followers see the leader is alive."""
         if self.ep is not None:
-            broadcast_step(SchedulerOutput((), 0), self.ep)
+            broadcast_step(StepMessage(SchedulerOutput((), 0)), self.ep)
 
     def stop_followers(self) -> None:
         """EP leader: release the followers from :meth:`run_follower`."""
         if self.ep is not None and self.ep.is_leader:
-            broadcast_step(None, self.ep)
+            broadcast_step(StepMessage(None), self.ep)
 
-    def _layer_hook(self, so: SchedulerOutput) -> Callable[[int], None] | None:
+    def _stream_items(self, so: SchedulerOutput) -> list[LayerKV]:
+        """What the KV layer hook gets this step (nothing without a hook)."""
         if self.kv_layer_hook is None:
-            return None
+            return []
         items = []
         for s in so.sequences:
             if not s.stream_kv:
@@ -239,6 +262,9 @@ class LLMEngine:
             start = s.start_pos if s.request_id in self._kv_streamed else 0
             self._kv_streamed.add(s.request_id)
             items.append(LayerKV(s.request_id, s.block_ids, start, s.start_pos + s.num_tokens))
+        return items
+
+    def _layer_hook(self, items: list[LayerKV]) -> Callable[[int], None] | None:
         if not items:
             return None
         hook, caches = self.kv_layer_hook, self.kv_caches
@@ -258,7 +284,10 @@ class LLMEngine:
         self._check_request(request_id, prompt_token_ids)
         req = Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids)
         prefix = self.kv.find_prefix(req)
-        if not self.kv.allocate(req, req.num_tokens - prefix.num_tokens, prefix, cache=False):
+        home = pick_home(self.kv, prefix, self.ep_size)
+        if not self.kv.allocate(
+            req, req.num_tokens - prefix.num_tokens, prefix, cache=False, home=home
+        ):
             return None
         self._reserved[request_id] = req
         req.num_cached_tokens = prefix.num_tokens
@@ -283,7 +312,14 @@ class LLMEngine:
             req.status = status
             self.kv.free(request_id)
         else:
-            if self.ep is not None:
-                self._kv_forward.extend(self.kv.block_ids(request_id))
+            self._forward_kv(req)
             self.scheduler.add_running(req)
         return make_output(req, 1)
+
+    def _forward_kv(self, req: Request) -> None:
+        """EP leader: the transferred blocks go to the request's home rank next step (hit
+        blocks are already there: a prefix hit is only valid on its own home)."""
+        home = self.kv.home(req.request_id)
+        if self.ep is not None and home != 0:
+            cached = req.num_cached_tokens // self.layout.block_size
+            self._kv_forward.setdefault(home, []).extend(self.kv.block_ids(req.request_id)[cached:])

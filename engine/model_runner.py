@@ -1,4 +1,10 @@
-"""Runs one step: SchedulerOutput -> input tensors + attention metadata -> model -> tokens."""
+"""Runs one step: SchedulerOutput -> input tensors + attention metadata -> model -> tokens.
+
+With expert parallelism (data-parallel attention) each rank runs only the sequences homed
+on it (``ScheduledSequence.home_rank``); a rank with none still joins every MoE layer's
+collectives with zero rows. Each rank then sends the final hidden row of each of its
+sampling sequences to the leader (``gather_to_leader``), which samples for all of them.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,12 @@ import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.kv_cache.layout import slot_mapping
+from engine.layers.moe import SparseMoE
 from engine.models.llama import CausalLM
+from engine.parallel.ep import ExpertParallelGroup, gather_to_leader
+from engine.parallel.expert_load import ExpertCountSync
 from engine.sampler import sample
-from engine.scheduler_output import SampledToken, SchedulerOutput
+from engine.scheduler_output import SampledToken, ScheduledSequence, SchedulerOutput
 
 LayerHook = Callable[[int], None]
 
@@ -59,8 +68,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         seed: int = 0,
+        ep: ExpertParallelGroup | None = None,
     ) -> None:
         self.model = model
+        self.ep = ep
+        self.expert_sync = ExpertCountSync(model, ep) if ep is not None else None
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
@@ -77,6 +89,30 @@ class ModelRunner:
             self._generators.pop(rid, None)
         if so.is_empty:
             return {}
+        local = so if self.ep is None else home_step(so, self.ep.rank)
+        sampling = [s for s in local.sequences if s.sample]
+        rows = self._forward(local, after_layer)
+        if self.ep is not None:
+            by_rank = sampling_by_rank(so, self.ep.size)
+            rows = gather_to_leader(rows, [len(seqs) for seqs in by_rank], self.ep)
+            self.expert_sync.step()
+            if not self.ep.is_leader:
+                return {}
+            sampling = [s for seqs in by_rank for s in seqs]
+        if not sampling:
+            return {}
+        tokens = sample(
+            self.model.compute_logits(rows),
+            [s.sampling_params for s in sampling],
+            [self._generator(s.request_id, s.sampling_params.seed) for s in sampling],
+            [s.suppress_token_ids for s in sampling],
+        )
+        return {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
+
+    def _forward(self, so: SchedulerOutput, after_layer: LayerHook | None) -> torch.Tensor:
+        """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample."""
+        if so.is_empty:
+            return self._idle_forward(after_layer)
         input_ids = torch.tensor(
             [t for s in so.sequences for t in s.token_ids], dtype=torch.int64, device=self.device
         )
@@ -87,19 +123,21 @@ class ModelRunner:
         )
         meta = build_metadata(so, self.block_size, self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, after_layer)
-        sampling = [(i, s) for i, s in enumerate(so.sequences) if s.sample]
-        if not sampling:
-            return {}
         last = meta.query_start_loc[1:].long() - 1
-        rows = torch.tensor([i for i, _ in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden[last[rows]])
-        tokens = sample(
-            logits,
-            [s.sampling_params for _, s in sampling],
-            [self._generator(s.request_id, s.sampling_params.seed) for _, s in sampling],
-            [s.suppress_token_ids for _, s in sampling],
-        )
-        return {s.request_id: t for (_, s), t in zip(sampling, tokens, strict=True)}
+        rows = torch.tensor([i for i, s in enumerate(so.sequences) if s.sample], dtype=torch.int64)
+        return hidden[last[rows.to(self.device)]]
+
+    def _idle_forward(self, after_layer: LayerHook | None) -> torch.Tensor:
+        """EP rank with no sequences this step: zero rows through every MoE layer's
+        collectives (the other ranks' tokens may need this rank's experts)."""
+        weight = self.model.embed.weight
+        x = weight.new_empty(0, weight.shape[1])
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp(x)
+            if after_layer is not None:
+                after_layer(i)
+        return x
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         gen = self._generators.get(request_id)
@@ -113,3 +151,19 @@ class ModelRunner:
 def _default_seed(engine_seed: int, request_id: str) -> int:
     """A stable seed for requests that give none (differs per request, not per run)."""
     return (engine_seed << 32) ^ zlib.crc32(request_id.encode())
+
+
+def home_step(so: SchedulerOutput, rank: int) -> SchedulerOutput:
+    """The part of a step that ``rank`` runs: its home sequences, decodes still first."""
+    seqs = tuple(s for s in so.sequences if s.home_rank == rank)
+    decodes = sum(1 for s in seqs if s.num_tokens == 1)
+    return SchedulerOutput(seqs, decodes, so.finished_request_ids)
+
+
+def sampling_by_rank(so: SchedulerOutput, size: int) -> list[list[ScheduledSequence]]:
+    """Sampling sequences per home rank, in step order (the leader's row order)."""
+    out: list[list[ScheduledSequence]] = [[] for _ in range(size)]
+    for s in so.sequences:
+        if s.sample:
+            out[s.home_rank].append(s)
+    return out

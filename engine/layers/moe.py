@@ -8,7 +8,8 @@ Expert weights are stacked (fused in memory, per-expert on disk)::
 ``expert_start`` is the global id of local expert 0, so an expert-parallel rank can hold
 a contiguous slice of the experts. With an :class:`~engine.parallel.ep.ExpertParallelGroup`
 the layer holds only its rank's slice and exchanges tokens with the other ranks
-(``engine/parallel/ep.py``); router, shared expert and everything else are replicated.
+(``engine/parallel/ep.py``); router and shared expert run on each rank's own tokens
+(data-parallel attention: a rank holds only its home sequences).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from engine.layers.basic import GatedMLP, Linear
 from engine.model_spec import MoESpec
-from engine.parallel.ep import ExpertParallelGroup, ep_moe_replicated
+from engine.parallel.ep import ExpertParallelGroup, ep_expert_forward
 
 
 def route(
@@ -93,7 +94,8 @@ class SparseMoE(nn.Module):
         shared = spec.shared_expert_intermediate_size
         self.shared = GatedMLP(hidden, shared) if shared else None
         self.shared_gate = Linear(hidden, 1) if shared else None
-        # Load statistics (engine/parallel/expert_load.py): every rank routes every token.
+        # Load statistics (engine/parallel/expert_load.py): this rank's tokens only; the
+        # EP leader sums the ranks' counts after each step.
         self.register_buffer(
             "tokens_per_expert", torch.zeros(spec.num_experts, dtype=torch.int64), persistent=False
         )
@@ -104,7 +106,7 @@ class SparseMoE(nn.Module):
         if self.ep is None:
             out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
         else:
-            out = ep_moe_replicated(
+            out = ep_expert_forward(
                 x, weights, ids, self.spec.num_experts, self.ep, self._run_received
             )
         if self.shared is not None:

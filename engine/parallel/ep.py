@@ -1,7 +1,16 @@
 """Expert parallelism: dispatch tokens to the ranks owning their top-k experts, combine back.
 
 Each of the ``size`` ranks owns a contiguous slice of ``num_experts // size`` experts.
-One MoE layer on one rank, for ``N`` tokens and top-``k`` routing::
+Attention is data-parallel: every rank runs only its own *home* sequences (embeddings,
+attention on its own KV, dense MLPs, router gate, shared experts), so the ``N`` tokens
+below are this rank's tokens only, and no step ever gathers all tokens to all ranks::
+
+    rank 0: its seqs ─ attn ─ gate ─┐                 ┌─ combine ─ attn ─ ... ─ last rows ─┐
+                                    ├─ all_to_all ─ experts ─ all_to_all ─┤                  ├─► rank 0
+    rank 1: its seqs ─ attn ─ gate ─┘                 └─ combine ─ attn ─ ... ─ last rows ─┘   samples
+
+A rank with no sequences in a step still joins every MoE layer's collectives with zero
+rows. One MoE layer on one rank, for ``N`` tokens and top-``k`` routing::
 
     slots (N*k, one per token/expert pair), sorted by global expert id
       ──► grouped by owner rank:  | rank 0 slots | rank 1 slots | ... |   send_splits
@@ -135,34 +144,18 @@ def ep_expert_forward(
     return combine(run_local(d.x, d.expert_ids), d)
 
 
-def ep_moe_replicated(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_experts: int,
-    ep: ExpertParallelGroup,
-    run_local,
+def gather_to_leader(
+    rows: torch.Tensor, counts: list[int], ep: ExpertParallelGroup
 ) -> torch.Tensor:
-    """MoE output for all ``N`` tokens when every rank holds the same ``N`` rows.
-
-    Attention is replicated, so each rank dispatches only its own slice of the tokens
-    (rank ``r`` takes rows ``[r*ceil(N/size), ...)``); the combined slices are then
-    gathered so every rank has the full output for the next layer::
-
-        rank 0: rows [0, c)   ──dispatch/experts/combine──► out[0, c)   ┐
-        rank 1: rows [c, 2c)  ──dispatch/experts/combine──► out[c, 2c)  ┴► all_gather
-    """
-    n, h = x.shape
-    per = -(-n // ep.size)
-    lo, hi = min(ep.rank * per, n), min((ep.rank + 1) * per, n)
-    part = ep_expert_forward(
-        x[lo:hi], weights[lo:hi], expert_ids[lo:hi], num_experts, ep, run_local
-    )
-    padded = x.new_zeros(per, h)
-    padded[: hi - lo] = part
-    chunks = [torch.empty_like(padded) for _ in range(ep.size)]
-    dist.all_gather(chunks, padded, group=ep.group)
-    return torch.cat(chunks)[:n]
+    """Rank 0 gets every rank's ``rows`` (``counts[r]`` rows from rank ``r``, rank-major);
+    the other ranks get an empty tensor. One uneven ``all_to_all_single``: only rank 0
+    receives, so nothing is gathered to every rank."""
+    lead = ep.is_leader
+    send_splits = [rows.shape[0]] + [0] * (ep.size - 1)
+    recv_splits = list(counts) if lead else [0] * ep.size
+    out = rows.new_empty(sum(recv_splits), rows.shape[1])
+    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=ep.group)
+    return out
 
 
 def ep_store(host: str, size: int, timeout_s: float = 120.0) -> dist.TCPStore:

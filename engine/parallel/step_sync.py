@@ -1,54 +1,63 @@
 """Lockstep for an EP group: the leader broadcasts each step's ``SchedulerOutput``.
 
-Leader (rank 0): ``schedule()`` → :func:`broadcast_step` → ``runner.execute`` → sample.
-Follower: :func:`run_follower` loops :func:`receive_step` → ``runner.execute`` (its own
-replicated KV cache, its slice of the experts) until the leader sends ``stop``.
+Leader (rank 0): ``schedule()`` → :func:`broadcast_step` → ``runner.execute`` (its home
+sequences) → sample every rank's sequences. Follower: :func:`run_follower` loops
+:func:`receive_step` → ``runner.execute`` (its home sequences, its slice of the experts;
+it sends its sampling rows to the leader) until the leader sends ``stop``.
 
 The wire format is JSON (no pickle): a length broadcast, then the UTF-8 bytes, over the
-group's CPU (gloo) group. KV that reached the leader from elsewhere (a prefill worker's
-transfer into a decode leader) travels with the step that first uses it: the message
-names ``kv_blocks`` and one more broadcast carries those blocks' K/V for every layer,
-which the followers write into their own caches before executing the step.
+group's CPU (gloo) group. Besides the step, the message names the KV moves of
+``engine/parallel/kv_relay.py``: ``kv_forward`` (rank → blocks the leader received by
+transfer, sent point-to-point to that home rank right after the broadcast) and
+``kv_pull`` (positions of prefill-only sequences homed on followers, which the followers
+push to the leader after each layer for the KV hook).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.kv_relay import KVCaches, Pull, pull_slots, push_hook, recv_blocks, send_blocks
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+@dataclass(frozen=True)
+class StepMessage:
+    """One step as the followers receive it; ``step is None`` means stop."""
+
+    step: SchedulerOutput | None
+    kv_forward: dict[int, list[int]] = field(default_factory=dict)
+    kv_pull: list[Pull] = field(default_factory=list)
 
 
-def encode_step(so: SchedulerOutput | None, kv_blocks: list[int] | None = None) -> bytes:
-    """JSON bytes for one step; ``None`` means stop."""
+def encode_step(msg: StepMessage) -> bytes:
+    """JSON bytes for one step message."""
+    so = msg.step
     if so is None:
         return b'{"stop": true}'
-    seqs = [asdict(s) for s in so.sequences]
     body = {
-        "sequences": seqs,
+        "sequences": [asdict(s) for s in so.sequences],
         "num_decodes": so.num_decodes,
         "finished": sorted(so.finished_request_ids),
-        "kv_blocks": list(kv_blocks or ()),
+        "kv_forward": {str(r): b for r, b in msg.kv_forward.items()},
+        "kv_pull": [list(p) for p in msg.kv_pull],
     }
     return json.dumps(body).encode()
 
 
-def decode_step(data: bytes) -> tuple[SchedulerOutput | None, list[int]]:
-    """``(step, kv_blocks)``; the step is ``None`` when the leader stops."""
+def decode_step(data: bytes) -> StepMessage:
     body = json.loads(data)
     if body.get("stop"):
-        return None, []
+        return StepMessage(None)
     seqs = []
     for s in body["sequences"]:
         params = s.pop("sampling_params")
@@ -60,52 +69,41 @@ def decode_step(data: bytes) -> tuple[SchedulerOutput | None, list[int]]:
             )
         )
     so = SchedulerOutput(tuple(seqs), body["num_decodes"], frozenset(body["finished"]))
-    return so, body["kv_blocks"]
+    forward = {int(r): b for r, b in body["kv_forward"].items()}
+    return StepMessage(so, forward, [tuple(p) for p in body["kv_pull"]])
 
 
 def broadcast_step(
-    so: SchedulerOutput | None,
-    ep: ExpertParallelGroup,
-    kv_caches: KVCaches | None = None,
-    kv_blocks: list[int] | None = None,
+    msg: StepMessage, ep: ExpertParallelGroup, kv_caches: KVCaches | None = None
 ) -> None:
-    """Leader: send this step (or ``None`` = stop), and ``kv_blocks`` of ``kv_caches``."""
-    data = torch.frombuffer(bytearray(encode_step(so, kv_blocks)), dtype=torch.uint8)
+    """Leader: send this step (``msg.step is None`` = stop), then forward its KV blocks."""
+    data = torch.frombuffer(bytearray(encode_step(msg)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
     dist.broadcast(size, 0, group=ep.cpu_group)
     dist.broadcast(data, 0, group=ep.cpu_group)
-    if so is not None and kv_blocks:
-        dist.broadcast(_gather_blocks(kv_caches, kv_blocks), 0, group=ep.cpu_group)
+    if msg.step is not None and msg.kv_forward:
+        send_blocks(kv_caches, msg.kv_forward, ep)
 
 
-def receive_step(ep: ExpertParallelGroup, kv_caches: KVCaches) -> SchedulerOutput | None:
-    """Follower: the leader's next step (its forwarded KV written), or ``None`` = stop."""
+def receive_step(ep: ExpertParallelGroup, kv_caches: KVCaches) -> StepMessage:
+    """Follower: the leader's next step, with this rank's forwarded KV written."""
     size = torch.zeros(1, dtype=torch.int64)
     dist.broadcast(size, 0, group=ep.cpu_group)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(data, 0, group=ep.cpu_group)
-    so, kv_blocks = decode_step(data.numpy().tobytes())
-    if so is not None and kv_blocks:
-        ids = torch.tensor(kv_blocks, dtype=torch.int64)
-        pages = torch.empty_like(_gather_blocks(kv_caches, kv_blocks))
-        dist.broadcast(pages, 0, group=ep.cpu_group)
-        for (k, v), (pk, pv) in zip(kv_caches, pages, strict=True):
-            k.index_copy_(0, ids.to(k.device), pk.to(k.device))
-            v.index_copy_(0, ids.to(v.device), pv.to(v.device))
-    return so
-
-
-def _gather_blocks(kv_caches: KVCaches, blocks: list[int]) -> torch.Tensor:
-    """``[layers, 2, len(blocks), *block_shape]`` on the CPU (gloo sends CPU tensors)."""
-    ids = torch.tensor(blocks, dtype=torch.int64, device=kv_caches[0][0].device)
-    return torch.stack([torch.stack([k[ids], v[ids]]) for k, v in kv_caches]).cpu()
+    msg = decode_step(data.numpy().tobytes())
+    if msg.step is not None:
+        recv_blocks(kv_caches, msg.kv_forward.get(ep.rank, []), ep)
+    return msg
 
 
 def run_follower(runner, ep: ExpertParallelGroup) -> int:
     """Execute the leader's steps until it stops; returns the number of steps run."""
     steps = 0
-    while (so := receive_step(ep, runner.kv_caches)) is not None:
-        runner.execute(so)
+    while (msg := receive_step(ep, runner.kv_caches)).step is not None:
+        slots = pull_slots(msg.step, msg.kv_pull, ep.rank, runner.block_size)
+        after = push_hook(runner.kv_caches, slots, ep) if slots.numel() else None
+        runner.execute(msg.step, after)
         steps += 1
     logger.info("EP follower rank %d stopped after %d steps", ep.rank, steps)
     return steps

@@ -1,8 +1,10 @@
 """Expert parallelism on CPU (gloo, 2 spawned ranks).
 
 Dispatch/combine equals the single-process expert computation under uneven routing (an
-expert with no tokens, a rank that receives none, a rank that sends none), and greedy
-output with EP=2 equals EP=1 equals HF for the tiny MoE models.
+expert with no tokens, a rank that receives none, a rank that sends none); the leader
+gathers only the sampling rows; greedy output with EP=2 (data-parallel attention) equals
+EP=1 equals HF for the tiny MoE models over a workload with both ranks busy, steps where
+one rank has no sequences, chunked prefill, a prefix hit and preemption.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.layers.moe import expert_forward
-from engine.parallel.ep import ep_expert_forward, ep_moe_replicated
+from engine.parallel.ep import ep_expert_forward, gather_to_leader
 from tests.engine.ep_spawn import spawn_ep
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
@@ -58,13 +60,12 @@ def _dispatch_rank(ep, out_path):
         got = ep_expert_forward(x, w, ids, E, ep, run)
         want = expert_forward(x, w, ids, w13, w2)
         errors[name] = (got - want).abs().max().item() if ids.numel() else 0.0
-    for n in (3, 1):  # replicated rows: odd split, and a rank with an empty slice
-        g = torch.Generator().manual_seed(7)
-        x = torch.randn(n, H, generator=g)
-        ids = torch.randint(0, E, (n, 2), generator=g)
-        w = torch.rand(n, 2, generator=g)
-        got = ep_moe_replicated(x, w, ids, E, ep, run)
-        errors[f"replicated n={n}"] = (got - expert_forward(x, w, ids, w13, w2)).abs().max().item()
+    for counts in ([2, 3], [0, 2], [1, 0], [0, 0]):  # rank r sends counts[r] rows
+        rows = torch.full((counts[ep.rank], H), float(ep.rank + 1))
+        got = gather_to_leader(rows, counts, ep)
+        want = torch.cat([torch.full((n, H), float(r + 1)) for r, n in enumerate(counts)])
+        want = want if ep.is_leader else want[:0]
+        errors[f"gather {counts}"] = 0.0 if torch.equal(got, want) else 1.0
     with open(f"{out_path}.{ep.rank}", "w") as f:
         json.dump(errors, f)
 
@@ -78,22 +79,49 @@ def test_dispatch_combine_uneven_routing(tmp_path):
         assert all(e < 1e-5 for e in errors.values()), (rank, errors)
 
 
+# Both ranks busy, a prefix hit (the last prompt shares 16 tokens with the second),
+# chunked prefill (16-token budget) and preemption (30 blocks of 4 tokens).
+ENGINE_ARGS = {"max_num_batched_tokens": 16, "block_size": 4, "num_kv_blocks": 30}
+
+
+def _workload() -> list[list[int]]:
+    base = make_prompts([5, 21, 9, 30, 13, 3], seed=11)
+    return [*base, base[1][:17] + [7, 8, 9]]
+
+
+def _record_steps(engine) -> list[list[tuple[int, int]]]:
+    """Per step, ``(home_rank, num_tokens)`` of every scheduled sequence."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recorded():
+        so = schedule()
+        steps.append([(s.home_rank, s.num_tokens) for s in so.sequences])
+        return so
+
+    engine.scheduler.schedule = recorded
+    return steps
+
+
 def _generate_rank(ep, model_dirs, prompts, out_path):
     results = {}
     for arch, d in model_dirs.items():
-        llm = LLM(d, ep=ep, max_num_batched_tokens=16)
+        llm = LLM(d, ep=ep, **ENGINE_ARGS)
         if not ep.is_leader:
             llm.engine.run_follower()
             continue
+        steps = _record_steps(llm.engine)
         try:
             outs = llm.generate(prompts, GREEDY)
         finally:
             llm.engine.stop_followers()
-        leaked = llm.engine.layout.num_blocks - llm.engine.num_free_blocks
         load = llm.engine.expert_load()
         results[arch] = {
             "tokens": [o.token_ids for o in outs],
-            "leaked": leaked,
+            "cached": [o.num_cached_tokens for o in outs],
+            "free": llm.engine.num_free_blocks,
+            "total": llm.engine.layout.num_blocks,
+            "preemptions": llm.engine.scheduler.num_preemptions,
+            "steps": steps,
             "per_expert": list(load.tokens_per_expert),
             "per_rank": list(load.tokens_per_rank),
         }
@@ -104,21 +132,27 @@ def _generate_rank(ep, model_dirs, prompts, out_path):
 
 def test_ep2_equals_ep1_equals_hf(tiny_model, tmp_path):
     dirs = {arch: str(tiny_model(arch)) for arch in MOE_ARCHS}
-    prompts = make_prompts([5, 21, 9], seed=11)
+    prompts = _workload()
     out = tmp_path / "ep2.json"
     spawn_ep(_generate_rank, dirs, prompts, str(out))
     ep2 = json.loads(out.read_text())
     for arch, d in dirs.items():
-        llm = LLM(d, max_num_batched_tokens=16)
+        llm = LLM(d, **ENGINE_ARGS)
         ep1 = [o.token_ids for o in llm.generate(prompts, GREEDY)]
-        assert ep2[arch]["tokens"] == ep1 == hf_greedy(d, prompts, MAX_NEW), arch
-        assert ep2[arch]["leaked"] == 0
-        # The leader counts every token's routing: the same as EP=1, split by owner rank.
-        load = llm.engine.expert_load()
-        assert ep2[arch]["per_expert"] == list(load.tokens_per_expert)
-        half = len(load.tokens_per_expert) // 2
-        per_rank = [sum(load.tokens_per_expert[:half]), sum(load.tokens_per_expert[half:])]
-        assert ep2[arch]["per_rank"] == per_rank
+        r = ep2[arch]
+        assert r["tokens"] == ep1 == hf_greedy(d, prompts, MAX_NEW), arch
+        assert r["free"] == r["total"] == llm.engine.num_free_blocks
+        assert r["preemptions"] > 0 and r["cached"][-1] > 0, r
+        homes = [{h for h, _ in step} for step in r["steps"] if step]
+        assert {0, 1} in homes, "no step ran sequences on both ranks"
+        assert {0} in homes or {1} in homes, "no step left a rank without sequences"
+        assert any(n > 1 for step in r["steps"] for h, n in step if h == 1), "no prefill on 1"
+        # Every (token, expert) assignment of every rank reaches the leader's counters.
+        spec = llm.engine.spec.moe
+        computed = sum(n for step in r["steps"] for _, n in step)
+        assert sum(r["per_expert"]) == computed * spec.top_k * len(spec.sparse_layers)
+        half = len(r["per_expert"]) // 2
+        assert r["per_rank"] == [sum(r["per_expert"][:half]), sum(r["per_expert"][half:])]
 
 
 def test_expert_load_counts_every_routed_token(tiny_model):
