@@ -34,8 +34,11 @@ def _exit_on_ep_failure(worker, name: str) -> None:
     """EP leader: a failed step means a rank died. Fail the streams with a clear error and
     exit, so the supervisor (Ray) restarts the whole group rather than leaving it hung."""
 
+    from engine.parallel.health import describe_failure
+
     def on_crash(exc: BaseException) -> None:
-        why = f"expert-parallel group of {name} failed ({exc}); the worker restarts"
+        dead = describe_failure(worker.engine.ep)
+        why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
         if hasattr(worker, "fail_all"):
             worker.fail_all(why)
         logger.error("%s; exiting", why)

@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ def _start_ep_group(settings: WorkerSettings, config, placement_group: Any, host
         )
         followers.append(cls.remote(settings.to_json(), config.role, rank, init_method))
     ep = join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
-    logger.info("EP group of %d ranks joined at %s", settings.ep_size, init_method)
-    return ep, followers
+    pids = (os.getpid(), *ray.get([f.pid.remote() for f in followers]))
+    logger.info("EP group of %d ranks joined at %s (pids %s)", settings.ep_size, init_method, pids)
+    return replace(ep, rank_pids=pids), followers
 
 
 def ep_follower_main(settings_json: str, role: str, rank: int, init_method: str) -> None:
@@ -209,10 +210,14 @@ def start_local_ep_group(settings: WorkerSettings, config) -> Any:
     store = ep_store(config.host, settings.ep_size)
     init_method = f"tcp://{config.host}:{store.port}"
     ctx = mp.get_context("spawn")
+    pids = [os.getpid()]
     for rank in range(1, settings.ep_size):
         args = (settings.to_json(), config.role, rank, init_method)
-        ctx.Process(target=ep_follower_main, args=args, daemon=True).start()
-    return join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
+        proc = ctx.Process(target=ep_follower_main, args=args, daemon=True)
+        proc.start()
+        pids.append(proc.pid)
+    ep = join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
+    return replace(ep, rank_pids=tuple(pids))
 
 
 class EPFollowerActor:

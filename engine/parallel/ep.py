@@ -42,6 +42,9 @@ class ExpertParallelGroup:
     """Group for expert traffic (NCCL on CUDA, gloo on CPU); ``None`` = default group."""
     control_group: dist.ProcessGroup | None = None
     """CPU (gloo) group for the leader's per-step broadcast; ``None`` = ``group``."""
+    rank_pids: tuple[int, ...] = ()
+    """Process id of every rank (same host), when the launcher knows them: a failed
+    collective then names the rank that died (``engine/parallel/health.py``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:

@@ -1,0 +1,114 @@
+"""`pdserve worker --ep-size 2` (no Ray: the leader spawns its follower process on this
+host, `start_local_ep_group`): greedy output equals HF with concurrent requests spread
+over both ranks; a killed follower ends the in-flight stream within seconds with an error
+naming the dead rank, and every EP process exits; SIGTERM stops leader and follower."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine.parallel.health import pid_alive
+from engine.sampling_params import SamplingParams
+from proto import worker_pb2 as pb
+from proto import worker_pb2_grpc as rpc
+from tests.decode_worker.inproc import spec, tokens
+from tests.decode_worker.test_standalone import _free_port
+from tests.engine.hf_reference import hf_greedy, make_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+
+
+def _children(pid: int) -> list[int]:
+    """Follower processes (multiprocessing spawn children) of ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.fixture
+def ep_worker(tiny_model):
+    model = tiny_model("mixtral")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "worker"]
+    cmd += ["--role", "decode", "--model", str(model), "--host", "127.0.0.1"]
+    cmd += ["--num-kv-blocks", "128", "--worker-id", "ep2", "--kv-transport", "tcp"]
+    cmd += ["--ep-size", "2", "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == f"decode worker ep2 serving on 127.0.0.1:{port}", line
+        followers = _children(proc.pid)
+        assert len(followers) == 1, followers
+        with grpc.insecure_channel(line.split()[-1]) as channel:
+            yield model, proc, followers[0], rpc.DecodeServiceStub(channel)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"EP processes still running: {pids}"
+        time.sleep(0.1)
+
+
+def test_local_ep2_worker_equals_hf_and_stops(ep_worker):
+    model, proc, follower, stub = ep_worker
+    prompts = make_prompts([23, 40, 7, 15], seed=91)
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        got[i] = tokens(stub.Generate(spec(f"g{i}", prompts[i], GREEDY), timeout=60))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert [got.get(i) for i in range(len(prompts))] == hf_greedy(model, prompts, 10)
+    stats = stub.Stats(pb.StatsRequest(), timeout=10)
+    assert stats.ep_size == 2 and sum(stats.expert_tokens) > 0
+    assert stats.num_free_blocks == stats.num_blocks == 128
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    _wait_gone([follower], timeout=20)
+
+
+def test_killed_follower_fails_the_stream_naming_the_rank(ep_worker):
+    _, proc, follower, stub = ep_worker
+    stream = stub.Generate(spec("long", make_prompts([12], seed=92)[0], LONG), timeout=60)
+    next(stream)  # decoding is under way on both ranks
+    t0 = time.monotonic()
+    os.kill(follower, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 15
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"EP rank 1 (pid {follower}) died" in err.value.details(), err.value.details()
+    assert "expert-parallel group of ep2 failed" in err.value.details()
+    assert proc.wait(timeout=15) != 0  # the leader exits for its supervisor to restart
+    _wait_gone([follower], timeout=5)
