@@ -52,6 +52,10 @@ class WorkerConfig:
     """Prefill, tests only: sleep this long before each prefill (fault injection)."""
     extra: dict[str, str] = field(default_factory=dict)
     """kv_transfer plane options (TransferConfig.plane)."""
+    redis_url: str | None = None
+    """Register in and publish load/prefix events to this shared cluster state."""
+    heartbeat_ttl_s: float = 3.0
+    """With ``redis_url``: routers drop this worker when silent this long."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

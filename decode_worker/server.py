@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from decode_worker.runtime import GrpcServer, WorkerConfig
@@ -24,8 +25,12 @@ class RunningWorker:
     info: pb.InfoResponse
     worker: object
     server: GrpcServer
+    publisher: object | None = None
+    """``router.publisher.WorkerPublisher`` with ``config.redis_url``."""
 
     def stop(self) -> None:
+        if self.publisher is not None:
+            self.publisher.stop()  # deregister before the port closes
         self.server.stop()
         self.worker.close()
 
@@ -47,8 +52,16 @@ def _exit_on_ep_failure(worker, name: str) -> None:
     worker.loop.on_crash = on_crash
 
 
-def start_worker(config: WorkerConfig, ep: ExpertParallelGroup | None = None) -> RunningWorker:
+def start_worker(
+    config: WorkerConfig,
+    ep: ExpertParallelGroup | None = None,
+    on_refused: Callable[[str], None] | None = None,
+) -> RunningWorker:
     """Load the model, start the engine thread and serve gRPC on ``config.host``.
+
+    With ``config.redis_url`` the worker registers itself in the shared cluster state and
+    publishes its load and prefix events (router/publisher.py); a KV layout the cluster
+    refuses raises ``router.publisher.LayoutRefused`` (``on_refused``: a later refusal).
 
     With ``ep`` this process is the EP leader (rank 0); the followers run
     :func:`engine.parallel.step_sync.run_follower` on an engine of their own.
@@ -90,4 +103,13 @@ def start_worker(config: WorkerConfig, ep: ExpertParallelGroup | None = None) ->
         engine.layout.num_blocks,
         ",".join(config.kv_transports),
     )
-    return RunningWorker(config, address, info, worker, server)
+    running = RunningWorker(config, address, info, worker, server)
+    if config.redis_url:
+        from router.publisher import start_publisher
+
+        try:
+            running.publisher = start_publisher(config, info, worker, on_refused)
+        except BaseException:
+            running.stop()
+            raise
+    return running

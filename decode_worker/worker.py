@@ -80,6 +80,8 @@ class DecodeWorker:
             )
             for name in config.kv_transports
         }
+        self.publishes_events = False
+        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
         self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
         self.loop.start()
 
@@ -171,7 +173,10 @@ class DecodeWorker:
                 req.sink.put(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._reqs.clear()
 
-    def stats(self) -> pb.StatsResponse:
+    def stats(self, drain_events: bool | None = None) -> pb.StatsResponse:
+        """Load and counters; block events are drained only by their consumer: the Redis
+        publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
+        drain = not self.publishes_events if drain_events is None else drain_events
         with self.loop.lock:
             sched = self.engine.scheduler
             queues = dict.fromkeys(("reserved", "receiving", "ready"), 0)
@@ -189,7 +194,7 @@ class DecodeWorker:
             for name, ep in self.endpoints.items():
                 for key, value in ep.stats().items():
                     transfer[f"{name}.{key}"] = value
-            stored, evicted = self.engine.kv.pool.drain_events()
+            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,

@@ -63,6 +63,8 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._block_bytes = engine.layout.block_bytes
         engine.kv_layer_hook = self._on_layer
+        self.publishes_events = False
+        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
         self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
         self.loop.start()
 
@@ -122,13 +124,16 @@ class PrefillWorker:
                 job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
             return self.engine.abort(rid) or job is not None
 
-    def stats(self) -> pb.StatsResponse:
+    def stats(self, drain_events: bool | None = None) -> pb.StatsResponse:
+        """Load and counters; block events are drained only by their consumer: the Redis
+        publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
+        drain = not self.publishes_events if drain_events is None else drain_events
         with self.loop.lock:
             sched = self.engine.scheduler
             sending = sum(1 for j in self._jobs.values() if j.state == "sending")
             queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
             queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
-            stored, evicted = self.engine.kv.pool.drain_events()
+            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
             return pb.StatsResponse(
                 num_blocks=self.engine.layout.num_blocks,
                 num_free_blocks=self.engine.num_free_blocks,

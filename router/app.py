@@ -119,7 +119,9 @@ async def health(request: Request):
 
 @probes.get("/metrics")
 async def metrics(request: Request):
-    return Response(_service(request).metrics.render(), media_type="text/plain; version=0.0.4")
+    svc = _service(request)
+    svc.metrics.state_connected.set(1 if svc.state.health()["connected"] else 0)  # as of now
+    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @v1.get("/models")

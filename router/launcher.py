@@ -51,6 +51,10 @@ class WorkerSettings:
     plane: dict[str, str] = field(default_factory=dict)
     ep_size: int = 1
     """Expert-parallel ranks serving this worker's model replica (MoE models)."""
+    redis_url: str | None = None
+    """Register in and publish load/prefix events to this shared cluster state."""
+    heartbeat_ttl_s: float = 3.0
+    """With ``redis_url``: routers drop this worker when silent this long."""
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
@@ -96,6 +100,8 @@ class WorkerSettings:
             worker_id=worker_id,
             fault_delay_s=self.fault_delay_s,
             extra=dict(self.plane),
+            redis_url=self.redis_url,
+            heartbeat_ttl_s=self.heartbeat_ttl_s,
         )
 
 

@@ -1,23 +1,35 @@
-"""``RedisClusterState``: the ``ClusterState`` protocol shared by several routers in Redis.
+"""``RedisClusterState``: the ``ClusterState`` protocol shared by routers and workers in Redis.
 
-Keys (``<p>`` = the key prefix, default ``pdserve``)::
+Keys (``<p>`` = the key prefix, default ``pdserve``); W = written by the worker's publisher
+(router/publisher.py), R = by routers::
 
-    <p>:layout                   KV layout JSON of the cluster (first registration wins)
-    <p>:workers                  hash  worker_id -> record JSON (address, role, epoch, ...)
-    <p>:alive:<id>               epoch, with a TTL: renewed by each heartbeat; gone = unhealthy
-    <p>:load                     hash  worker_id -> WorkerLoad JSON (last Stats)
-    <p>:inflight                 hash  worker_id -> requests routed and not finished (all routers)
-    <p>:prefix:<id>:<epoch>      zset  block hash -> recency; trimmed to the worker's block count
-    <p>:seq                      recency counter for the prefix zsets
+    <p>:layout               W  KV layout JSON of the cluster (the first registration wins)
+    <p>:workers              W  hash  worker_id -> record JSON (address, role, ep_size, epoch..)
+    <p>:epochs               W  hash  worker_id -> epoch of the registered incarnation
+    <p>:alive:<id>           W  epoch, with a TTL renewed by each heartbeat; gone = unhealthy
+    <p>:load                 W  hash  worker_id -> WorkerLoad JSON (queued prefill tokens,
+                                running/waiting requests, free KV blocks, queue depths)
+    <p>:prefix:<id>:<epoch>  W  zset  block hash -> recency, from the engine's block-stored /
+                             R  block-evicted events (routers add what they route there);
+                                trimmed to the worker's block count
+    <p>:seq                  WR recency counter for the prefix zsets
+    <p>:refused              W  hash  worker_id -> why its registration was refused
+    <p>:inflight             R  hash  worker_id -> requests routed and not finished (all routers)
 
-A worker whose heartbeat lapses (``heartbeat_ttl_s``) leaves the candidate set. A new
-epoch drops the old incarnation's prefix index and in-flight count. ``reserve`` is a Lua
-compare-and-increment: two routers that both saw a worker at the same load cannot both
-take it in the same instant; the loser routes again on fresh state.
+Registration is one Lua script (``redis_scripts.REGISTER``): the layout check and the
+record are written atomically, so a worker of another KV layout is refused with nothing
+written (its reason lands in ``<p>:refused``). A worker whose heartbeat lapses leaves the
+candidate set. A new epoch drops the old incarnation's prefix index and in-flight count.
+``reserve`` is a Lua compare-and-increment: two routers that both saw a worker at the
+same load cannot both take it in the same instant; the loser routes again on fresh state.
 
 Redis unreachable: every call falls back to ``local`` (a ``MemoryClusterState`` mirror of
-the last known state plus this router's own writes), Redis is retried every ``retry_s``,
-and on return this router's registrations are pushed again (a restarted Redis is empty).
+the last known state plus this instance's own writes), Redis is retried every ``retry_s``,
+and on return the workers registered through this instance are registered again (a
+restarted Redis is empty); workers' publishers also re-register and republish their
+whole prefix set. For ``heartbeat_ttl_s`` after Redis returns, workers known before the
+outage and not yet re-registered stay candidates (from the mirror), so a restarted,
+empty Redis never leaves a router without workers.
 """
 
 from __future__ import annotations
@@ -30,41 +42,10 @@ from dataclasses import asdict, replace
 import redis
 
 from engine.kv_cache.layout import KVLayoutSpec
+from router import redis_scripts as lua
 from router.cluster import MemoryClusterState, Role, WorkerLoad, WorkerRecord
 
 logger = logging.getLogger(__name__)
-
-_ADD_INFLIGHT = """
-local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') + tonumber(ARGV[2])
-if v < 0 then v = 0 end
-redis.call('HSET', KEYS[1], ARGV[1], v)
-return v
-"""
-
-_RESERVE = """
-local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if v ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], v + 1)
-return 1
-"""
-
-_RECORD_PREFIX = """
-local seq = redis.call('INCRBY', KEYS[2], #ARGV - 1)
-local cap = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], seq - #ARGV + i, ARGV[i]) end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(cap + 1))
-return 1
-"""
-
-
-_BLOCK_EVENTS = """
-local seq = redis.call('INCRBY', KEYS[2], #ARGV)
-local cap, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, 2 + n do redis.call('ZADD', KEYS[1], seq - #ARGV + i, ARGV[i]) end
-for i = 3 + n, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(cap + 1))
-return 1
-"""
 
 
 class RedisDown(RuntimeError):
@@ -91,10 +72,15 @@ class RedisClusterState:
         self.connected = True
         self.errors = 0
         self._retry_at = 0.0
-        self._add_inflight = self.r.register_script(_ADD_INFLIGHT)
-        self._reserve = self.r.register_script(_RESERVE)
-        self._record_prefix = self.r.register_script(_RECORD_PREFIX)
-        self._block_events = self.r.register_script(_BLOCK_EVENTS)
+        self._grace_until = 0.0
+        self._own: set[str] = set()
+        """Workers registered through this instance (re-registered after a Redis restart)."""
+        self._add_inflight = self.r.register_script(lua.ADD_INFLIGHT)
+        self._reserve = self.r.register_script(lua.RESERVE)
+        self._record_prefix = self.r.register_script(lua.RECORD_PREFIX)
+        self._block_events = self.r.register_script(lua.BLOCK_EVENTS)
+        self._register = self.r.register_script(lua.REGISTER)
+        self._deregister = self.r.register_script(lua.DEREGISTER)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -110,6 +96,7 @@ class RedisClusterState:
                 self.r.ping()
                 self.connected = True
                 logger.info("redis %s is back: resyncing", self.url)
+                self._grace_until = time.monotonic() + self.heartbeat_ttl_s
                 self._resync()
             result = fn()
         except redis.RedisError as exc:
@@ -122,14 +109,13 @@ class RedisClusterState:
         return result
 
     def _resync(self) -> None:
-        """Push this router's view again (a restarted Redis has lost everything)."""
+        """Register this instance's workers again (a restarted Redis has lost everything)."""
         for w in self.local.workers(healthy_only=False):
+            if w.worker_id not in self._own:
+                continue
             try:
-                self.r.set(self._k("layout"), w.layout.to_json(), nx=True)
-                self._put(w)
-                if w.healthy:
-                    self._beat(w.worker_id, w.epoch, w.load)
-            except redis.RedisError:
+                self._register_now(w)
+            except (redis.RedisError, ValueError):
                 return
 
     def health(self) -> dict:
@@ -140,38 +126,39 @@ class RedisClusterState:
     def register(self, worker: WorkerRecord) -> None:
         """Add or replace a worker; ``ValueError`` if its layout differs from the cluster's."""
         try:
-            self._call(lambda: self._check_layout(worker))
-            old = self._call(lambda: self.r.hget(self._k("workers"), worker.worker_id))
-            self._call(lambda: self._put(worker, json.loads(old)["epoch"] if old else None))
-            self._call(lambda: self._beat(worker.worker_id, worker.epoch, worker.load))
+            self.register_worker(worker)
         except RedisDown:
-            pass
+            self._own.add(worker.worker_id)
+            self.local.register(worker)
+
+    def register_worker(self, worker: WorkerRecord) -> None:
+        """Like ``register`` but raises ``RedisDown``: a worker registering itself."""
+        self._call(lambda: self._register_now(worker))
+        self._own.add(worker.worker_id)
         self.local.register(worker)
 
-    def _check_layout(self, worker: WorkerRecord) -> None:
-        self.r.set(self._k("layout"), worker.layout.to_json(), nx=True)
-        cluster = KVLayoutSpec.from_json(self.r.get(self._k("layout")))
-        cluster.check_compatible(worker.layout, ours="cluster", theirs=worker.worker_id)
+    def _register_now(self, w: WorkerRecord) -> None:
+        keys = [self._k(k) for k in ("layout", "workers", "epochs")]
+        keys += [self._k("alive", w.worker_id), self._k("inflight"), self._k("load"), self._k("refused")]  # fmt: skip
+        args = [w.layout.to_json(), w.worker_id, json.dumps(_fields(w)), w.epoch]
+        args += [int(self.heartbeat_ttl_s * 1000), self._k("prefix", w.worker_id, ""), json.dumps(asdict(w.load))]  # fmt: skip
+        cluster = self._register(keys=keys, args=args)
+        if cluster is None:
+            return
+        try:
+            KVLayoutSpec.from_json(cluster).check_compatible(w.layout, ours="cluster", theirs=w.worker_id)  # fmt: skip
+            why = f"KV layout of {w.worker_id} differs from the cluster's: {w.layout} vs {cluster}"  # fmt: skip
+        except ValueError as exc:
+            why = str(exc)
+        self.r.hset(self._k("refused"), w.worker_id, why)
+        raise ValueError(why)
 
-    def _put(self, w: WorkerRecord, old_epoch: int | None = None) -> None:
-        fields = {
-            "worker_id": w.worker_id,
-            "role": w.role,
-            "address": w.address,
-            "layout": asdict(w.layout),
-            "num_blocks": w.num_blocks,
-            "max_model_len": w.max_model_len,
-            "epoch": w.epoch,
-            "hostname": w.hostname,
-            "ep_size": w.ep_size,
-            "kv_transports": list(w.kv_transports),
-        }
-        pipe = self.r.pipeline()
-        if old_epoch is not None and old_epoch != w.epoch:
-            pipe.delete(self._k("prefix", w.worker_id, old_epoch))
-            pipe.hset(self._k("inflight"), w.worker_id, 0)
-        pipe.hset(self._k("workers"), w.worker_id, json.dumps(fields))
-        pipe.execute()
+    def refusals(self) -> dict[str, str]:
+        """Workers refused at registration (layout mismatch): worker id -> reason."""
+        try:
+            return self._call(lambda: self.r.hgetall(self._k("refused")))
+        except RedisDown:
+            return {}
 
     def _beat(self, worker_id: str, epoch: int, load: WorkerLoad) -> None:
         pipe = self.r.pipeline()
@@ -179,20 +166,32 @@ class RedisClusterState:
         pipe.hset(self._k("load"), worker_id, json.dumps(asdict(load)))
         pipe.execute()
 
-    def deregister(self, worker_id: str) -> None:
+    def deregister(self, worker_id: str, epoch: int | None = None) -> None:
+        """Remove the worker (only incarnation ``epoch`` when given: a newer one stays)."""
         self.local.deregister(worker_id)
+        self._own.discard(worker_id)
 
         def drop():
-            old = self.r.hget(self._k("workers"), worker_id)
-            pipe = self.r.pipeline()
-            if old:
-                pipe.delete(self._k("prefix", worker_id, json.loads(old)["epoch"]))
-            for key in ("workers", "load", "inflight"):
-                pipe.hdel(self._k(key), worker_id)
-            pipe.delete(self._k("alive", worker_id))
-            pipe.execute()
+            e = epoch if epoch is not None else self.r.hget(self._k("epochs"), worker_id)
+            if e is None:
+                return
+            keys = [self._k(k) for k in ("workers", "load", "epochs", "inflight", "refused")]
+            keys += [self._k("alive", worker_id), self._k("prefix", worker_id, e)]
+            self._deregister(keys=keys, args=[worker_id, e])
 
         self._try(drop)
+
+    def publish_load(self, worker_id: str, epoch: int, load: WorkerLoad) -> None:
+        """Worker side: renew the heartbeat TTL and publish the load; raises ``RedisDown``."""
+        self._call(lambda: self._beat(worker_id, epoch, load))
+
+    def publish_blocks(
+        self, w: WorkerRecord, stored: list[int], evicted: list[int], reset: bool = False
+    ) -> None:
+        """Worker side: its prefix-cache events (``reset``: ``stored`` is the whole cache)."""
+        keys = [self._k("prefix", w.worker_id, w.epoch), self._k("seq")]
+        args = [w.num_blocks, len(stored), "1" if reset else "0", *map(str, stored), *map(str, evicted)]  # fmt: skip
+        self._call(lambda: self._block_events(keys=keys, args=args))
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
         self.local.heartbeat(worker_id, load)
@@ -215,6 +214,9 @@ class RedisClusterState:
             records = self._call(self._read_workers)
         except RedisDown:
             return self.local.workers(role, healthy_only)
+        if time.monotonic() < self._grace_until:  # a restarted Redis, workers re-registering
+            seen = {w.worker_id for w in records}
+            records += [w for w in self.local.workers() if w.worker_id not in seen]
         return [
             w
             for w in records
@@ -249,6 +251,10 @@ class RedisClusterState:
             )
             records.append(record)
             self._mirror(record)
+        if time.monotonic() >= self._grace_until:  # deregistered: not a last-known candidate
+            for w in self.local.workers(healthy_only=False):
+                if w.worker_id not in raw and w.worker_id not in self._own:
+                    self.local.deregister(w.worker_id)
         return records
 
     def _mirror(self, record: WorkerRecord) -> None:
@@ -296,7 +302,7 @@ class RedisClusterState:
         if w is None or not (stored or evicted):
             return
         keys = [self._k("prefix", worker_id, w.epoch), self._k("seq")]
-        args = [w.num_blocks, len(stored), *map(str, stored), *map(str, evicted)]
+        args = [w.num_blocks, len(stored), "0", *map(str, stored), *map(str, evicted)]
         self._try(lambda: self._block_events(keys=keys, args=args))
 
     def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
@@ -316,6 +322,21 @@ class RedisClusterState:
                 break
             n += 1
         return n
+
+
+def _fields(w: WorkerRecord) -> dict:
+    return {
+        "worker_id": w.worker_id,
+        "role": w.role,
+        "address": w.address,
+        "layout": asdict(w.layout),
+        "num_blocks": w.num_blocks,
+        "max_model_len": w.max_model_len,
+        "epoch": w.epoch,
+        "hostname": w.hostname,
+        "ep_size": w.ep_size,
+        "kv_transports": list(w.kv_transports),
+    }
 
 
 def _load(text: str | None) -> WorkerLoad:

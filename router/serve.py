@@ -46,6 +46,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "Redis, e.g. redis://127.0.0.1:6379/0 (default: in-memory, one router)",
     )
     p.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=3.0,
+        help="with --redis-url: seconds a silent worker stays in the candidate set",
+    )
+    p.add_argument(
         "--router-only",
         action="store_true",
         help="start no workers: route to the workers registered in --redis-url",
@@ -79,6 +85,8 @@ def settings_from_args(args: argparse.Namespace, model: str, transports) -> Work
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         kv_transports=tuple(transports),
+        redis_url=args.redis_url,
+        heartbeat_ttl_s=args.heartbeat_ttl,
     )
 
 
@@ -110,29 +118,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         state = RedisClusterState(args.redis_url)
         logger.info("sharing cluster state in %s", args.redis_url)
+        if args.worker:
+            raise ValueError("--worker with --redis-url: start those workers with --redis-url; routers discover them there")  # fmt: skip
     if args.router_only:
         if state is None:
             raise ValueError("--router-only needs --redis-url (where the cluster's workers are registered)")  # fmt: skip
-        source = state_source(state)
-        logger.info("router only: joining the workers registered in %s", args.redis_url)
+        logger.info("router only: routing to the workers registered in %s", args.redis_url)
     elif args.worker:
-        source = list(args.worker)
-        logger.info("using %d standalone worker(s): %s", len(source), ", ".join(source))
+        logger.info("using %d standalone worker(s): %s", len(args.worker), ", ".join(args.worker))
     else:
-        if args.decode < 1 or args.prefill < 0:
-            raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
-        logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
-        start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill * args.prefill_ep_size + args.decode * args.decode_ep_size + 1))  # fmt: skip
-        ray_workers = RayWorkers(namespace=args.ray_namespace)
-        settings = settings_from_args(args, model, worker_transports(args.kv_transport))
-        ray_workers.launch("prefill", args.prefill, replace(settings, ep_size=args.prefill_ep_size))  # fmt: skip
-        ray_workers.launch("decode", args.decode, replace(settings, ep_size=args.decode_ep_size))  # fmt: skip
-        logger.info("launching %d prefill + %d decode worker(s) for %s", args.prefill, args.decode, model)  # fmt: skip
-        for wid, info in ray_workers.wait_ready().items():
-            logger.info("  %s ready at %s (pid %d)", wid, info["address"], info["pid"])
-        source = ray_workers.addresses
+        ray_workers = _launch(args, model)
+    source = ray_workers.addresses if ray_workers is not None else list(args.worker)
     try:
-        router = Router(config, source, state=state)
+        router = Router(config, source, state=state, discover=state is not None)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
         _announce(router, args, config, mode, start)
         router.serve(args.host, args.port)
@@ -142,13 +140,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def state_source(state):
-    """Worker addresses as the shared state lists them (routers started --router-only)."""
-
-    async def source() -> list[str]:
-        return [w.address for w in state.workers(healthy_only=False)]
-
-    return source
+def _launch(args: argparse.Namespace, model: str) -> RayWorkers:
+    if args.decode < 1 or args.prefill < 0:
+        raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
+    logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
+    start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill * args.prefill_ep_size + args.decode * args.decode_ep_size + 1))  # fmt: skip
+    ray_workers = RayWorkers(namespace=args.ray_namespace)
+    settings = settings_from_args(args, model, worker_transports(args.kv_transport))
+    ray_workers.launch("prefill", args.prefill, replace(settings, ep_size=args.prefill_ep_size))
+    ray_workers.launch("decode", args.decode, replace(settings, ep_size=args.decode_ep_size))
+    logger.info("launching %d prefill + %d decode worker(s) for %s", args.prefill, args.decode, model)  # fmt: skip
+    for wid, info in ray_workers.wait_ready().items():
+        logger.info("  %s ready at %s (pid %d)", wid, info["address"], info["pid"])
+    return ray_workers
 
 
 def _bounded(fn, timeout_s: float) -> None:
@@ -185,6 +189,18 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="KV backends to serve/send with (repeatable; default tcp and shm)",
     )
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (MoE models)")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="register in this shared cluster state and publish load and prefix-cache "
+        "events there (routers started with --redis-url discover the worker)",
+    )
+    p.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=3.0,
+        help="with --redis-url: routers drop the worker when silent this long (seconds)",
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -196,13 +212,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
     settings = replace(settings, ep_size=args.ep_size, port=args.port)
     config = settings.worker_config(args.role, args.worker_id, args.host or default_host())
-    running = start_worker(config, start_local_ep_group(settings, config))
-    print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
-    stop = threading.Event()
+    from router.publisher import LayoutRefused
+
+    stop, refused = threading.Event(), []
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        running = start_worker(config, start_local_ep_group(settings, config), lambda why: (refused.append(why), stop.set()))  # fmt: skip
+    except LayoutRefused as exc:
+        logger.error("%s worker refused by the cluster state in %s: %s", args.role, args.redis_url, exc)  # fmt: skip
+        return 2
+    print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
     running.stop()
-    return 0
+    return 2 if refused else 0

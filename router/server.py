@@ -3,6 +3,9 @@
 Workers come from a *source*: a fixed list of gRPC addresses (standalone workers) or a
 callable returning the current addresses (Ray actors, which move when restarted). The
 router re-reads the source and polls every worker's Stats every ``poll_interval_s``.
+With ``discover=True`` (a shared state in Redis) there is no source: workers register
+and publish themselves, and the router discovers them from the state every
+``poll_interval_s`` (router/workers.py).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class Router:
         state: ClusterState | None = None,
         policy: RoutingPolicy | None = None,
         poll_interval_s: float = 0.5,
+        discover: bool = False,
     ) -> None:
+        self.discover = discover
         self.config = config
         self.state = state or MemoryClusterState()
         self.metrics = Metrics()
@@ -70,6 +75,9 @@ class Router:
             await self.registry.close()
 
     async def sync(self) -> None:
+        if self.discover:
+            await self.registry.discover()
+            return
         try:
             addresses = await self._source()
         except Exception as exc:

@@ -1,4 +1,13 @@
-"""Worker registration (with the layout check), gRPC clients and health/load polling."""
+"""Worker registration (with the layout check), gRPC clients and health/load polling.
+
+Two modes:
+- in memory (no ``--redis-url``): the router registers worker addresses (``sync``: gRPC
+  ``Info``, layout check) and polls each worker's ``Stats`` every ``poll_interval_s`` for
+  health, load and block events (``poll_once``);
+- shared state in Redis: workers register and publish themselves (router/publisher.py);
+  the router only ``discover``s them: a gRPC client per registered incarnation (a new
+  epoch closes the old client), refused registrations logged, metrics from the state.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +21,9 @@ from engine.kv_cache.layout import KVLayoutSpec
 from kv_transfer.wire import spec_from_pb
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.cluster import ClusterState, WorkerLoad, WorkerRecord
+from router.cluster import ClusterState, WorkerRecord
 from router.metrics import Metrics
+from router.publisher import load_from_stats, record_from_info
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,7 @@ class Registry:
     """The incarnation each client was opened for."""
     refused: list[Refusal] = field(default_factory=list)
     _failures: dict[str, int] = field(default_factory=dict)
+    _logged_refusals: set[str] = field(default_factory=set)
 
     async def register(self, address: str) -> WorkerRecord | None:
         """Register the worker at ``address``; ``None`` (and an error log) if refused."""
@@ -87,18 +98,7 @@ class Registry:
                 await client.close()
                 return None
         self.layout = self.layout or spec
-        record = WorkerRecord(
-            worker_id=info.worker_id,
-            role=info.role,
-            address=info.address or address,
-            layout=spec,
-            num_blocks=info.num_blocks,
-            max_model_len=info.max_model_len,
-            epoch=info.epoch,
-            hostname=info.hostname,
-            ep_size=info.ep_size or 1,
-            kv_transports=tuple(info.kv_transports),
-        )
+        record = record_from_info(info, address)
         try:
             self.state.register(record)  # a shared state checks the cluster's layout too
         except ValueError as exc:
@@ -143,6 +143,48 @@ class Registry:
                 elif self.clients.get(worker_id) is not None:  # re-registered elsewhere
                     await self.clients.pop(worker_id).close()
 
+    async def discover(self) -> None:
+        """Redis mode: connect to every registered incarnation, drop the vanished ones."""
+        records = {w.worker_id: w for w in self.state.workers(healthy_only=False)}
+        for w in records.values():
+            self.layout = self.layout or w.layout
+            if w.worker_id in self.clients and self.epochs.get(w.worker_id) == w.epoch:
+                continue
+            old = self.clients.pop(w.worker_id, None)
+            if old is not None:
+                logger.info("worker %s has a new epoch %d: reconnecting", w.worker_id, w.epoch)
+                await old.close()
+            self.clients[w.worker_id] = WorkerClient(w.address)
+            self.epochs[w.worker_id] = w.epoch
+            logger.info(
+                "discovered %s worker %s at %s (epoch %d, ep_size %d, %d KV blocks)",
+                w.role, w.worker_id, w.address, w.epoch, w.ep_size, w.num_blocks,
+            )  # fmt: skip
+        for worker_id in set(self.clients) - set(records):
+            logger.info("worker %s left the registry", worker_id)
+            self.metrics.forget_worker(worker_id)
+            await self.clients.pop(worker_id).close()
+        self._log_refusals()
+        self.publish_metrics(list(records.values()))
+
+    def _log_refusals(self) -> None:
+        refusals = getattr(self.state, "refusals", dict)()
+        for worker_id, why in refusals.items():
+            if f"{worker_id}:{why}" not in self._logged_refusals:
+                self._logged_refusals.add(f"{worker_id}:{why}")
+                self.refused.append(Refusal("", worker_id, why))
+                logger.error("refused worker %s: %s", worker_id, why)
+
+    def publish_metrics(self, workers: list[WorkerRecord]) -> None:
+        """Worker gauges from the state (Redis mode: what the workers published)."""
+        self.metrics.state_connected.set(1 if self.state.health()["connected"] else 0)
+        for role in ("prefill", "decode"):
+            for healthy in (True, False):
+                n = sum(1 for w in workers if w.role == role and w.healthy == healthy)
+                self.metrics.workers.labels(role=role, healthy=str(healthy).lower()).set(n)
+        for w in workers:
+            self.metrics.worker_stats(w.worker_id, w.num_blocks, w.load.num_free_blocks, w.load.queues)  # fmt: skip
+
     async def deregister(self, worker_id: str) -> None:
         self.state.deregister(worker_id)
         self.metrics.forget_worker(worker_id)
@@ -182,14 +224,8 @@ class Registry:
                 )
             self.state.mark_unhealthy(w.worker_id)
             return
-        queues = dict(stats.queues)
-        load = WorkerLoad(
-            num_free_blocks=stats.num_free_blocks,
-            queued_prefill_tokens=stats.queued_prefill_tokens,
-            num_running=queues.get("running", 0),
-            num_waiting=queues.get("waiting", 0),
-            queues=queues,
-        )
+        load = load_from_stats(stats)
+        queues = load.queues
         if not w.healthy:
             logger.info("worker %s at %s answers again", w.worker_id, w.address)
             info = await fetch_info(client, self.rpc_timeout_s)

@@ -1,0 +1,189 @@
+"""A worker publishes itself into the shared Redis cluster state (``--redis-url``).
+
+Both worker kinds use it (decode_worker/server.py starts it); routers in Redis mode
+discover workers from what it writes (key layout: router/redis_state.py)::
+
+    start():  register (one Lua script: layout check + record + epoch + alive TTL);
+              a layout mismatch raises ``LayoutRefused`` (the worker exits non-zero)
+    thread, every interval_s:
+              snapshot(): load + the engine's block-stored/-evicted hashes (worker lock,
+              brief) -> coalesced -> heartbeat (alive TTL + load) + prefix events
+    Redis down: events keep coalescing into the publisher's copy of the cached set; each
+              tick retries; back: register again and republish the whole set (reset)
+    stop():   deregister this incarnation (clean shutdown)
+
+All Redis I/O happens on the publisher thread: an engine step never waits on Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from router.cluster import WorkerLoad, WorkerRecord
+from router.redis_state import RedisClusterState, RedisDown
+
+logger = logging.getLogger(__name__)
+
+Snapshot = Callable[[], tuple[WorkerLoad, list[int], list[int]]]
+"""-> (load, block hashes stored since the last call, hashes evicted since the last call)."""
+
+
+class LayoutRefused(RuntimeError):
+    """The cluster in Redis has another KV layout; the message names both values."""
+
+
+@dataclass
+class WorkerPublisher:
+    """See the module docstring."""
+
+    url: str
+    record: WorkerRecord
+    snapshot: Snapshot
+    interval_s: float = 0.25
+    """Load and events are published at most this often (coalesced in between)."""
+    heartbeat_ttl_s: float = 3.0
+    """A worker silent this long leaves the routers' candidate set."""
+    prefix: str = "pdserve"
+    on_refused: Callable[[str], None] | None = None
+    """Called (publisher thread) when a re-registration is refused; default: log."""
+    _cached: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    _stored: list[int] = field(default_factory=list)
+    _evicted: list[int] = field(default_factory=list)
+    _registered: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self.state = RedisClusterState(
+            self.url, prefix=self.prefix, heartbeat_ttl_s=self.heartbeat_ttl_s, retry_s=0.5
+        )
+
+    def start(self) -> None:
+        """Register now (``LayoutRefused`` if refused; Redis down: retried), then publish."""
+        self._tick()
+        self._thread = threading.Thread(target=self._run, name="redis-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop publishing and deregister this incarnation."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.state.deregister(self.record.worker_id, self.record.epoch)
+        logger.info("deregistered %s (epoch %d) from %s", self.record.worker_id, self.record.epoch, self.url)  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._tick()
+            except LayoutRefused as exc:
+                logger.error("redis %s refused %s: %s", self.url, self.record.worker_id, exc)
+                if self.on_refused is not None:
+                    self.on_refused(str(exc))
+                return
+            except Exception:
+                logger.exception("publishing %s to %s failed", self.record.worker_id, self.url)
+
+    def _tick(self) -> None:
+        load, stored, evicted = self.snapshot()
+        self._coalesce(stored, evicted)
+        try:
+            if not self._registered:
+                self._register(load)
+            else:
+                self._publish(load)
+        except RedisDown:
+            if self._registered:
+                logger.warning("redis %s unreachable: %s keeps serving, retrying", self.url, self.record.worker_id)  # fmt: skip
+            self._registered = False
+
+    def _coalesce(self, stored: list[int], evicted: list[int]) -> None:
+        for h in stored:
+            self._cached[h] = None
+            self._cached.move_to_end(h)
+        for h in evicted:
+            self._cached.pop(h, None)
+        while len(self._cached) > self.record.num_blocks:
+            self._cached.popitem(last=False)
+        self._stored += stored
+        self._evicted += evicted
+
+    def _register(self, load: WorkerLoad) -> None:
+        try:
+            self.state.register_worker(_with_load(self.record, load))
+        except ValueError as exc:
+            raise LayoutRefused(str(exc)) from None
+        self.state.publish_blocks(self.record, list(self._cached), [], reset=True)
+        self._stored, self._evicted = [], []
+        self._registered = True
+        logger.info(
+            "%s worker %s registered in %s (epoch %d, ep_size %d, %d KV blocks, %d cached)",
+            self.record.role, self.record.worker_id, self.url, self.record.epoch,
+            self.record.ep_size, self.record.num_blocks, len(self._cached),
+        )  # fmt: skip
+
+    def _publish(self, load: WorkerLoad) -> None:
+        self.state.publish_load(self.record.worker_id, self.record.epoch, load)
+        if self._stored or self._evicted:
+            self.state.publish_blocks(self.record, self._stored, self._evicted)
+            self._stored, self._evicted = [], []
+
+
+def _with_load(record: WorkerRecord, load: WorkerLoad) -> WorkerRecord:
+    return replace(record, load=load)
+
+
+def record_from_info(info, address: str = "") -> WorkerRecord:
+    """A worker's ``InfoResponse`` as its registry record."""
+    from kv_transfer.wire import spec_from_pb
+
+    return WorkerRecord(
+        worker_id=info.worker_id,
+        role=info.role,
+        address=info.address or address,
+        layout=spec_from_pb(info.layout),
+        num_blocks=info.num_blocks,
+        max_model_len=info.max_model_len,
+        epoch=info.epoch,
+        hostname=info.hostname,
+        ep_size=info.ep_size or 1,
+        kv_transports=tuple(info.kv_transports),
+    )
+
+
+def start_publisher(
+    config, info, worker, on_refused: Callable[[str], None] | None = None
+) -> WorkerPublisher:
+    """Publish a started worker (``config.redis_url``); ``LayoutRefused`` if refused."""
+
+    def snapshot() -> tuple[WorkerLoad, list[int], list[int]]:
+        stats = worker.stats(drain_events=True)
+        stored, evicted = list(stats.stored_block_hashes), list(stats.evicted_block_hashes)
+        return load_from_stats(stats), stored, evicted
+
+    worker.publishes_events = True
+    publisher = WorkerPublisher(
+        config.redis_url,
+        record_from_info(info),
+        snapshot,
+        heartbeat_ttl_s=config.heartbeat_ttl_s,
+        on_refused=on_refused,
+    )
+    publisher.start()
+    return publisher
+
+
+def load_from_stats(stats) -> WorkerLoad:
+    """A worker's ``StatsResponse`` as the load it publishes."""
+    queues = dict(stats.queues)
+    return WorkerLoad(
+        num_free_blocks=stats.num_free_blocks,
+        queued_prefill_tokens=stats.queued_prefill_tokens,
+        num_running=queues.get("running", 0),
+        num_waiting=queues.get("waiting", 0),
+        queues=queues,
+    )
