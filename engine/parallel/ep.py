@@ -87,6 +87,21 @@ class Dispatched:
     group: dist.ProcessGroup | None = None
 
 
+_WORKSPACE: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _buffer(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, H]`` view of a reused buffer: a fresh multi-MB tensor per layer costs page
+    faults comparable to the transfer itself. ``name`` buffers are reused by the next
+    MoE layer, so their contents die with the layer that filled them."""
+    key = (name, like.device, like.dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != like.shape[1]:
+        buf = like.new_empty(max(rows, 1), like.shape[1])
+        _WORKSPACE[key] = buf
+    return buf[:rows]
+
+
 def dispatch(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -94,7 +109,9 @@ def dispatch(
     num_experts: int,
     ep: ExpertParallelGroup,
 ) -> Dispatched:
-    """Send each (token, expert) pair's hidden row to the expert's owner."""
+    """Send each (token, expert) pair's hidden row to the expert's owner.
+
+    ``Dispatched.x`` is a reused buffer: valid until the next ``dispatch``."""
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -106,8 +123,8 @@ def dispatch(
     recv_counts_cpu = recv_counts.view(ep.size, per_local).cpu()
     recv_splits = recv_counts_cpu.sum(1).tolist()
     tokens = order // k
-    send = x[tokens]
-    recv = x.new_empty(sum(recv_splits), x.shape[1])
+    send = torch.index_select(x, 0, tokens, out=_buffer("send", tokens.numel(), x))
+    recv = _buffer("recv", sum(recv_splits), x)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=ep.group)
     start, _ = ep.expert_range(num_experts)
     local = torch.arange(start, start + per_local, device=x.device).repeat(ep.size)
@@ -126,7 +143,7 @@ def dispatch(
 
 def combine(y: torch.Tensor, d: Dispatched) -> torch.Tensor:
     """Return expert outputs ``y`` ``[R, H]`` to their senders; weighted sum per token."""
-    back = y.new_empty(sum(d.send_splits), y.shape[1])
+    back = _buffer("back", sum(d.send_splits), y)
     dist.all_to_all_single(back, y.contiguous(), d.send_splits, d.recv_splits, group=d.group)
     back.mul_(d.weights[:, None].to(back.dtype))
     out = y.new_zeros(d.num_tokens, y.shape[1])
