@@ -31,6 +31,8 @@ class WorkerLoad:
     num_running: int = 0
     num_waiting: int = 0
     queues: dict[str, int] = field(default_factory=dict)
+    expert_tokens: list[int] = field(default_factory=list)
+    """MoE: tokens routed to each expert since the worker started (empty for dense)."""
 
 
 @dataclass(frozen=True)

@@ -186,4 +186,5 @@ def load_from_stats(stats) -> WorkerLoad:
         num_running=queues.get("running", 0),
         num_waiting=queues.get("waiting", 0),
         queues=queues,
+        expert_tokens=list(stats.expert_tokens),
     )

@@ -184,6 +184,8 @@ class Registry:
                 self.metrics.workers.labels(role=role, healthy=str(healthy).lower()).set(n)
         for w in workers:
             self.metrics.worker_stats(w.worker_id, w.num_blocks, w.load.num_free_blocks, w.load.queues)  # fmt: skip
+            if w.load.expert_tokens:
+                self.metrics.expert_stats(w.worker_id, w.load.expert_tokens, w.ep_size)
 
     async def deregister(self, worker_id: str) -> None:
         self.state.deregister(worker_id)

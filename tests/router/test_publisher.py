@@ -11,8 +11,10 @@ import pytest
 
 from engine.kv_cache.layout import KVLayoutSpec
 from router.cluster import WorkerLoad, WorkerRecord
+from router.metrics import Metrics
 from router.publisher import LayoutRefused, WorkerPublisher
 from router.redis_state import RedisClusterState
+from router.workers import Registry
 from tests.redis_server import RedisServer
 
 SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
@@ -58,8 +60,14 @@ def test_publishes_registration_load_and_events(server):
     view = RedisClusterState(server.url, prefix=prefix)
     [w] = view.workers("decode")
     assert (w.worker_id, w.epoch, w.ep_size, w.address) == ("d0", 7, 2, "127.0.0.1:1234")
-    fake.load, fake.stored = WorkerLoad(num_free_blocks=5, num_running=2), [11, 12, 13]
+    fake.load = WorkerLoad(num_free_blocks=5, num_running=2, expert_tokens=[1, 2, 3, 4])
+    fake.stored = [11, 12, 13]
     wait_until(lambda: view.get("d0").load.num_running == 2 and view.match_prefix("d0", [11, 12]) == 2)  # fmt: skip
+    registry = Registry(view, Metrics())  # a router in Redis mode: metrics from the state
+    registry.publish_metrics(view.workers())
+    text = registry.metrics.render().decode()
+    assert 'pdserve_expert_rank_tokens{rank="1",worker="d0"} 7.0' in text
+    assert 'pdserve_kv_blocks_in_use{worker="d0"} 3.0' in text
     fake.evicted = [12]
     wait_until(lambda: view.match_prefix("d0", [11, 12]) == 1)
     time.sleep(1.2)  # past the TTL: the heartbeat keeps it alive
