@@ -4,6 +4,8 @@ route      policy -> (decode D, prefill P | local, reason)     counted in metric
 remote:    D.Reserve -> P.Prefill (first token) -> D.Decode stream
            any failure before the first token -> abort on P and D, local fallback
 local:     D.Generate stream
+D down     unreachable before any token (Reserve, or Generate's first chunk): marked
+           unhealthy (for every router, with a shared state), routed once more
 stream     tokens -> TextStream (stop strings) -> Output deltas
 cleanup    unfinished (disconnect, timeout, stop string) -> Abort on P and D
 """
@@ -60,6 +62,10 @@ class _Fallback(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _DecodeDown(Exception):
+    """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details."""
 
 
 _SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
@@ -130,6 +136,19 @@ class RequestRun:
         )  # fmt: skip
 
     async def _chunks(self) -> AsyncIterator[pb.TokenChunk]:
+        for attempt in (1, 2):
+            sent = False
+            try:
+                async for chunk in self._attempt():
+                    sent = True
+                    yield chunk
+                return
+            except _DecodeDown as down:
+                if sent or attempt == 2:
+                    raise ApiError(502, f"decode worker failed: {down}", "server_error") from None
+                logger.warning("request %s: %s; routing again", self.job.request_id, down)
+
+    async def _attempt(self) -> AsyncIterator[pb.TokenChunk]:
         svc = self.svc
         decision = svc.route(self.job)
         d = decision.decode
@@ -176,6 +195,9 @@ class RequestRun:
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                svc.state.mark_unhealthy(d.worker_id)
+                raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
             raise _Fallback("reserve_failed") from exc
         self._track(p, rid)
         req = pb.PrefillRequest(
@@ -238,6 +260,7 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.svc.state.mark_unhealthy(d.worker_id)
+                raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
             raise ApiError(502, f"decode worker {d.worker_id} failed: {exc.details()}", "server_error") from None  # fmt: skip
 
     # -- cleanup --------------------------------------------------------------------------

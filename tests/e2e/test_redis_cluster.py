@@ -198,28 +198,47 @@ def test_restarted_router_loses_nothing(cluster):
         fresh.stop()
 
 
+def restart_d1(cluster, view, old_epoch: int) -> int:
+    """Start d1 again on its port; returns its new epoch once every router has it."""
+    port = int(cluster["addr"]["d1"].rsplit(":", 1)[1])
+    proc, _ = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "d1", port)
+    cluster["procs"]["d1"] = proc
+    assert ready(proc) == cluster["addr"]["d1"]
+    wait_until(lambda: (w := view.get("d1")) is not None and w.healthy and w.epoch != old_epoch)
+    new = view.get("d1").epoch
+    for url in cluster["urls"]:
+        wait_until(lambda url=url: health(url)["workers"]["d1"]["epoch"] == new)
+    return new
+
+
 def test_killed_worker_leaves_and_rejoins_with_new_epoch(cluster):
     view, urls = cluster["view"](), cluster["urls"]
     old = view.get("d1").epoch
-    cluster["procs"]["d1"].kill(signal.SIGKILL)
+    cluster["procs"]["d1"].kill(signal.SIGKILL)  # no request meanwhile: the heartbeat alone
     took = wait_until(lambda: [w.worker_id for w in view.workers("decode")] == ["d0"])
     assert took <= TTL_S + 1.0, f"left the candidate set after {took:.2f}s"
     logging.getLogger(__name__).info("killed worker left the candidate set in %.2fs", took)
     for i in range(4):
         complete(urls[i % 2], [5, 6, 7, i])
-    port = int(cluster["addr"]["d1"].rsplit(":", 1)[1])
-    proc, _ = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "d1", port)
-    cluster["procs"]["d1"] = proc
-    assert ready(proc) == cluster["addr"]["d1"]
-    wait_until(lambda: (w := view.get("d1")) is not None and w.healthy and w.epoch != old)
-    new = view.get("d1").epoch
-    for url in urls:
-        wait_until(lambda url=url: health(url)["workers"]["d1"]["epoch"] == new)
+    restart_d1(cluster, view, old)
     prefix = [60 + i % 20 for i in range(PREFIX_TOKENS)]  # cached on the new d1 only
     direct(cluster["addr"]["d1"], prefix)
     wait_until(lambda: view.match_prefix("d1", hash_blocks(prefix, 16)) == 4, timeout=5)
     for i, url in enumerate(urls):  # both routers route to the new incarnation
         assert cached(complete(url, prefix + [i] * 8)) >= PREFIX_TOKENS
+
+
+def test_requests_routed_to_a_just_killed_worker_succeed(cluster):
+    """Before its heartbeat lapses a dead worker is still a candidate: the first request
+    sent there finds it unreachable, marks it down for every router and is routed again."""
+    view, urls = cluster["view"](), cluster["urls"]
+    prefix = [60 + i % 20 for i in range(PREFIX_TOKENS)]  # d1 holds it: requests go there
+    old = view.get("d1").epoch
+    cluster["procs"]["d1"].kill(signal.SIGKILL)
+    for i, url in enumerate(urls):
+        assert complete(url, prefix + [7, i] * 4)["usage"]["completion_tokens"] == 3
+    assert [w.worker_id for w in view.workers("decode")] == ["d0"]
+    restart_d1(cluster, view, old)
 
 
 def test_redis_restart_keeps_serving_and_resyncs(cluster):
