@@ -44,8 +44,7 @@ def _exit_on_ep_failure(worker, name: str) -> None:
     def on_crash(exc: BaseException) -> None:
         dead = describe_failure(worker.engine.ep)
         why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
-        if hasattr(worker, "fail_all"):
-            worker.fail_all(why)
+        worker.fail_all(why)
         logger.error("%s; exiting", why)
         threading.Timer(0.5, os._exit, args=(1,)).start()
 

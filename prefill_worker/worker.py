@@ -124,6 +124,14 @@ class PrefillWorker:
                 job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
             return self.engine.abort(rid) or job is not None
 
+    def fail_all(self, why: str) -> None:
+        """Fail every prefill with ``why`` (the engine cannot go on, e.g. an EP rank died):
+        each KV stream is aborted, so its decode worker frees the reserved blocks."""
+        for job in list(self._jobs.values()):
+            job.sender.abort(why)
+            job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
+        self._jobs.clear()
+
     def stats(self, drain_events: bool | None = None) -> pb.StatsResponse:
         """Load and counters; block events are drained only by their consumer: the Redis
         publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
