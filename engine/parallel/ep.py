@@ -14,7 +14,8 @@ rows. One MoE layer on one rank, for ``N`` tokens and top-``k`` routing::
 
     slots (N*k, one per token/expert pair), sorted by global expert id
       ──► grouped by owner rank:  | rank 0 slots | rank 1 slots | ... |   send_splits
-    all_to_all_single(per-expert counts)      equal splits: num_local ints per rank
+    all_to_all_single(per-expert counts)      equal splits: num_local ints per rank (async,
+                                              overlapped with gathering rows in send order)
     all_to_all_single(hidden rows)            uneven: send_splits ──► recv_splits
     owner runs its experts on the received rows (source-major, expert-minor order)
     all_to_all_single(expert outputs)         uneven: recv_splits ──► send_splits
@@ -118,12 +119,13 @@ def dispatch(
     per_expert = torch.bincount(flat, minlength=num_experts)
     per_local = num_experts // ep.size
     recv_counts = torch.empty_like(per_expert)
-    dist.all_to_all_single(recv_counts, per_expert, group=ep.group)
-    send_splits = per_expert.view(ep.size, per_local).sum(1).tolist()
-    recv_counts_cpu = recv_counts.view(ep.size, per_local).cpu()
-    recv_splits = recv_counts_cpu.sum(1).tolist()
+    # The count exchange is latency-bound: gather the rows in send order while it runs.
+    counts_done = dist.all_to_all_single(recv_counts, per_expert, group=ep.group, async_op=True)
     tokens = order // k
     send = torch.index_select(x, 0, tokens, out=_buffer("send", tokens.numel(), x))
+    send_splits = per_expert.view(ep.size, per_local).sum(1).tolist()
+    counts_done.wait()
+    recv_splits = recv_counts.view(ep.size, per_local).sum(1).tolist()
     recv = _buffer("recv", sum(recv_splits), x)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=ep.group)
     start, _ = ep.expert_range(num_experts)
