@@ -78,15 +78,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        self._generator = torch.Generator(device="cpu" if device.type == "cpu" else device)
 
     @torch.inference_mode()
     def execute(
         self, so: SchedulerOutput, after_layer: LayerHook | None = None
     ) -> dict[str, SampledToken]:
         """Run the step; return a token for every sequence with ``sample=True``."""
-        for rid in so.finished_request_ids:
-            self._generators.pop(rid, None)
         if so.is_empty:
             return {}
         local = so if self.ep is None else home_step(so, self.ep.rank)
@@ -104,8 +102,9 @@ class ModelRunner:
         tokens = sample(
             self.model.compute_logits(rows),
             [s.sampling_params for s in sampling],
-            [self._generator(s.request_id, s.sampling_params.seed) for s in sampling],
+            [self._row_seed(s) for s in sampling],
             [s.suppress_token_ids for s in sampling],
+            self._generator,
         )
         return {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
 
@@ -139,18 +138,33 @@ class ModelRunner:
                 after_layer(i)
         return x
 
-    def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
-        gen = self._generators.get(request_id)
-        if gen is None:
-            gen = torch.Generator(device="cpu" if self.device.type == "cpu" else self.device)
-            gen.manual_seed(seed if seed is not None else _default_seed(self.seed, request_id))
-            self._generators[request_id] = gen
-        return gen
+    def _row_seed(self, s: ScheduledSequence) -> int:
+        """The seed of the draw for the token at position ``start_pos + num_tokens``.
+
+        Keyed by (request seed, position) rather than a per-request generator's state, so a
+        seeded request samples the same tokens wherever each one is drawn: a prefill worker
+        draws the first token and a decode worker the rest, or one engine draws them all
+        (also across preemption and recompute)."""
+        seed = s.sampling_params.seed
+        if seed is None:
+            seed = _default_seed(self.seed, s.request_id)
+        return _mix64(seed, s.start_pos + s.num_tokens)
 
 
 def _default_seed(engine_seed: int, request_id: str) -> int:
     """A stable seed for requests that give none (differs per request, not per run)."""
     return (engine_seed << 32) ^ zlib.crc32(request_id.encode())
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(seed: int, position: int) -> int:
+    """SplitMix64 of ``(seed, position)``: well-spread 64-bit seeds for nearby inputs."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def home_step(so: SchedulerOutput, rank: int) -> SchedulerOutput:

@@ -1,4 +1,8 @@
-"""Turn a step's logits into tokens: greedy, temperature, top-k, top-p, seeded per request."""
+"""Turn a step's logits into tokens: greedy, temperature, top-k, top-p.
+
+Every random draw is seeded on its own (``seeds[i]``, chosen by the runner from the
+request's seed and the token's position), so a request's samples do not depend on which
+engine draws them or what else is in the batch."""
 
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ def _top_logprobs(logprobs: torch.Tensor, chosen: int, n: int) -> dict[int, floa
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    seeds: list[int],
     suppress: list[tuple[int, ...]],
+    generator: torch.Generator,
 ) -> list[SampledToken]:
-    """One token per row of ``logits`` (fp32 ``[S, V]``)."""
+    """One token per row of ``logits`` (fp32 ``[S, V]``); a sampled row reseeds
+    ``generator`` with ``seeds[i]`` right before its draw."""
     for i, ids in enumerate(suppress):
         if ids:
             logits[i, list(ids)] = float("-inf")
@@ -46,7 +52,10 @@ def sample(
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     out = []
     for i, p in enumerate(params):
-        token = greedy_ids[i] if p.greedy else _sample_row(logits[i], p, generators[i])
+        if p.greedy:
+            token = greedy_ids[i]
+        else:
+            token = _sample_row(logits[i], p, generator.manual_seed(seeds[i]))
         lp = _top_logprobs(logprobs[i], token, p.logprobs) if p.logprobs is not None else None
         out.append(SampledToken(token, lp))
     return out

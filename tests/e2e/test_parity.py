@@ -100,3 +100,19 @@ def test_chat_equals_hf(clusters, tiny_model, arch, mode, stream):
         text += delta.content or ""
         ids += chunk.choices[0].token_ids
     assert ids == want and text == tok.decode(want) and roles[0] == "assistant"
+
+
+def test_seeded_sampling_is_the_same_remote_and_local(clusters, tiny_model):
+    """A seeded request samples the same tokens whether the prefill worker draws its first
+    token (disaggregated) or the decode worker draws them all (aggregated)."""
+    prompt = make_prompts([37], seed=43)[0]
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 1.0}
+    got = {}
+    for mode in ("aggregated", "tcp"):
+        rt = router_for(clusters, "llama", mode)
+        before = routed(rt, *expected_route(mode))
+        r = client(rt).completions.create(**body, seed=99, extra_body=EXTRA)
+        assert routed(rt, *expected_route(mode)) == before + 1  # took the path we mean
+        got[mode] = r.choices[0].token_ids
+    assert got["aggregated"] == got["tcp"]
+    assert got["tcp"] != hf_greedy(tiny_model("llama"), [prompt], MAX_NEW)[0]  # sampled

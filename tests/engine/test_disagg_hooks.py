@@ -36,14 +36,16 @@ class PageCopier:
                 scatter_blocks(dst_cache, [ticket.block_ids[i] for i in idx], pages)
 
 
-def _disagg(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+def _disagg(
+    prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], params=PARAMS
+) -> list[list[int]]:
     copier = PageCopier(decode)
     prefill.kv_layer_hook = copier
     outputs: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
-        copier.tickets[rid] = decode.reserve(rid, prompt, PARAMS)
-        prefill.add_request(rid, prompt, PARAMS, prefill_only=True)
+        copier.tickets[rid] = decode.reserve(rid, prompt, params)
+        prefill.add_request(rid, prompt, params, prefill_only=True)
     while prefill.has_unfinished_requests():
         for out in prefill.step():
             assert out.finished and out.finish_reason == "prefilled"
@@ -107,3 +109,15 @@ def test_prefill_side_prefix_hit_is_still_sent(tiny_model):
     fresh_decode = LLM(d).engine  # holds nothing: every page must arrive
     got, _ = _disagg(prefill, fresh_decode, prompts[1:])
     assert got == hf_greedy(d, prompts[1:], MAX_NEW)
+
+
+def test_seeded_sampling_is_the_same_disaggregated_and_local(tiny_model):
+    """The prefill engine draws the first token and the decode engine the rest; a seeded
+    request samples exactly what one engine alone samples (draws are keyed by position)."""
+    d = tiny_model("llama")
+    prompts = make_prompts([20, 33], seed=12)
+    seeded = SamplingParams(max_tokens=MAX_NEW, temperature=1.0, seed=1234, ignore_eos=True)
+    got, _ = _disagg(LLM(d).engine, LLM(d).engine, prompts, seeded)
+    local = [o.token_ids for o in LLM(d).generate(prompts, seeded)]
+    assert got == local
+    assert local != hf_greedy(d, prompts, MAX_NEW)  # really sampled, not greedy
