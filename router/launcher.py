@@ -149,7 +149,19 @@ class WorkerActor:
         }
 
 
+def _reset_niceness() -> None:
+    """Ray starts worker processes at nice 15, below the router and any client on the
+    host; a serving worker belongs at nice 0. Every existing thread is reset (threads
+    started later inherit it); where the OS refuses (no CAP_SYS_NICE), Ray's value stays."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (OSError, AttributeError) as exc:
+        logging.getLogger(__name__).info("worker stays at nice %d: %s", os.nice(0), exc)
+
+
 def _setup_process() -> None:
+    _reset_niceness()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(

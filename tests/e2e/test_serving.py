@@ -4,6 +4,7 @@ bad input (documented status + OpenAI error body, service keeps serving), metric
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -261,3 +262,13 @@ def test_concurrent_requests_all_complete(rt, tiny_model):
     for t in threads:
         t.join(30)
     assert [got[i] for i in range(len(prompts))] == want
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering Ray's nice 15 needs CAP_SYS_NICE")
+def test_ray_workers_run_at_nice_zero(llama):
+    """Ray starts actors at nice 15; the launcher resets every worker thread to 0 so the
+    workers are not starved by the router and clients on the same host."""
+    for info in llama.infos.values():
+        tids = os.listdir(f"/proc/{info['pid']}/task")
+        nice = {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids}
+        assert set(nice.values()) == {0}, (info["worker_id"], nice)
