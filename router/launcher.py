@@ -11,10 +11,11 @@ with a new port and epoch; the router's supervisor re-reads ``info()`` and re-re
 
 Expert parallelism (``ep_size`` > 1): a worker is a placement group of ``ep_size``
 bundles (STRICT_PACK, one node). The leader actor sits in bundle 0 and is what the router
-sees; in its ``__init__`` it picks a rendezvous port, starts one :class:`EPFollowerActor`
+sees; in its ``__init__`` it picks a rendezvous port, starts one ``EPFollowerActor``
 per other bundle (owned by the leader, so they die with it) and joins the torch.distributed
 group with them. A follower that dies fails the leader's next collective: the leader fails
-its streams and exits, Ray restarts it, and it starts a fresh group.
+its streams and exits, Ray restarts it, and it starts a fresh group
+(``router/ep_launch.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class WorkerActor:
     def __init__(
         self, role: str, worker_id: str, settings_json: str, placement_group: Any = None
     ) -> None:
-        _setup_process()
+        setup_worker_process()
         import ray
 
         from decode_worker.server import start_worker
@@ -121,7 +122,9 @@ class WorkerActor:
         config = settings.worker_config(role, worker_id, host)
         ep, self.followers = None, []
         if settings.ep_size > 1:
-            ep, self.followers = _start_ep_group(settings, config, placement_group, host)
+            from router.ep_launch import start_ray_ep_group
+
+            ep, self.followers = start_ray_ep_group(settings, config, placement_group, host)
         self.running = start_worker(config, ep)
 
     def ep_pids(self) -> list[int]:
@@ -160,7 +163,8 @@ def _reset_niceness() -> None:
         logging.getLogger(__name__).info("worker stays at nice %d: %s", os.nice(0), exc)
 
 
-def _setup_process() -> None:
+def setup_worker_process() -> None:
+    """Process defaults for a worker or EP rank: nice 0, one OpenMP thread, logging."""
     _reset_niceness()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -171,84 +175,6 @@ def _setup_process() -> None:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def _start_ep_group(settings: WorkerSettings, config, placement_group: Any, host: str):
-    """Leader side: start the followers in bundles 1.., join the group as rank 0."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from engine.parallel.ep import ep_store, join_ep_group
-
-    store = ep_store(host, settings.ep_size)
-    init_method = f"tcp://{host}:{store.port}"
-    cuda = config.engine.device.startswith("cuda")
-    followers = []
-    for rank in range(1, settings.ep_size):
-        strategy = PlacementGroupSchedulingStrategy(placement_group, rank)
-        cls = ray.remote(EPFollowerActor).options(
-            max_restarts=0,
-            scheduling_strategy=strategy,
-            **({"num_gpus": 1} if cuda else {"num_cpus": 1}),  # fmt: skip
-        )
-        followers.append(cls.remote(settings.to_json(), config.role, rank, init_method))
-    ep = join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
-    pids = (os.getpid(), *ray.get([f.pid.remote() for f in followers]))
-    logger.info("EP group of %d ranks joined at %s (pids %s)", settings.ep_size, init_method, pids)
-    return replace(ep, rank_pids=pids), followers
-
-
-def ep_follower_main(settings_json: str, role: str, rank: int, init_method: str) -> None:
-    """EP rank > 0 (a Ray actor's thread, or a process of ``pdserve worker --ep-size``):
-    join the group, load this rank's experts, run the leader's steps until it stops or the
-    group fails, then exit the process."""
-    _setup_process()
-    from engine.engine import LLMEngine
-    from engine.parallel.ep import join_ep_group
-
-    try:
-        settings = WorkerSettings.from_json(settings_json)
-        config = settings.worker_config(role, None, "127.0.0.1")
-        ep = join_ep_group(rank, settings.ep_size, init_method, config.engine.device)
-        LLMEngine(config.engine, ep).run_follower()
-    except BaseException:
-        logger.exception("EP rank %d lost its group", rank)
-    os._exit(0)
-
-
-def start_local_ep_group(settings: WorkerSettings, config) -> Any:
-    """``pdserve worker --ep-size N`` (no Ray): N-1 follower processes on this host; this
-    process joins as the leader. ``None`` when ``ep_size`` is 1."""
-    if settings.ep_size == 1:
-        return None
-    import multiprocessing as mp
-
-    from engine.parallel.ep import ep_store, join_ep_group
-
-    store = ep_store(config.host, settings.ep_size)
-    init_method = f"tcp://{config.host}:{store.port}"
-    ctx = mp.get_context("spawn")
-    pids = [os.getpid()]
-    for rank in range(1, settings.ep_size):
-        args = (settings.to_json(), config.role, rank, init_method)
-        proc = ctx.Process(target=ep_follower_main, args=args, daemon=True)
-        proc.start()
-        pids.append(proc.pid)
-    ep = join_ep_group(0, settings.ep_size, None, config.engine.device, store=store)
-    return replace(ep, rank_pids=tuple(pids))
-
-
-class EPFollowerActor:
-    """A Ray actor around :func:`ep_follower_main` (which runs on its own thread)."""
-
-    def __init__(self, settings_json: str, role: str, rank: int, init_method: str) -> None:
-        import threading
-
-        args = (settings_json, role, rank, init_method)
-        threading.Thread(target=ep_follower_main, args=args, daemon=True).start()
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def start_ray(address: str | None, node_ip: str | None, num_cpus: int | None) -> None:

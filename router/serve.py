@@ -10,7 +10,8 @@ import threading
 import time
 from dataclasses import replace
 
-from router.launcher import RayWorkers, WorkerSettings, start_local_ep_group, start_ray
+from router.ep_launch import start_local_ep_group
+from router.launcher import RayWorkers, WorkerSettings, start_ray
 
 logger = logging.getLogger("pdserve")
 
