@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +23,7 @@ from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.parallel.ep import ExpertParallelGroup
@@ -36,39 +36,6 @@ from engine.scheduler import Scheduler, make_output, pick_home
 from engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerKV:
-    """A prefill-only request's share of one step, for the KV layer hook."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    """The request's whole block table."""
-    start_pos: int
-    end_pos: int
-    """Token positions ``[start_pos, end_pos)`` whose K/V is new to the hook: this step's
-    tokens, plus on a request's first step any prefix-cache hit (which the receiver may
-    not hold)."""
-
-
-KVLayerHook = Callable[[int, list[LayerKV], tuple[torch.Tensor, torch.Tensor]], None]
-"""``hook(layer, items, (k_cache, v_cache))`` after each layer of a step."""
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Blocks reserved on the decode side for a prompt whose KV comes from elsewhere."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    """The request's whole block table for its prompt."""
-    num_cached_blocks: int
-    """Leading blocks already in this worker's prefix cache: not to be sent."""
-
-    @property
-    def blocks_to_fill(self) -> tuple[int, ...]:
-        return self.block_ids[self.num_cached_blocks :]
 
 
 class LLMEngine:
