@@ -26,7 +26,8 @@ import grpc
 import torch
 
 from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError, expert_stats
-from engine.engine import LayerKV, LLMEngine
+from engine.engine import LLMEngine
+from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVClient, KVSender, TransferConfig, TransferState, make_client

@@ -5,8 +5,9 @@ them between processes."""
 from __future__ import annotations
 
 from engine import LLM, SamplingParams
-from engine.engine import LayerKV, LLMEngine, Reservation
+from engine.engine import LLMEngine
 from engine.kv_cache.layout import gather_blocks, scatter_blocks
+from engine.kv_handoff import LayerKV, Reservation
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 MAX_NEW = 16
