@@ -1,6 +1,6 @@
 """`pdserve serve --prefill-ep-size 2 --decode-ep-size 2`: the one-command cluster starts EP
 workers on its own local Ray, /health lists their ep_size, greedy output equals HF, and
-Ctrl-C stops it."""
+Ctrl-C stops it and every process it started (EP followers included)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,26 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
     raise AssertionError(f"not ready in {timeout} s:\n" + log.read_text())
 
 
+def _session(sid: int) -> set[int]:
+    """Live processes of session ``sid`` (zombies count as gone)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] not in "ZX":
+            out.add(int(entry.name))
+    return out
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
     port = free_port()
@@ -60,8 +80,16 @@ def test_serve_with_ep_flags(tiny_model, tmp_path):
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == hf_greedy(model, [prompt], 8)[0]
+            started = _session(proc.pid)  # router, local Ray, 2 EP leaders, 2 followers
+            names = sorted(n for p in started if (n := _name(p)).startswith("ray::"))
+            assert names.count("ray::WorkerActor") == 2, names  # the two EP leaders
+            assert names.count("ray::EPFollowerActor") == 2, names
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
             assert proc.wait(timeout=60) is not None
+            deadline = time.monotonic() + 30
+            while left := _session(proc.pid) & started:
+                assert time.monotonic() < deadline, f"processes left after stop: {left}"
+                time.sleep(0.2)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
