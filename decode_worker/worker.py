@@ -204,6 +204,7 @@ class DecodeWorker:
                 stored_block_hashes=stored,
                 evicted_block_hashes=evicted,
                 num_requests=len(self._reqs),
+                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
                 transfer=transfer,
             )
 

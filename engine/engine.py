@@ -15,6 +15,7 @@ Aggregated lifecycle: ``add_request`` → waiting → running (chunked prefill, 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,7 @@ from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, make_output, pick_home
 from engine.scheduler_output import SchedulerOutput
+from engine.throughput import PrefillRate
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class LLMEngine:
         self._kv_streamed: set[str] = set()
         self._kv_forward: dict[int, list[int]] = {}
         """EP leader: home rank -> blocks that arrived by transfer, to send it next step."""
+        self.prefill_rate = PrefillRate()
+        """Measured prompt tokens per second (the router predicts TTFT with it)."""
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
             self.spec.architecture,
@@ -176,12 +180,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report what each request gained."""
+        t0 = time.perf_counter()
         so = self.scheduler.schedule()
         items = self._stream_items(so)
         hook = self._layer_hook(items)
         if self.ep is not None:
             hook = self._ep_broadcast(so, items, hook)
         sampled = self.runner.execute(so, hook)
+        self.prefill_rate.observe(so, time.perf_counter() - t0)
         return self.scheduler.update(so, sampled)
 
     def _ep_broadcast(

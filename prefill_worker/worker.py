@@ -156,6 +156,7 @@ class PrefillWorker:
                 stored_block_hashes=stored,
                 evicted_block_hashes=evicted,
                 num_requests=len(self._jobs),
+                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
             )
 
     # -- engine thread -------------------------------------------------------------------

@@ -33,6 +33,8 @@ class WorkerLoad:
     queues: dict[str, int] = field(default_factory=dict)
     expert_tokens: list[int] = field(default_factory=list)
     """MoE: tokens routed to each expert since the worker started (empty for dense)."""
+    prefill_tokens_per_s: float = 0.0
+    """Measured prompt tokens per second (0.0 = not measured yet)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class ClusterState(Protocol):
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
         """Record a successful health check with the worker's load; marks it healthy."""
 
-    def mark_unhealthy(self, worker_id: str) -> None: ...
+    def mark_unhealthy(self, worker_id: str, epoch: int | None = None) -> None:
+        """Out of the candidate set until its next heartbeat; with ``epoch``, only if that
+        incarnation is still the registered one (a restarted worker is left alone)."""
 
     def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
         """Registered workers, optionally of one role and only the healthy ones."""
@@ -128,8 +132,11 @@ class MemoryClusterState:
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
         self._update(worker_id, load=load, healthy=True, last_heartbeat=time.monotonic())
 
-    def mark_unhealthy(self, worker_id: str) -> None:
-        self._update(worker_id, healthy=False)
+    def mark_unhealthy(self, worker_id: str, epoch: int | None = None) -> None:
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is not None and epoch in (None, w.epoch):
+                self._workers[worker_id] = replace(w, healthy=False)
 
     def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
         with self._lock:

@@ -5,11 +5,22 @@
     decode cost(D)  = prompt tokens not cached on D        (prefix index, chained hashes)
                     + prefill tokens queued on D            (its Stats)
                     + decode_load_weight * requests on D    (running + routed in flight)
-    prefill cost(P) = prefill tokens queued on P + prompt tokens routed to P in flight
 
 Conditional disaggregation then prefills on D itself when no prefill worker is healthy,
-or when the uncached part of the prompt is at most ``local_prefill_tokens``. Every
-decision carries a path (``remote``/``local``) and a reason, which the router counts.
+when the uncached part of the prompt is at most ``local_prefill_tokens``, or when prefill
+is overloaded: the predicted time to first token (TTFT) of remote prefill exceeds
+``overload_factor`` times that of local prefill on D::
+
+    TTFT remote(P) = (tokens queued on P + uncached) / rate(P) + transfer(P -> D) / layers
+    TTFT local(D)  = (tokens queued on D + uncached) / rate(D)
+
+``rate`` is each worker's measured prompt tokens per second (Stats); an unmeasured worker
+is assumed as fast as the other side. Transfers overlap compute layer by layer, so only
+about one layer's share of the transfer, at the pair's measured bandwidth, is exposed.
+The factor (default 8; 0 turns the check off) is how much TTFT may grow to keep prefill
+off D's decode batch. The prefill worker with the lowest predicted TTFT wins (ties: fewer
+requests routed to it in flight). Every decision carries a
+path (``remote``/``local``) and a reason, which the router counts.
 """
 
 from __future__ import annotations
@@ -47,13 +58,36 @@ class RoutingPolicy(Protocol):
     def route(self, request: RouteRequest, state: ClusterState) -> RouteDecision:
         """Choose the workers for one request; raises :class:`NoWorkerError`."""
 
+    def observe_transfer(
+        self, prefill_id: str, decode_id: str, nbytes: int, seconds: float
+    ) -> None:
+        """A remote prefill finished: its KV stream moved ``nbytes`` in ``seconds``."""
+
 
 class CostPolicy:
     """See the module docstring."""
 
-    def __init__(self, local_prefill_tokens: int = 0, decode_load_weight: float = 16.0) -> None:
+    def __init__(
+        self,
+        local_prefill_tokens: int = 0,
+        decode_load_weight: float = 16.0,
+        overload_factor: float = 8.0,
+    ) -> None:
         self.local_prefill_tokens = local_prefill_tokens
         self.decode_load_weight = decode_load_weight
+        self.overload_factor = overload_factor
+        self._bandwidth: dict[tuple[str, str], float] = {}
+        """(prefill id, decode id) -> measured KV transfer bytes per second (moving average)."""
+
+    def observe_transfer(
+        self, prefill_id: str, decode_id: str, nbytes: int, seconds: float
+    ) -> None:
+        """Fold one finished transfer into the pair's bandwidth estimate."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        key, bw = (prefill_id, decode_id), nbytes / seconds
+        old = self._bandwidth.get(key)
+        self._bandwidth[key] = bw if old is None else old + 0.3 * (bw - old)
 
     def decode_cost(self, request: RouteRequest, w: WorkerRecord, state: ClusterState) -> float:
         cached = state.match_prefix(w.worker_id, request.block_hashes) * w.layout.block_size
@@ -79,5 +113,28 @@ class CostPolicy:
             return local("no_prefill_worker" if registered else "aggregated")
         if uncached <= self.local_prefill_tokens:
             return local("prefix_cached" if cached else "short_prompt")
-        p = min(prefills, key=lambda w: (w.load.queued_prefill_tokens + w.inflight, w.worker_id))
+        ttft = {p.worker_id: self.remote_ttft(p, d, uncached) for p in prefills}
+        p = min(prefills, key=lambda w: (ttft[w.worker_id], w.inflight, w.worker_id))
+        limit = self.overload_factor * self.local_ttft(d, p, uncached)
+        if self.overload_factor > 0 and ttft[p.worker_id] > limit:
+            return local("prefill_overloaded")
         return RouteDecision(d, p, "remote", "cost", cached)
+
+    def remote_ttft(self, p: WorkerRecord, d: WorkerRecord, uncached: int) -> float:
+        """Predicted seconds to first token when ``p`` prefills for ``d``."""
+        compute = (p.load.queued_prefill_tokens + uncached) / _rate(p, d)
+        bw = self._bandwidth.get((p.worker_id, d.worker_id))
+        if bw is None:
+            return compute
+        layout = d.layout
+        tokens = -(-uncached // layout.block_size) * layout.block_size  # whole blocks move
+        return compute + tokens * layout.bytes_per_token / bw / layout.num_layers
+
+    def local_ttft(self, d: WorkerRecord, p: WorkerRecord, uncached: int) -> float:
+        """Predicted seconds to first token when ``d`` prefills the prompt itself."""
+        return (d.load.queued_prefill_tokens + uncached) / _rate(d, p)
+
+
+def _rate(w: WorkerRecord, other: WorkerRecord) -> float:
+    """``w``'s measured prefill rate, else ``other``'s, else 1 (then TTFTs are in tokens)."""
+    return w.load.prefill_tokens_per_s or other.load.prefill_tokens_per_s or 1.0

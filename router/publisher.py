@@ -187,4 +187,5 @@ def load_from_stats(stats) -> WorkerLoad:
         num_waiting=queues.get("waiting", 0),
         queues=queues,
         expert_tokens=list(stats.expert_tokens),
+        prefill_tokens_per_s=stats.prefill_tokens_per_s,
     )

@@ -68,3 +68,10 @@ return 1
 """
 """Remove one incarnation (a newer one that registered meanwhile stays). KEYS: workers,
 load, epochs, inflight, refused, alive:<id>, prefix:<id>:<epoch>. ARGV: id, epoch."""
+
+DROP_ALIVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Mark one incarnation down until its next heartbeat: delete ``alive:<id>`` only while it
+still holds that epoch. KEYS: alive:<id>. ARGV: epoch."""

@@ -78,6 +78,7 @@ class RedisClusterState:
         self._add_inflight = self.r.register_script(lua.ADD_INFLIGHT)
         self._reserve = self.r.register_script(lua.RESERVE)
         self._record_prefix = self.r.register_script(lua.RECORD_PREFIX)
+        self._drop_alive = self.r.register_script(lua.DROP_ALIVE)
         self._block_events = self.r.register_script(lua.BLOCK_EVENTS)
         self._register = self.r.register_script(lua.REGISTER)
         self._deregister = self.r.register_script(lua.DEREGISTER)
@@ -199,9 +200,13 @@ class RedisClusterState:
         if w is not None:
             self._try(lambda: self._beat(worker_id, w.epoch, load))
 
-    def mark_unhealthy(self, worker_id: str) -> None:
-        self.local.mark_unhealthy(worker_id)
-        self._try(lambda: self.r.delete(self._k("alive", worker_id)))
+    def mark_unhealthy(self, worker_id: str, epoch: int | None = None) -> None:
+        self.local.mark_unhealthy(worker_id, epoch)
+        key = self._k("alive", worker_id)
+        if epoch is None:
+            self._try(lambda: self.r.delete(key))
+        else:  # only that incarnation's alive key (Lua: compare and delete)
+            self._try(lambda: self._drop_alive(keys=[key], args=[epoch]))
 
     def _try(self, fn) -> None:
         try:

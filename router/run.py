@@ -189,14 +189,14 @@ class RequestRun:
         transport = svc.transport(p, d)
         self._track(d, rid)
         try:
-            res = await reg.client(d.worker_id).decode.Reserve(
+            res = await reg.client(d).decode.Reserve(
                 pb.ReserveRequest(request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s),
                 timeout=5.0,
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                svc.state.mark_unhealthy(d.worker_id)
+                svc.state.mark_unhealthy(d.worker_id, d.epoch)
                 raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
             raise _Fallback("reserve_failed") from exc
         self._track(p, rid)
@@ -204,15 +204,13 @@ class RequestRun:
             request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks
         )
         try:
-            pre = await reg.client(p.worker_id).prefill.Prefill(
-                req, timeout=self.cfg.prefill_timeout_s
-            )
+            pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
             await self._abort_all()
             self._raise_bad_input(exc)
             code = exc.code()
             if code == grpc.StatusCode.UNAVAILABLE:
-                svc.state.mark_unhealthy(p.worker_id)
+                svc.state.mark_unhealthy(p.worker_id, p.epoch)
             reason = {
                 grpc.StatusCode.DEADLINE_EXCEEDED: "prefill_timeout",
                 grpc.StatusCode.ABORTED: "transfer_failed",
@@ -223,8 +221,9 @@ class RequestRun:
         svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
         svc.metrics.kv_bytes.inc(pre.transfer_bytes)
         svc.metrics.kv_seconds.inc(max(0.0, pre.transfer_seconds))
+        svc.policy.observe_transfer(p.worker_id, d.worker_id, pre.transfer_bytes, pre.transfer_seconds)  # fmt: skip
         self.cached_tokens = pre.num_cached_tokens
-        self._call = reg.client(d.worker_id).decode.Decode(
+        self._call = reg.client(d).decode.Decode(
             pb.DecodeRequest(request_id=rid, first_token=pre.first_token)
         )
         return pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)
@@ -244,7 +243,7 @@ class RequestRun:
             spec.request_id = f"{self.job.request_id}-local"
         self._track(d, spec.request_id)
         self.svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
-        self._call = self.svc.registry.client(d.worker_id).decode.Generate(spec)
+        self._call = self.svc.registry.client(d).decode.Generate(spec)
         async for chunk in self._drain(self._call, d, spec.request_id):
             if chunk.num_cached_tokens:
                 self.cached_tokens = chunk.num_cached_tokens
@@ -259,7 +258,7 @@ class RequestRun:
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.svc.state.mark_unhealthy(d.worker_id)
+                self.svc.state.mark_unhealthy(d.worker_id, d.epoch)
                 raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
             raise ApiError(502, f"decode worker {d.worker_id} failed: {exc.details()}", "server_error") from None  # fmt: skip
 

@@ -65,6 +65,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="prefill on the decode worker when at most this many prompt tokens are uncached",
     )
+    p.add_argument(
+        "--prefill-overload-factor",
+        type=float,
+        default=8.0,
+        help="prefill on the decode worker when remote prefill's predicted TTFT is more than "
+        "this many times local prefill's (0 = off)",
+    )
     p.add_argument("--prefill-timeout", type=float, default=30.0, help="seconds")
     p.add_argument("--prefill-ep-size", type=int, default=1, help="expert-parallel ranks per prefill worker")  # fmt: skip
     p.add_argument("--decode-ep-size", type=int, default=1, help="expert-parallel ranks per decode worker")  # fmt: skip
@@ -108,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or os.path.basename(model.rstrip("/")),
         kv_transport=args.kv_transport,
         local_prefill_tokens=args.local_prefill_tokens,
+        prefill_overload_factor=args.prefill_overload_factor,
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         max_inflight=args.max_inflight,

@@ -47,7 +47,9 @@ class Router:
         self.state = state or MemoryClusterState()
         self.metrics = Metrics()
         self.registry = Registry(self.state, self.metrics, poll_interval_s)
-        self.policy = policy or CostPolicy(config.local_prefill_tokens)
+        self.policy = policy or CostPolicy(
+            config.local_prefill_tokens, overload_factor=config.prefill_overload_factor
+        )
         self.service = RouterService(
             config,
             self.state,

@@ -34,6 +34,9 @@ class RouterConfig:
     """KV backend between prefill and decode; ``auto`` = shm on one host, else tcp."""
     local_prefill_tokens: int = 0
     """Prefill on the decode worker when at most this many prompt tokens are uncached."""
+    prefill_overload_factor: float = 8.0
+    """Prefill on the decode worker when remote prefill's predicted TTFT exceeds this many
+    times local prefill's (router/policy.py); 0 = never for that reason."""
     prefill_timeout_s: float = 30.0
     """Give up on remote prefill (and fall back to local) after this long."""
     request_timeout_s: float = 600.0
@@ -48,6 +51,10 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
             raise ValueError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
+        if self.prefill_overload_factor < 0:
+            raise ValueError(
+                f"prefill_overload_factor must be >= 0 (0 = off), got {self.prefill_overload_factor}"
+            )
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
 

@@ -194,8 +194,20 @@ class Registry:
         if client is not None:
             await client.close()
 
-    def client(self, worker_id: str) -> WorkerClient:
-        return self.clients[worker_id]
+    def client(self, worker: WorkerRecord) -> WorkerClient:
+        """The connection to ``worker``'s incarnation: a record newer than the open client
+        (restarted before ``discover`` ran) gets a fresh one, and the stale one is closed."""
+        client = self.clients.get(worker.worker_id)
+        if client is not None and self.epochs.get(worker.worker_id) == worker.epoch:
+            return client
+        fresh = WorkerClient(worker.address)
+        self.clients[worker.worker_id], self.epochs[worker.worker_id] = fresh, worker.epoch
+        if client is not None:
+            logger.info(
+                "worker %s has a new epoch %d: reconnecting", worker.worker_id, worker.epoch
+            )
+            asyncio.get_running_loop().create_task(client.close())
+        return fresh
 
     async def poll_once(self) -> None:
         workers = self.state.workers(healthy_only=False)
@@ -224,7 +236,7 @@ class Registry:
                 logger.warning(
                     "worker %s at %s is unhealthy: %s", w.worker_id, w.address, exc.code()
                 )
-            self.state.mark_unhealthy(w.worker_id)
+            self.state.mark_unhealthy(w.worker_id, w.epoch)
             return
         load = load_from_stats(stats)
         queues = load.queues

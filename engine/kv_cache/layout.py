@@ -199,6 +199,12 @@ class KVLayoutSpec:
             block_size=layout.block_size,
         )
 
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes per token across all layers (as :attr:`KVLayout.bytes_per_token`)."""
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
     def check_compatible(
         self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs"
     ) -> None:

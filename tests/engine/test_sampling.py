@@ -84,3 +84,10 @@ def test_logprobs_match_hf(tiny_model, llm):
         assert set(lps) == set(torch.topk(row, 3).indices.tolist())
         for tid, lp in lps.items():
             assert lp == pytest.approx(float(row[tid]), abs=1e-4)
+
+
+def test_prefill_rate_is_measured(tiny_model):
+    llm = LLM(tiny_model("llama"))
+    assert llm.engine.prefill_rate.tokens_per_s == 0.0  # nothing measured yet
+    _gen(llm, make_prompts([40, 30], seed=9), temperature=0.0)
+    assert llm.engine.prefill_rate.tokens_per_s > 0

@@ -140,3 +140,5 @@ def test_stats_and_info(pair):
     assert info.role == "prefill" and info.num_blocks == NUM_BLOCKS
     stats = prefill.Stats(pb.StatsRequest())
     assert set(stats.queues) == {"waiting", "running", "sending"}
+    # Earlier tests prefilled 16-token chunks here: a measured rate, for the router's TTFT.
+    assert stats.prefill_tokens_per_s > 0

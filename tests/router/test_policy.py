@@ -92,3 +92,48 @@ def test_prefix_index_is_capped_and_reset_on_new_epoch(state):
     assert state.match_prefix("d0", hashes[36:]) == 64 and state.match_prefix("d0", hashes) == 0
     state.register(worker("d0", "decode", epoch=2))  # restarted: its cache is empty
     assert state.match_prefix("d0", hashes[36:]) == 0
+
+
+def test_overloaded_prefill_worker_means_local(state):
+    """Remote TTFT (P's queue + the prompt) above 8x local TTFT (D's queue + the prompt)."""
+    prompt = req(list(range(400, 464)))  # 64 uncached tokens
+    state.heartbeat("p0", WorkerLoad(queued_prefill_tokens=64 * 7))
+    assert CostPolicy().route(prompt, state).path == "remote"  # 512 <= 8 * 64
+    state.heartbeat("p0", WorkerLoad(queued_prefill_tokens=64 * 8))
+    d = CostPolicy().route(prompt, state)
+    assert (d.path, d.reason, d.prefill) == ("local", "prefill_overloaded", None)
+    assert CostPolicy(overload_factor=0).route(prompt, state).path == "remote"  # check off
+
+
+def test_measured_prefill_rates_predict_ttft(state):
+    prompt = req(list(range(400, 464)))
+    # A fast prefill worker with a queue still beats a slow decode worker prefilling itself.
+    state.heartbeat("p0", WorkerLoad(queued_prefill_tokens=5000, prefill_tokens_per_s=1e5))
+    state.heartbeat("d0", WorkerLoad(prefill_tokens_per_s=100.0))
+    state.heartbeat("d1", WorkerLoad(prefill_tokens_per_s=100.0))
+    assert CostPolicy().route(prompt, state).path == "remote"  # 0.05 s vs 8 * 0.64 s
+    state.heartbeat("d0", WorkerLoad(prefill_tokens_per_s=1e5))  # as fast: local wins now
+    state.heartbeat("d1", WorkerLoad(prefill_tokens_per_s=1e5))
+    assert CostPolicy().route(prompt, state).reason == "prefill_overloaded"
+
+
+def test_prefill_worker_with_the_lowest_predicted_ttft_wins(state):
+    state.register(worker("p1", "prefill"))
+    state.heartbeat("p0", WorkerLoad(queued_prefill_tokens=100, prefill_tokens_per_s=10.0))
+    state.heartbeat("p1", WorkerLoad(queued_prefill_tokens=300, prefill_tokens_per_s=1000.0))
+    d = CostPolicy().route(req(list(range(400, 464))), state)
+    assert (d.path, d.prefill.worker_id) == ("remote", "p1")  # 0.36 s vs 16.4 s
+
+
+def test_measured_transfer_bandwidth_counts_one_layer_of_exposed_transfer(state):
+    prompt = req(list(range(400, 464)))  # 4 blocks of 16 tokens, 512 B of KV per token
+    for wid in ("p0", "d0", "d1"):
+        state.heartbeat(wid, WorkerLoad(prefill_tokens_per_s=1000.0))
+    policy = CostPolicy()
+    p, d = state.get("p0"), state.get("d0")
+    assert policy.remote_ttft(p, d, 64) == pytest.approx(0.064)  # no bandwidth measured yet
+    policy.observe_transfer("p0", "d0", 64 * 512, 1.0)  # 32 KiB/s, over 2 layers
+    assert policy.remote_ttft(p, d, 64) == pytest.approx(0.064 + 0.5)
+    assert policy.route(prompt, state).reason == "prefill_overloaded"  # 0.564 > 8 * 0.064
+    policy.observe_transfer("p0", "d0", 64 * 512, 0.0)  # ignored
+    assert policy.remote_ttft(p, d, 64) == pytest.approx(0.564)

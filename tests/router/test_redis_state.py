@@ -54,6 +54,13 @@ def test_registry_roles_health(state):
     assert [w.healthy for w in state.workers("decode", healthy_only=False)] == [False]
     state.heartbeat("d0", WorkerLoad())
     assert [w.worker_id for w in state.workers("decode")] == ["d0"]
+    state.register(rec("d0", epoch=2))  # restarted
+    state.heartbeat("d0", WorkerLoad())
+    state.mark_unhealthy("d0", epoch=1)  # a failure seen on the old incarnation
+    assert [(w.worker_id, w.epoch) for w in state.workers("decode")] == [("d0", 2)]
+    state.mark_unhealthy("d0", epoch=2)
+    assert state.workers("decode") == []
+    state.heartbeat("d0", WorkerLoad())
     state.deregister("d0")
     assert state.get("d0") is None and len(state.workers(healthy_only=False)) == 1
     assert state.health()["connected"] is True
