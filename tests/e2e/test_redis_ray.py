@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -18,7 +17,9 @@ from router.service import RouterConfig
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.redis_server import RedisServer
 
-from .conftest import MODEL_NAME, client, launch
+from .conftest import MODEL_NAME, launch
+from .test_faults import greedy
+from .test_redis_cluster import wait_until
 
 TTL_S = 2.0
 
@@ -51,34 +52,18 @@ def _registered(view: RedisClusterState) -> dict[str, int]:
     return {w.worker_id: w.epoch for w in view.workers()}
 
 
-def _wait(cond, timeout: float) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"condition not met within {timeout}s"
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
-def _greedy(router, prompt: list[int]) -> list[int]:
-    r = client(router).completions.create(
-        model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
-        extra_body={"ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
-    return r.choices[0].token_ids
-
-
 def test_ray_workers_register_themselves_and_serve(redis_ray, tiny_model):
     cluster, view, router = redis_ray
-    _wait(lambda: set(_registered(view)) == {"rr-prefill-0", "rr-decode-0"}, timeout=30)
+    wait_until(lambda: set(_registered(view)) == {"rr-prefill-0", "rr-decode-0"}, timeout=30)
     records = {w.worker_id: w for w in view.workers()}
     for wid, info in cluster.infos.items():
         assert records[wid].address == info["address"]
         assert records[wid].role == info["role"]
         assert records[wid].epoch == info["epoch"]
         assert records[wid].ep_size == 1
-    _wait(lambda: len(router.router.state.workers()) == 2, timeout=10)
+    wait_until(lambda: len(router.router.state.workers()) == 2, timeout=10)
     prompts = make_prompts([40, 25], seed=171)
-    got = [_greedy(router, p) for p in prompts]
+    got = [greedy(router, p) for p in prompts]
     assert got == hf_greedy(tiny_model("llama"), prompts, 8)
     cluster.wait_all_free()
 
@@ -87,16 +72,20 @@ def test_killed_ray_decode_worker_rejoins_with_new_epoch(redis_ray, tiny_model):
     cluster, view, router = redis_ray
     cluster.refresh()
     old = cluster.infos["rr-decode-0"]
-    _wait(lambda: _registered(view).get("rr-decode-0") == old["epoch"], timeout=30)
+    wait_until(lambda: _registered(view).get("rr-decode-0") == old["epoch"], timeout=30)
     os.kill(old["pid"], signal.SIGKILL)
-    gone = _wait(lambda: "rr-decode-0" not in _registered(view), timeout=TTL_S + 5)
+    gone = wait_until(lambda: "rr-decode-0" not in _registered(view), timeout=TTL_S + 5)
     assert gone <= TTL_S + 1.0
     # Ray restarts the actor; the new incarnation registers itself with a new epoch.
-    _wait(lambda: _registered(view).get("rr-decode-0", old["epoch"]) != old["epoch"], 90)
+    wait_until(
+        lambda: _registered(view).get("rr-decode-0", old["epoch"]) != old["epoch"], timeout=90
+    )
     cluster.refresh()
     new = cluster.infos["rr-decode-0"]
     assert new["epoch"] != old["epoch"] and _registered(view)["rr-decode-0"] == new["epoch"]
     prompt = make_prompts([33], seed=172)[0]
-    _wait(lambda: any(w.epoch == new["epoch"] for w in router.router.state.workers()), 10)
-    assert _greedy(router, prompt) == hf_greedy(tiny_model("llama"), [prompt], 8)[0]
+    wait_until(
+        lambda: any(w.epoch == new["epoch"] for w in router.router.state.workers()), timeout=10
+    )
+    assert greedy(router, prompt) == hf_greedy(tiny_model("llama"), [prompt], 8)[0]
     cluster.wait_all_free()
