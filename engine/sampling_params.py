@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIN_TEMPERATURE = 0.01
+"""Smallest non-zero temperature: below it ``logits / temperature`` overflows float32 for
+ordinary logits (softmax turns inf into NaN). 0 means greedy."""
+MAX_TEMPERATURE = 100.0
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids, ``top_k`` and token counts must fit the int32/uint32 fields of the proto and
+of torch index tensors; vocabulary bounds are checked by the engine that knows its model."""
+MAX_STOP_TOKEN_IDS = 64
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -32,18 +42,27 @@ class SamplingParams:
         errors = []
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             errors.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+        elif self.max_tokens > MAX_TOKEN_ID:
+            errors.append(f"max_tokens must be <= {MAX_TOKEN_ID}, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             errors.append(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )
-        if not self.temperature >= 0.0:
-            errors.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            errors.append(f"top_k must be >= 1 or None, got {self.top_k}")
+        t = self.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            errors.append(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {t}"
+            )
+        if self.top_k is not None and not 1 <= self.top_k <= MAX_TOKEN_ID:
+            errors.append(f"top_k must be in [1, {MAX_TOKEN_ID}] or None, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             errors.append(f"logprobs must be in [0, 20], got {self.logprobs}")
+        errors += _check_stop_ids(self.stop_token_ids)
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            errors.append(f"seed must be in [0, {MAX_SEED}] or None, got {self.seed}")
         if errors:
             raise ValueError("invalid sampling params: " + "; ".join(errors))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -51,3 +70,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_stop_ids(ids) -> list[str]:
+    ids = tuple(ids)
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        return [f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}"]
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID]
+    return [f"stop_token_ids must be ids in [0, {MAX_TOKEN_ID}], got {bad[0]}"] if bad else []
