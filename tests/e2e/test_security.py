@@ -102,9 +102,9 @@ def _stub(secure, wid: str):
 @pytest.fixture(autouse=True)
 def _no_leaked_blocks(secure):
     yield
+    secret = ClusterSecret(SECRET.encode())
     for wid in secure["addr"]:
         s, channel, service = _stub(secure, wid)
-        secret = ClusterSecret(SECRET.encode())
 
         def free(s=s, service=service) -> bool:
             md = call_metadata(secret, f"{service}/Stats")

@@ -108,4 +108,3 @@ def test_security_malformed_workers_entries_are_skipped(locked, junk, caplog, tm
     assert state.health()["connected"] is True  # not mistaken for Redis being down
     logged = [r.getMessage() for r in caplog.records]
     assert len([m for m in logged if "'evil'" in m]) == 1, logged  # once, not per read
-
