@@ -10,7 +10,13 @@ import threading
 import time
 from dataclasses import replace
 
-from router.cli_security import add_security_args, cluster_secret, redis_options, secret_file
+from router.cli_security import (
+    add_security_args,
+    cluster_secret,
+    redis_options,
+    secret_file,
+    warn_password_in_url,
+)
 from router.ep_launch import start_local_ep_group
 from router.launcher import RayWorkers, WorkerSettings, start_ray
 from router.redis_conn import redact_url
@@ -127,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
     )
     ray_workers, state, secret = None, None, cluster_secret(args)
+    warn_password_in_url(args)
     logger.info("worker gRPC and KV plane: %s", "authenticated (cluster secret)" if secret else "UNAUTHENTICATED (no cluster secret)")  # fmt: skip
     if args.redis_url:
         from router.redis_state import RedisClusterState
@@ -226,6 +233,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.cli import ensure_demo_model
 
     model = args.model or ensure_demo_model()
+    warn_password_in_url(args)
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
     settings = replace(settings, ep_size=args.ep_size, port=args.port)
     config = settings.worker_config(args.role, args.worker_id, args.host or default_host())

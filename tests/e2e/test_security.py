@@ -163,6 +163,7 @@ def test_security_redis_password_absent_from_health_metrics_and_logs(secure):
         text = proc.log.read_text()
         assert "registered in" in text, text[-2000:]  # the publisher logged its Redis URL
         assert PASSWORD not in text and SECRET not in text, wid
+    assert "carries a password" in secure["procs"]["p0"].log.read_text()  # and says what to do
 
 
 def test_security_malformed_workers_entry_does_not_500(secure):
