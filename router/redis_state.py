@@ -23,6 +23,11 @@ candidate set. A new epoch drops the old incarnation's prefix index and in-fligh
 ``reserve`` is a Lua compare-and-increment: two routers that both saw a worker at the
 same load cannot both take it in the same instant; the loser routes again on fresh state.
 
+Credentials: the password and TLS files of ``RedisOptions`` (router/redis_conn.py); ``url``
+is the redacted form, the only one this class shows. A ``workers`` / ``load`` entry this
+version cannot read (anyone with Redis access can write one) is skipped and logged once
+(router/redis_records.py), never raised into a request.
+
 Redis unreachable: every call falls back to ``local`` (a ``MemoryClusterState`` mirror of
 the last known state plus this instance's own writes), Redis is retried every ``retry_s``,
 and on return the workers registered through this instance are registered again (a
