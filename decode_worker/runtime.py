@@ -19,13 +19,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.grpc_auth import server_interceptors
 from engine.request import RequestOutput
+from engine.security import ClusterSecret
+
+if TYPE_CHECKING:
+    from router.redis_conn import RedisOptions
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,11 @@ class WorkerConfig:
     """Register in and publish load/prefix events to this shared cluster state."""
     heartbeat_ttl_s: float = 3.0
     """With ``redis_url``: routers drop this worker when silent this long."""
+    secret: ClusterSecret | None = None
+    """The cluster secret: every gRPC call must prove it (engine/grpc_auth.py), and the KV
+    plane gets it as ``TransferConfig.secret``; ``None`` = unauthenticated (a laptop)."""
+    redis: RedisOptions | None = None
+    """With ``redis_url``: password and TLS files for the shared state (router/redis_conn)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -159,8 +169,15 @@ class WorkerError(Exception):
 class GrpcServer:
     """A ``grpc.aio`` server on its own asyncio loop thread (works in any process)."""
 
-    def __init__(self, register: Callable[[grpc.aio.Server], None], host: str, port: int):
+    def __init__(
+        self,
+        register: Callable[[grpc.aio.Server], None],
+        host: str,
+        port: int,
+        secret: ClusterSecret | None = None,
+    ):
         self._register = register
+        self._secret = secret
         self._bind = f"{host}:{port}"
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
@@ -175,7 +192,8 @@ class GrpcServer:
 
     async def _start(self) -> str:
         opts = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
-        self._server = grpc.aio.server(options=opts)
+        # With a cluster secret every RPC must carry a valid token (engine/grpc_auth.py).
+        self._server = grpc.aio.server(options=opts, interceptors=server_interceptors(self._secret))
         self._register(self._server)
         port = self._server.add_insecure_port(self._bind)
         if port == 0:

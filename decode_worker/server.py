@@ -84,7 +84,7 @@ def start_worker(
         servicer = PrefillServicer(worker, "")
     if engine.ep is not None:
         _exit_on_ep_failure(worker, config.name)
-    server = GrpcServer(lambda s: add(servicer, s), config.host, config.port)
+    server = GrpcServer(lambda s: add(servicer, s), config.host, config.port, config.secret)
     try:
         address = server.start()
     except BaseException:

@@ -75,7 +75,9 @@ class DecodeWorker:
                 engine.layout_spec,
                 self._free,
                 config=TransferConfig(
-                    host=_endpoint_host(name, config.host), plane=dict(config.extra)
+                    host=_endpoint_host(name, config.host),
+                    plane=dict(config.extra),
+                    secret=config.secret,
                 ),
             )
             for name in config.kv_transports

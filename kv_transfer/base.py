@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.security import ClusterSecret
 
 FreeBlocks = Callable[[list[int]], None]
 """Hook through which the receiver returns reserved blocks to its engine's pool."""
@@ -82,6 +83,8 @@ class TransferConfig:
     """Interface the receiver endpoint listens on."""
     plane: dict[str, str] = field(default_factory=dict)
     """Backend-specific options (strings, see each backend)."""
+    secret: ClusterSecret | None = None
+    """The cluster secret the KV handshake and tickets prove; ``None`` = unauthenticated."""
 
     def __post_init__(self) -> None:
         if self.peer_timeout_s <= self.heartbeat_s:

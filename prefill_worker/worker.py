@@ -83,7 +83,9 @@ class PrefillWorker:
             )
         with self.loop.lock:
             if backend not in self._clients:
-                tcfg = TransferConfig(host=self.config.host, plane=dict(self.config.extra))
+                tcfg = TransferConfig(
+                    host=self.config.host, plane=dict(self.config.extra), secret=self.config.secret
+                )
                 self._clients[backend] = make_client(backend, self.engine.layout_spec, config=tcfg)
             return self._clients[backend]
 

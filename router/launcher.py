@@ -21,89 +21,13 @@ its streams and exits, Ray restarts it, and it starts a fresh group
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from router.settings import WorkerSettings
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs besides its role: plain values (they travel as JSON)."""
-
-    model: str
-    dtype: str = "auto"
-    device: str | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 128
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    kv_transports: tuple[str, ...] = ("tcp", "shm")
-    host: str | None = None
-    """gRPC/KV bind address; ``None`` = the node's address (Ray's node IP)."""
-    port: int = 0
-    fault_delay_s: float = 0.0
-    plane: dict[str, str] = field(default_factory=dict)
-    ep_size: int = 1
-    """Expert-parallel ranks serving this worker's model replica (MoE models)."""
-    redis_url: str | None = None
-    """Register in and publish load/prefix events to this shared cluster state."""
-    heartbeat_ttl_s: float = 3.0
-    """With ``redis_url``: routers drop this worker when silent this long."""
-
-    def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSettings:
-        data = json.loads(text)
-        data["kv_transports"] = tuple(data["kv_transports"])
-        return cls(**data)
-
-    def worker_config(self, role: str, worker_id: str | None, host: str):
-        import torch
-
-        from decode_worker.runtime import WorkerConfig
-        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = EngineConfig(
-            model=self.model,
-            dtype=self.dtype,
-            device=device,
-            max_model_len=self.max_model_len,
-            attention_backend=self.attention_backend,
-            cache=CacheConfig(
-                block_size=self.block_size,
-                num_blocks=self.num_kv_blocks,
-                enable_prefix_caching=self.enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs
-            ),
-        )
-        return WorkerConfig(
-            role=role,
-            engine=engine,
-            host=self.host or host,
-            port=self.port,
-            kv_transports=tuple(self.kv_transports),
-            worker_id=worker_id,
-            fault_delay_s=self.fault_delay_s,
-            extra=dict(self.plane),
-            redis_url=self.redis_url,
-            heartbeat_ttl_s=self.heartbeat_ttl_s,
-        )
 
 
 class WorkerActor:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from router.cluster import WorkerLoad, WorkerRecord
+from router.redis_conn import RedisOptions
 from router.redis_state import RedisClusterState, RedisDown
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class WorkerPublisher:
     prefix: str = "pdserve"
     on_refused: Callable[[str], None] | None = None
     """Called (publisher thread) when a re-registration is refused; default: log."""
+    options: RedisOptions | None = None
+    """Password and TLS files (router/redis_conn.py); logs show ``state.url`` (redacted)."""
     _cached: OrderedDict[int, None] = field(default_factory=OrderedDict)
     _stored: list[int] = field(default_factory=list)
     _evicted: list[int] = field(default_factory=list)
@@ -59,7 +62,11 @@ class WorkerPublisher:
 
     def __post_init__(self) -> None:
         self.state = RedisClusterState(
-            self.url, prefix=self.prefix, heartbeat_ttl_s=self.heartbeat_ttl_s, retry_s=0.5
+            self.url,
+            options=self.options,
+            prefix=self.prefix,
+            heartbeat_ttl_s=self.heartbeat_ttl_s,
+            retry_s=0.5,
         )
 
     def start(self) -> None:
@@ -74,19 +81,21 @@ class WorkerPublisher:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.state.deregister(self.record.worker_id, self.record.epoch)
-        logger.info("deregistered %s (epoch %d) from %s", self.record.worker_id, self.record.epoch, self.url)  # fmt: skip
+        logger.info("deregistered %s (epoch %d) from %s", self.record.worker_id, self.record.epoch, self.state.url)  # fmt: skip
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self._tick()
             except LayoutRefused as exc:
-                logger.error("redis %s refused %s: %s", self.url, self.record.worker_id, exc)
+                logger.error("redis %s refused %s: %s", self.state.url, self.record.worker_id, exc)
                 if self.on_refused is not None:
                     self.on_refused(str(exc))
                 return
             except Exception:
-                logger.exception("publishing %s to %s failed", self.record.worker_id, self.url)
+                logger.exception(
+                    "publishing %s to %s failed", self.record.worker_id, self.state.url
+                )
 
     def _tick(self) -> None:
         load, stored, evicted = self.snapshot()
@@ -98,7 +107,7 @@ class WorkerPublisher:
                 self._publish(load)
         except RedisDown:
             if self._registered:
-                logger.warning("redis %s unreachable: %s keeps serving, retrying", self.url, self.record.worker_id)  # fmt: skip
+                logger.warning("redis %s unreachable: %s keeps serving, retrying", self.state.url, self.record.worker_id)  # fmt: skip
             self._registered = False
 
     def _coalesce(self, stored: list[int], evicted: list[int]) -> None:
@@ -122,7 +131,7 @@ class WorkerPublisher:
         self._registered = True
         logger.info(
             "%s worker %s registered in %s (epoch %d, ep_size %d, %d KV blocks, %d cached)",
-            self.record.role, self.record.worker_id, self.url, self.record.epoch,
+            self.record.role, self.record.worker_id, self.state.url, self.record.epoch,
             self.record.ep_size, self.record.num_blocks, len(self._cached),
         )  # fmt: skip
 
@@ -172,6 +181,7 @@ def start_publisher(
         snapshot,
         heartbeat_ttl_s=config.heartbeat_ttl_s,
         on_refused=on_refused,
+        options=config.redis,
     )
     publisher.start()
     return publisher

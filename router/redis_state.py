@@ -23,6 +23,11 @@ candidate set. A new epoch drops the old incarnation's prefix index and in-fligh
 ``reserve`` is a Lua compare-and-increment: two routers that both saw a worker at the
 same load cannot both take it in the same instant; the loser routes again on fresh state.
 
+Credentials: the password and TLS files of ``RedisOptions`` (router/redis_conn.py); ``url``
+is the redacted form, the only one this class shows. A ``workers`` / ``load`` entry this
+version cannot read (anyone with Redis access can write one) is skipped and logged once
+(router/redis_records.py), never raised into a request.
+
 Redis unreachable: every call falls back to ``local`` (a ``MemoryClusterState`` mirror of
 the last known state plus this instance's own writes), Redis is retried every ``retry_s``,
 and on return the workers registered through this instance are registered again (a
@@ -44,6 +49,8 @@ import redis
 from engine.kv_cache.layout import KVLayoutSpec
 from router import redis_scripts as lua
 from router.cluster import MemoryClusterState, Role, WorkerLoad, WorkerRecord
+from router.redis_conn import RedisOptions, connect, redact_url
+from router.redis_records import RecordReader, record_fields
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +66,19 @@ class RedisClusterState:
         self,
         url: str,
         *,
+        options: RedisOptions | None = None,
         prefix: str = "pdserve",
         heartbeat_ttl_s: float = 3.0,
         retry_s: float = 1.0,
     ) -> None:
-        self.url, self.prefix = url, prefix
+        self.url = redact_url(url)
+        """For display (logs, ``/health``): the password, if the URL has one, is ``***``."""
+        self.prefix = prefix
         self.heartbeat_ttl_s, self.retry_s = heartbeat_ttl_s, retry_s
-        self.r = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=0.25, socket_timeout=0.5
+        self.r = connect(
+            url, options, decode_responses=True, socket_connect_timeout=0.25, socket_timeout=0.5
         )
+        self._reader = RecordReader()
         self.local = MemoryClusterState()
         self.connected = True
         self.errors = 0
@@ -141,7 +152,7 @@ class RedisClusterState:
     def _register_now(self, w: WorkerRecord) -> None:
         keys = [self._k(k) for k in ("layout", "workers", "epochs")]
         keys += [self._k("alive", w.worker_id), self._k("inflight"), self._k("load"), self._k("refused")]  # fmt: skip
-        args = [w.layout.to_json(), w.worker_id, json.dumps(_fields(w)), w.epoch]
+        args = [w.layout.to_json(), w.worker_id, json.dumps(record_fields(w)), w.epoch]
         args += [int(self.heartbeat_ttl_s * 1000), self._k("prefix", w.worker_id, ""), json.dumps(asdict(w.load))]  # fmt: skip
         cluster = self._register(keys=keys, args=args)
         if cluster is None:
@@ -238,22 +249,9 @@ class RedisClusterState:
         loads, inflight, alive = pipe.execute()
         records = []
         for i, worker_id in enumerate(ids):
-            f = json.loads(raw[worker_id])
-            record = WorkerRecord(
-                worker_id=worker_id,
-                role=f["role"],
-                address=f["address"],
-                layout=KVLayoutSpec(**f["layout"]),
-                num_blocks=f["num_blocks"],
-                max_model_len=f["max_model_len"],
-                epoch=f["epoch"],
-                hostname=f["hostname"],
-                ep_size=f.get("ep_size", 1),
-                kv_transports=tuple(f["kv_transports"]),
-                healthy=alive[i] is not None and int(alive[i]) == f["epoch"],
-                load=_load(loads.get(worker_id)),
-                inflight=int(inflight.get(worker_id, 0)),
-            )
+            record = self._reader.record(worker_id, raw[worker_id], loads.get(worker_id), inflight.get(worker_id), alive[i])  # fmt: skip
+            if record is None:  # malformed (logged once): skipped, never a failed request
+                continue
             records.append(record)
             self._mirror(record)
         if time.monotonic() >= self._grace_until:  # deregistered: not a last-known candidate
@@ -327,22 +325,3 @@ class RedisClusterState:
                 break
             n += 1
         return n
-
-
-def _fields(w: WorkerRecord) -> dict:
-    return {
-        "worker_id": w.worker_id,
-        "role": w.role,
-        "address": w.address,
-        "layout": asdict(w.layout),
-        "num_blocks": w.num_blocks,
-        "max_model_len": w.max_model_len,
-        "epoch": w.epoch,
-        "hostname": w.hostname,
-        "ep_size": w.ep_size,
-        "kv_transports": list(w.kv_transports),
-    }
-
-
-def _load(text: str | None) -> WorkerLoad:
-    return WorkerLoad(**json.loads(text)) if text else WorkerLoad()

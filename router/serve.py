@@ -10,8 +10,16 @@ import threading
 import time
 from dataclasses import replace
 
+from router.cli_security import (
+    add_security_args,
+    cluster_secret,
+    redis_options,
+    secret_file,
+    warn_password_in_url,
+)
 from router.ep_launch import start_local_ep_group
 from router.launcher import RayWorkers, WorkerSettings, start_ray
+from router.redis_conn import redact_url
 
 logger = logging.getLogger("pdserve")
 
@@ -78,6 +86,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--max-inflight", type=int, default=256, help="429 above this")
     p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="Bearer key")
+    add_security_args(p)
 
 
 def settings_from_args(args: argparse.Namespace, model: str, transports) -> WorkerSettings:
@@ -95,6 +104,8 @@ def settings_from_args(args: argparse.Namespace, model: str, transports) -> Work
         kv_transports=tuple(transports),
         redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl,
+        redis_options=redis_options(args),
+        cluster_secret_file=secret_file(args),
     )
 
 
@@ -121,25 +132,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         api_key=args.api_key,
     )
-    ray_workers, state = None, None
+    ray_workers, state, secret = None, None, cluster_secret(args)
+    warn_password_in_url(args)
+    logger.info("worker gRPC and KV plane: %s", "authenticated (cluster secret)" if secret else "UNAUTHENTICATED (no cluster secret)")  # fmt: skip
     if args.redis_url:
         from router.redis_state import RedisClusterState
 
-        state = RedisClusterState(args.redis_url)
-        logger.info("sharing cluster state in %s", args.redis_url)
+        state = RedisClusterState(args.redis_url, options=redis_options(args))
+        logger.info("sharing cluster state in %s", state.url)
         if args.worker:
             raise ValueError("--worker with --redis-url: start those workers with --redis-url; routers discover them there")  # fmt: skip
     if args.router_only:
         if state is None:
             raise ValueError("--router-only needs --redis-url (where the cluster's workers are registered)")  # fmt: skip
-        logger.info("router only: routing to the workers registered in %s", args.redis_url)
+        logger.info("router only: routing to the workers registered in %s", state.url)
     elif args.worker:
         logger.info("using %d standalone worker(s): %s", len(args.worker), ", ".join(args.worker))
     else:
-        ray_workers = _launch(args, model)
+        ray_workers = _launch(args, model, secret is not None)
     source = ray_workers.addresses if ray_workers is not None else list(args.worker)
     try:
-        router = Router(config, source, state=state, discover=state is not None)
+        router = Router(config, source, state=state, discover=state is not None, secret=secret)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
         _announce(router, args, config, mode, start)
         router.serve(args.host, args.port)
@@ -149,13 +162,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace, model: str) -> RayWorkers:
+def _launch(args: argparse.Namespace, model: str, auth: bool) -> RayWorkers:
     if args.decode < 1 or args.prefill < 0:
         raise ValueError(f"need --decode >= 1 and --prefill >= 0, got {args.decode}/{args.prefill}")  # fmt: skip
     logger.info("starting Ray (%s)", args.ray_address or f"local, node {args.node_ip}")
     start_ray(args.ray_address, args.node_ip, max(os.cpu_count() or 1, args.prefill * args.prefill_ep_size + args.decode * args.decode_ep_size + 1))  # fmt: skip
     ray_workers = RayWorkers(namespace=args.ray_namespace)
     settings = settings_from_args(args, model, worker_transports(args.kv_transport))
+    settings = replace(settings, cluster_auth=auth)  # a worker without the secret refuses to start
     ray_workers.launch("prefill", args.prefill, replace(settings, ep_size=args.prefill_ep_size))
     ray_workers.launch("decode", args.decode, replace(settings, ep_size=args.decode_ep_size))
     logger.info("launching %d prefill + %d decode worker(s) for %s", args.prefill, args.decode, model)  # fmt: skip
@@ -210,6 +224,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=3.0,
         help="with --redis-url: routers drop the worker when silent this long (seconds)",
     )
+    add_security_args(p)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -218,6 +233,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.cli import ensure_demo_model
 
     model = args.model or ensure_demo_model()
+    warn_password_in_url(args)
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
     settings = replace(settings, ep_size=args.ep_size, port=args.port)
     config = settings.worker_config(args.role, args.worker_id, args.host or default_host())
@@ -228,7 +244,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         running = start_worker(config, start_local_ep_group(settings, config), lambda why: (refused.append(why), stop.set()))  # fmt: skip
     except LayoutRefused as exc:
-        logger.error("%s worker refused by the cluster state in %s: %s", args.role, args.redis_url, exc)  # fmt: skip
+        logger.error("%s worker refused by the cluster state in %s: %s", args.role, redact_url(args.redis_url), exc)  # fmt: skip
         return 2
     print(f"{args.role} worker {running.info.worker_id} serving on {running.address}", flush=True)
     try:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
+from engine.security import ClusterSecret
 from engine.tokenizer import Tokenizer
 from router.app import create_app
 from router.cluster import ClusterState, MemoryClusterState
@@ -41,12 +42,13 @@ class Router:
         policy: RoutingPolicy | None = None,
         poll_interval_s: float = 0.5,
         discover: bool = False,
+        secret: ClusterSecret | None = None,
     ) -> None:
         self.discover = discover
         self.config = config
         self.state = state or MemoryClusterState()
         self.metrics = Metrics()
-        self.registry = Registry(self.state, self.metrics, poll_interval_s)
+        self.registry = Registry(self.state, self.metrics, poll_interval_s, secret=secret)
         self.policy = policy or CostPolicy(
             config.local_prefill_tokens, overload_factor=config.prefill_overload_factor
         )

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.grpc_auth import aio_channel
 from engine.kv_cache.layout import KVLayoutSpec
+from engine.security import ClusterSecret
 from kv_transfer.wire import spec_from_pb
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
@@ -31,9 +33,9 @@ logger = logging.getLogger(__name__)
 class WorkerClient:
     """gRPC stubs for one worker incarnation."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: ClusterSecret | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = aio_channel(address, secret)  # every call carries a token with a secret
         self.decode = rpc.DecodeServiceStub(self.channel)
         self.prefill = rpc.PrefillServiceStub(self.channel)
 
@@ -71,6 +73,8 @@ class Registry:
     rpc_timeout_s: float = 2.0
     layout: KVLayoutSpec | None = None
     """The cluster's KV layout: the first registered worker's, every later one must match."""
+    secret: ClusterSecret | None = None
+    """The cluster secret every worker call proves (engine/grpc_auth.py)."""
     clients: dict[str, WorkerClient] = field(default_factory=dict)
     epochs: dict[str, int] = field(default_factory=dict)
     """The incarnation each client was opened for."""
@@ -80,7 +84,7 @@ class Registry:
 
     async def register(self, address: str) -> WorkerRecord | None:
         """Register the worker at ``address``; ``None`` (and an error log) if refused."""
-        client = WorkerClient(address)
+        client = WorkerClient(address, self.secret)
         try:
             info = await fetch_info(client, self.rpc_timeout_s)
         except grpc.aio.AioRpcError:
@@ -133,8 +137,8 @@ class Registry:
                 continue
             try:
                 await self.register(address)
-            except grpc.aio.AioRpcError as exc:
-                logger.warning("cannot register worker at %s yet: %s", address, exc.code())
+            except grpc.aio.AioRpcError as exc:  # details name the fix of UNAUTHENTICATED
+                logger.warning("cannot register worker at %s yet: %s %s", address, exc.code(), exc.details())  # fmt: skip
         for address, worker_id in known.items():
             if address not in addresses:
                 current = self.state.get(worker_id)
@@ -154,7 +158,7 @@ class Registry:
             if old is not None:
                 logger.info("worker %s has a new epoch %d: reconnecting", w.worker_id, w.epoch)
                 await old.close()
-            self.clients[w.worker_id] = WorkerClient(w.address)
+            self.clients[w.worker_id] = WorkerClient(w.address, self.secret)
             self.epochs[w.worker_id] = w.epoch
             logger.info(
                 "discovered %s worker %s at %s (epoch %d, ep_size %d, %d KV blocks)",
@@ -200,7 +204,7 @@ class Registry:
         client = self.clients.get(worker.worker_id)
         if client is not None and self.epochs.get(worker.worker_id) == worker.epoch:
             return client
-        fresh = WorkerClient(worker.address)
+        fresh = WorkerClient(worker.address, self.secret)
         self.clients[worker.worker_id], self.epochs[worker.worker_id] = fresh, worker.epoch
         if client is not None:
             logger.info(

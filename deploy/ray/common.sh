@@ -31,3 +31,29 @@ role_args() {
   # shellcheck disable=SC2034  # read by the script that sources this file
   ROLE_ARGS=(--num-gpus "$gpus" --resources "{\"${role}_gpu\": $slots}")
 }
+
+# secrets_dir DIR: the absolute path of DIR (default $PDSERVE_SECRETS_DIR, else
+# /etc/pdserve/secrets), where make-secrets.sh wrote the cluster's credentials.
+secrets_dir() {
+  local dir=${1:-${PDSERVE_SECRETS_DIR:-/etc/pdserve/secrets}}
+  if [[ -d $dir ]]; then (cd "$dir" && pwd); else echo "$dir"; fi
+}
+
+# auth_env DIR INSECURE: exports what `ray start` (and every worker it starts: they inherit
+# the environment) and `pdserve serve` need to authenticate: the cluster secret (worker
+# gRPC, the KV plane) and Ray's token (GCS, dashboard, client), files in DIR. With
+# INSECURE=1 (a laptop) nothing is authenticated.
+auth_env() {
+  local dir=$1 insecure=$2 f
+  if [[ $insecure == 1 ]]; then
+    echo "warning: --insecure: worker gRPC, the KV plane and Ray are unauthenticated" >&2
+    unset PDSERVE_CLUSTER_SECRET_FILE RAY_AUTH_TOKEN_PATH
+    export RAY_AUTH_MODE=disabled
+    return
+  fi
+  for f in cluster-secret ray-auth-token; do
+    [[ -r $dir/$f ]] || die "no $dir/$f: run deploy/ray/make-secrets.sh $dir once, copy $dir to every node (same path), or pass --secrets DIR; --insecure runs unauthenticated (a laptop)"
+  done
+  export PDSERVE_CLUSTER_SECRET_FILE=$dir/cluster-secret
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$dir/ray-auth-token
+}

@@ -72,8 +72,13 @@ def test_default_and_multinode_kinds(rendered):
     base = [
         "ConfigMap/llm-pdserve-env",
         "Deployment/llm-pdserve-router",
+        "NetworkPolicy/llm-pdserve-ray",
+        "NetworkPolicy/llm-pdserve-router",
+        "PodDisruptionBudget/llm-pdserve-decode",
+        "PodDisruptionBudget/llm-pdserve-prefill",
         "PodDisruptionBudget/llm-pdserve-router",
         "RayCluster/llm-pdserve",
+        "Secret/llm-pdserve-secrets",
         "Service/llm-pdserve-router",
     ]
     assert kinds["default"] == base
@@ -81,6 +86,7 @@ def test_default_and_multinode_kinds(rendered):
         "Deployment/llm-pdserve-redis",
         "HorizontalPodAutoscaler/llm-pdserve-router",
         "Ingress/llm-pdserve-router",
+        "NetworkPolicy/llm-pdserve-redis",
         "Service/llm-pdserve-redis",
         "ServiceMonitor/llm-pdserve-router",
     ]
@@ -186,7 +192,7 @@ def test_api_key_value_creates_a_secret():
     docs = render({"apiKey": {"value": "s3cret"}})
     for doc in docs:
         validate(doc)
-    secret = one(docs, "Secret")
+    secret = one(docs, "Secret", "llm-pdserve-api-key")
     assert base64.b64decode(secret["data"]["api-key"]) == b"s3cret"
     (env,) = router_container(docs)["env"]
     assert env["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]

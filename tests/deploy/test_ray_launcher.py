@@ -65,16 +65,26 @@ def test_scripts_pass_shellcheck():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "PDSERVE_CLUSTER_SECRET_FILE")
+
+
 @pytest.fixture
 def recorder(tmp_path):
-    """Stand-ins for `ray` and `pdserve` on PATH that print their argv, one per line."""
+    """Stand-ins for `ray` and `pdserve` on PATH that print their argv, one per line, and
+    write the auth environment they were started with to ``<name>.env``; the cluster's
+    credentials in ``$PDSERVE_SECRETS_DIR`` (written by make-secrets.sh)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    dump = " ".join(f'"{k}=${{{k}-<unset>}}"' for k in AUTH_ENV)
     for name in ("ray", "pdserve"):
-        (bin_dir / name).write_text('#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
+        (bin_dir / name).write_text(f'#!/bin/sh\nprintf "%s\\n" {dump} > "$0.env"\nprintf "%s\\n" "$(basename "$0")" "$@"\n')  # fmt: skip
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    secrets = tmp_path / "secrets"
+    subprocess.run([str(RAY_DIR / "make-secrets.sh"), str(secrets)], check=True, capture_output=True)  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PDSERVE_SECRETS_DIR": str(secrets)}  # fmt: skip
     env.pop("PDSERVE", None)
+    for k in AUTH_ENV:
+        env.pop(k, None)
 
     def run(script: str, *args: str, ok: bool = True) -> list[str] | str:
         out = subprocess.run(
@@ -86,6 +96,11 @@ def recorder(tmp_path):
         assert out.returncode == 2, out
         return out.stderr
 
+    run.env = env
+    run.secrets = secrets
+    run.started_with = lambda name: dict(
+        line.split("=", 1) for line in (bin_dir / f"{name}.env").read_text().splitlines()
+    )
     return run
 
 
@@ -127,7 +142,8 @@ def test_launch_passes_counts_transport_ep_and_redis(recorder):
     argv = recorder("launch.sh", "--prefill", "2", "--decode", "3", "--kv-transport", "ucx", "--", "--port", "9000")  # fmt: skip
     assert argv == [
         "pdserve", "serve", "--ray-address", "auto", "--prefill", "2", "--decode", "3",
-        "--kv-transport", "ucx", "--port", "9000",
+        "--kv-transport", "ucx", "--cluster-secret-file", f"{recorder.secrets}/cluster-secret",
+        "--port", "9000",
     ]  # fmt: skip
     args = build_parser().parse_args(argv[1:])  # real `pdserve serve` flags
     assert (args.ray_address, args.prefill, args.decode, args.port) == ("auto", 2, 3, 9000)
@@ -136,7 +152,61 @@ def test_launch_passes_counts_transport_ep_and_redis(recorder):
         "--redis-url", "redis://10.0.0.2:6379/0",
     )  # fmt: skip
     assert full[full.index("--ray-address") + 1] == "10.0.0.1:6379"
-    assert full[-6:] == [
+    assert full[-8:-2] == [
         "--prefill-ep-size", "8", "--decode-ep-size", "4", "--redis-url", "redis://10.0.0.2:6379/0",
     ]  # fmt: skip
     assert "--decode must be an integer >= 1, got '0'" in recorder("launch.sh", "--decode", "0", ok=False)  # fmt: skip
+
+
+def test_security_scripts_authenticate_by_default(recorder, tmp_path):
+    token, secret = f"{recorder.secrets}/ray-auth-token", f"{recorder.secrets}/cluster-secret"
+    for script, args in [("start-head.sh", ()), ("start-worker.sh", ("--role", "decode", "--address", "h:1"))]:  # fmt: skip
+        recorder(script, *args)  # Ray's processes, and the pdserve workers, inherit these:
+        assert recorder.started_with("ray") == {
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token, "PDSERVE_CLUSTER_SECRET_FILE": secret,
+        }  # fmt: skip
+        empty = tmp_path / f"none-{script}"
+        why = recorder(script, *args, "--secrets", str(empty), ok=False)
+        assert f"no {empty}/cluster-secret" in why and "make-secrets.sh" in why and "--insecure" in why  # fmt: skip
+        recorder(script, *args, "--insecure")
+        assert recorder.started_with("ray") == {
+            "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": "<unset>", "PDSERVE_CLUSTER_SECRET_FILE": "<unset>",
+        }  # fmt: skip
+
+
+def test_security_launch_proves_the_secrets(recorder):
+    from engine.cli import build_parser
+
+    (recorder.secrets / "redis-password").write_text("pw")
+    argv = recorder("launch.sh", "--redis-url", "redis://r:6379/0")
+    args = build_parser().parse_args(argv[1:])
+    assert args.cluster_secret_file == f"{recorder.secrets}/cluster-secret"
+    assert args.redis_password_file == f"{recorder.secrets}/redis-password"
+    assert recorder.started_with("pdserve")["RAY_AUTH_MODE"] == "token"
+    insecure = recorder("launch.sh", "--insecure")
+    assert not [a for a in insecure if a.startswith("--cluster-secret") or a.startswith("--redis-password")]  # fmt: skip
+
+
+def test_security_make_secrets_writes_private_files_once(tmp_path):
+    target = tmp_path / "s"
+    out = subprocess.run([str(RAY_DIR / "make-secrets.sh"), "--redis", str(target)], capture_output=True, text=True, check=True)  # fmt: skip
+    assert sorted(p.name for p in target.iterdir()) == ["cluster-secret", "ray-auth-token", "redis-password"]  # fmt: skip
+    assert target.stat().st_mode & 0o777 == 0o700
+    values = set()
+    for p in target.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600
+        value = p.read_text()
+        assert len(value) == 64 and int(value, 16) >= 0
+        values.add(value)
+    assert len(values) == 3 and "wrote" in out.stdout
+    before = (target / "cluster-secret").read_text()
+    again = subprocess.run([str(RAY_DIR / "make-secrets.sh"), str(target)], capture_output=True, text=True, check=True)  # fmt: skip
+    assert "kept" in again.stdout and (target / "cluster-secret").read_text() == before
+
+
+def test_security_cluster_yaml_authenticates_and_keeps_the_dashboard_local(cluster):
+    assert "~/pdserve-secrets" in cluster["file_mounts"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cluster[key])
+        assert "RAY_AUTH_MODE=token" in start and "PDSERVE_CLUSTER_SECRET_FILE=" in start, key
+        assert "0.0.0.0" not in start, key

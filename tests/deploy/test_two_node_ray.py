@@ -3,6 +3,9 @@
 `pdserve serve --ray-address`, which puts the prefill worker on the head and the decode
 worker on the other node; a request then succeeds end to end. A second router naming the
 same `--ray-namespace` shares those workers and keeps serving after the first one stops.
+Authenticated as the scripts are by default: credentials from deploy/ray/make-secrets.sh,
+Ray with token auth, every worker gRPC call proving the cluster secret (a call without
+it is refused).
 
 Everything runs in subprocesses on its own ports and temp dirs, never touching the Ray
 instance other tests use: each node is a `ray start --block` in its own session, and the
@@ -143,12 +146,14 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
     env = {
         **os.environ,
         "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(ROOT),
     }
     env.pop("RAY_ADDRESS", None)
+    secrets = tmp_path / "secrets"  # the scripts authenticate Ray and the workers with it
+    subprocess.run([str(RAY_DIR / "make-secrets.sh"), str(secrets)], check=True, capture_output=True)  # fmt: skip
+    env["PDSERVE_SECRETS_DIR"] = str(secrets)
     # short: Ray's unix socket paths under the temp dir must stay under 108 characters
     temp = Path(tempfile.mkdtemp(prefix="pd2n", dir="/tmp"))
     with ExitStack() as stack:
@@ -180,6 +185,8 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
         workers = httpx.get(first + "/health", timeout=5).json()["workers"]
         hosts = {w["role"]: w["address"].rsplit(":", 1)[0] for w in workers.values()}
         assert hosts == {"prefill": HEAD_IP, "decode": WORKER_IP}, workers
+        assert "authenticated (cluster secret)" in nodes.log("serve")
+        _assert_refused_without_the_secret(workers)
         complete(first)
         metrics = httpx.get(first + "/metrics", timeout=5).text
         assert _remote_prefills(metrics) >= 1, metrics
@@ -192,6 +199,20 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
         assert nodes.procs["serve"].poll() is not None, nodes.logs()
         complete(second)
         nodes.interrupt("serve2", 30)
+
+
+def _assert_refused_without_the_secret(workers: dict) -> None:
+    import grpc
+
+    from proto import worker_pb2 as pb
+    from proto import worker_pb2_grpc as rpc
+
+    for w in workers.values():
+        cls = rpc.DecodeServiceStub if w["role"] == "decode" else rpc.PrefillServiceStub
+        with grpc.insecure_channel(w["address"]) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                cls(channel).Info(pb.InfoRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, w
 
 
 def complete(url: str) -> None:
