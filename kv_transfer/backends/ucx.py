@@ -10,6 +10,8 @@ the listener can bind the new UCX endpoint to that control link. Per layer::
               once its sends completed
     receiver: descriptor -> ucx recv of chunk i+1 posted while chunk i is checksummed
               and scattered (double buffering)
+    a descriptor whose sizes do not fit the layout: its messages, sized as the sender
+              sizes them from the descriptor, are received into scratch and dropped
 
 ucxx runs on one asyncio loop in a daemon thread per process. Transports come from the
 plane options ``ucx_tls`` / ``ucx_net_devices``, else the UCX_TLS / UCX_NET_DEVICES
@@ -32,7 +34,7 @@ from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
-from kv_transfer.wire import payload_sizes
+from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,11 @@ class UcxReceiver:
             if i + 1 < len(sizes):
                 pending = post(i + 1)
             yield chunk
+
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        sizes = skippable_sizes(desc, MAX_SKIP_MESSAGE_BYTES)
+        for _ in self.chunks(desc, sizes):
+            pass
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
