@@ -38,3 +38,22 @@ def run_receiver(backend: str, tickets) -> None:
     rx = endpoint.expect(pool.allocate(4), lease_s=60)
     tickets.put(rx.ticket)
     time.sleep(600)
+
+
+def run_endpoint(backend: str, handshake_timeout_s: float, out, done) -> None:
+    """Serve one 4-block transfer: hand ``(address, ticket)`` to the parent, then report
+    the transfer's final state and error on ``out`` and wait for ``done``."""
+    import dataclasses
+
+    logging.basicConfig(level=logging.WARNING)
+    layout, spec = _spec()
+    pool = BlockPool(layout.num_blocks)
+    config = dataclasses.replace(FAST, handshake_timeout_s=handshake_timeout_s)
+    endpoint = make_endpoint(backend, layout, layout.allocate(), spec, pool.free, config=config)
+    rx = endpoint.expect(pool.allocate(4), lease_s=120)
+    out.put((endpoint.address, rx.ticket))
+    while not rx.poll().terminal:
+        time.sleep(0.01)
+    out.put((rx.poll().value, rx.error, endpoint.stats()))
+    done.wait(120)
+    endpoint.close()
