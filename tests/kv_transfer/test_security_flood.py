@@ -260,3 +260,34 @@ def test_security_trickling_peer_is_cut_at_the_deadline(served):
             sock.close()
     wait_until(lambda: endpoint.stats()["refused_pairings"] == 3)
     _round_trip(endpoint, client, pool, layout)
+
+
+def test_security_silent_ucx_connection_is_closed():
+    """The ucx listener is reachable by anyone: a connection that never sends its token
+    is closed at the handshake deadline instead of holding a handler forever."""
+    from engine.kv_cache.layout import KVLayoutSpec
+    from kv_transfer.backends.ucx import UcxLoop
+
+    layout = tiny_layout()
+    spec = KVLayoutSpec.from_layout(layout, "test-model")
+    pool = BlockPool(layout.num_blocks)
+    config = dataclasses.replace(FAST, handshake_timeout_s=1.0)
+    endpoint = make_endpoint("ucx", layout, layout.allocate(), spec, pool.free, config=config)
+    ucx, host = UcxLoop.get(config), endpoint._host
+    try:
+
+        async def dial():
+            return await ucx.ucxx.create_endpoint("127.0.0.1", host._listener.port)
+
+        silent = ucx.run(dial(), timeout=10)
+        wait_until(lambda: len(host._handlers) == 1, timeout=10)
+        wait_until(lambda: not host._handlers, timeout=CLOSE_BOUND_S)
+        ucx.run(silent.close(), timeout=10)
+        client = make_client("ucx", spec, config=FAST)
+        try:
+            _round_trip(endpoint, client, pool, layout)  # the listener still pairs senders
+        finally:
+            client.close()
+    finally:
+        endpoint.close()
+    assert pool.num_free == pool.total
