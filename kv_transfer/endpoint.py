@@ -150,8 +150,13 @@ class Endpoint:
         while not self._stop.is_set():
             try:
                 sock, peer = self._server.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                # e.g. out of file descriptors: keep serving once they are back
+                logger.warning("endpoint %s: accept failed: %s", self.address, exc)
+                self._stop.wait(0.1)
+                continue
             host = str(peer[0])
             if not self._admit(host):
                 sock.close()

@@ -291,3 +291,54 @@ def test_security_silent_ucx_connection_is_closed():
     finally:
         endpoint.close()
     assert pool.num_free == pool.total
+
+
+def test_security_running_out_of_file_descriptors_does_not_stop_accepting():
+    """A flood that exhausts the endpoint's file descriptors (accept fails with EMFILE)
+    must not end its accept loop: once the flood is gone, a sender pairs and transfers."""
+    out, done = CTX.Queue(), CTX.Event()
+    proc = CTX.Process(
+        target=peers.run_endpoint,
+        args=("tcp", 30.0, out, done, 6),
+        kwargs={"peer_timeout_s": 30.0},  # the flood's sockets stay until it closes them
+    )
+    proc.start()
+    socks: list[socket.socket] = []
+    try:
+        address, ticket = out.get(timeout=60)
+        socks = [_connect(address) for _ in range(12)]  # twice the descriptors it has left
+        wait_until(lambda: _accept_failed(proc.pid), timeout=10)
+        for sock in socks:
+            sock.close()
+        layout, spec = peers._spec()
+        client = make_client("tcp", spec, config=FAST)
+        try:
+            wait_until(lambda: _pairs_at(client, address), timeout=CLOSE_BOUND_S)
+            tx = client.open(ticket)
+            _send_layers(tx, layout, random_caches(layout, 1), [0, 1, 2, 3])
+            state, error, _ = out.get(timeout=30)
+        finally:
+            client.close()
+        assert state == "success", error
+    finally:
+        done.set()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _accept_failed(pid: int) -> bool:
+    """The endpoint process holds as many descriptors as its limit allows."""
+    import os
+
+    with open(f"/proc/{pid}/limits") as f:
+        soft = next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+    return len(os.listdir(f"/proc/{pid}/fd")) >= soft
+
+
+def _pairs_at(client, address: str) -> bool:
+    try:
+        client.connect(address)
+        return True
+    except (OSError, HandshakeError):
+        return False
