@@ -1,11 +1,11 @@
 """The sender-side connector of one prefill worker: one paired link per endpoint.
 
-open(ticket)      -> with a secret, the ticket's signature checked before anything else
-                     (TicketRefused: no connection is made)
+open(ticket)      -> with a secret, the ticket's signature is checked first
+                     (TicketRefused: nothing is connected) -> the link to its endpoint
 connect(endpoint) -> Hello [Challenge / Proof] / HelloReply (pairing.py: secret, layout
                      and backend checked, else HandshakeError)
                   -> backend data path connected -> writer thread + reader thread
-open(ticket)      -> Open frame; SenderTransfer registered on that link
+                  -> (open) Open frame; SenderTransfer registered on that link
 send_layer        -> LayerJob on the link's queue -> writer: gather + checksum into
                      the plane's staging buffer -> descriptor + bytes
 link lost         -> every transfer on it FAILED; the next open() pairs again
