@@ -13,6 +13,9 @@ Prefill worker (sender)::
     for layer in ...: tx.send_layer(layer, k_cache, v_cache, src_block_ids=blocks)
     tx.finish(); ... tx.poll() until SUCCESS or FAILED
 
+With ``TransferConfig(secret=...)`` on both sides the pairing is mutually authenticated
+and tickets are signed by the endpoint and checked by the client (kv_transfer/auth.py).
+
 Backends (``backend_names()``): shm, tcp, ucx, torch_dist; see kv_transfer/plane.py.
 """
 
@@ -32,6 +35,7 @@ from kv_transfer.base import (
     KVEndpoint,
     KVReceiver,
     KVSender,
+    TicketRefused,
     TransferConfig,
     TransferState,
     TransferTicket,
@@ -44,6 +48,7 @@ __all__ = [
     "KVEndpoint",
     "KVReceiver",
     "KVSender",
+    "TicketRefused",
     "TransferConfig",
     "TransferState",
     "TransferTicket",

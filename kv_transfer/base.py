@@ -45,7 +45,11 @@ class TransferState(enum.Enum):
 
 
 class HandshakeError(ValueError):
-    """Pairing refused: the two workers disagree on layout or backend."""
+    """Pairing refused: the two workers disagree on layout, backend or cluster secret."""
+
+
+class TicketRefused(ValueError):
+    """A ticket's signature does not prove the cluster issued it (forged or unsigned)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class TransferTicket:
     """The receiver's owner epoch; pages for another epoch are dropped."""
     lease_deadline: float
     """Wall-clock time (``time.time()``) after which the receiver frees the blocks."""
+    backend: str = ""
+    """The receiver endpoint's backend (``tcp``, ``shm``, ...)."""
+    signature: bytes = field(default=b"", repr=False)
+    """The receiver's HMAC over every field above (kv_transfer/auth.py); empty when the
+    receiver has no cluster secret."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,16 @@ class TransferConfig:
     plane: dict[str, str] = field(default_factory=dict)
     """Backend-specific options (strings, see each backend)."""
     secret: ClusterSecret | None = None
-    """The cluster secret the KV handshake and tickets prove; ``None`` = unauthenticated."""
+    """The cluster secret: the handshake proves it both ways and the receiver signs its
+    tickets, which the sender verifies before connecting. None: unauthenticated (a laptop);
+    a side with a secret refuses to pair with a side without one."""
+    handshake_timeout_s: float = 5.0
+    """A receiver closes a socket whose peer has not proved itself (Hello, Proof) within
+    this long, however slowly it keeps sending."""
+    max_pending_pairings: int = 64
+    """Sockets a receiver holds before their pairing completes; more are closed at once."""
+    max_pending_per_host: int = 16
+    """The same bound per peer address, so one host cannot take every pending slot."""
 
     def __post_init__(self) -> None:
         if self.peer_timeout_s <= self.heartbeat_s:
@@ -94,6 +112,15 @@ class TransferConfig:
             )
         if self.chunk_bytes is not None and self.chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
+        if self.handshake_timeout_s <= 0:
+            raise ValueError(
+                f"handshake_timeout_s must be positive, got {self.handshake_timeout_s}"
+            )
+        if not 1 <= self.max_pending_per_host <= self.max_pending_pairings:
+            raise ValueError(
+                f"need 1 <= max_pending_per_host ({self.max_pending_per_host}) <= "
+                f"max_pending_pairings ({self.max_pending_pairings})"
+            )
 
 
 @runtime_checkable
@@ -161,8 +188,10 @@ class KVEndpoint(Protocol):
         """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``."""
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``dropped_pages`` / ``dropped_bytes`` (late or stale pages, never
-        written), ``succeeded``, ``failed``, ``refused_pairings``, ``active``."""
+        """Counters: ``dropped_pages`` / ``dropped_bytes`` (late, stale or malformed pages,
+        never written), ``succeeded``, ``failed``, ``refused_pairings`` (handshakes refused:
+        layout, backend, secret, deadline, malformed), ``refused_connections`` (sockets
+        closed unread: too many pending pairings), ``active``."""
 
     def close(self) -> None:
         """Fail open transfers (freeing their blocks) and stop serving."""
@@ -175,7 +204,8 @@ class KVClient(Protocol):
         """Pair with ``endpoint`` now; raises :class:`HandshakeError` on mismatch."""
 
     def open(self, ticket: TransferTicket) -> KVSender:
-        """Start a transfer for ``ticket`` (pairing first if needed)."""
+        """Start a transfer for ``ticket`` (pairing first if needed); with a secret, raises
+        :class:`TicketRefused` before connecting anywhere unless the ticket is signed."""
 
     def close(self) -> None:
         """Fail open transfers and close every link."""

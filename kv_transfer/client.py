@@ -1,8 +1,11 @@
 """The sender-side connector of one prefill worker: one paired link per endpoint.
 
-connect(endpoint) -> Hello / HelloReply (layout + backend checked, else HandshakeError)
+open(ticket)      -> with a secret, the ticket's signature is checked first
+                     (TicketRefused: nothing is connected) -> the link to its endpoint
+connect(endpoint) -> Hello [Challenge / Proof] / HelloReply (pairing.py: secret, layout
+                     and backend checked, else HandshakeError)
                   -> backend data path connected -> writer thread + reader thread
-open(ticket)      -> Open frame; SenderTransfer registered on that link
+                  -> (open) Open frame; SenderTransfer registered on that link
 send_layer        -> LayerJob on the link's queue -> writer: gather + checksum into
                      the plane's staging buffer -> descriptor + bytes
 link lost         -> every transfer on it FAILED; the next open() pairs again
@@ -21,9 +24,10 @@ import uuid
 import torch
 
 from engine.kv_cache.layout import KVLayoutSpec, block_byte_views, dtype_from_name
-from kv_transfer import wire
+from kv_transfer import auth, wire
 from kv_transfer.base import HandshakeError, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.pairing import sender_handshake
 from kv_transfer.plane import Backend, SenderPlane
 from kv_transfer.sender import LayerJob, SenderTransfer
 from proto import kv_transfer_pb2 as pb
@@ -75,6 +79,7 @@ class _Link:
     def abort(self, transfer: SenderTransfer, msg: pb.Abort) -> None:
         """Tell the receiver (no reply comes back) and stop tracking the transfer."""
         self._forget(transfer)
+        msg.reason = wire.clip(msg.reason)
         self.link.try_send(pb.Frame(abort=msg))
 
     def _on_close(self, reason: str) -> None:
@@ -175,6 +180,7 @@ class Client:
         self._link_for(endpoint)
 
     def open(self, ticket: TransferTicket) -> SenderTransfer:
+        auth.check_ticket(self.config.secret, ticket, self.backend.name)  # before connecting
         link = self._link_for(ticket.endpoint, ticket.epoch)
         block_shape = (self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         transfer = SenderTransfer(
@@ -234,10 +240,7 @@ class Client:
             hello = pb.Hello(
                 spec=wire.spec_to_pb(self.spec), backend=self.backend.name, sender_id=self.sender_id
             )
-            link.send(pb.Frame(hello=hello))
-            reply = link.recv_frame().hello_reply
-            if not reply.ok:
-                raise HandshakeError(f"{endpoint} refused pairing: {reply.error}")
+            reply = sender_handshake(link, endpoint, hello, cfg.secret, cfg.connect_timeout_s)
             try:
                 self.spec.check_compatible(
                     wire.spec_from_pb(reply.spec), ours="prefill", theirs="decode"

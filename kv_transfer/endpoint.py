@@ -2,15 +2,20 @@
 
 A transfer passes through the endpoint's tables like this::
 
-    expect()            -> _transfers[id]  (BOOTSTRAPPING, lease running)
+    expect()            -> _transfers[id]  (BOOTSTRAPPING, lease running; ticket signed)
     Open on a link      -> bound to that link (WAITING)
-    PageDescriptor      -> chunks: checksum + write into the KV cache at the ticket's
-                           block ids (pages.py; tcp receives straight into the blocks)
+    PageDescriptor      -> intake.py: checksum + write into the KV cache at the ticket's
+                           block ids (tcp receives straight into the blocks)
                            (TRANSFERRING; SUCCESS once every layer's blocks arrived)
     terminal            -> removed from _transfers; later pages are dropped and counted
 
-Threads: one acceptor, one reaper (lease expiry), and per link one reader that does the
-handshake, then reads frames and writes pages.
+A socket passes: accept -> admitted (at most ``max_pending_pairings`` unpaired sockets,
+``max_pending_per_host`` per peer address; beyond that closed at once, counted in
+``refused_connections``) -> handshake (pairing.py: deadline, 64 KiB frames, the secret
+proved) -> paired link. A refused or malformed handshake closes that socket only.
+
+Threads: one acceptor, one reaper (lease expiry), and per admitted socket one thread that
+does the handshake, then (paired) reads frames and writes pages.
 """
 
 from __future__ import annotations
@@ -23,17 +28,25 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from kv_transfer import wire
+from kv_transfer import auth, wire
 from kv_transfer.base import EndpointArgs, HandshakeError, TransferState, TransferTicket
+from kv_transfer.intake import PageIntake
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.pages import PageWriter
+from kv_transfer.pairing import ReceiverSide, receiver_handshake
 from kv_transfer.plane import Backend, ReceiverPlane
 from kv_transfer.receiver import ReceiverTransfer
-from kv_transfer.wire import byte_view
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 _link_ids = itertools.count()
+_COUNTERS = (
+    "dropped_pages",
+    "dropped_bytes",
+    "succeeded",
+    "failed",
+    "refused_pairings",
+    "refused_connections",
+)
 
 
 class Endpoint:
@@ -43,15 +56,15 @@ class Endpoint:
         self.backend = backend
         self.args = args
         self.epoch = args.epoch
-        self._writers = [(PageWriter(k), PageWriter(v)) for k, v in args.kv_caches]
-        self._direct_ok = self._writers[0][0].block_views([]) is not None
-        self._block_bytes = args.layout.block_bytes
+        self._intake = PageIntake(
+            args.layout, args.kv_caches, self._find, self._epoch_problem, self._count_drop
+        )
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
         self._links: set[ControlLink] = set()
-        self._counters = dict.fromkeys(
-            ("dropped_pages", "dropped_bytes", "succeeded", "failed", "refused_pairings"), 0
-        )
+        self._pending: dict[str, int] = {}  # peer address -> sockets not yet paired
+        self._unpaired: set[ControlLink] = set()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
         self._stop = threading.Event()
         self._host = backend.host(args)
         self._server = socket.create_server((args.config.host, 0))
@@ -81,7 +94,9 @@ class Endpoint:
             block_ids=ids,
             epoch=self.epoch,
             lease_deadline=time.time() + lease_s,
+            backend=self.backend.name,
         )
+        ticket = auth.sign_ticket(self.args.config.secret, ticket)
         transfer = ReceiverTransfer(
             ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal
         )
@@ -104,6 +119,9 @@ class Endpoint:
         self._server.close()
         with self._lock:
             transfers, links = list(self._transfers.values()), list(self._links)
+            unpaired = list(self._unpaired)
+        for link in unpaired:  # their handshake threads end at once
+            link.close()
         for transfer in transfers:
             transfer.fail(f"receiver endpoint {self.address} closed", notify_sender=True)
         for link in links:
@@ -128,25 +146,61 @@ class Endpoint:
                 transfer.expire_if_due(now)
 
     def _accept_loop(self) -> None:
+        cfg = self.args.config
         while not self._stop.is_set():
             try:
-                sock, _ = self._server.accept()
-            except OSError:
-                return
-            cfg = self.args.config
+                sock, peer = self._server.accept()
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                # e.g. out of file descriptors: keep serving once they are back
+                logger.warning("endpoint %s: accept failed: %s", self.address, exc)
+                self._stop.wait(0.1)
+                continue
+            host = str(peer[0])
+            if not self._admit(host):
+                sock.close()
+                continue
             link = ControlLink(sock, f"r{next(_link_ids)}", cfg.heartbeat_s, cfg.peer_timeout_s)
-            threading.Thread(target=self._pair, args=(link,), daemon=True).start()
+            with self._lock:
+                self._unpaired.add(link)
+            threading.Thread(
+                target=self._pair, args=(link, host), name=f"kv-pair-{link.name}", daemon=True
+            ).start()
+
+    def _admit(self, host: str) -> bool:
+        """Take a pending-pairing slot for a socket from ``host``; False: refuse it."""
+        cfg = self.args.config
+        with self._lock:
+            total, mine = sum(self._pending.values()), self._pending.get(host, 0)
+            if total < cfg.max_pending_pairings and mine < cfg.max_pending_per_host:
+                self._pending[host] = mine + 1
+                return True
+            self._counters["refused_connections"] += 1
+            refused = self._counters["refused_connections"]
+        if refused == 1 or refused % 1000 == 0:  # a flood must not flood the log as well
+            logger.warning(
+                "endpoint %s: closed a connection from %s unread: %d sockets are pairing "
+                "(%d from that host; limits %d and %d per host); %d refused so far",
+                self.address, host, total, mine, cfg.max_pending_pairings,
+                cfg.max_pending_per_host, refused,
+            )  # fmt: skip
+        return False
+
+    def _release(self, link: ControlLink, host: str) -> None:
+        with self._lock:
+            self._unpaired.discard(link)
+            left = self._pending.pop(host) - 1
+            if left:
+                self._pending[host] = left
 
     # -- handshake -------------------------------------------------------------------
-    def _pair(self, link: ControlLink) -> None:
+    def _pair(self, link: ControlLink, host: str) -> None:
         try:
-            plane = self._handshake(link)
-        except (HandshakeError, PeerLost, TimeoutError, OSError, RuntimeError) as exc:
-            # RuntimeError: a backend's pairing step failed (e.g. torch.distributed store).
-            logger.warning("endpoint %s refused a sender: %s", self.address, exc)
-            with self._lock:
-                self._counters["refused_pairings"] += 1
-            link.close()
+            plane = self._handshake(link, host)
+        finally:
+            self._release(link, host)
+        if plane is None:
             return
         with self._lock:
             if self._stop.is_set():
@@ -158,41 +212,34 @@ class Endpoint:
             lambda f: self._on_frame(link, plane, f), lambda r: self._on_close(link, plane, r)
         )
 
-    def _handshake(self, link: ControlLink) -> ReceiverPlane:
-        frame = link.recv_frame()
-        if not frame.HasField("hello"):
-            raise HandshakeError(f"expected Hello, got {frame.WhichOneof('kind')}")
-        hello = frame.hello
-        reply = pb.HelloReply(spec=wire.spec_to_pb(self.args.spec), epoch=self.epoch)
+    def _handshake(self, link: ControlLink, host: str) -> ReceiverPlane | None:
+        """Pair, or close this socket only and count why (never the secret)."""
+        cfg = self.args.config
+        side = ReceiverSide(
+            spec=self.args.spec,
+            backend=self.backend.name,
+            epoch=self.epoch,
+            secret=cfg.secret,
+            host=self._host,
+            paired_frame_limit=wire.paired_frame_limit(self.args.layout.num_blocks),
+        )
         try:
-            self._check_hello(hello)
-        except HandshakeError as exc:
-            reply.ok, reply.error = False, str(exc)
-            link.try_send(pb.Frame(hello_reply=reply))
-            raise
-        params, finish = self._host.accept(link, hello)
-        reply.ok = True
-        reply.plane.update(params)
-        link.send(pb.Frame(hello_reply=reply))
-        return finish()
-
-    def _check_hello(self, hello: pb.Hello) -> None:
-        if hello.backend != self.backend.name:
-            raise HandshakeError(
-                f"backend mismatch: prefill={hello.backend}, decode={self.backend.name}; "
-                "start both workers with the same --kv-transport"
-            )
-        theirs = wire.spec_from_pb(hello.spec)
-        try:
-            self.args.spec.check_compatible(theirs, ours="decode", theirs="prefill")
-        except ValueError as exc:
-            raise HandshakeError(str(exc)) from None
+            return receiver_handshake(link, side, cfg.handshake_timeout_s)
+        except (HandshakeError, PeerLost, TimeoutError, OSError, RuntimeError) as exc:
+            # RuntimeError: a backend's pairing step failed (e.g. torch.distributed store).
+            logger.warning("endpoint %s refused a sender at %s: %s", self.address, host, exc)
+        except Exception:  # a bug here must cost this socket only, never the endpoint
+            logger.exception("endpoint %s: pairing with %s crashed", self.address, host)
+        with self._lock:
+            self._counters["refused_pairings"] += 1
+        link.close()
+        return None
 
     # -- frames ----------------------------------------------------------------------
     def _on_frame(self, link: ControlLink, plane: ReceiverPlane, frame: pb.Frame) -> None:
         kind = frame.WhichOneof("kind")
         if kind == "pages":
-            self._on_pages(link, plane, frame.pages)
+            self._intake.receive(link, plane, frame.pages)
         elif kind == "open":
             self._on_open(link, frame.open)
         elif kind == "abort":
@@ -201,6 +248,9 @@ class Endpoint:
                 transfer.fail(f"aborted by sender: {frame.abort.reason}", notify_sender=False)
         elif not plane.on_frame(frame):
             logger.warning("endpoint %s: unexpected %s frame", self.address, kind)
+
+    def _epoch_problem(self, epoch: int, transfer_id: str) -> str | None:
+        return None if epoch == self.epoch else self._epoch_error(epoch, transfer_id)
 
     def _epoch_error(self, epoch: int, transfer_id: str) -> str:
         return (
@@ -222,77 +272,13 @@ class Endpoint:
         else:
             error = transfer.attach(link, msg.epoch)
         state = pb.Status.FAILED if error else pb.Status.WAITING
-        status = pb.Status(transfer_id=msg.transfer_id, state=state, error=error or "")
+        status = pb.Status(transfer_id=msg.transfer_id, state=state, error=wire.clip(error or ""))
         link.try_send(pb.Frame(status=status))
 
-    def _on_pages(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
-        n = len(desc.block_ids)
-        if desc.k_bytes != n * self._block_bytes or desc.v_bytes != desc.k_bytes:
-            raise PeerLost(
-                f"descriptor for layer {desc.layer} carries {desc.k_bytes}+{desc.v_bytes} bytes "
-                f"for {n} blocks of {self._block_bytes} bytes; the stream cannot be resynced"
-            )
-        plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
-        chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
-        transfer = self._find(desc.transfer_id)
-        if desc.epoch != self.epoch:
-            self._drop(plane, desc, chunks, self._epoch_error(desc.epoch, desc.transfer_id))
-            return
-        if transfer is None:
-            self._drop(plane, desc, chunks, "unknown or finished transfer")
-            return
-        why = transfer.begin_write(desc, link)
-        if why is not None:
-            self._drop(plane, desc, chunks, why)
-            return
-        ok = False
-        try:
-            if getattr(plane, "direct", False) and self._direct_ok:
-                chunks.close()
-                ok = self._receive_layer_direct(transfer, desc, plan, plane)
-            else:
-                ok = self._receive_layer(transfer, desc, plan, plane, chunks)
-        except BaseException as exc:
-            transfer.fail(f"layer {desc.layer} interrupted: {exc}", notify_sender=False)
-            raise
-        finally:
-            transfer.end_write(desc, ok)
-
-    def _receive_layer(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
-    ) -> bool:
-        """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
-        checksum = wire.Checksum()
-        writers = self._writers[desc.layer]
-        for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
-            checksum.update(chunk)
-            if transfer.writable():
-                writers[kv].write(desc.block_ids[a:b], chunk)
-        return checksum.value() == _expected_checksum(plane, desc)
-
-    def _receive_layer_direct(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
-    ) -> bool:
-        """Receive each chunk straight into its destination blocks, then checksum them."""
-        checksum = wire.Checksum()
-        writers = self._writers[desc.layer]
-        for kv, a, b in plan:
-            views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None
-            if views is None:  # failed meanwhile: read the bytes into scratch, never the cache
-                views = [byte_view(plane.scratch((b - a) * self._block_bytes))]
-            plane.recv_views(views)
-            for view in views:
-                checksum.update(view)
-        return checksum.value() == _expected_checksum(plane, desc)
-
-    def _drop(self, plane: ReceiverPlane, desc: pb.PageDescriptor, chunks, why: str) -> None:
-        for _ in chunks:
-            pass
-        _expected_checksum(plane, desc)
-        logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
+    def _count_drop(self, pages: int, nbytes: int) -> None:
         with self._lock:
-            self._counters["dropped_pages"] += 2 * len(desc.block_ids)  # K and V
-            self._counters["dropped_bytes"] += desc.k_bytes + desc.v_bytes
+            self._counters["dropped_pages"] += pages
+            self._counters["dropped_bytes"] += nbytes
 
     def _on_close(self, link: ControlLink, plane: ReceiverPlane, reason: str) -> None:
         with self._lock:
@@ -301,8 +287,3 @@ class Endpoint:
         for transfer in transfers:
             transfer.on_link_lost(link, reason)
         plane.close()
-
-
-def _expected_checksum(plane: ReceiverPlane, desc: pb.PageDescriptor) -> int:
-    """The descriptor's checksum, or the one in the trailer that follows the payload."""
-    return plane.trailer(desc) if desc.checksum_in_trailer else desc.checksum

@@ -8,6 +8,11 @@ Life of a link::
 
 Writes are serialised by a lock, so any thread may send. The reader thread is the only
 reader; backends that stream page bytes inline read them from inside ``on_frame``.
+
+A frame longer than ``max_frame_bytes`` (64 KiB until the owner raises it after pairing)
+or that does not parse ends the link (``PeerLost``) before anything of that size is
+allocated. The handshake reads with a ``deadline``: a peer that trickles bytes is cut
+off when it passes, whatever it still sends.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class ControlLink:
         self._closed = threading.Event()
         self._prefix = bytearray(4)
         self._thread: threading.Thread | None = None
+        self.max_frame_bytes = wire.HANDSHAKE_MAX_FRAME_BYTES
+        """Longest frame accepted; raised by the receiver once the peer is paired."""
 
     @property
     def closed(self) -> bool:
@@ -83,10 +90,13 @@ class ControlLink:
         except PeerLost:
             return False
 
-    def recv_into(self, buf: memoryview) -> None:
-        """Fill ``buf`` exactly, sending heartbeats and enforcing the peer timeout."""
+    def recv_into(self, buf: memoryview, deadline: float | None = None) -> None:
+        """Fill ``buf`` exactly, sending heartbeats and enforcing the peer timeout (and
+        ``deadline``, a ``time.monotonic()`` value, when given)."""
         got = 0
         while got < len(buf):
+            if deadline is not None and time.monotonic() > deadline:
+                raise PeerLost(f"link {self.name}: the peer did not complete the handshake in time")
             try:
                 n = self.sock.recv_into(buf[got:])
             except TimeoutError:
@@ -99,12 +109,15 @@ class ControlLink:
             got += n
             self._last_recv = time.monotonic()
 
-    def recv_frame(self) -> pb.Frame:
-        """Read the next frame (heartbeats included)."""
-        self.recv_into(memoryview(self._prefix))
-        body = bytearray(wire.frame_length(self._prefix))
-        self.recv_into(memoryview(body))
-        return wire.decode_frame(body)
+    def recv_frame(self, deadline: float | None = None) -> pb.Frame:
+        """Read the next frame (heartbeats included); see ``recv_into`` for ``deadline``."""
+        self.recv_into(memoryview(self._prefix), deadline)
+        try:
+            body = bytearray(wire.frame_length(self._prefix, self.max_frame_bytes))
+            self.recv_into(memoryview(body), deadline)
+            return wire.decode_frame(body)
+        except wire.FrameError as exc:
+            raise PeerLost(f"link {self.name}: {exc}") from None
 
     def recv_into_views(self, views: list[memoryview]) -> None:
         """Fill every buffer in ``views`` exactly, in order (scatter receive, no copy)."""

@@ -16,6 +16,11 @@ Optional capabilities a plane may add (checked with ``getattr``):
 - receiver ``direct`` + ``recv_views(views)`` / ``scratch(n)``: receive straight into the
   destination blocks (tcp); ``trailer(desc)``: read the checksum trailer.
 
+A descriptor whose pages cannot be received fails its own transfer only: the plane
+raises ``BadDescriptor`` from ``chunks`` (having released what the sender must get
+back), or the endpoint calls ``discard`` to skip a payload whose sizes do not fit the
+layout. Only a stream that cannot be resynced raises ``PeerLost`` and ends the link.
+
 A backend module exposes ``BACKEND: Backend``. The registry maps a name to that module
 and imports it only when the backend is first used, so a missing optional library
 (ucxx) only affects its own backend.
@@ -33,6 +38,10 @@ import torch
 from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
+
+
+class BadDescriptor(Exception):
+    """This descriptor's pages cannot be received, but the link is still in sync."""
 
 
 class SenderPlane(Protocol):
@@ -54,7 +63,13 @@ class ReceiverPlane(Protocol):
     """Receiver half of a data path; used only by its link's reader thread."""
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        """Yield the descriptor's bytes as uint8 chunks of ``sizes``; always exhaust it."""
+        """Yield the descriptor's bytes as uint8 chunks of ``sizes``; always exhaust it.
+
+        Raises ``BadDescriptor`` before the first chunk if they cannot be read."""
+
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        """Consume the payload as the sender sent it (sizes from the descriptor alone),
+        writing nothing; ``PeerLost`` if the data path cannot skip it."""
 
     def on_frame(self, frame: pb.Frame) -> bool:
         """Handle a plane-level control frame; True if consumed."""

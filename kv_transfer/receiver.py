@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from kv_transfer import wire
 from kv_transfer.base import FreeBlocks, TransferState, TransferTicket
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
@@ -157,6 +158,12 @@ class ReceiverTransfer:
         if self._link is link:
             self.fail(f"sender lost: {reason}", notify_sender=False)
 
+    def fail_from(self, link: ControlLink, reason: str) -> None:
+        """A frame on ``link`` was bad: fail only if that link opened this transfer, so a
+        peer cannot fail the transfers of another."""
+        if self._link is link:
+            self.fail(reason, notify_sender=True)
+
     def _maybe_free(self) -> None:
         with self._lock:
             if self._state is not TransferState.FAILED or self._writers or self._freed:
@@ -167,5 +174,7 @@ class ReceiverTransfer:
     def _notify(self, state: int, error: str) -> None:
         link = self._link
         if link is not None:
-            status = pb.Status(transfer_id=self.ticket.transfer_id, state=state, error=error)
+            status = pb.Status(
+                transfer_id=self.ticket.transfer_id, state=state, error=wire.clip(error)
+            )
             link.try_send(pb.Frame(status=status))

@@ -1,8 +1,14 @@
 """Bytes on the control link: framing, spec conversion, checksums and chunk plans.
 
 A frame is ``<u32 little-endian length><serialized pb.Frame>``. A ``PageDescriptor``
-frame may be followed by page bytes when the backend streams them inline (tcp).
+frame may be followed by page bytes when the backend streams them inline (tcp): exactly
+``k_bytes + v_bytes`` of them, then a ``PageTrailer`` if ``checksum_in_trailer``.
 Nothing here is pickled.
+
+Frame size limits: until a peer has proved itself (Hello, and with a secret the Proof)
+a frame may not exceed ``HANDSHAKE_MAX_FRAME_BYTES``, so an unknown peer cannot make the
+receiver allocate more than that per socket; after pairing the receiver accepts what the
+largest descriptor of its layout needs (``paired_frame_limit``).
 """
 
 from __future__ import annotations
@@ -12,13 +18,22 @@ from collections.abc import Iterator
 
 import torch
 import xxhash
+from google.protobuf.message import DecodeError
 
 from engine.kv_cache.layout import KVLayoutSpec
 from proto import kv_transfer_pb2 as pb
 
 _LEN = struct.Struct("<I")
-MAX_FRAME_BYTES = 64 << 20
-"""Control frames are small; anything larger means a corrupt stream."""
+HANDSHAKE_MAX_FRAME_BYTES = 64 << 10
+"""Bound on every frame before pairing, and on every frame a sender receives."""
+MAX_SKIP_MESSAGE_BYTES = 64 << 20
+"""Largest data-path message a receiver allocates to skip a malformed descriptor."""
+MAX_ERROR_CHARS = 2048
+"""Error strings put on the wire are cut to this, so they fit any frame limit."""
+
+
+class FrameError(ValueError):
+    """A frame over its size limit, or bytes that do not parse as a Frame."""
 
 
 def encode_frame(frame: pb.Frame) -> bytes:
@@ -26,20 +41,34 @@ def encode_frame(frame: pb.Frame) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def frame_length(prefix: bytes | memoryview) -> int:
+def paired_frame_limit(num_blocks: int) -> int:
+    """Largest frame a paired receiver accepts: a descriptor naming every block (a block
+    id is at most a 5-byte varint plus framing) with room for the other fields."""
+    return HANDSHAKE_MAX_FRAME_BYTES + 8 * num_blocks
+
+
+def frame_length(prefix: bytes | memoryview, limit: int = HANDSHAKE_MAX_FRAME_BYTES) -> int:
     (length,) = _LEN.unpack(prefix)
-    if length > MAX_FRAME_BYTES:
-        raise ConnectionError(
-            f"control frame of {length} bytes exceeds {MAX_FRAME_BYTES}; the peer is not "
-            "speaking the pdserve KV transfer protocol"
+    if length > limit:
+        raise FrameError(
+            f"control frame of {length} bytes exceeds the limit of {limit} bytes; the peer "
+            "is not speaking the pdserve KV transfer protocol"
         )
     return length
 
 
 def decode_frame(body: bytes | memoryview) -> pb.Frame:
     frame = pb.Frame()
-    frame.ParseFromString(bytes(body))
+    try:
+        frame.ParseFromString(bytes(body))
+    except DecodeError as exc:
+        raise FrameError(f"malformed control frame of {len(body)} bytes: {exc}") from None
     return frame
+
+
+def clip(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS`` for a frame."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def spec_to_pb(spec: KVLayoutSpec) -> pb.LayoutSpec:
@@ -109,3 +138,20 @@ def payload_sizes(desc, block_bytes: int) -> list[int]:
     """Byte size of every chunk of a descriptor's payload, in order."""
     plan = layer_plan(len(desc.block_ids), block_bytes, desc.chunk_bytes)
     return [(b - a) * block_bytes for _, a, b in plan]
+
+
+def skippable_sizes(desc, max_message: int) -> list[int]:
+    """The message sizes a chunked sender (ucx, torch_dist) sends for ``desc``, derived
+    from the descriptor alone as the sender derives them, for a receiver to skip.
+
+    Raises ``FrameError`` where they are undefined (no blocks, fewer bytes than blocks,
+    a checksum trailer: nothing can have been sent that way) or one exceeds
+    ``max_message`` (the receiver will not allocate it).
+    """
+    n = len(desc.block_ids)
+    if n == 0 or desc.k_bytes < n or desc.checksum_in_trailer:
+        raise FrameError(f"a descriptor for {n} blocks of {desc.k_bytes} bytes cannot be skipped")
+    sizes = payload_sizes(desc, desc.k_bytes // n)
+    if max(sizes) > max_message:
+        raise FrameError(f"cannot skip a {max(sizes)}-byte message (over {max_message} bytes)")
+    return sizes

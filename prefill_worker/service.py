@@ -10,7 +10,7 @@ import grpc
 from decode_worker.info import worker_info
 from decode_worker.runtime import WorkerError
 from decode_worker.service import call_worker, in_thread
-from kv_transfer import HandshakeError, TransferState
+from kv_transfer import HandshakeError, TicketRefused, TransferState
 from prefill_worker.worker import PrefillWorker
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
@@ -52,6 +52,9 @@ class PrefillServicer(rpc.PrefillServiceServicer):
         client = self.worker.client(ticket.backend)
         try:
             sender = client.open(ticket_from_pb(ticket))
+        except TicketRefused as exc:  # checked before any connection is made
+            logger.warning("prefill %s refused a ticket: %s", self.worker.config.name, exc)
+            raise WorkerError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
         except HandshakeError as exc:
             logger.error(
                 "prefill %s refused by %s: %s", self.worker.config.name, ticket.endpoint, exc

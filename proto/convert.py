@@ -41,14 +41,16 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def ticket_to_pb(t: TransferTicket, backend: str) -> pb.TransferTicket:
+def ticket_to_pb(t: TransferTicket, backend: str | None = None) -> pb.TransferTicket:
+    """``backend`` only for a ticket that does not name one (the signature covers it)."""
     return pb.TransferTicket(
         transfer_id=t.transfer_id,
         endpoint=t.endpoint,
         block_ids=list(t.block_ids),
         epoch=t.epoch,
         lease_deadline=t.lease_deadline,
-        backend=backend,
+        backend=t.backend or backend or "",
+        signature=t.signature,
     )
 
 
@@ -59,6 +61,8 @@ def ticket_from_pb(msg: pb.TransferTicket) -> TransferTicket:
         block_ids=tuple(msg.block_ids),
         epoch=msg.epoch,
         lease_deadline=msg.lease_deadline,
+        backend=msg.backend,
+        signature=msg.signature,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17proto/kv_transfer.proto\x12\x13pdserve.kv_transfer\"\xa0\x01\n\nLayoutSpec\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\"\xbe\x01\n\x05Hello\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x34\n\x05plane\x18\x04 \x03(\x0b\x32%.pdserve.kv_transfer.Hello.PlaneEntry\x1a,\n\nPlaneEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\nHelloReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x39\n\x05plane\x18\x04 \x03(\x0b\x32*.pdserve.kv_transfer.HelloReply.PlaneEntry\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x1a,\n\nPlaneEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x04Open\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"7\n\tShmRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\xe9\x01\n\x0ePageDescriptor\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x0f\n\x07k_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07v_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x04\x12+\n\x03shm\x18\t \x01(\x0b\x32\x1e.pdserve.kv_transfer.ShmRegion\x12\x1b\n\x13\x63hecksum_in_trailer\x18\n \x01(\x08\"C\n\x0bPageTrailer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\";\n\x05\x41\x62ort\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa4\x01\n\x06Status\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.pdserve.kv_transfer.Status.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WAITING\x10\x01\x12\x0b\n\x07SUCCESS\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x17\n\x07Release\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x0b\n\tHeartbeat\"\xcc\x03\n\x05\x46rame\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.pdserve.kv_transfer.HelloH\x00\x12\x36\n\x0bhello_reply\x18\x02 \x01(\x0b\x32\x1f.pdserve.kv_transfer.HelloReplyH\x00\x12)\n\x04open\x18\x03 \x01(\x0b\x32\x19.pdserve.kv_transfer.OpenH\x00\x12\x34\n\x05pages\x18\x04 \x01(\x0b\x32#.pdserve.kv_transfer.PageDescriptorH\x00\x12+\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x1a.pdserve.kv_transfer.AbortH\x00\x12-\n\x06status\x18\x06 \x01(\x0b\x32\x1b.pdserve.kv_transfer.StatusH\x00\x12/\n\x07release\x18\x07 \x01(\x0b\x32\x1c.pdserve.kv_transfer.ReleaseH\x00\x12\x33\n\theartbeat\x18\x08 \x01(\x0b\x32\x1e.pdserve.kv_transfer.HeartbeatH\x00\x12\x33\n\x07trailer\x18\t \x01(\x0b\x32 .pdserve.kv_transfer.PageTrailerH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17proto/kv_transfer.proto\x12\x13pdserve.kv_transfer\"\xa0\x01\n\nLayoutSpec\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\"\xcd\x01\n\x05Hello\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x34\n\x05plane\x18\x04 \x03(\x0b\x32%.pdserve.kv_transfer.Hello.PlaneEntry\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x1a,\n\nPlaneEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1a\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x14\n\x05Proof\x12\x0b\n\x03mac\x18\x01 \x01(\x0c\"\xdb\x01\n\nHelloReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x39\n\x05plane\x18\x04 \x03(\x0b\x32*.pdserve.kv_transfer.HelloReply.PlaneEntry\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0b\n\x03mac\x18\x06 \x01(\x0c\x1a,\n\nPlaneEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x04Open\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"7\n\tShmRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\xe9\x01\n\x0ePageDescriptor\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x0f\n\x07k_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07v_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\x04\x12+\n\x03shm\x18\t \x01(\x0b\x32\x1e.pdserve.kv_transfer.ShmRegion\x12\x1b\n\x13\x63hecksum_in_trailer\x18\n \x01(\x08\"C\n\x0bPageTrailer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\";\n\x05\x41\x62ort\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa4\x01\n\x06Status\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.pdserve.kv_transfer.Status.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WAITING\x10\x01\x12\x0b\n\x07SUCCESS\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x17\n\x07Release\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x0b\n\tHeartbeat\"\xae\x04\n\x05\x46rame\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.pdserve.kv_transfer.HelloH\x00\x12\x36\n\x0bhello_reply\x18\x02 \x01(\x0b\x32\x1f.pdserve.kv_transfer.HelloReplyH\x00\x12)\n\x04open\x18\x03 \x01(\x0b\x32\x19.pdserve.kv_transfer.OpenH\x00\x12\x34\n\x05pages\x18\x04 \x01(\x0b\x32#.pdserve.kv_transfer.PageDescriptorH\x00\x12+\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x1a.pdserve.kv_transfer.AbortH\x00\x12-\n\x06status\x18\x06 \x01(\x0b\x32\x1b.pdserve.kv_transfer.StatusH\x00\x12/\n\x07release\x18\x07 \x01(\x0b\x32\x1c.pdserve.kv_transfer.ReleaseH\x00\x12\x33\n\theartbeat\x18\x08 \x01(\x0b\x32\x1e.pdserve.kv_transfer.HeartbeatH\x00\x12\x33\n\x07trailer\x18\t \x01(\x0b\x32 .pdserve.kv_transfer.PageTrailerH\x00\x12\x33\n\tchallenge\x18\n \x01(\x0b\x32\x1e.pdserve.kv_transfer.ChallengeH\x00\x12+\n\x05proof\x18\x0b \x01(\x0b\x32\x1a.pdserve.kv_transfer.ProofH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYOUTSPEC']._serialized_start=49
   _globals['_LAYOUTSPEC']._serialized_end=209
   _globals['_HELLO']._serialized_start=212
-  _globals['_HELLO']._serialized_end=402
-  _globals['_HELLO_PLANEENTRY']._serialized_start=358
-  _globals['_HELLO_PLANEENTRY']._serialized_end=402
-  _globals['_HELLOREPLY']._serialized_start=405
-  _globals['_HELLOREPLY']._serialized_end=611
-  _globals['_HELLOREPLY_PLANEENTRY']._serialized_start=358
-  _globals['_HELLOREPLY_PLANEENTRY']._serialized_end=402
-  _globals['_OPEN']._serialized_start=613
-  _globals['_OPEN']._serialized_end=655
-  _globals['_SHMREGION']._serialized_start=657
-  _globals['_SHMREGION']._serialized_end=712
-  _globals['_PAGEDESCRIPTOR']._serialized_start=715
-  _globals['_PAGEDESCRIPTOR']._serialized_end=948
-  _globals['_PAGETRAILER']._serialized_start=950
-  _globals['_PAGETRAILER']._serialized_end=1017
-  _globals['_ABORT']._serialized_start=1019
-  _globals['_ABORT']._serialized_end=1078
-  _globals['_STATUS']._serialized_start=1081
-  _globals['_STATUS']._serialized_end=1245
-  _globals['_STATUS_STATE']._serialized_start=1177
-  _globals['_STATUS_STATE']._serialized_end=1245
-  _globals['_RELEASE']._serialized_start=1247
-  _globals['_RELEASE']._serialized_end=1270
-  _globals['_HEARTBEAT']._serialized_start=1272
-  _globals['_HEARTBEAT']._serialized_end=1283
-  _globals['_FRAME']._serialized_start=1286
-  _globals['_FRAME']._serialized_end=1746
+  _globals['_HELLO']._serialized_end=417
+  _globals['_HELLO_PLANEENTRY']._serialized_start=373
+  _globals['_HELLO_PLANEENTRY']._serialized_end=417
+  _globals['_CHALLENGE']._serialized_start=419
+  _globals['_CHALLENGE']._serialized_end=445
+  _globals['_PROOF']._serialized_start=447
+  _globals['_PROOF']._serialized_end=467
+  _globals['_HELLOREPLY']._serialized_start=470
+  _globals['_HELLOREPLY']._serialized_end=689
+  _globals['_HELLOREPLY_PLANEENTRY']._serialized_start=373
+  _globals['_HELLOREPLY_PLANEENTRY']._serialized_end=417
+  _globals['_OPEN']._serialized_start=691
+  _globals['_OPEN']._serialized_end=733
+  _globals['_SHMREGION']._serialized_start=735
+  _globals['_SHMREGION']._serialized_end=790
+  _globals['_PAGEDESCRIPTOR']._serialized_start=793
+  _globals['_PAGEDESCRIPTOR']._serialized_end=1026
+  _globals['_PAGETRAILER']._serialized_start=1028
+  _globals['_PAGETRAILER']._serialized_end=1095
+  _globals['_ABORT']._serialized_start=1097
+  _globals['_ABORT']._serialized_end=1156
+  _globals['_STATUS']._serialized_start=1159
+  _globals['_STATUS']._serialized_end=1323
+  _globals['_STATUS_STATE']._serialized_start=1255
+  _globals['_STATUS_STATE']._serialized_end=1323
+  _globals['_RELEASE']._serialized_start=1325
+  _globals['_RELEASE']._serialized_end=1348
+  _globals['_HEARTBEAT']._serialized_start=1350
+  _globals['_HEARTBEAT']._serialized_end=1361
+  _globals['_FRAME']._serialized_start=1364
+  _globals['_FRAME']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,8 @@ A region's life::
       so a crash leaks nothing) -> checksum + scatter straight from the mapping
       -> Release(name) -> free again
     too small for a layer -> sender retires it (Release to the receiver: unmap)
+    a descriptor the receiver cannot read (bad name, overrun, sizes that do not fit the
+      layout) -> Release at once, unread: that transfer fails, the link stays up
 
 The sender keeps at most ``shm_regions`` regions (plane option, default 3), so layer
 i+1 is gathered while the receiver still writes layer i. A layer larger than
@@ -28,7 +30,7 @@ import torch
 
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, SimpleHost
+from kv_transfer.plane import Backend, BadDescriptor, SimpleHost
 from proto import kv_transfer_pb2 as pb
 
 
@@ -138,20 +140,38 @@ class ShmReceiver:
         self._maps: dict[str, _Region] = {}
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        region = self._map(desc.shm)
-        offset = desc.shm.offset
-        if offset + sum(sizes) > region.size:
-            raise PeerLost(f"shm descriptor overruns region {region.name} of {region.size} bytes")
+        region, offset = self._region_for(desc, sum(sizes)), desc.shm.offset
         for size in sizes:
             yield region.tensor[offset : offset + size]
             offset += size
         self._link.try_send(pb.Frame(release=pb.Release(name=region.name)))
 
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        if desc.checksum_in_trailer:
+            raise PeerLost("an shm descriptor announced a checksum trailer on the control link")
+        self._release(desc.shm.name)
+
+    def _release(self, name: str) -> None:
+        self._link.try_send(pb.Frame(release=pb.Release(name=name)))
+
+    def _region_for(self, desc: pb.PageDescriptor, nbytes: int) -> _Region:
+        """The mapped region holding the descriptor's ``nbytes``; BadDescriptor (the
+        region released unread) if it cannot."""
+        ref = desc.shm
+        try:
+            region = self._map(ref)
+            if ref.offset + nbytes > region.size:
+                raise ValueError(f"overruns region {region.name} of {region.size} bytes")
+        except (OSError, ValueError) as exc:
+            self._release(ref.name)
+            raise BadDescriptor(f"shm region {ref.name[:80]!r}: {exc}") from None
+        return region
+
     def _map(self, ref: pb.ShmRegion) -> _Region:
         region = self._maps.get(ref.name)
         if region is None:
             if os.path.basename(ref.name) != ref.name or not ref.name.startswith("pdserve-kv-"):
-                raise PeerLost(f"refusing shm region name {ref.name!r}")
+                raise ValueError("not a pdserve region name")
             path = os.path.join(_shm_dir(), ref.name)
             region = _Region(path, ref.size, create=False)
             _unlink(path)  # both sides hold mappings; nothing is left behind on a crash

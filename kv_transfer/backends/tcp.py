@@ -9,7 +9,8 @@ Per layer, under the link's write lock::
               chunk at a time, xxh3 each chunk while hot -> trailer -> compare
 
 A transfer that failed meanwhile has its remaining bytes read into scratch, never into
-the cache. Caches not in host memory go through a staging buffer instead (checksum in
+the cache; so are the announced bytes of a descriptor whose sizes do not fit the layout
+(``discard``), then its trailer, which keeps the link in sync for other transfers. Caches not in host memory go through a staging buffer instead (checksum in
 the descriptor). Works anywhere; several transfers share one link per endpoint and
 interleave layer by layer.
 """
@@ -26,6 +27,8 @@ from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, SimpleHost
 from kv_transfer.wire import Checksum, byte_view, encode_frame
 from proto import kv_transfer_pb2 as pb
+
+_SKIP_BYTES = 1 << 20
 
 
 class TcpSender:
@@ -96,6 +99,17 @@ class TcpReceiver:
             chunk = self._buf.get(size)
             self._link.recv_into(byte_view(chunk))
             yield chunk
+
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        """Read the ``k_bytes + v_bytes`` that follow the descriptor (and its trailer)
+        through a scratch buffer of at most 1 MiB."""
+        left = desc.k_bytes + desc.v_bytes
+        while left:
+            n = min(left, _SKIP_BYTES)
+            self._link.recv_into(byte_view(self._buf.get(n)))
+            left -= n
+        if desc.checksum_in_trailer:
+            self.trailer(desc)
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False

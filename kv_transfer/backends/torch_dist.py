@@ -9,7 +9,8 @@ over ``PrefixStore(key, store)``: receiver rank 0, sender rank 1. Per layer::
               is reused once those sends complete (ping-pong)
     receiver: a ring of ``dist_ring`` receives of msg_bytes is always posted (gloo sends
               complete only against a posted receive) -> checksum + scatter each chunk
-              -> re-post its buffer
+              -> re-post its buffer; a descriptor whose sizes do not fit the layout has
+              its messages (sized from the descriptor, as the sender does) taken and dropped
 
 Plane options: ``dist_msg_bytes`` (default 4 MiB, or TransferConfig.chunk_bytes),
 ``dist_ring`` (default 4), ``device`` (default: where the receiver's KV cache is;
@@ -35,7 +36,7 @@ from kv_transfer.backends.buffers import PingPong
 from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
-from kv_transfer.wire import payload_sizes
+from kv_transfer.wire import payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
 _TAG = 7
@@ -151,8 +152,8 @@ class DistReceiver:
         self._slots.append((buf, self._group.recv([buf], 1, _TAG)))
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        if desc.chunk_bytes > self._msg:
-            raise PeerLost(f"sender chunk_bytes={desc.chunk_bytes} > paired size {self._msg}")
+        if max(sizes, default=0) > self._msg:  # gloo fails a message longer than its buffer
+            raise PeerLost(f"a {max(sizes)}-byte message exceeds the paired size {self._msg}")
         for size in sizes:
             buf, work = self._slots.popleft()
             _wait(work, "recv")
@@ -160,6 +161,10 @@ class DistReceiver:
                 yield buf[:size]
             finally:
                 self._post(buf)  # the consumer is done with it: receive the next message
+
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        for _ in self.chunks(desc, skippable_sizes(desc, self._msg)):
+            pass
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False

@@ -1,8 +1,10 @@
 """ucx: page bytes go over UCX (ucxx) tagged messages, one UCX endpoint per link.
 
 Pairing: the endpoint runs one ucxx listener (port 0). For each sender link it hands
-out a one-time token; the sender connects to the listener and sends the token first, so
-the listener can bind the new UCX endpoint to that control link. Per layer::
+out a one-time token (only once the sender passed the control-link handshake); the
+sender connects to the listener and sends the token first, so the listener can bind the
+new UCX endpoint to that control link. A connection that sends no token within
+``handshake_timeout_s`` is closed. Per layer::
 
     sender:   gather + checksum into staging buffer A -> descriptor on the control link
               -> ucx sends of its chunks (default 4 MiB) posted on the loop, in order
@@ -10,6 +12,8 @@ the listener can bind the new UCX endpoint to that control link. Per layer::
               once its sends completed
     receiver: descriptor -> ucx recv of chunk i+1 posted while chunk i is checksummed
               and scattered (double buffering)
+    a descriptor whose sizes do not fit the layout: its messages, sized as the sender
+              sizes them from the descriptor, are received into scratch and dropped
 
 ucxx runs on one asyncio loop in a daemon thread per process. Transports come from the
 plane options ``ucx_tls`` / ``ucx_net_devices``, else the UCX_TLS / UCX_NET_DEVICES
@@ -32,7 +36,7 @@ from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.plane import Backend, ReceiverPlane
-from kv_transfer.wire import payload_sizes
+from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -147,6 +151,11 @@ class UcxReceiver:
                 pending = post(i + 1)
             yield chunk
 
+    def discard(self, desc: pb.PageDescriptor) -> None:
+        sizes = skippable_sizes(desc, MAX_SKIP_MESSAGE_BYTES)
+        for _ in self.chunks(desc, sizes):
+            pass
+
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
 
@@ -178,11 +187,14 @@ class UcxHost:
 
     async def _serve(self, ep) -> None:
         token = torch.empty(16, dtype=torch.uint8)
-        await ep.recv(token.numpy())
+        try:  # anyone can reach the listener: a silent connection must not stay forever
+            await asyncio.wait_for(ep.recv(token.numpy()), self._config.handshake_timeout_s)
+        except asyncio.TimeoutError:
+            token.fill_(0)  # never a pending token (those are uuid4 bytes)
         with self._lock:
             future = self._pending.pop(bytes(token.numpy()), None)
         if future is None:
-            logger.warning("ucx listener: connection with an unknown token, closing it")
+            logger.warning("ucx listener: a connection without a valid token, closing it")
             await ep.close()
             return
         done = asyncio.Event()

@@ -38,3 +38,36 @@ def run_receiver(backend: str, tickets) -> None:
     rx = endpoint.expect(pool.allocate(4), lease_s=60)
     tickets.put(rx.ticket)
     time.sleep(600)
+
+
+def run_endpoint(
+    backend: str, handshake_timeout_s: float, out, done, fd_headroom: int | None = None, **cfg
+) -> None:
+    """Serve one 4-block transfer: hand ``(address, ticket)`` to the parent, then report
+    the transfer's final state and error on ``out`` and wait for ``done``. With
+    ``fd_headroom`` the process may open only that many more file descriptors; ``cfg``
+    overrides more of the endpoint's TransferConfig."""
+    import dataclasses
+    import os
+    import resource
+
+    logging.basicConfig(level=logging.WARNING)
+    layout, spec = _spec()
+    pool = BlockPool(layout.num_blocks)
+    config = dataclasses.replace(FAST, handshake_timeout_s=handshake_timeout_s, **cfg)
+    endpoint = make_endpoint(backend, layout, layout.allocate(), spec, pool.free, config=config)
+    rx = endpoint.expect(pool.allocate(4), lease_s=120)
+    if fd_headroom is not None:
+        # Fill the gaps below the highest descriptor (a new one takes the lowest free
+        # number), so exactly ``fd_headroom`` more fit under the limit.
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(top + 1 - len(os.listdir("/proc/self/fd")))]  # fmt: skip
+        top = max(top, *fillers) if fillers else top
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + fd_headroom, hard))
+    out.put((endpoint.address, rx.ticket))
+    while not rx.poll().terminal:
+        time.sleep(0.01)
+    out.put((rx.poll().value, rx.error, endpoint.stats()))
+    done.wait(120)
+    endpoint.close()

@@ -234,7 +234,7 @@ def test_backend_mismatch_is_refused(make_pair):
 
 
 def test_checksum_mismatch_fails_the_transfer(make_pair, monkeypatch):
-    import kv_transfer.endpoint as endpoint_module
+    import kv_transfer.intake as endpoint_module
 
     real = endpoint_module._expected_checksum
     monkeypatch.setattr(

@@ -1,0 +1,154 @@
+"""Receiving one PageDescriptor's pages on a link's reader thread (the endpoint's data side).
+
+    descriptor -> sizes fit the layout?  no -> fail that transfer, skip its payload (bounded)
+               -> epoch, transfer, link, layer and blocks admitted?  no -> read and drop
+               -> checksum + write every chunk into the KV cache -> end_write(checksum ok)
+
+Whatever is wrong with one descriptor fails (or drops) that transfer only and leaves the
+link in sync for the other transfers on it; only a payload that cannot be skipped (larger
+than a whole layer of this cache, or undefined for the data path) ends the link.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine.kv_cache.layout import KVLayout
+from kv_transfer import wire
+from kv_transfer.link import ControlLink, PeerLost
+from kv_transfer.pages import PageWriter
+from kv_transfer.plane import BadDescriptor, ReceiverPlane
+from kv_transfer.receiver import ReceiverTransfer
+from kv_transfer.wire import byte_view
+from proto import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class PageIntake:
+    """Writes received pages into the endpoint's KV caches; counts what it drops."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        find: Callable[[str], ReceiverTransfer | None],
+        epoch_problem: Callable[[int, str], str | None],
+        on_drop: Callable[[int, int], None],
+    ):
+        self._writers = [(PageWriter(k), PageWriter(v)) for k, v in kv_caches]
+        self._direct_ok = self._writers[0][0].block_views([]) is not None
+        self._block_bytes = layout.block_bytes
+        self._max_payload = 2 * layout.num_blocks * layout.block_bytes
+        self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
+
+    def receive(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
+        problem = self._size_problem(desc)
+        if problem is not None:
+            self._discard(link, plane, desc, problem)
+            return
+        n = len(desc.block_ids)
+        plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
+        chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
+        transfer = self._find(desc.transfer_id)
+        why = self._epoch_problem(desc.epoch, desc.transfer_id)
+        if why is None:
+            why = "unknown or finished transfer" if transfer is None else None
+        if why is None:
+            why = transfer.begin_write(desc, link)
+        if why is not None:
+            self._drop(plane, desc, chunks, why)
+            return
+        ok = False
+        try:
+            if getattr(plane, "direct", False) and self._direct_ok:
+                chunks.close()
+                ok = self._receive_direct(transfer, desc, plan, plane)
+            else:
+                ok = self._receive_chunks(transfer, desc, plan, plane, chunks)
+        except BadDescriptor as exc:
+            transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
+        except BaseException as exc:
+            transfer.fail(f"layer {desc.layer} interrupted: {exc}", notify_sender=False)
+            raise
+        finally:
+            transfer.end_write(desc, ok)
+
+    def _size_problem(self, desc: pb.PageDescriptor) -> str | None:
+        n, bb = len(desc.block_ids), self._block_bytes
+        if n and desc.k_bytes == desc.v_bytes == n * bb:
+            return None
+        return (
+            f"descriptor for layer {desc.layer} announces {desc.k_bytes}+{desc.v_bytes} bytes "
+            f"for {n} blocks of {bb} bytes (expected {n * bb}+{n * bb})"
+        )
+
+    def _discard(
+        self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor, problem: str
+    ) -> None:
+        """Fail the transfer (if this link opened it), then skip the payload."""
+        total = desc.k_bytes + desc.v_bytes
+        if total > self._max_payload:
+            raise PeerLost(
+                f"{problem}; a payload over {self._max_payload} bytes (every block of a layer "
+                "of this cache) cannot be skipped, so the link is closed"
+            )
+        transfer = self._find(desc.transfer_id)
+        if transfer is not None:
+            transfer.fail_from(link, problem)
+        try:
+            plane.discard(desc)
+        except wire.FrameError as exc:
+            raise PeerLost(f"{problem}; {exc}, so the link is closed") from None
+        self._on_drop(2 * len(desc.block_ids), total)
+        logger.warning("skipped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, problem)
+
+    def _receive_chunks(
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
+    ) -> bool:
+        """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
+        checksum = wire.Checksum()
+        writers = self._writers[desc.layer]
+        for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
+            checksum.update(chunk)
+            if transfer.writable():
+                writers[kv].write(desc.block_ids[a:b], chunk)
+        return checksum.value() == _expected_checksum(plane, desc)
+
+    def _receive_direct(
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
+    ) -> bool:
+        """Receive each chunk straight into its destination blocks, then checksum them."""
+        checksum = wire.Checksum()
+        writers = self._writers[desc.layer]
+        for kv, a, b in plan:
+            views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None
+            if views is None:  # failed meanwhile: read the bytes into scratch, never the cache
+                views = [byte_view(plane.scratch((b - a) * self._block_bytes))]
+            plane.recv_views(views)
+            for view in views:
+                checksum.update(view)
+        return checksum.value() == _expected_checksum(plane, desc)
+
+    def _drop(self, plane: ReceiverPlane, desc: pb.PageDescriptor, chunks, why: str) -> None:
+        try:
+            for _ in chunks:
+                pass
+            _expected_checksum(plane, desc)
+        except BadDescriptor as exc:
+            why = f"{why}; {exc}"
+        logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
+        self._on_drop(2 * len(desc.block_ids), desc.k_bytes + desc.v_bytes)  # K and V
+
+
+def _expected_checksum(plane: ReceiverPlane, desc: pb.PageDescriptor) -> int:
+    """The descriptor's checksum, or the one in the trailer that follows the payload."""
+    if not desc.checksum_in_trailer:
+        return desc.checksum
+    trailer = getattr(plane, "trailer", None)
+    if trailer is None:
+        raise PeerLost("a checksum trailer on a backend that streams no inline bytes")
+    return trailer(desc)
