@@ -138,7 +138,12 @@ class RouterService:
 
     @property
     def max_model_len(self) -> int | None:
-        lens = [w.max_model_len for w in self.state.workers(healthy_only=False)]
+        """The context every worker can hold: its max_model_len, and the tokens its KV
+        blocks hold (a longer request could never be scheduled, and would hang)."""
+        lens = [
+            min(w.max_model_len, w.num_blocks * w.layout.block_size)
+            for w in self.state.workers(healthy_only=False)
+        ]
         return min(lens) if lens else None
 
     def admit(self) -> None:
