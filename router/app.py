@@ -40,7 +40,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = param or (loc[0] if loc else None)
+        param = param or (loc[0] if loc and not loc[0].isdigit() else None)  # not a JSON offset
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         value = err.get("input")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "got" not in msg:

@@ -140,6 +140,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         ray_workers = _launch(args, model)
     source = ray_workers.addresses if ray_workers is not None else list(args.worker)
+    # uvicorn drains on SIGTERM, then re-raises it: exit 0 through the finally below (which
+    # stops the Ray workers) rather than die by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         router = Router(config, source, state=state, discover=state is not None)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
@@ -148,6 +151,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
     return 0
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _launch(args: argparse.Namespace, model: str) -> RayWorkers:

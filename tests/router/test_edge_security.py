@@ -138,7 +138,7 @@ def sse_events(r: httpx.Response) -> list[str]:
 def test_security_prompt_characters_are_refused_before_tokenizing(routers, monkeypatch):
     rt = routers()
     calls = []
-    tok = rt.router.service.jobs.tokenizer
+    tok = rt.router.service.tokenizer
     real_encode = tok.encode
     monkeypatch.setattr(tok, "encode", lambda *a, **kw: calls.append(1) or real_encode(*a, **kw))
     limit = 32 * 2048  # the default: 32 characters per token of the context length
