@@ -172,7 +172,10 @@ class RouterService:
                 yield out
             outcome = run.finish_reason or "error"
         except BaseException as exc:  # cancelled or closed: client gone or timed out
-            outcome = "error" if isinstance(exc, Exception) else "cancelled"
+            if isinstance(exc, Exception):
+                outcome = "error"
+            else:  # closed after its last output (a one-token stream) is not cancelled
+                outcome = (run and run.finish_reason) or "cancelled"
             raise
         finally:
             self.inflight -= 1
