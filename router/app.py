@@ -1,28 +1,28 @@
 """The HTTP routes: thin adapters from the OpenAI protocol to :class:`RouterService`.
 
 Errors are OpenAI-shaped (``{"error": {message, type, param, code}}``) with the documented
-status: validation 400 (FastAPI's 422 is remapped), unknown route 404, and whatever
-``ApiError`` the service raises. A stream reports errors before its first token as an HTTP
-status and later ones in-band.
+status: validation 400 (FastAPI's 422 is remapped), a body over ``max_body_bytes`` 413
+(router/middleware.py), unknown route 404, and whatever ``ApiError`` the service raises.
+A stream reports errors before its first token as an HTTP status and later ones in-band.
+A 500 carries no exception text: it names a request id that the log has the details for.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+import uuid
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import Shaper
+from router.middleware import BodyLimit
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from router.run import Output
 from router.service import RouterService
+from router.streaming import EventStream, chain, collect, first_output, until
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,35 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        param = param or (loc[0] if loc and not loc[0].isdigit() else None)  # not a JSON offset
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        value = err.get("input")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "got" not in msg:
+            msg += f", got {_shown(value)}"  # a number; never a whole body echoed back
+        parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
+
+
+def _shown(value: int | float) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def internal_error(
+    what: str, request_id: str | None = None, exc: BaseException | None = None
+) -> dict:
+    """Log ``exc`` under a request id; the client gets only that id."""
+    request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
+    logger.error("internal error on %s (request id %s)", what, request_id, exc_info=exc)
+    message = f"internal server error (request id {request_id}); the router's log has the details"  # fmt: skip
+    return error_body(500, message, "server_error")
 
 
 def create_app(service: RouterService, lifespan=None) -> FastAPI:
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)
     _install_error_handlers(app)
     app.include_router(probes)
     app.include_router(v1)
@@ -71,8 +92,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        logger.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {exc!r}", "server_error"), 500)
+        return JSONResponse(internal_error(request.url.path, exc=exc), 500)
 
 
 def _service(request: Request) -> RouterService:
@@ -133,84 +153,34 @@ async def models(request: Request):
 
 @v1.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    job, shaper = _service(request).completion_job(body)
+    job, shaper = await _service(request).completion_job(body)
     return await respond(_service(request), job, shaper, body, request)
 
 
 @v1.post("/chat/completions")
 async def chat(body: ChatCompletionRequest, request: Request):
-    job, shaper = _service(request).chat_job(body)
+    job, shaper = await _service(request).chat_job(body)
     return await respond(_service(request), job, shaper, body, request)
 
 
-async def _until(outs: AsyncIterator[Output], timeout_s: float) -> AsyncIterator[Output]:
-    """``outs`` under an overall deadline; the generator is closed (aborting) on expiry."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    try:
-        while True:
-            try:
-                out = await asyncio.wait_for(outs.__anext__(), max(0.0, deadline - loop.time()))
-            except StopAsyncIteration:
-                return
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"request timed out after {timeout_s:g}s", "timeout") from None
-            yield out
-    finally:
-        await outs.aclose()
-
-
 async def respond(service: RouterService, job, shaper: Shaper, body, request: Request):
-    outs = _until(service.generate(job), service.config.request_timeout_s)
-    if body.stream:
-        try:
-            first = await outs.__anext__()  # errors before the first token keep their status
-        except StopAsyncIteration:
-            first = None
-        return StreamingResponse(
-            shaper.stream(_chain(first, outs), body.include_usage, _stream_error),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    collected = await _collect_or_disconnect(outs, request)
-    return JSONResponse(shaper.full(collected))
-
-
-async def _chain(first: Output | None, rest: AsyncIterator[Output]) -> AsyncIterator[Output]:
+    cfg = service.config
+    outs = until(service.generate(job), cfg.request_timeout_s)
+    if not body.stream:
+        return JSONResponse(shaper.full(await collect(outs, request)))
     try:
-        if first is not None:
-            yield first
-            if first.finish_reason is not None:
-                return
-        async for out in rest:
-            yield out
-    finally:
-        await rest.aclose()
+        first = await first_output(outs, request)  # errors before it keep their status
+    except BaseException:
+        await outs.aclose()
+        raise
+    events = shaper.stream(chain(first, outs), body.include_usage, _stream_error(job.request_id))
+    return EventStream(events, outs, cfg.stream_stall_timeout_s, job.request_id)
 
 
-def _stream_error(exc: Exception) -> dict:
-    if isinstance(exc, ApiError):
-        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
-    logger.exception("stream failed", exc_info=exc)
-    return error_body(500, f"internal error: {exc!r}", "server_error")
+def _stream_error(request_id: str):
+    def report(exc: Exception) -> dict:
+        if isinstance(exc, ApiError):
+            return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return internal_error("a stream", request_id, exc)
 
-
-async def _collect_or_disconnect(outs: AsyncIterator[Output], request: Request) -> list[Output]:
-    """Gather every output; a client that goes away cancels (and so aborts) the request."""
-
-    async def collect() -> list[Output]:
-        return [out async for out in outs]
-
-    task = asyncio.ensure_future(collect())
-    try:
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise ApiError(499, "client disconnected", "client_closed_request")
-        return task.result()
-    finally:
-        if not task.done():
-            task.cancel()
+    return report

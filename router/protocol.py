@@ -2,14 +2,35 @@
 
 Unknown request fields are ignored (as vLLM does). vLLM extensions: ``ignore_eos``,
 ``min_tokens``, ``stop_token_ids``, ``top_k`` and ``return_token_ids``.
+
+Every numeric field is bounded to what the engine and worker.proto hold (the constants of
+engine/sampling_params.py); bounds that need the model (vocabulary, context) are in
+router/limits.py. Stop strings: at most ``MAX_STOP_STRINGS`` of at most
+``MAX_STOP_CHARS`` characters each.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.sampling_params import (
+    MAX_SEED,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MAX_TOKEN_ID,
+    MIN_TEMPERATURE,
+)
+
+MAX_STOP_STRINGS = 64
+"""Stop strings per request (OpenAI allows 4, vLLM does not bound them)."""
+MAX_STOP_CHARS = 512
+"""Characters per stop string: a stream holds back this many - 1 characters, so a longer
+one would turn streaming into one final chunk."""
+MAX_LOGPROBS = 20
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class StreamOptions(BaseModel):
@@ -22,26 +43,45 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=100.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    stop_token_ids: list[int] | None = Field(default=None, validate_default=True)
+    stop_token_ids: list[TokenId] | None = Field(
+        default=None, validate_default=True, max_length=MAX_STOP_TOKEN_IDS
+    )
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKEN_ID)
     return_token_ids: bool = False
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        # Below the minimum, logits / temperature overflows to inf and sampling to NaN.
+        if v is not None and v != 0.0 and v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {v}"
+            )
+        return v
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        for i, s in enumerate(stops):
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(
+                    f"stop[{i}] is {len(s)} characters; each stop string must have 1 to "
+                    f"{MAX_STOP_CHARS} characters"
+                )
         return stops
 
     @field_validator("n")
@@ -54,8 +94,6 @@ class _Sampling(BaseModel):
     @field_validator("stop_token_ids")
     @classmethod
     def _stop_ids(cls, v: list[int] | None) -> list[int]:
-        if any(t < 0 for t in v or []):
-            raise ValueError("stop_token_ids must be non-negative token ids")
         return list(v or [])
 
     @property
@@ -69,8 +107,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
     @field_validator("prompt")
@@ -112,15 +150,19 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def num_chars(self) -> int:
+        """Characters of every message's text: what the prompt limit counts."""
+        return sum(len(m.text()) for m in self.messages)
 
 
 class PromptTokensDetails(BaseModel):

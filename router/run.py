@@ -65,7 +65,12 @@ class _Fallback(Exception):
 
 
 class _DecodeDown(Exception):
-    """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details."""
+    """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details, for the
+    log (clients get only the worker id: details name internal addresses)."""
+
+    def __init__(self, worker_id: str, details: str | None) -> None:
+        super().__init__(f"decode worker {worker_id} unreachable: {details}")
+        self.worker_id = worker_id
 
 
 _SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
@@ -145,7 +150,9 @@ class RequestRun:
                 return
             except _DecodeDown as down:
                 if sent or attempt == 2:
-                    raise ApiError(502, f"decode worker failed: {down}", "server_error") from None
+                    rid = self.job.request_id
+                    logger.warning("request %s: %s", rid, down)
+                    raise ApiError(502, f"decode worker {down.worker_id} is unreachable (request id {rid}); retry later", "server_error") from None  # fmt: skip
                 logger.warning("request %s: %s; routing again", self.job.request_id, down)
 
     async def _attempt(self) -> AsyncIterator[pb.TokenChunk]:
@@ -197,7 +204,7 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 svc.state.mark_unhealthy(d.worker_id, d.epoch)
-                raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
+                raise _DecodeDown(d.worker_id, exc.details()) from None
             raise _Fallback("reserve_failed") from exc
         self._track(p, rid)
         req = pb.PrefillRequest(
@@ -259,8 +266,9 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.svc.state.mark_unhealthy(d.worker_id, d.epoch)
-                raise _DecodeDown(f"decode worker {d.worker_id} unreachable: {exc.details()}") from None  # fmt: skip
-            raise ApiError(502, f"decode worker {d.worker_id} failed: {exc.details()}", "server_error") from None  # fmt: skip
+                raise _DecodeDown(d.worker_id, exc.details()) from None
+            logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
+            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}); the router's log has the details", "server_error") from None  # fmt: skip
 
     # -- cleanup --------------------------------------------------------------------------
 

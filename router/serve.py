@@ -17,6 +17,7 @@ from router.cli_security import (
     secret_file,
     warn_password_in_url,
 )
+from router.edge_flags import add_edge_args, api_key_from_args, edge_config
 from router.ep_launch import start_local_ep_group
 from router.launcher import RayWorkers, WorkerSettings, start_ray
 from router.redis_conn import redact_url
@@ -85,7 +86,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-ep-size", type=int, default=1, help="expert-parallel ranks per decode worker")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--max-inflight", type=int, default=256, help="429 above this")
-    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="Bearer key")
+    add_edge_args(p)
     add_security_args(p)
 
 
@@ -130,7 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefill_timeout_s=args.prefill_timeout,
         request_timeout_s=args.request_timeout,
         max_inflight=args.max_inflight,
-        api_key=args.api_key,
+        api_key=api_key_from_args(args),
+        **edge_config(args),
     )
     ray_workers, state, secret = None, None, cluster_secret(args)
     warn_password_in_url(args)
@@ -151,15 +153,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         ray_workers = _launch(args, model, secret is not None)
     source = ray_workers.addresses if ray_workers is not None else list(args.worker)
+    # uvicorn drains on SIGTERM, then re-raises it: exit 0 through the finally below (which
+    # stops the Ray workers) rather than die by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         router = Router(config, source, state=state, discover=state is not None, secret=secret)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
-        _announce(router, args, config, mode, start)
-        router.serve(args.host, args.port)
+        router.serve(args.host, args.port, _announcer(config, mode, start))
     finally:
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
     return 0
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _launch(args: argparse.Namespace, model: str, auth: bool) -> RayWorkers:
@@ -187,16 +195,15 @@ def _bounded(fn, timeout_s: float) -> None:
         logger.warning("Ray shutdown did not finish in %.0fs; exiting anyway", timeout_s)
 
 
-def _announce(router, args, config, mode: str, start: float) -> None:
-    def wait() -> None:
-        if router.ready.wait(120):
-            url = f"http://{args.host}:{args.port}"
-            logger.info(
-                "pdserve ready in %.1fs (%s): %s/v1  model=%s  (try: curl %s/v1/models)",
-                time.monotonic() - start, mode, url, config.served_model_name, url,
-            )  # fmt: skip
+def _announcer(config, mode: str, start: float):
+    def announce(host: str, port: int) -> None:
+        url = f"http://{host}:{port}"  # the bound port, also with --port 0
+        logger.info(
+            "pdserve ready in %.1fs (%s): %s/v1  model=%s  (try: curl %s/v1/models)",
+            time.monotonic() - start, mode, url, config.served_model_name, url,
+        )  # fmt: skip
 
-    threading.Thread(target=wait, daemon=True).start()
+    return announce
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

@@ -76,6 +76,7 @@ class Router:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await self.service.close()  # aborts still in flight reach the workers first
             await self.registry.close()
 
     async def sync(self) -> None:
@@ -98,12 +99,39 @@ class Router:
             except Exception:
                 logger.exception("worker supervision failed")
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve HTTP in the foreground until interrupted."""
-        uvicorn.run(self.app, host=host, port=port, log_level="warning", access_log=False)
+    def uvicorn_config(self, host: str, port: int) -> uvicorn.Config:
+        return uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            # Requests in flight get this long to finish, then are cancelled (aborting
+            # them on the workers) instead of holding the shutdown forever.
+            timeout_graceful_shutdown=self.config.graceful_shutdown_s,  # type: ignore[arg-type]
+        )
+
+    def serve(
+        self, host: str, port: int, on_bound: Callable[[str, int], None] | None = None
+    ) -> None:
+        """Serve HTTP in the foreground until interrupted (SIGINT/SIGTERM: graceful).
+        ``on_bound(host, port)`` is called with the bound address once it accepts."""
+        server = uvicorn.Server(self.uvicorn_config(host, port))
+        if on_bound is not None:
+            threading.Thread(target=_report_bound, args=(server, on_bound), daemon=True).start()
+        server.run()
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RouterThread:
         return RouterThread(self, host, port)
+
+
+def _report_bound(server: uvicorn.Server, on_bound: Callable[[str, int], None]) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        threading.Event().wait(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    on_bound(host, port)
 
 
 def _fixed(addresses: list[str]) -> Source:
@@ -118,10 +146,7 @@ class RouterThread:
 
     def __init__(self, router: Router, host: str, port: int) -> None:
         self.router = router
-        config = uvicorn.Config(
-            router.app, host=host, port=port, log_level="warning", access_log=False
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(router.uvicorn_config(host, port))
         self._thread = threading.Thread(target=self.server.run, name="router", daemon=True)
         self._thread.start()
         if not router.ready.wait(60):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.kv_cache.hashing import hash_blocks
-from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.api import Shaper
 from router.cluster import ClusterState, WorkerRecord
+from router.jobs import JobBuilder
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -20,6 +20,9 @@ from router.run import Job, Output, RequestRun
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
+
+TOKENIZER_THREADS = 4
+"""Threads that run chat templates and tokenization, so the event loop never does."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,16 @@ class RouterConfig:
     """Requests in flight above which new ones get 429."""
     api_key: str | None = None
     """Require ``Authorization: Bearer <key>`` on /v1 routes."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Request bodies above this many bytes get 413 before they are parsed."""
+    max_prompt_chars: int | None = None
+    """Prompt text (all chat messages together) above this many characters gets 400
+    before tokenization; None = 32 x the context length (router/limits.py)."""
+    stream_stall_timeout_s: float = 30.0
+    """Abort a stream whose client has not accepted data for this long (a client that
+    never reads would otherwise keep its KV blocks until ``request_timeout_s``)."""
+    graceful_shutdown_s: float = 20.0
+    """On shutdown, wait this long for requests in flight, then abort them."""
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -57,6 +70,13 @@ class RouterConfig:
             )
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        for name in ("stream_stall_timeout_s", "graceful_shutdown_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 class RouterService:
@@ -73,29 +93,33 @@ class RouterService:
         self.state, self.registry, self.policy = state, registry, policy
         self.metrics, self.tokenizer = metrics, tokenizer
         self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tasks: set[asyncio.Task] = set()
+        self.jobs = JobBuilder(tokenizer, config.model, config.max_prompt_chars, TOKENIZER_THREADS)
 
-    # -- requests -> jobs --------------------------------------------------------------------
+    # -- requests -> jobs (router/jobs.py) --------------------------------------------------
 
-    def completion_job(self, body: CompletionRequest) -> tuple[Job, Shaper]:
-        self.check_model(body.model)
-        prompt = body.prompt
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        job = self.prepare(ids, _sampling(body, body.logprobs), body.stop, body.max_tokens)
+    async def completion_job(self, body: CompletionRequest) -> tuple[Job, Shaper]:
+        limit = self._admissible(body.model)
+        job = await self.jobs.completion(body, limit)
         return job, self._shaper("completion", job, body.logprobs, body.return_token_ids)
 
-    def chat_job(self, body: ChatCompletionRequest) -> tuple[Job, Shaper]:
-        self.check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
-        except Exception as exc:  # template errors come from the caller's messages
-            raise ApiError(400, f"chat template failed: {exc}", param="messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+    async def chat_job(self, body: ChatCompletionRequest) -> tuple[Job, Shaper]:
+        limit = self._admissible(body.model)
+        job = await self.jobs.chat(body, limit)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = self.prepare(ids, _sampling(body, top), body.stop, body.requested_max_tokens)
-        job.request_id = "chatcmpl-" + job.request_id.removeprefix("cmpl-")
         return job, self._shaper("chat", job, top, body.return_token_ids)
+
+    def _admissible(self, model: str) -> int:
+        """The context length, once the model name and the router's capacity allow the
+        request: refused before any tokenization costs the router anything."""
+        self.check_model(model)
+        self.admit()
+        limit = self.max_model_len
+        if limit is None:
+            raise ApiError(503, "no worker registered yet", "service_unavailable", headers={"Retry-After": "5"})  # fmt: skip
+        return limit
 
     def _shaper(self, kind: str, job: Job, logprobs: int | None, token_ids: bool) -> Shaper:
         name = self.config.served_model_name
@@ -104,49 +128,23 @@ class RouterService:
     def check_model(self, name: str) -> None:
         served = self.config.served_model_name
         if name != served:
+            shown = name if len(name) <= 100 else name[:100] + "..."
             raise ApiError(
                 404,
-                f"The model `{name}` does not exist; this server serves `{served}`.",
+                f"The model `{shown}` does not exist; this server serves `{served}`.",
                 param="model",
                 code="model_not_found",
             )
 
-    # -- validation -------------------------------------------------------------------------
-
     @property
     def max_model_len(self) -> int | None:
-        lens = [w.max_model_len for w in self.state.workers(healthy_only=False)]
+        """The context every worker can hold: its max_model_len, and the tokens its KV
+        blocks hold (a longer request could never be scheduled, and would hang)."""
+        lens = [
+            min(w.max_model_len, w.num_blocks * w.layout.block_size)
+            for w in self.state.workers(healthy_only=False)
+        ]
         return min(lens) if lens else None
-
-    def prepare(
-        self, prompt: list[int], params: dict, stop: list[str], max_tokens: int | None
-    ) -> Job:
-        """Check the prompt against the context limit and build the job (ApiError 400)."""
-        limit = self.max_model_len
-        if limit is None:
-            raise ApiError(503, "no worker registered yet", "service_unavailable", headers={"Retry-After": "5"})  # fmt: skip
-        vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt if t >= vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")  # fmt: skip
-        n = len(prompt)
-        room = limit - n
-        if room < 1 or (max_tokens is not None and max_tokens > room):
-            want = n + (max_tokens or 1)
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {want} tokens ({n} in the prompt, {want - n} for the completion). "
-                "Please reduce the prompt or max_tokens.",
-                param="max_tokens" if room >= 1 else "prompt",
-                code="context_length_exceeded",
-            )
-        params = {**params, "max_tokens": max_tokens or room}
-        try:
-            sp = SamplingParams(**params)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        return Job(f"cmpl-{uuid.uuid4().hex[:16]}", prompt, sp, stop)
 
     def admit(self) -> None:
         if self.inflight >= self.config.max_inflight:
@@ -161,30 +159,46 @@ class RouterService:
     # -- generation -----------------------------------------------------------------------
 
     async def generate(self, job: Job) -> AsyncIterator[Output]:
-        """Run ``job``; abort it on every worker unless it finished by itself."""
+        """Run ``job``; abort it on every worker unless it finished by itself. The
+        in-flight slot taken here is released on every path, exceptions included."""
         self.admit()
         self.inflight += 1
         self.metrics.inflight.inc()
-        run = RequestRun(self, job)
+        self._idle.clear()
+        run, outcome = None, "error"
         try:
+            run = RequestRun(self, job)
             async for out in run.outputs():
                 yield out
-            self.metrics.requests.labels(outcome=run.finish_reason or "error").inc()
-        except Exception:
-            self.metrics.requests.labels(outcome="error").inc()
-            raise
-        except BaseException:  # cancelled: client gone or timed out
-            self.metrics.requests.labels(outcome="cancelled").inc()
+            outcome = run.finish_reason or "error"
+        except BaseException as exc:  # cancelled or closed: client gone or timed out
+            if isinstance(exc, Exception):
+                outcome = "error"
+            else:  # closed after its last output (a one-token stream) is not cancelled
+                outcome = (run and run.finish_reason) or "cancelled"
             raise
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
-            await run.cleanup()
+            self.metrics.requests.labels(outcome=outcome).inc()
+            if not self.inflight:
+                self._idle.set()
+            if run is not None:
+                await run.cleanup()
 
     def background(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """At shutdown: let cancelled requests finish cleaning up and their aborts reach
+        the workers (before the gRPC channels close), then stop the tokenizer pool."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        self.jobs.close()
 
     def route(self, job: Job, attempts: int = 3) -> RouteDecision:
         """Route ``job`` and hold one in-flight slot on its decode worker (the caller
@@ -214,17 +228,3 @@ class RouterService:
             return self.config.kv_transport
         same_host = p.hostname == d.hostname and "shm" in d.kv_transports
         return "shm" if same_host and "shm" in p.kv_transports else "tcp"
-
-
-def _sampling(body: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> dict:
-    """Engine SamplingParams fields from a request (OpenAI defaults where unset)."""
-    return {
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": body.effective_top_k,
-        "seed": body.seed,
-        "stop_token_ids": tuple(body.stop_token_ids),
-        "ignore_eos": body.ignore_eos,
-        "min_tokens": body.min_tokens,
-        "logprobs": logprobs,
-    }

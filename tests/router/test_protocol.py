@@ -26,7 +26,7 @@ def test_completion_defaults_and_extensions():
         ({"max_tokens": 0}, "max_tokens"),
         ({"prompt": ["a", "b"]}, "batched prompts"),
         ({"prompt": ""}, "prompt is empty"),
-        ({"stop": ["a"] * 5}, "at most 4"),
+        ({"stop": ["a"] * 65}, "at most 64"),
         ({"logprobs": 21}, "logprobs"),
         ({"echo": True}, "echo"),
     ],
