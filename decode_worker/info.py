@@ -1,4 +1,4 @@
-"""The ``Info`` answer both worker kinds give the router at registration."""
+"""The ``Info`` answer both worker kinds give the router at registration, and ``Health``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import time
 import weakref
 
-from decode_worker.runtime import WorkerConfig
+from decode_worker.runtime import EngineLoop, WorkerConfig
 from engine.engine import LLMEngine
 from kv_transfer.wire import spec_to_pb
 from proto import worker_pb2 as pb
@@ -37,4 +37,15 @@ def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.Inf
         kv_transports=list(config.kv_transports) if config.role == "prefill" else [],
         vocab_size=engine.spec.vocab_size,
         ep_size=engine.ep.size if engine.ep is not None else 1,
+    )
+
+
+def health_response(loop: EngineLoop) -> pb.HealthResponse:
+    h = loop.health()
+    return pb.HealthResponse(
+        serving=h.serving,
+        loop_alive=h.loop_alive,
+        seconds_since_step=h.seconds_since_step,
+        has_work=h.has_work,
+        reason=h.reason,
     )

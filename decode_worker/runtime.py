@@ -7,6 +7,14 @@ The engine is single-threaded. :class:`EngineLoop` owns it on one thread::
 
 so every engine call, from any thread, happens under ``loop.lock`` (an ``RLock``: a
 kv_transfer callback may run synchronously inside a call that already holds it).
+
+Failures: what one request causes (its sampling row, its stop checks, its output
+handling) fails that request only; the workers catch it per request. Anything that still
+escapes a loop iteration (the batch's model forward) ends the loop: ``on_crash`` fails
+every stream and ends the process (decode_worker/server.py), so Ray or the supervisor
+restarts it. :meth:`EngineLoop.health` is the loop's real state, read without the lock
+(a stalled step holds it): alive, and an iteration completed within ``stall_timeout_s``
+(idle, the loop still iterates every second).
 """
 
 from __future__ import annotations
@@ -56,18 +64,39 @@ class WorkerConfig:
     """Register in and publish load/prefix events to this shared cluster state."""
     heartbeat_ttl_s: float = 3.0
     """With ``redis_url``: routers drop this worker when silent this long."""
+    stall_timeout_s: float = 60.0
+    """Health reports the engine loop stalled (routers stop sending it requests) when no
+    loop iteration completed for this long; set it above the slowest step (a first CUDA
+    step compiling kernels, a long prefill chunk)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
         if not self.kv_transports:
             raise ValueError("kv_transports is empty; pass at least one, e.g. --kv-transport tcp")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.host in ("0.0.0.0", "::", ""):
             logger.warning("worker %s binds every interface (%r)", self.role, self.host)
 
     @property
     def name(self) -> str:
         return self.worker_id or f"{self.role}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LoopHealth:
+    """What ``Health`` answers (proto ``HealthResponse``)."""
+
+    serving: bool
+    """The loop runs and is not stalled: route requests here."""
+    loop_alive: bool
+    seconds_since_step: float
+    """Since the loop last completed an iteration (a step, or an idle check)."""
+    has_work: bool
+    """Requests are waiting or running in the engine."""
+    reason: str = ""
+    """Why not serving (empty while serving)."""
 
 
 class EngineLoop:
@@ -79,6 +108,7 @@ class EngineLoop:
         on_outputs: Callable[[list[RequestOutput]], None],
         housekeeping: Callable[[], bool],
         name: str,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         self.engine = engine
         self.lock = threading.RLock()
@@ -87,13 +117,20 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self.stall_timeout_s = stall_timeout_s
         self.alive = False
         self.num_steps = 0
+        self.failure: str | None = None
+        """Why the loop ended, when a step raised."""
+        self._progress = time.monotonic()
+        self._polling = False
         self.on_crash: Callable[[BaseException], None] | None = None
-        """Called on the engine thread if a step raises (EP: a rank died)."""
+        """Called on the engine thread if an iteration raises (server.py: fail the streams
+        and end the process)."""
 
     def start(self) -> None:
         self.alive = True
+        self._progress = time.monotonic()
         self._thread.start()
 
     def stop(self) -> None:
@@ -104,28 +141,57 @@ class EngineLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def health(self) -> LoopHealth:
+        """The loop's real state; never takes the lock."""
+        since = time.monotonic() - self._progress
+        has_work = self.engine.scheduler.has_work
+        if not (self.alive and self._thread.is_alive()):
+            why = self.failure or "the engine loop is not running"
+            return LoopHealth(False, False, since, has_work, why)
+        if since > self.stall_timeout_s:
+            why = (
+                f"the engine loop has not completed a step for {since:.1f}s "
+                f"(stall bound {self.stall_timeout_s:g}s)"
+            )
+            return LoopHealth(False, True, since, has_work, why)
+        return LoopHealth(True, True, since, has_work)
+
+    def check_serving(self) -> None:
+        """Refuse new work (``UNAVAILABLE``: the router routes it elsewhere) unless the
+        loop serves: a dead loop would never run it, a stalled one holds the lock."""
+        health = self.health()
+        if not health.serving:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, health.reason)
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._wake.clear()
-                with self.lock:
-                    polling = self._housekeeping()
-                    busy = self.engine.has_unfinished_requests()
-                    if busy:
-                        self._on_outputs(self.engine.step())
-                        self.num_steps += 1
-                    elif self.engine.ep is not None:
-                        self.engine.heartbeat()  # EP followers time out without steps
+                busy = self._iterate()
+                self._progress = time.monotonic()
                 if not busy:
                     # Transfers in flight are polled; otherwise sleep until woken.
-                    self._wake.wait(0.002 if polling else 1.0)
+                    self._wake.wait(0.002 if self._polling else 1.0)
         except BaseException as exc:
             logger.exception("engine loop crashed")
+            self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"
+            self.alive = False
             if self.on_crash is not None:
                 self.on_crash(exc)
-            raise
         finally:
             self.alive = False
+
+    def _iterate(self) -> bool:
+        """One iteration under the lock; returns whether the engine had work."""
+        with self.lock:
+            self._polling = self._housekeeping()
+            busy = self.engine.has_unfinished_requests()
+            if busy:
+                self._on_outputs(self.engine.step())
+                self.num_steps += 1
+            elif self.engine.ep is not None:
+                self.engine.heartbeat()  # EP followers time out without steps
+        return busy
 
 
 class Sink:

@@ -15,6 +15,11 @@ the engine scheduler's. A request is admitted only once its transfer is SUCCESS 
 the router sent the first token (``Decode``). Blocks of a failed transfer come back
 through the kv_transfer ``free_blocks`` callback, which aborts the reservation under the
 engine lock; the worker never frees a block a transport thread may still write.
+
+A request that fails alone (``finish_reason == "error"`` from the engine, or an exception
+while handling its transfer or its output) ends its stream with INTERNAL and frees its
+blocks; the loop goes on. While the loop does not serve (dead or stalled), new requests
+get UNAVAILABLE, so the router marks this worker down and routes them elsewhere.
 """
 
 from __future__ import annotations
@@ -82,7 +87,9 @@ class DecodeWorker:
         }
         self.publishes_events = False
         """Set when a Redis publisher consumes the block events (router/publisher.py)."""
-        self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
+        self.loop = EngineLoop(
+            engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
+        )
         self.loop.start()
 
     def close(self) -> None:
@@ -96,6 +103,7 @@ class DecodeWorker:
         self, rid: str, prompt: list[int], params: SamplingParams, transport: str, lease_s: float
     ) -> tuple[pb.TransferTicket, int, int]:
         """Reserve blocks and open a transfer; returns (ticket, cached blocks, cached tokens)."""
+        self.loop.check_serving()
         endpoint = self.endpoints.get(transport)
         if endpoint is None:
             raise WorkerError(
@@ -126,6 +134,13 @@ class DecodeWorker:
 
     def decode(self, rid: str, first_token: pb.Token, sink: Sink) -> None:
         """Hand over the first token; the engine thread admits once the KV is complete."""
+        self.loop.check_serving()
+        vocab = self.engine.spec.vocab_size
+        if not 0 <= first_token.token_id < vocab:
+            raise WorkerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"first token id {first_token.token_id} is outside the vocabulary [0, {vocab})",
+            )
         with self.loop.lock:
             req = self._reqs.get(rid)
             if req is None or req.receiver is None or req.sink is not None:
@@ -139,6 +154,7 @@ class DecodeWorker:
 
     def generate(self, rid: str, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
         """Prefill locally and decode."""
+        self.loop.check_serving()
         with self.loop.lock:
             if rid in self._reqs:
                 raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
@@ -152,19 +168,36 @@ class DecodeWorker:
     def abort(self, rid: str) -> bool:
         """Stop ``rid`` wherever it is and free its blocks; False if unknown."""
         with self.loop.lock:
-            req = self._reqs.pop(rid, None)
+            req = self._release(rid)
             if req is None:
                 return self.engine.abort(rid)
-            rx = req.receiver
-            if rx is not None and not rx.poll().terminal:
-                rx.abort("aborted by the router")  # blocks come back through _free
-            elif rx is None or rx.poll() is TransferState.SUCCESS:
-                if rx is not None:
-                    self._owner.pop(tuple(rx.ticket.block_ids), None)
-                self.engine.abort(rid)
             if req.sink is not None:
                 req.sink.put(pb.TokenChunk(finished=True, finish_reason="abort"))
             return True
+
+    def _release(self, rid: str) -> _Request | None:
+        """Drop ``rid`` from the tables and free its blocks (those of a transfer still in
+        flight come back through ``_free`` once the transport let go of them)."""
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return None
+        rx = req.receiver
+        if rx is not None and not rx.poll().terminal:
+            rx.abort("aborted by the router")
+        elif rx is None or rx.poll() is TransferState.SUCCESS:
+            if rx is not None:
+                self._owner.pop(tuple(rx.ticket.block_ids), None)
+            self.engine.abort(rid)
+        return req
+
+    def _fail_request(self, rid: str, why: str) -> None:
+        """``rid`` failed alone: its stream ends with INTERNAL, its blocks are freed."""
+        req = self._release(rid)
+        if req is None:
+            self.engine.abort(rid)
+        elif req.sink is not None:
+            msg = f"request {rid} failed on {self.config.name}: {why}"
+            req.sink.put(WorkerError(grpc.StatusCode.INTERNAL, msg))
 
     def fail_all(self, why: str) -> None:
         """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
@@ -225,23 +258,32 @@ class DecodeWorker:
         for req in [r for r in self._reqs.values() if r.receiver is not None]:
             if req.state == "running":
                 continue
-            state = req.receiver.poll()
-            if state is TransferState.FAILED:
-                self._fail(req, f"KV transfer failed: {req.receiver.error}")
-            elif state is TransferState.SUCCESS:
-                if req.first_token is not None:
-                    self._admit(req)
-                elif now - req.since > self.config.lease_s:
-                    self._fail(req, "no Decode call within the lease after the KV arrived")
-                    self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
-                    self.engine.abort(req.request_id)
-                elif req.state != "ready":
-                    req.state, req.since = "ready", now
-            else:
-                in_flight = True
-                if state is not TransferState.BOOTSTRAPPING:
-                    req.state = "receiving"
+            try:
+                in_flight |= self._advance(req, now)
+            except Exception as exc:
+                logger.exception("request %s failed in its transfer", req.request_id)
+                self._fail_request(req.request_id, f"internal error ({type(exc).__name__})")
         return in_flight
+
+    def _advance(self, req: _Request, now: float) -> bool:
+        """One reserved request's transfer; returns whether it is still in flight."""
+        state = req.receiver.poll()
+        if state is TransferState.FAILED:
+            self._fail(req, f"KV transfer failed: {req.receiver.error}")
+        elif state is TransferState.SUCCESS:
+            if req.first_token is not None:
+                self._admit(req)
+            elif now - req.since > self.config.lease_s:
+                self._fail(req, "no Decode call within the lease after the KV arrived")
+                self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
+                self.engine.abort(req.request_id)
+            elif req.state != "ready":
+                req.state, req.since = "ready", now
+        else:
+            if state is not TransferState.BOOTSTRAPPING:
+                req.state = "receiving"
+            return True
+        return False
 
     def _fail(self, req: _Request, why: str) -> None:
         self._reqs.pop(req.request_id, None)
@@ -262,13 +304,23 @@ class DecodeWorker:
 
     def _on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
-            req = self._reqs.get(out.request_id)
-            if req is None:
-                continue
-            chunk = chunk_from_output(out, req.params.logprobs)
-            if req.receiver is not None:
-                chunk.num_cached_tokens = req.num_cached_tokens
-            if out.finished:
-                self._reqs.pop(out.request_id, None)
-            if req.sink is not None:
-                req.sink.put(chunk)
+            try:
+                self._deliver(out)
+            except Exception as exc:
+                logger.exception("handling the output of request %s failed", out.request_id)
+                self._fail_request(out.request_id, f"internal error ({type(exc).__name__})")
+
+    def _deliver(self, out: RequestOutput) -> None:
+        req = self._reqs.get(out.request_id)
+        if req is None:
+            return
+        if out.error is not None:
+            self._fail_request(out.request_id, out.error)
+            return
+        chunk = chunk_from_output(out, req.params.logprobs)
+        if req.receiver is not None:
+            chunk.num_cached_tokens = req.num_cached_tokens
+        if out.finished:
+            self._reqs.pop(out.request_id, None)
+        if req.sink is not None:
+            req.sink.put(chunk)

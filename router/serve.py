@@ -57,6 +57,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start no workers: route to the workers registered in --redis-url",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without an engine step after which a worker's Health reports it "
+        "stalled and routers stop sending it requests (keep it above the slowest step)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name clients send")
     p.add_argument("--kv-transport", default="auto", choices=TRANSPORTS)
     p.add_argument(
@@ -95,6 +102,7 @@ def settings_from_args(args: argparse.Namespace, model: str, transports) -> Work
         kv_transports=tuple(transports),
         redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl,
+        stall_timeout_s=args.stall_timeout,
     )
 
 
@@ -209,6 +217,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=3.0,
         help="with --redis-url: routers drop the worker when silent this long (seconds)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without an engine step after which a worker's Health reports it "
+        "stalled and routers stop sending it requests (keep it above the slowest step)",
     )
 
 
