@@ -14,8 +14,8 @@ import pytest
 import decode_worker.worker as decode_mod
 from engine.sampling_params import SamplingParams
 from proto import worker_pb2 as pb
-from tests.engine.broken_model import POISON, nan_token_model
-from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.engine.broken_model import POISON, clean_prompts, nan_token_model
+from tests.engine.hf_reference import hf_greedy
 
 from .inproc import spec, start, stub, tokens, wait_all_free
 
@@ -41,7 +41,7 @@ def pair(broken):
 def serving_and_no_leak(pair, broken):
     yield
     decode, prefill = pair
-    prompt = make_prompts([13], seed=321, vocab=POISON)[0]
+    prompt = clean_prompts(broken, [13], seed=321)[0]
     got = tokens(decode.Generate(spec(f"after-{threading.get_ident()}", prompt), timeout=T))
     assert got == hf_greedy(broken, [prompt], 12)[0]
     for s in pair:
@@ -87,9 +87,9 @@ def test_security_engine_killing_inputs_are_invalid_argument(pair, case):
     decode.Abort(pb.AbortRequest(request_id="ok"), timeout=T)
 
 
-def test_security_decode_first_token_past_vocab_is_invalid_argument(pair):
+def test_security_decode_first_token_past_vocab_is_invalid_argument(pair, broken):
     decode, prefill = pair
-    prompt = make_prompts([20], seed=322, vocab=POISON)[0]
+    prompt = clean_prompts(broken, [20], seed=322)[0]
     res = decode.Reserve(pb.ReserveRequest(request=spec("ft", prompt), kv_transport="tcp"), timeout=T)  # fmt: skip
     prefill.Prefill(pb.PrefillRequest(request=spec("ft", prompt), ticket=res.ticket), timeout=T)
     bad = pb.DecodeRequest(request_id="ft", first_token=pb.Token(token_id=600))
@@ -102,7 +102,7 @@ def test_security_decode_first_token_past_vocab_is_invalid_argument(pair):
 
 def test_security_nan_request_fails_alone_on_both_workers(pair, broken):
     decode, prefill = pair
-    good = make_prompts([11, 26], seed=323, vocab=POISON)
+    good = clean_prompts(broken, [11, 26], seed=323)
     poison = [5, POISON, 6, 7] + good[0]
     results: dict[str, object] = {}
 
@@ -141,7 +141,7 @@ def test_security_output_handling_error_fails_one_stream(pair, broken, monkeypat
         return real(out, num_top)
 
     monkeypatch.setattr(decode_mod, "chunk_from_output", chunk_from_output)
-    good = make_prompts([9, 17], seed=324, vocab=POISON)
+    good = clean_prompts(broken, [9, 17], seed=324)
     calls = {rid: decode.Generate(spec(rid, p), timeout=T) for rid, p in [("a", good[0]), ("victim", good[0]), ("b", good[1])]}  # fmt: skip
     with pytest.raises(grpc.RpcError) as err:
         list(calls.pop("victim"))

@@ -23,3 +23,17 @@ def nan_token_model(src: Path, dst: Path, token: int = POISON) -> Path:
         weights["model.embed_tokens.weight"][token] = float("nan")
         save_file(weights, dst / "model.safetensors")
     return dst
+
+
+def clean_prompts(model_dir: Path, lengths: list[int], seed: int, max_new: int = 12) -> list[list[int]]:  # fmt: skip
+    """Prompts (below ``POISON``) whose greedy continuation never reaches ``POISON``
+    either, so the broken checkpoint serves them exactly as the intact one would."""
+    from tests.engine.hf_reference import hf_greedy, make_prompts
+
+    out = []
+    for i, n in enumerate(lengths):
+        s = seed + 1000 * i
+        while POISON in hf_greedy(model_dir, [p := make_prompts([n], s, POISON)[0]], max_new)[0]:
+            s += 7919
+        out.append(p)
+    return out

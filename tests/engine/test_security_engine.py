@@ -11,7 +11,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.sampler import sample
 from engine.scheduler_output import SampledToken
-from tests.engine.broken_model import POISON, nan_token_model
+from tests.engine.broken_model import POISON, clean_prompts, nan_token_model
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -119,7 +119,7 @@ def broken(tiny_model, tmp_path_factory):
 def test_security_nan_logits_fail_one_request_and_batch_goes_on(broken):
     llm = LLM(broken, num_kv_blocks=12)  # small pool: failed requests' blocks get reused
     engine = llm.engine
-    good = make_prompts([10, 23, 17], seed=302, vocab=POISON)
+    good = clean_prompts(broken, [10, 23, 17], seed=302)
     want = hf_greedy(broken, good, 8)
     hot = SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True)
     for round_ in range(3):  # each round reuses blocks the poisoned requests held
