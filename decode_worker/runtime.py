@@ -20,12 +20,13 @@ restarts it. :meth:`EngineLoop.health` is the loop's real state, read without th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,6 +163,20 @@ class EngineLoop:
         health = self.health()
         if not health.serving:
             raise WorkerError(grpc.StatusCode.UNAVAILABLE, health.reason)
+
+    @contextlib.contextmanager
+    def hold(self, timeout_s: float = 2.0) -> Iterator[None]:
+        """The lock for a read that must not wait on a stalled step (``Stats``): after
+        ``timeout_s`` it answers UNAVAILABLE instead of tying up a gRPC thread."""
+        if not self.lock.acquire(timeout=timeout_s):
+            raise WorkerError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the engine loop held its lock for over {timeout_s:g}s (a step is stuck)",
+            )
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def _run(self) -> None:
         try:

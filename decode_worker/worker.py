@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError, expert_stats
+from decode_worker.info import stats_response
+from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -39,6 +40,8 @@ from proto import worker_pb2 as pb
 from proto.convert import chunk_from_output, ticket_to_pb, token_logprobs
 
 logger = logging.getLogger(__name__)
+
+ABORTED, INTERNAL = grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL
 
 
 def _endpoint_host(backend: str, host: str) -> str:
@@ -190,14 +193,14 @@ class DecodeWorker:
             self.engine.abort(rid)
         return req
 
-    def _fail_request(self, rid: str, why: str) -> None:
-        """``rid`` failed alone: its stream ends with INTERNAL, its blocks are freed."""
+    def _fail_request(self, rid: str, why: str, code: grpc.StatusCode = INTERNAL) -> None:
+        """``rid`` failed alone: its stream ends with ``code``, its blocks are freed."""
         req = self._release(rid)
         if req is None:
             self.engine.abort(rid)
         elif req.sink is not None:
             msg = f"request {rid} failed on {self.config.name}: {why}"
-            req.sink.put(WorkerError(grpc.StatusCode.INTERNAL, msg))
+            req.sink.put(WorkerError(code, msg))
 
     def fail_all(self, why: str) -> None:
         """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
@@ -210,7 +213,7 @@ class DecodeWorker:
         """Load and counters; block events are drained only by their consumer: the Redis
         publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
         drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.lock:
+        with self.loop.hold():
             sched = self.engine.scheduler
             queues = dict.fromkeys(("reserved", "receiving", "ready"), 0)
             for req in self._reqs.values():
@@ -227,18 +230,8 @@ class DecodeWorker:
             for name, ep in self.endpoints.items():
                 for key, value in ep.stats().items():
                     transfer[f"{name}.{key}"] = value
-            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
-            return pb.StatsResponse(
-                num_blocks=self.engine.layout.num_blocks,
-                num_free_blocks=self.engine.num_free_blocks,
-                **expert_stats(self.engine),
-                queues=queues,
-                queued_prefill_tokens=max(0, queued),
-                stored_block_hashes=stored,
-                evicted_block_hashes=evicted,
-                num_requests=len(self._reqs),
-                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
-                transfer=transfer,
+            return stats_response(
+                self.engine, queues, queued, len(self._reqs), drain, transfer=transfer
             )
 
     # -- engine thread -------------------------------------------------------------------
@@ -269,14 +262,13 @@ class DecodeWorker:
         """One reserved request's transfer; returns whether it is still in flight."""
         state = req.receiver.poll()
         if state is TransferState.FAILED:
-            self._fail(req, f"KV transfer failed: {req.receiver.error}")
+            self._fail_request(req.request_id, f"KV transfer failed: {req.receiver.error}", ABORTED)
         elif state is TransferState.SUCCESS:
             if req.first_token is not None:
                 self._admit(req)
             elif now - req.since > self.config.lease_s:
-                self._fail(req, "no Decode call within the lease after the KV arrived")
-                self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
-                self.engine.abort(req.request_id)
+                why = "no Decode call within the lease after the KV arrived"
+                self._fail_request(req.request_id, why, ABORTED)
             elif req.state != "ready":
                 req.state, req.since = "ready", now
         else:
@@ -284,11 +276,6 @@ class DecodeWorker:
                 req.state = "receiving"
             return True
         return False
-
-    def _fail(self, req: _Request, why: str) -> None:
-        self._reqs.pop(req.request_id, None)
-        if req.sink is not None:
-            req.sink.put(WorkerError(grpc.StatusCode.ABORTED, why))
 
     def _admit(self, req: _Request) -> None:
         self._owner.pop(tuple(req.receiver.ticket.block_ids), None)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError, expert_stats
+from decode_worker.info import stats_response
+from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
@@ -149,27 +150,14 @@ class PrefillWorker:
         """Load and counters; block events are drained only by their consumer: the Redis
         publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
         drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.lock:
+        with self.loop.hold():
             sched = self.engine.scheduler
             sending = sum(1 for j in self._jobs.values() if j.state == "sending")
             queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
             queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
-            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
-            return pb.StatsResponse(
-                num_blocks=self.engine.layout.num_blocks,
-                num_free_blocks=self.engine.num_free_blocks,
-                **expert_stats(self.engine),
-                queues={
-                    "waiting": len(sched.waiting),
-                    "running": len(sched.running),
-                    "sending": sending,
-                },
-                queued_prefill_tokens=max(0, queued),
-                stored_block_hashes=stored,
-                evicted_block_hashes=evicted,
-                num_requests=len(self._jobs),
-                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
-            )
+            queues = {"waiting": len(sched.waiting), "running": len(sched.running)}
+            queues["sending"] = sending
+            return stats_response(self.engine, queues, queued, len(self._jobs), drain)
 
     # -- engine thread -------------------------------------------------------------------
 
