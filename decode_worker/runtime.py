@@ -13,8 +13,8 @@ handling) fails that request only; the workers catch it per request. Anything th
 escapes a loop iteration (the batch's model forward) ends the loop: ``on_crash`` fails
 every stream and ends the process (decode_worker/server.py), so Ray or the supervisor
 restarts it. :meth:`EngineLoop.health` is the loop's real state, read without the lock
-(a stalled step holds it): alive, and an iteration completed within ``stall_timeout_s``
-(idle, the loop still iterates every second).
+(a stalled step holds it): alive, and no iteration (housekeeping + step) has run longer
+than ``stall_timeout_s``; waiting idle for work is never a stall.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0
     """With ``redis_url``: routers drop this worker when silent this long."""
     stall_timeout_s: float = 60.0
-    """Health reports the engine loop stalled (routers stop sending it requests) when no
-    loop iteration completed for this long; set it above the slowest step (a first CUDA
-    step compiling kernels, a long prefill chunk)."""
+    """Health reports the engine loop stalled (routers stop sending it requests) once one
+    loop iteration has run this long; set it above the slowest step (a first CUDA step
+    compiling kernels, a long prefill chunk)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -93,7 +93,7 @@ class LoopHealth:
     """The loop runs and is not stalled: route requests here."""
     loop_alive: bool
     seconds_since_step: float
-    """Since the loop last completed an iteration (a step, or an idle check)."""
+    """How long the current iteration has run (0 while the loop idles waiting for work)."""
     has_work: bool
     """Requests are waiting or running in the engine."""
     reason: str = ""
@@ -125,6 +125,7 @@ class EngineLoop:
         """Why the loop ended, when a step raised."""
         self._progress = time.monotonic()
         self._polling = False
+        self._idle = False
         self.on_crash: Callable[[BaseException], None] | None = None
         """Called on the engine thread if an iteration raises (server.py: fail the streams
         and end the process)."""
@@ -144,7 +145,7 @@ class EngineLoop:
 
     def health(self) -> LoopHealth:
         """The loop's real state; never takes the lock."""
-        since = time.monotonic() - self._progress
+        since = 0.0 if self._idle else time.monotonic() - self._progress
         has_work = self.engine.scheduler.has_work
         if not (self.alive and self._thread.is_alive()):
             why = self.failure or "the engine loop is not running"
@@ -185,8 +186,11 @@ class EngineLoop:
                 busy = self._iterate()
                 self._progress = time.monotonic()
                 if not busy:
-                    # Transfers in flight are polled; otherwise sleep until woken.
+                    # Transfers in flight are polled; otherwise sleep until woken. Waiting
+                    # is progress: only time inside an iteration can be a stall.
+                    self._idle = True
                     self._wake.wait(0.002 if self._polling else 1.0)
+                    self._progress, self._idle = time.monotonic(), False
         except BaseException as exc:
             logger.exception("engine loop crashed")
             self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"

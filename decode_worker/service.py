@@ -100,4 +100,4 @@ class DecodeServicer(rpc.DecodeServiceServicer):
         return info
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        return await in_thread(self.worker.stats)
+        return await call_worker(context, self.worker.stats)

@@ -77,4 +77,4 @@ class PrefillServicer(rpc.PrefillServiceServicer):
         return worker_info(self.worker.engine, self.worker.config, self.address)
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        return await in_thread(self.worker.stats)
+        return await call_worker(context, self.worker.stats)
