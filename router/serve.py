@@ -61,7 +61,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--stall-timeout",
         type=float,
         default=60.0,
-        help="seconds without an engine step after which a worker's Health reports it "
+        help="seconds one engine step may run before the worker's Health reports it "
         "stalled and routers stop sending it requests (keep it above the slowest step)",
     )
     p.add_argument("--served-model-name", default=None, help="model name clients send")
@@ -222,7 +222,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         "--stall-timeout",
         type=float,
         default=60.0,
-        help="seconds without an engine step after which a worker's Health reports it "
+        help="seconds one engine step may run before the worker's Health reports it "
         "stalled and routers stop sending it requests (keep it above the slowest step)",
     )
 

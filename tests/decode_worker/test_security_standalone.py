@@ -29,6 +29,7 @@ def test_security_standalone_worker_exits_nonzero_when_its_loop_dies(tiny_model,
     cmd = [sys.executable, "-m", "tests.decode_worker.faulty_worker", "--log-level", "INFO"]
     cmd += ["worker", "--role", role, "--model", str(tiny_model("llama")), "--port", "0"]
     cmd += ["--host", "127.0.0.1", "--num-kv-blocks", "32", "--worker-id", f"solo-{role}"]
+    cmd += ["--stall-timeout", "30"]
     log = tmp_path / "worker.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as err:
