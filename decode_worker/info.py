@@ -1,4 +1,5 @@
-"""The ``Info`` answer both worker kinds give the router at registration."""
+"""What both worker kinds answer about themselves: ``Info`` (registration), ``Health``
+(the engine loop's real state) and the common part of ``Stats``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import socket
 import time
 import weakref
 
-from decode_worker.runtime import WorkerConfig
+from decode_worker.runtime import EngineLoop, WorkerConfig, expert_stats
 from engine.engine import LLMEngine
 from kv_transfer.wire import spec_to_pb
 from proto import worker_pb2 as pb
@@ -37,4 +38,35 @@ def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.Inf
         kv_transports=list(config.kv_transports) if config.role == "prefill" else [],
         vocab_size=engine.spec.vocab_size,
         ep_size=engine.ep.size if engine.ep is not None else 1,
+    )
+
+
+def health_response(loop: EngineLoop) -> pb.HealthResponse:
+    h = loop.health()
+    return pb.HealthResponse(
+        serving=h.serving,
+        loop_alive=h.loop_alive,
+        seconds_since_step=h.seconds_since_step,
+        has_work=h.has_work,
+        reason=h.reason,
+    )
+
+
+def stats_response(
+    engine: LLMEngine, queues: dict[str, int], queued: int, num_requests: int, drain: bool, **extra
+) -> pb.StatsResponse:
+    """A ``StatsResponse`` (call under the engine lock); ``drain``: hand over the block
+    events (only their one consumer may)."""
+    stored, evicted = engine.kv.pool.drain_events() if drain else ([], [])
+    return pb.StatsResponse(
+        num_blocks=engine.layout.num_blocks,
+        num_free_blocks=engine.num_free_blocks,
+        **expert_stats(engine),
+        queues=queues,
+        queued_prefill_tokens=max(0, queued),
+        stored_block_hashes=stored,
+        evicted_block_hashes=evicted,
+        num_requests=num_requests,
+        prefill_tokens_per_s=engine.prefill_rate.tokens_per_s,
+        **extra,
     )

@@ -7,17 +7,26 @@ The engine is single-threaded. :class:`EngineLoop` owns it on one thread::
 
 so every engine call, from any thread, happens under ``loop.lock`` (an ``RLock``: a
 kv_transfer callback may run synchronously inside a call that already holds it).
+
+Failures: what one request causes (its sampling row, its stop checks, its output
+handling) fails that request only; the workers catch it per request. Anything that still
+escapes a loop iteration (the batch's model forward) ends the loop: ``on_crash`` fails
+every stream and ends the process (decode_worker/server.py), so Ray or the supervisor
+restarts it. :meth:`EngineLoop.health` is the loop's real state, read without the lock
+(a stalled step holds it): alive, and no iteration (housekeeping + step) has run longer
+than ``stall_timeout_s``; waiting idle for work is never a stall.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -66,18 +75,39 @@ class WorkerConfig:
     plane gets it as ``TransferConfig.secret``; ``None`` = unauthenticated (a laptop)."""
     redis: RedisOptions | None = None
     """With ``redis_url``: password and TLS files for the shared state (router/redis_conn)."""
+    stall_timeout_s: float = 60.0
+    """Health reports the engine loop stalled (routers stop sending it requests) once one
+    loop iteration has run this long; set it above the slowest step (a first CUDA step
+    compiling kernels, a long prefill chunk)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
         if not self.kv_transports:
             raise ValueError("kv_transports is empty; pass at least one, e.g. --kv-transport tcp")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.host in ("0.0.0.0", "::", ""):
             logger.warning("worker %s binds every interface (%r)", self.role, self.host)
 
     @property
     def name(self) -> str:
         return self.worker_id or f"{self.role}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LoopHealth:
+    """What ``Health`` answers (proto ``HealthResponse``)."""
+
+    serving: bool
+    """The loop runs and is not stalled: route requests here."""
+    loop_alive: bool
+    seconds_since_step: float
+    """How long the current iteration has run (0 while the loop idles waiting for work)."""
+    has_work: bool
+    """Requests are waiting or running in the engine."""
+    reason: str = ""
+    """Why not serving (empty while serving)."""
 
 
 class EngineLoop:
@@ -89,6 +119,7 @@ class EngineLoop:
         on_outputs: Callable[[list[RequestOutput]], None],
         housekeeping: Callable[[], bool],
         name: str,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         self.engine = engine
         self.lock = threading.RLock()
@@ -97,13 +128,21 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self.stall_timeout_s = stall_timeout_s
         self.alive = False
         self.num_steps = 0
+        self.failure: str | None = None
+        """Why the loop ended, when a step raised."""
+        self._progress = time.monotonic()
+        self._polling = False
+        self._idle = False
         self.on_crash: Callable[[BaseException], None] | None = None
-        """Called on the engine thread if a step raises (EP: a rank died)."""
+        """Called on the engine thread if an iteration raises (server.py: fail the streams
+        and end the process)."""
 
     def start(self) -> None:
         self.alive = True
+        self._progress = time.monotonic()
         self._thread.start()
 
     def stop(self) -> None:
@@ -114,28 +153,74 @@ class EngineLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def health(self) -> LoopHealth:
+        """The loop's real state; never takes the lock."""
+        since = 0.0 if self._idle else time.monotonic() - self._progress
+        has_work = self.engine.scheduler.has_work
+        if not (self.alive and self._thread.is_alive()):
+            why = self.failure or "the engine loop is not running"
+            return LoopHealth(False, False, since, has_work, why)
+        if since > self.stall_timeout_s:
+            why = (
+                f"the engine loop has not completed a step for {since:.1f}s "
+                f"(stall bound {self.stall_timeout_s:g}s)"
+            )
+            return LoopHealth(False, True, since, has_work, why)
+        return LoopHealth(True, True, since, has_work)
+
+    def check_serving(self) -> None:
+        """Refuse new work (``UNAVAILABLE``: the router routes it elsewhere) unless the
+        loop serves: a dead loop would never run it, a stalled one holds the lock."""
+        health = self.health()
+        if not health.serving:
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, health.reason)
+
+    @contextlib.contextmanager
+    def hold(self, timeout_s: float = 2.0) -> Iterator[None]:
+        """The lock for a read that must not wait on a stalled step (``Stats``): after
+        ``timeout_s`` it answers UNAVAILABLE instead of tying up a gRPC thread."""
+        if not self.lock.acquire(timeout=timeout_s):
+            raise WorkerError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the engine loop held its lock for over {timeout_s:g}s (a step is stuck)",
+            )
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._wake.clear()
-                with self.lock:
-                    polling = self._housekeeping()
-                    busy = self.engine.has_unfinished_requests()
-                    if busy:
-                        self._on_outputs(self.engine.step())
-                        self.num_steps += 1
-                    elif self.engine.ep is not None:
-                        self.engine.heartbeat()  # EP followers time out without steps
+                busy = self._iterate()
+                self._progress = time.monotonic()
                 if not busy:
-                    # Transfers in flight are polled; otherwise sleep until woken.
-                    self._wake.wait(0.002 if polling else 1.0)
+                    # Transfers in flight are polled; otherwise sleep until woken. Waiting
+                    # is progress: only time inside an iteration can be a stall.
+                    self._idle = True
+                    self._wake.wait(0.002 if self._polling else 1.0)
+                    self._progress, self._idle = time.monotonic(), False
         except BaseException as exc:
             logger.exception("engine loop crashed")
+            self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"
+            self.alive = False
             if self.on_crash is not None:
                 self.on_crash(exc)
-            raise
         finally:
             self.alive = False
+
+    def _iterate(self) -> bool:
+        """One iteration under the lock; returns whether the engine had work."""
+        with self.lock:
+            self._polling = self._housekeeping()
+            busy = self.engine.has_unfinished_requests()
+            if busy:
+                self._on_outputs(self.engine.step())
+                self.num_steps += 1
+            elif self.engine.ep is not None:
+                self.engine.heartbeat()  # EP followers time out without steps
+        return busy
 
 
 class Sink:

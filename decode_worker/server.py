@@ -35,18 +35,34 @@ class RunningWorker:
         self.worker.close()
 
 
-def _exit_on_ep_failure(worker, name: str) -> None:
-    """EP leader: a failed step means a rank died. Fail the streams with a clear error and
-    exit, so the supervisor (Ray) restarts the whole group rather than leaving it hung."""
+_exit = os._exit
+"""How a worker whose engine loop died ends its process (tests replace it)."""
 
-    from engine.parallel.health import describe_failure
+EXIT_DELAY_S = 1.0
+"""Time for the failed streams' errors to reach their callers before the process ends."""
+
+
+def _exit_on_engine_failure(worker, name: str) -> None:
+    """An exception the engine could not pin on one request ended its loop: fail every
+    stream with a clear error and end the process non-zero, so its supervisor (Ray, or
+    whatever runs ``pdserve worker``) restarts it rather than leaving it up but deaf.
+    With EP the reason names the dead rank (a failed collective)."""
 
     def on_crash(exc: BaseException) -> None:
-        dead = describe_failure(worker.engine.ep)
-        why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
+        if worker.engine.ep is not None:
+            from engine.parallel.health import describe_failure
+
+            dead = describe_failure(worker.engine.ep)
+            why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
+        else:
+            why = (
+                f"the engine loop of {name} failed ({type(exc).__name__}: {exc}); "
+                "the worker restarts"
+            )
         worker.fail_all(why)
         logger.error("%s; exiting", why)
-        threading.Timer(0.5, os._exit, args=(1,)).start()
+        # ``_exit`` is read now: a replacement installed by a test holds for this timer.
+        threading.Timer(EXIT_DELAY_S, _exit, args=(1,)).start()
 
     worker.loop.on_crash = on_crash
 
@@ -82,8 +98,7 @@ def start_worker(
 
         worker = PrefillWorker(engine, config)
         servicer = PrefillServicer(worker, "")
-    if engine.ep is not None:
-        _exit_on_ep_failure(worker, config.name)
+    _exit_on_engine_failure(worker, config.name)
     server = GrpcServer(lambda s: add(servicer, s), config.host, config.port, config.secret)
     try:
         address = server.start()

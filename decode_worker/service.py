@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_worker.info import worker_info
+from decode_worker.info import health_response, worker_info
 from decode_worker.runtime import Sink, WorkerError
 from decode_worker.worker import DecodeWorker
 from proto import worker_pb2 as pb
@@ -92,7 +92,7 @@ class DecodeServicer(rpc.DecodeServiceServicer):
         return pb.AbortResponse(found=found)
 
     async def Health(self, request, context) -> pb.HealthResponse:
-        return pb.HealthResponse(serving=self.worker.loop.alive)
+        return health_response(self.worker.loop)
 
     async def Info(self, request, context) -> pb.InfoResponse:
         info = worker_info(self.worker.engine, self.worker.config, self.address)
@@ -100,4 +100,4 @@ class DecodeServicer(rpc.DecodeServiceServicer):
         return info
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        return await in_thread(self.worker.stats)
+        return await call_worker(context, self.worker.stats)

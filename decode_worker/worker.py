@@ -15,6 +15,11 @@ the engine scheduler's. A request is admitted only once its transfer is SUCCESS 
 the router sent the first token (``Decode``). Blocks of a failed transfer come back
 through the kv_transfer ``free_blocks`` callback, which aborts the reservation under the
 engine lock; the worker never frees a block a transport thread may still write.
+
+A request that fails alone (``finish_reason == "error"`` from the engine, or an exception
+while handling its transfer or its output) ends its stream with INTERNAL and frees its
+blocks; the loop goes on. While the loop does not serve (dead or stalled), new requests
+get UNAVAILABLE, so the router marks this worker down and routes them elsewhere.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError, expert_stats
+from decode_worker.info import stats_response
+from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -34,6 +40,8 @@ from proto import worker_pb2 as pb
 from proto.convert import chunk_from_output, ticket_to_pb, token_logprobs
 
 logger = logging.getLogger(__name__)
+
+ABORTED, INTERNAL = grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL
 
 
 def _endpoint_host(backend: str, host: str) -> str:
@@ -84,7 +92,9 @@ class DecodeWorker:
         }
         self.publishes_events = False
         """Set when a Redis publisher consumes the block events (router/publisher.py)."""
-        self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
+        self.loop = EngineLoop(
+            engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
+        )
         self.loop.start()
 
     def close(self) -> None:
@@ -98,6 +108,7 @@ class DecodeWorker:
         self, rid: str, prompt: list[int], params: SamplingParams, transport: str, lease_s: float
     ) -> tuple[pb.TransferTicket, int, int]:
         """Reserve blocks and open a transfer; returns (ticket, cached blocks, cached tokens)."""
+        self.loop.check_serving()
         endpoint = self.endpoints.get(transport)
         if endpoint is None:
             raise WorkerError(
@@ -128,6 +139,13 @@ class DecodeWorker:
 
     def decode(self, rid: str, first_token: pb.Token, sink: Sink) -> None:
         """Hand over the first token; the engine thread admits once the KV is complete."""
+        self.loop.check_serving()
+        vocab = self.engine.spec.vocab_size
+        if not 0 <= first_token.token_id < vocab:
+            raise WorkerError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"first token id {first_token.token_id} is outside the vocabulary [0, {vocab})",
+            )
         with self.loop.lock:
             req = self._reqs.get(rid)
             if req is None or req.receiver is None or req.sink is not None:
@@ -141,6 +159,7 @@ class DecodeWorker:
 
     def generate(self, rid: str, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
         """Prefill locally and decode."""
+        self.loop.check_serving()
         with self.loop.lock:
             if rid in self._reqs:
                 raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
@@ -154,19 +173,36 @@ class DecodeWorker:
     def abort(self, rid: str) -> bool:
         """Stop ``rid`` wherever it is and free its blocks; False if unknown."""
         with self.loop.lock:
-            req = self._reqs.pop(rid, None)
+            req = self._release(rid)
             if req is None:
                 return self.engine.abort(rid)
-            rx = req.receiver
-            if rx is not None and not rx.poll().terminal:
-                rx.abort("aborted by the router")  # blocks come back through _free
-            elif rx is None or rx.poll() is TransferState.SUCCESS:
-                if rx is not None:
-                    self._owner.pop(tuple(rx.ticket.block_ids), None)
-                self.engine.abort(rid)
             if req.sink is not None:
                 req.sink.put(pb.TokenChunk(finished=True, finish_reason="abort"))
             return True
+
+    def _release(self, rid: str) -> _Request | None:
+        """Drop ``rid`` from the tables and free its blocks (those of a transfer still in
+        flight come back through ``_free`` once the transport let go of them)."""
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return None
+        rx = req.receiver
+        if rx is not None and not rx.poll().terminal:
+            rx.abort("aborted by the router")
+        elif rx is None or rx.poll() is TransferState.SUCCESS:
+            if rx is not None:
+                self._owner.pop(tuple(rx.ticket.block_ids), None)
+            self.engine.abort(rid)
+        return req
+
+    def _fail_request(self, rid: str, why: str, code: grpc.StatusCode = INTERNAL) -> None:
+        """``rid`` failed alone: its stream ends with ``code``, its blocks are freed."""
+        req = self._release(rid)
+        if req is None:
+            self.engine.abort(rid)
+        elif req.sink is not None:
+            msg = f"request {rid} failed on {self.config.name}: {why}"
+            req.sink.put(WorkerError(code, msg))
 
     def fail_all(self, why: str) -> None:
         """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
@@ -179,7 +215,7 @@ class DecodeWorker:
         """Load and counters; block events are drained only by their consumer: the Redis
         publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
         drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.lock:
+        with self.loop.hold():
             sched = self.engine.scheduler
             queues = dict.fromkeys(("reserved", "receiving", "ready"), 0)
             for req in self._reqs.values():
@@ -196,18 +232,8 @@ class DecodeWorker:
             for name, ep in self.endpoints.items():
                 for key, value in ep.stats().items():
                     transfer[f"{name}.{key}"] = value
-            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
-            return pb.StatsResponse(
-                num_blocks=self.engine.layout.num_blocks,
-                num_free_blocks=self.engine.num_free_blocks,
-                **expert_stats(self.engine),
-                queues=queues,
-                queued_prefill_tokens=max(0, queued),
-                stored_block_hashes=stored,
-                evicted_block_hashes=evicted,
-                num_requests=len(self._reqs),
-                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
-                transfer=transfer,
+            return stats_response(
+                self.engine, queues, queued, len(self._reqs), drain, transfer=transfer
             )
 
     # -- engine thread -------------------------------------------------------------------
@@ -227,28 +253,31 @@ class DecodeWorker:
         for req in [r for r in self._reqs.values() if r.receiver is not None]:
             if req.state == "running":
                 continue
-            state = req.receiver.poll()
-            if state is TransferState.FAILED:
-                self._fail(req, f"KV transfer failed: {req.receiver.error}")
-            elif state is TransferState.SUCCESS:
-                if req.first_token is not None:
-                    self._admit(req)
-                elif now - req.since > self.config.lease_s:
-                    self._fail(req, "no Decode call within the lease after the KV arrived")
-                    self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
-                    self.engine.abort(req.request_id)
-                elif req.state != "ready":
-                    req.state, req.since = "ready", now
-            else:
-                in_flight = True
-                if state is not TransferState.BOOTSTRAPPING:
-                    req.state = "receiving"
+            try:
+                in_flight |= self._advance(req, now)
+            except Exception as exc:
+                logger.exception("request %s failed in its transfer", req.request_id)
+                self._fail_request(req.request_id, f"internal error ({type(exc).__name__})")
         return in_flight
 
-    def _fail(self, req: _Request, why: str) -> None:
-        self._reqs.pop(req.request_id, None)
-        if req.sink is not None:
-            req.sink.put(WorkerError(grpc.StatusCode.ABORTED, why))
+    def _advance(self, req: _Request, now: float) -> bool:
+        """One reserved request's transfer; returns whether it is still in flight."""
+        state = req.receiver.poll()
+        if state is TransferState.FAILED:
+            self._fail_request(req.request_id, f"KV transfer failed: {req.receiver.error}", ABORTED)
+        elif state is TransferState.SUCCESS:
+            if req.first_token is not None:
+                self._admit(req)
+            elif now - req.since > self.config.lease_s:
+                why = "no Decode call within the lease after the KV arrived"
+                self._fail_request(req.request_id, why, ABORTED)
+            elif req.state != "ready":
+                req.state, req.since = "ready", now
+        else:
+            if state is not TransferState.BOOTSTRAPPING:
+                req.state = "receiving"
+            return True
+        return False
 
     def _admit(self, req: _Request) -> None:
         self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
@@ -264,13 +293,23 @@ class DecodeWorker:
 
     def _on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
-            req = self._reqs.get(out.request_id)
-            if req is None:
-                continue
-            chunk = chunk_from_output(out, req.params.logprobs)
-            if req.receiver is not None:
-                chunk.num_cached_tokens = req.num_cached_tokens
-            if out.finished:
-                self._reqs.pop(out.request_id, None)
-            if req.sink is not None:
-                req.sink.put(chunk)
+            try:
+                self._deliver(out)
+            except Exception as exc:
+                logger.exception("handling the output of request %s failed", out.request_id)
+                self._fail_request(out.request_id, f"internal error ({type(exc).__name__})")
+
+    def _deliver(self, out: RequestOutput) -> None:
+        req = self._reqs.get(out.request_id)
+        if req is None:
+            return
+        if out.error is not None:
+            self._fail_request(out.request_id, out.error)
+            return
+        chunk = chunk_from_output(out, req.params.logprobs)
+        if req.receiver is not None:
+            chunk.num_cached_tokens = req.num_cached_tokens
+        if out.finished:
+            self._reqs.pop(out.request_id, None)
+        if req.sink is not None:
+            req.sink.put(chunk)

@@ -36,6 +36,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, make_output, pick_home
 from engine.scheduler_output import SchedulerOutput
 from engine.throughput import PrefillRate
+from engine.validation import check_params, check_prompt, check_token
 
 logger = logging.getLogger(__name__)
 
@@ -123,31 +124,21 @@ class LLMEngine:
         prefill_only: bool = False,
     ) -> None:
         """Queue a request; raises ``ValueError`` naming the problem for bad input."""
-        self._check_request(request_id, prompt_token_ids)
+        self._check_request(request_id, prompt_token_ids, params)
         req = Request(
             request_id, list(prompt_token_ids), params, self.spec.eos_token_ids, prefill_only
         )
         self.scheduler.add(req)
 
-    def _check_request(self, request_id: str, prompt: list[int]) -> None:
+    def _check_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if (
             request_id in self.scheduler.requests
             or self.kv.holds(request_id)
             or request_id in self._reserved
         ):
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt:
-            raise ValueError("prompt is empty; pass at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
-                f"(prompt + at least 1 generated token); shorten the prompt or raise --max-model-len"
-            )
-        bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
-            )
+        check_prompt(prompt, self.spec.vocab_size, self.max_model_len)
+        check_params(params, self.spec.vocab_size)
         need = self.layout.num_blocks_for(len(prompt) + 1)
         if need > self.layout.num_blocks:
             raise ValueError(
@@ -254,7 +245,7 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Reservation | None:
         """Allocate blocks for a prompt whose KV another worker computes; ``None`` if full."""
-        self._check_request(request_id, prompt_token_ids)
+        self._check_request(request_id, prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids)
         prefix = self.kv.find_prefix(req)
         home = pick_home(self.kv, prefix, self.ep_size)
@@ -274,6 +265,7 @@ class LLMEngine:
         self, request_id: str, first_token: int, first_logprobs: dict[int, float] | None = None
     ) -> RequestOutput:
         """Start decoding a reserved request whose prompt KV has fully arrived."""
+        check_token("first token id", first_token, self.spec.vocab_size)
         req = self._reserved.pop(request_id, None)
         if req is None:
             raise KeyError(f"no reservation for request {request_id!r} (expired or aborted?)")

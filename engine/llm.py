@@ -24,6 +24,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_cached_tokens: int = 0
+    error: str | None = None
+    """Why this prompt failed alone (``finish_reason == "error"``); the others are unaffected."""
 
 
 class LLM:
@@ -113,7 +115,7 @@ class LLM:
                 done.logprobs.extend(out.new_logprobs)
                 done.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
-                    done.finish_reason = out.finish_reason
+                    done.finish_reason, done.error = out.finish_reason, out.error
         if self.tokenizer is not None:
             for out in outputs.values():
                 out.text = self.tokenizer.decode(out.token_ids)

@@ -17,10 +17,13 @@ class RequestStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_PREFILLED = "prefilled"
     """Prefill-only request: prompt computed, first token sampled, KV held for transfer."""
+    FINISHED_ERROR = "error"
+    """This request alone failed (e.g. its logits were not finite); ``Request.error`` says
+    why. Its blocks are freed and the rest of the batch goes on."""
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "prefilled")
+        return self.value in ("stop", "length", "abort", "prefilled", "error")
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Request:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache at first schedule (for usage reports)."""
     num_preemptions: int = 0
+    error: str | None = None
+    """Why the request failed (status ``FINISHED_ERROR``)."""
 
     def __post_init__(self) -> None:
         self._all_token_ids = list(self.prompt_token_ids)
@@ -86,3 +91,5 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    error: str | None = None
+    """Set when the request failed alone (``finish_reason == "error"``): a clear reason."""

@@ -17,12 +17,20 @@ the least-loaded rank. The home travels in every ``ScheduledSequence``.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager, PrefixHit
 from engine.request import Request, RequestOutput, RequestStatus
-from engine.scheduler_output import SampledToken, ScheduledSequence, SchedulerOutput
+from engine.scheduler_output import (
+    SampledToken,
+    SampleFailure,
+    ScheduledSequence,
+    SchedulerOutput,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -159,24 +167,51 @@ class Scheduler:
     # -- after the step -------------------------------------------------------------------
 
     def update(
-        self, output: SchedulerOutput, sampled: dict[str, SampledToken]
+        self, output: SchedulerOutput, sampled: dict[str, SampledToken | SampleFailure]
     ) -> list[RequestOutput]:
-        """Advance computed counts, append sampled tokens, finish what has stopped."""
+        """Advance computed counts, append sampled tokens, finish what has stopped.
+
+        A request whose row failed, or whose bookkeeping raises, fails alone
+        (``FINISHED_ERROR``, blocks freed); the others in the step carry on."""
         results = []
         for seq in output.sequences:
             req = self.requests.get(seq.request_id)
             if req is None:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += seq.num_tokens
-            if not seq.sample:
-                continue
-            token = sampled[seq.request_id]
-            req.append_output(token.token_id, token.logprobs)
-            status = self.stop_status(req)
-            if status is not None:
-                self.finish(req, status, free=status is not RequestStatus.FINISHED_PREFILLED)
-            results.append(make_output(req, 1))
+            try:
+                out = self._update_one(req, seq, sampled)
+            except Exception as exc:
+                logger.exception("request %s failed after its step", req.request_id)
+                self.fail(req, f"internal error while updating the request ({type(exc).__name__})")
+                out = make_output(req, 0)
+            if out is not None:
+                results.append(out)
         return results
+
+    def _update_one(
+        self,
+        req: Request,
+        seq: ScheduledSequence,
+        sampled: dict[str, SampledToken | SampleFailure],
+    ) -> RequestOutput | None:
+        req.num_computed_tokens += seq.num_tokens
+        if not seq.sample:
+            return None
+        token = sampled[seq.request_id]
+        if isinstance(token, SampleFailure):
+            self.fail(req, token.reason)
+            return make_output(req, 0)
+        req.append_output(token.token_id, token.logprobs)
+        status = self.stop_status(req)
+        if status is not None:
+            self.finish(req, status, free=status is not RequestStatus.FINISHED_PREFILLED)
+        return make_output(req, 1)
+
+    def fail(self, request: Request, reason: str) -> None:
+        """End ``request`` alone with ``FINISHED_ERROR`` and free its blocks."""
+        logger.warning("request %s failed: %s", request.request_id, reason)
+        request.error = reason
+        self.finish(request, RequestStatus.FINISHED_ERROR)
 
     def stop_status(self, req: Request) -> RequestStatus | None:
         """Why ``req`` must stop after its latest token, or ``None`` to go on."""
@@ -207,7 +242,7 @@ def pick_home(kv: KVCacheManager, prefix: PrefixHit, num_ranks: int) -> int:
 
 def make_output(req: Request, num_new: int) -> RequestOutput:
     """The last ``num_new`` tokens of ``req`` as a :class:`RequestOutput`."""
-    logprobs = req.output_logprobs[-num_new:] if req.output_logprobs else []
+    logprobs = req.output_logprobs[-num_new:] if num_new and req.output_logprobs else []
     return RequestOutput(
         request_id=req.request_id,
         new_token_ids=req.output_token_ids[-num_new:] if num_new else [],
@@ -217,4 +252,5 @@ def make_output(req: Request, num_new: int) -> RequestOutput:
         num_prompt_tokens=req.num_prompt_tokens,
         num_cached_tokens=req.num_cached_tokens,
         num_output_tokens=len(req.output_token_ids),
+        error=req.error,
     )

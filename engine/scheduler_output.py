@@ -52,6 +52,13 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
+class SampleFailure:
+    """A row that could not be sampled (non-finite logits, ...): its request fails alone."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class SampledToken:
     token_id: int
     logprobs: dict[int, float] | None = None

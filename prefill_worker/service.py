@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from decode_worker.info import worker_info
+from decode_worker.info import health_response, worker_info
 from decode_worker.runtime import WorkerError
 from decode_worker.service import call_worker, in_thread
 from kv_transfer import HandshakeError, TicketRefused, TransferState
@@ -29,6 +29,7 @@ class PrefillServicer(rpc.PrefillServiceServicer):
         params = await call_worker(context, params_from_pb, spec.params)
         if self.worker.config.fault_delay_s:
             await asyncio.sleep(self.worker.config.fault_delay_s)
+        await call_worker(context, self.worker.loop.check_serving)  # before connecting to D
         sender = await call_worker(context, self._open, request.ticket)
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
@@ -73,10 +74,10 @@ class PrefillServicer(rpc.PrefillServiceServicer):
         return pb.AbortResponse(found=found)
 
     async def Health(self, request, context) -> pb.HealthResponse:
-        return pb.HealthResponse(serving=self.worker.loop.alive)
+        return health_response(self.worker.loop)
 
     async def Info(self, request, context) -> pb.InfoResponse:
         return worker_info(self.worker.engine, self.worker.config, self.address)
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        return await in_thread(self.worker.stats)
+        return await call_worker(context, self.worker.stats)

@@ -13,6 +13,11 @@ on a request's final prefill chunk every earlier chunk's KV is already in the ca
 the hook queues that layer's pages for the whole prompt (kv_transfer gathers and sends
 on its own thread) while the next layers compute. Blocks are released only once the
 sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
+
+A prefill that fails alone (non-finite logits, an exception while sending its layers or
+handling its output) aborts its KV stream, so the decode worker frees the reservation,
+and replies INTERNAL; the loop goes on. While the loop does not serve (dead or
+stalled) new prefills get UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError, expert_stats
+from decode_worker.info import stats_response
+from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
@@ -66,7 +72,9 @@ class PrefillWorker:
         engine.kv_layer_hook = self._on_layer
         self.publishes_events = False
         """Set when a Redis publisher consumes the block events (router/publisher.py)."""
-        self.loop = EngineLoop(engine, self._on_outputs, self._housekeeping, config.name)
+        self.loop = EngineLoop(
+            engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
+        )
         self.loop.start()
 
     def close(self) -> None:
@@ -101,6 +109,11 @@ class PrefillWorker:
         reply: Reply,
     ) -> None:
         """Queue a prefill whose KV goes to ``sender``; ``reply`` gets the outcome once."""
+        try:
+            self.loop.check_serving()
+        except WorkerError as exc:
+            sender.abort(str(exc))
+            raise
         bs = self.engine.layout.block_size
         need = -(-len(prompt) // bs) - num_cached_blocks
         if need != len(sender.ticket.block_ids):
@@ -139,33 +152,22 @@ class PrefillWorker:
         """Load and counters; block events are drained only by their consumer: the Redis
         publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
         drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.lock:
+        with self.loop.hold():
             sched = self.engine.scheduler
             sending = sum(1 for j in self._jobs.values() if j.state == "sending")
             queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
             queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
-            stored, evicted = self.engine.kv.pool.drain_events() if drain else ([], [])
-            return pb.StatsResponse(
-                num_blocks=self.engine.layout.num_blocks,
-                num_free_blocks=self.engine.num_free_blocks,
-                **expert_stats(self.engine),
-                queues={
-                    "waiting": len(sched.waiting),
-                    "running": len(sched.running),
-                    "sending": sending,
-                },
-                queued_prefill_tokens=max(0, queued),
-                stored_block_hashes=stored,
-                evicted_block_hashes=evicted,
-                num_requests=len(self._jobs),
-                prefill_tokens_per_s=self.engine.prefill_rate.tokens_per_s,
-            )
+            queues = {"waiting": len(sched.waiting), "running": len(sched.running)}
+            queues["sending"] = sending
+            return stats_response(self.engine, queues, queued, len(self._jobs), drain)
 
     # -- engine thread -------------------------------------------------------------------
 
     def _on_layer(
         self, layer: int, items: list[LayerKV], cache: tuple[torch.Tensor, torch.Tensor]
     ) -> None:
+        # Runs inside the batch's model forward: whatever one item raises must stay with
+        # that item's transfer, or it would end the whole step.
         for item in items:
             job = self._jobs.get(item.request_id)
             if job is None:
@@ -173,7 +175,11 @@ class PrefillWorker:
             job.state = "running"
             if item.end_pos < job.prompt_len:
                 continue  # not the final chunk: this layer is sent once the prompt is whole
-            self._send_layer(job, layer, item, cache)
+            try:
+                self._send_layer(job, layer, item, cache)
+            except Exception as exc:
+                logger.exception("sending layer %d of %s failed", layer, job.request_id)
+                job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")
 
     def _send_layer(self, job: _Job, layer: int, item: LayerKV, cache) -> None:
         #  prefill block table:  [ cached on D | blocks to fill ... ]
@@ -194,20 +200,38 @@ class PrefillWorker:
     def _on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             job = self._jobs.get(out.request_id)
-            if job is not None and out.finished:
+            if job is None or not out.finished:
+                continue
+            if out.error is not None:
+                self._fail_job(job, out.error)
+            else:
                 job.first, job.state = out, "sending"
+
+    def _fail_job(self, job: _Job, why: str) -> None:
+        """``job`` failed alone: abort its KV stream (D frees the reservation), reply
+        INTERNAL, free its blocks."""
+        msg = f"request {job.request_id} failed on {self.config.name}: {why}"
+        job.sender.abort(msg)
+        job.first = None  # its blocks are not sent on: _finish frees rather than releases
+        self._finish(job, WorkerError(grpc.StatusCode.INTERNAL, msg))
 
     def _housekeeping(self) -> bool:
         in_flight = False
         for job in list(self._jobs.values()):
-            state = job.sender.poll()
-            if state is TransferState.FAILED:
-                self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
-            elif state is TransferState.SUCCESS and job.first is not None:
-                self._finish(job, self._response(job))
-            elif job.state == "sending":
-                in_flight = True
+            try:
+                in_flight |= self._advance(job)
+            except Exception as exc:
+                logger.exception("prefill %s failed in its transfer", job.request_id)
+                self._fail_job(job, f"internal error ({type(exc).__name__})")
         return in_flight
+
+    def _advance(self, job: _Job) -> bool:
+        state = job.sender.poll()
+        if state is TransferState.FAILED:
+            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
+        elif state is TransferState.SUCCESS and job.first is not None:
+            self._finish(job, self._response(job))
+        return job.state == "sending" and job.request_id in self._jobs
 
     def _why(self, job: _Job) -> str:
         return f"KV transfer to {job.sender.ticket.endpoint} failed: {job.sender.error}"

@@ -71,7 +71,9 @@ class PrefillServiceServicer:
         Prompts are batched with chunked prefill; each layer's KV pages are sent while
         later layers compute. Returns the first token once D confirmed every layer.
         Errors: INVALID_ARGUMENT (bad prompt or params), FAILED_PRECONDITION (layout
-        mismatch with D), ABORTED (transfer failed or the request was aborted).
+        mismatch with D), ABORTED (transfer failed or the request was aborted), INTERNAL
+        (this request failed alone, e.g. non-finite logits), UNAVAILABLE (the engine loop
+        is not serving: route elsewhere).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,7 +87,8 @@ class PrefillServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """Liveness: answers while the engine loop runs.
+        """Whether the engine loop runs and completes steps (not only whether the process is
+        up): `serving` is false once the loop died or stalled, with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -339,7 +342,7 @@ class DecodeServiceServicer:
         worker's prefix cache: the ticket lists only the blocks still to fill. The blocks
         are freed when the lease ends without a complete transfer.
         Errors: INVALID_ARGUMENT (bad prompt), RESOURCE_EXHAUSTED (no free blocks),
-        UNIMPLEMENTED (transport not served here).
+        UNIMPLEMENTED (transport not served here), UNAVAILABLE (engine loop not serving).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,7 +351,8 @@ class DecodeServiceServicer:
     def Decode(self, request, context):
         """Decode a reserved request: admitted to the running batch once its transfer is
         SUCCESS, then streams every token after the first. Cancelling the call aborts it.
-        Errors: NOT_FOUND (no reservation), ABORTED (transfer failed or lease expired).
+        Errors: NOT_FOUND (no reservation), ABORTED (transfer failed or lease expired),
+        INTERNAL (this request failed alone), UNAVAILABLE (engine loop not serving).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -356,7 +360,8 @@ class DecodeServiceServicer:
 
     def Generate(self, request, context):
         """Prefill locally and decode: the whole generation on this worker, streamed.
-        Cancelling the call aborts the request. Errors: INVALID_ARGUMENT (bad prompt).
+        Cancelling the call aborts the request. Errors: INVALID_ARGUMENT (bad prompt),
+        INTERNAL (this request failed alone), UNAVAILABLE (engine loop not serving).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -370,7 +375,8 @@ class DecodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """Liveness: answers while the engine loop runs.
+        """Whether the engine loop runs and completes steps (not only whether the process is
+        up): `serving` is false once the loop died or stalled, with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

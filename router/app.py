@@ -134,7 +134,9 @@ async def health(request: Request):
             for w in state.workers(healthy_only=False)
         },
     }
-    return JSONResponse(body, 200 if decodes else 503)
+    if decodes:
+        return JSONResponse(body, 200)
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
 
 @probes.get("/metrics")

@@ -6,6 +6,8 @@ discover workers from what it writes (key layout: router/redis_state.py)::
     start():  register (one Lua script: layout check + record + epoch + alive TTL);
               a layout mismatch raises ``LayoutRefused`` (the worker exits non-zero)
     thread, every interval_s:
+              down(): the engine loop died or stalled -> publish nothing (checked without
+              the worker lock), so the alive TTL lapses and routers drop the worker
               snapshot(): load + the engine's block-stored/-evicted hashes (worker lock,
               brief) -> coalesced -> heartbeat (alive TTL + load) + prefix events
     Redis down: events keep coalescing into the publisher's copy of the cached set; each
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 Snapshot = Callable[[], tuple[WorkerLoad, list[int], list[int]]]
 """-> (load, block hashes stored since the last call, hashes evicted since the last call)."""
+Down = Callable[[], str | None]
+"""-> why the worker must not heartbeat (its engine loop died or stalled), or ``None``."""
 
 
 class LayoutRefused(RuntimeError):
@@ -53,6 +57,9 @@ class WorkerPublisher:
     """Called (publisher thread) when a re-registration is refused; default: log."""
     options: RedisOptions | None = None
     """Password and TLS files (router/redis_conn.py); logs show ``state.url`` (redacted)."""
+    down: Down | None = None
+    """Heartbeat only while this returns ``None`` (the engine loop serves)."""
+    _silenced: str | None = None
     _cached: OrderedDict[int, None] = field(default_factory=OrderedDict)
     _stored: list[int] = field(default_factory=list)
     _evicted: list[int] = field(default_factory=list)
@@ -98,6 +105,13 @@ class WorkerPublisher:
                 )
 
     def _tick(self) -> None:
+        why = self.down() if self.down is not None else None
+        if why is not None:
+            if self._silenced is None:
+                logger.error("%s stops heartbeating to %s: %s", self.record.worker_id, self.url, why)  # fmt: skip
+            self._silenced = why
+            return
+        self._silenced = None
         load, stored, evicted = self.snapshot()
         self._coalesce(stored, evicted)
         try:
@@ -174,6 +188,10 @@ def start_publisher(
         stored, evicted = list(stats.stored_block_hashes), list(stats.evicted_block_hashes)
         return load_from_stats(stats), stored, evicted
 
+    def down() -> str | None:
+        health = worker.loop.health()
+        return None if health.serving else health.reason
+
     worker.publishes_events = True
     publisher = WorkerPublisher(
         config.redis_url,
@@ -182,6 +200,7 @@ def start_publisher(
         heartbeat_ttl_s=config.heartbeat_ttl_s,
         on_refused=on_refused,
         options=config.redis,
+        down=down,
     )
     publisher.start()
     return publisher

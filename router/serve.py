@@ -66,6 +66,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start no workers: route to the workers registered in --redis-url",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one engine step may run before the worker's Health reports it "
+        "stalled and routers stop sending it requests (keep it above the slowest step)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name clients send")
     p.add_argument("--kv-transport", default="auto", choices=TRANSPORTS)
     p.add_argument(
@@ -107,6 +114,7 @@ def settings_from_args(args: argparse.Namespace, model: str, transports) -> Work
         heartbeat_ttl_s=args.heartbeat_ttl,
         redis_options=redis_options(args),
         cluster_secret_file=secret_file(args),
+        stall_timeout_s=args.stall_timeout,
     )
 
 
@@ -232,6 +240,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="with --redis-url: routers drop the worker when silent this long (seconds)",
     )
     add_security_args(p)
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one engine step may run before the worker's Health reports it "
+        "stalled and routers stop sending it requests (keep it above the slowest step)",
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ class WorkerSettings:
     """Register in and publish load/prefix events to this shared cluster state."""
     heartbeat_ttl_s: float = 3.0
     """With ``redis_url``: routers drop this worker when silent this long."""
+    stall_timeout_s: float = 60.0
+    """Health reports the engine loop stalled after this long without an iteration."""
     redis_options: RedisOptions = field(default_factory=RedisOptions)
     """Redis password and TLS *files* on the worker's node (never a value: these settings
     travel in Ray's actor arguments)."""
@@ -107,6 +109,7 @@ class WorkerSettings:
             extra=dict(self.plane),
             redis_url=self.redis_url,
             heartbeat_ttl_s=self.heartbeat_ttl_s,
+            stall_timeout_s=self.stall_timeout_s,
             secret=self.cluster_secret(),
             redis=self.redis_options,
         )

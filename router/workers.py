@@ -2,8 +2,10 @@
 
 Two modes:
 - in memory (no ``--redis-url``): the router registers worker addresses (``sync``: gRPC
-  ``Info``, layout check) and polls each worker's ``Stats`` every ``poll_interval_s`` for
-  health, load and block events (``poll_once``);
+  ``Info``, layout check) and polls each worker every ``poll_interval_s`` (``poll_once``):
+  ``Health`` first, the engine loop's real state (a worker whose loop died or stalled is
+  marked down: ``Stats`` alone would still answer), then ``Stats`` for load and block
+  events;
 - shared state in Redis: workers register and publish themselves (router/publisher.py);
   the router only ``discover``s them: a gRPC client per registered incarnation (a new
   epoch closes the old client), refused registrations logged, metrics from the state.
@@ -232,15 +234,15 @@ class Registry:
             await self.clients.pop(w.worker_id).close()
             await self.register(w.address)
             return
+        stub = client.stub(w.role)
         try:
-            stats = await client.stub(w.role).Stats(pb.StatsRequest(), timeout=self.rpc_timeout_s)
+            health = await stub.Health(pb.HealthRequest(), timeout=self.rpc_timeout_s)
+            if not health.serving:
+                self._mark_down(w, health.reason or "its engine loop is not serving")
+                return
+            stats = await stub.Stats(pb.StatsRequest(), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            self._failures[w.worker_id] = self._failures.get(w.worker_id, 0) + 1
-            if w.healthy:
-                logger.warning(
-                    "worker %s at %s is unhealthy: %s", w.worker_id, w.address, exc.code()
-                )
-            self.state.mark_unhealthy(w.worker_id, w.epoch)
+            self._mark_down(w, str(exc.code()))
             return
         load = load_from_stats(stats)
         queues = load.queues
@@ -257,6 +259,12 @@ class Registry:
         self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
         if stats.expert_tokens:
             self.metrics.expert_stats(w.worker_id, list(stats.expert_tokens), stats.ep_size or 1)
+
+    def _mark_down(self, w: WorkerRecord, why: str) -> None:
+        self._failures[w.worker_id] = self._failures.get(w.worker_id, 0) + 1
+        if w.healthy:
+            logger.warning("worker %s at %s is unhealthy: %s", w.worker_id, w.address, why)
+        self.state.mark_unhealthy(w.worker_id, w.epoch)
 
     async def run(self) -> None:
         while True:

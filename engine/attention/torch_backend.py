@@ -2,7 +2,7 @@
 
 Decodes (one query token each) run as one padded batch: their block tables gather K/V
 into ``[B, max_blocks * block_size, kv_heads, head_dim]`` and a length mask hides the
-padding. Prefill chunks run one sequence at a time with a causal mask offset by the
+padding (zeroed as well: stale slots may hold NaN). Prefill chunks run one sequence at a time with a causal mask offset by the
 sequence's cached context.
 """
 
@@ -67,6 +67,12 @@ def paged_decode_reference(
     pos = torch.arange(k.shape[1], device=query.device)
     lens = seq_lens.to(query.device).long()[:, None]
     mask = pos[None, :] < lens
+    # Slots past a sequence's length hold whatever their block held before (a freed
+    # request's KV, NaN included); a masked weight of 0 times NaN is still NaN, so they
+    # are zeroed rather than only masked. ``k``/``v`` are gathered copies.
+    stale = ~mask[:, :, None, None]
+    k.masked_fill_(stale, 0.0)
+    v.masked_fill_(stale, 0.0)
     if sliding_window is not None:
         mask &= pos[None, :] > lens - 1 - sliding_window
     return _attend(query[:, None], k, v, mask[:, None, :], scale)[:, 0]
