@@ -120,7 +120,7 @@ class Cluster:
             logger.info("%s: %s pid %d%s", self.setup.name, info["worker_id"], info["pid"],
                         f" pinned to core {core}" if pinned else " (not pinned)")  # fmt: skip
         port = free_port()
-        cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "serve",
+        cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "serve",
                "--model", self.model, "--served-model-name", MODEL_NAME, "--port", str(port)]  # fmt: skip
         for info in infos:
             cmd += ["--worker", info["address"]]
@@ -159,7 +159,7 @@ class Cluster:
 
 
 def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], object]:
-    from router.launcher import RayWorkers, WorkerSettings, start_ray
+    from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
 
     start_ray(None, "127.0.0.2", num_cpus=8)
     workers = RayWorkers()
@@ -263,8 +263,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     from bench.compare_report import analyse, write_report
-    from engine.cli import ensure_demo_model
     from engine.tokenizer import Tokenizer
+    from router.launch.cli import ensure_demo_model
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_worker.info import health_response, worker_info
-from decode_worker.runtime import Sink, WorkerError
 from decode_worker.worker import DecodeWorker
+from engine.worker.convert import params_from_pb
+from engine.worker.info import health_response, worker_info
+from engine.worker.loop import Sink, WorkerError
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from proto.convert import params_from_pb
 
 logger = logging.getLogger(__name__)
 

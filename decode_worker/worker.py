@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_worker.info import stats_response
-from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.worker.convert import chunk_from_output, ticket_to_pb, token_logprobs
+from engine.worker.info import stats_response
+from engine.worker.loop import EngineLoop, Sink, WorkerConfig, WorkerError
 from kv_transfer import KVEndpoint, KVReceiver, TransferConfig, TransferState, make_endpoint
 from proto import worker_pb2 as pb
-from proto.convert import chunk_from_output, ticket_to_pb, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class DecodeWorker:
             for name in config.kv_transports
         }
         self.publishes_events = False
-        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
+        """Set when a Redis publisher consumes the block events (router/state/publisher.py)."""
         self.loop = EngineLoop(
             engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
         )

@@ -30,15 +30,15 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from decode_worker.info import stats_response
-from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
 from engine.engine import LLMEngine
 from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.worker.convert import token_to_pb
+from engine.worker.info import stats_response
+from engine.worker.loop import EngineLoop, WorkerConfig, WorkerError
 from kv_transfer import KVClient, KVSender, TransferConfig, TransferState, make_client
 from proto import worker_pb2 as pb
-from proto.convert import token_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PrefillWorker:
         self._block_bytes = engine.layout.block_bytes
         engine.kv_layer_hook = self._on_layer
         self.publishes_events = False
-        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
+        """Set when a Redis publisher consumes the block events (router/state/publisher.py)."""
         self.loop = EngineLoop(
             engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from router.cluster import ClusterState, WorkerRecord
+from router.state.base import ClusterState, WorkerRecord
 
 Path = Literal["remote", "local"]
 

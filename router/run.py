@@ -23,12 +23,12 @@ import grpc
 
 from engine.kv_cache.hashing import hash_blocks
 from engine.sampling_params import SamplingParams
+from engine.worker.convert import params_to_pb
 from proto import worker_pb2 as pb
-from proto.convert import params_to_pb
-from router.cluster import WorkerRecord
 from router.detok import TextStream
 from router.policy import RouteDecision
 from router.protocol import ApiError
+from router.state.base import WorkerRecord
 
 if TYPE_CHECKING:
     from router.service import RouterService

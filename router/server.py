@@ -21,10 +21,10 @@ import uvicorn
 from engine.security import ClusterSecret
 from engine.tokenizer import Tokenizer
 from router.app import create_app
-from router.cluster import ClusterState, MemoryClusterState
 from router.metrics import Metrics
 from router.policy import CostPolicy, RoutingPolicy
 from router.service import RouterConfig, RouterService
+from router.state.base import ClusterState, MemoryClusterState
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)

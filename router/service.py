@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
 from router.api import Shaper
-from router.cluster import ClusterState, WorkerRecord
 from router.jobs import JobBuilder
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from router.run import Job, Output, RequestRun
+from router.state.base import ClusterState, WorkerRecord
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)

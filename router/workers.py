@@ -6,7 +6,7 @@ Two modes:
   ``Health`` first, the engine loop's real state (a worker whose loop died or stalled is
   marked down: ``Stats`` alone would still answer), then ``Stats`` for load and block
   events;
-- shared state in Redis: workers register and publish themselves (router/publisher.py);
+- shared state in Redis: workers register and publish themselves (router/state/publisher.py);
   the router only ``discover``s them: a gRPC client per registered incarnation (a new
   epoch closes the old client), refused registrations logged, metrics from the state.
 """
@@ -25,9 +25,9 @@ from engine.security import ClusterSecret
 from kv_transfer.wire import spec_from_pb
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.cluster import ClusterState, WorkerRecord
 from router.metrics import Metrics
-from router.publisher import load_from_stats, record_from_info
+from router.state.base import ClusterState, WorkerRecord
+from router.state.publisher import load_from_stats, record_from_info
 
 logger = logging.getLogger(__name__)
 

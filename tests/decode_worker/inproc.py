@@ -7,13 +7,13 @@ from pathlib import Path
 
 import grpc
 
-from decode_worker.runtime import WorkerConfig
-from decode_worker.server import RunningWorker, start_worker
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
+from engine.worker.convert import params_to_pb
+from engine.worker.loop import WorkerConfig
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from proto.convert import params_to_pb
+from router.launch.worker_main import RunningWorker, start_worker
 
 NUM_BLOCKS = 64
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def test_standalone_decode_worker(tiny_model):
-    cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "worker"]
+    cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "worker"]
     cmd += ["--role", "decode", "--model", str(tiny_model("llama")), "--host", "127.0.0.1"]
     cmd += ["--num-kv-blocks", "32", "--worker-id", "solo", "--kv-transport", "tcp"]
     port = _free_port()

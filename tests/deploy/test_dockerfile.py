@@ -100,7 +100,7 @@ def test_health_check_probes_health():
 
 
 def test_package_is_installed_and_cmd_is_pdserve_serve():
-    from engine.cli import build_parser
+    from router.launch.cli import build_parser
 
     build = [args for stage in STAGES[:-1] for kw, args in stage if kw == "RUN"]
     assert any(re.search(r"pip install \. ", cmd) for cmd in build), build

@@ -135,7 +135,7 @@ def test_router_joins_the_raycluster_and_probes_health(rendered):
 
 def test_router_flags_parse_with_pdserve_serve(rendered):
     """The router's args are real `pdserve serve` flags (the CLI parser accepts them)."""
-    from engine.cli import build_parser
+    from router.launch.cli import build_parser
 
     args = build_parser().parse_args(router_container(rendered["default"])["args"])
     assert (args.prefill, args.decode, args.kv_transport, args.host) == (1, 1, "auto", "0.0.0.0")

@@ -10,7 +10,7 @@ import base64
 import helm_python
 import pytest
 
-from engine.cli import build_parser
+from router.launch.cli import build_parser
 from tests.deploy.manifests import validate
 from tests.deploy.test_helm_chart import MULTINODE, one, render, router_container, worker_groups
 

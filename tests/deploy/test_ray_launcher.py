@@ -137,7 +137,7 @@ def test_start_scripts_refuse_bad_flags(recorder):
 
 
 def test_launch_passes_counts_transport_ep_and_redis(recorder):
-    from engine.cli import build_parser
+    from router.launch.cli import build_parser
 
     argv = recorder("launch.sh", "--prefill", "2", "--decode", "3", "--kv-transport", "ucx", "--", "--port", "9000")  # fmt: skip
     assert argv == [
@@ -175,7 +175,7 @@ def test_security_scripts_authenticate_by_default(recorder, tmp_path):
 
 
 def test_security_launch_proves_the_secrets(recorder):
-    from engine.cli import build_parser
+    from router.launch.cli import build_parser
 
     (recorder.secrets / "redis-password").write_text("pw")
     argv = recorder("launch.sh", "--redis-url", "redis://r:6379/0")

@@ -18,7 +18,7 @@ import pytest
 
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.launcher import RayWorkers, WorkerSettings, start_ray
+from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
 from router.server import Router, RouterThread
 from router.service import RouterConfig
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from router.launcher import RayWorkers, WorkerActor, WorkerSettings
+from router.launch.ray_launcher import RayWorkers, WorkerActor, WorkerSettings
 
 
 class FaultyWorkerActor(WorkerActor):

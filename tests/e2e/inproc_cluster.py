@@ -8,8 +8,8 @@ import time
 
 import httpx
 
-import decode_worker.server as server_mod
-from decode_worker.server import RunningWorker
+import router.launch.worker_main as server_mod
+from router.launch.worker_main import RunningWorker
 from router.server import Router, RouterThread
 from router.service import RouterConfig
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import ray
 
-from router.launcher import RayWorkers, WorkerSettings
+from router.launch.ray_launcher import RayWorkers, WorkerSettings
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 from .conftest import MODEL_NAME, NUM_BLOCKS, Cluster, client

@@ -57,7 +57,16 @@ def _name(pid: int) -> str:
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
     port = free_port()
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "router.launch.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+    ]
     cmd += ["--prefill-ep-size", "2", "--decode-ep-size", "2", "--num-kv-blocks", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)

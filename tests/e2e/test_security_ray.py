@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from router.launcher import WorkerSettings
+from router.launch.ray_launcher import WorkerSettings
 from tests.engine.broken_model import POISON, clean_prompts, nan_token_model
 from tests.engine.hf_reference import hf_greedy
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import httpx
 
-from decode_worker.runtime import WorkerConfig
-from decode_worker.server import RunningWorker, start_worker
 from engine.config import CacheConfig, EngineConfig
+from engine.worker.loop import WorkerConfig
 from proto import worker_pb2 as pb
+from router.launch.worker_main import RunningWorker, start_worker
 
 NUM_BLOCKS = 160
 """KV blocks per worker: 2560 tokens, more than the tiny model's 2048-token context."""

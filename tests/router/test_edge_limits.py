@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from engine.sampling_params import MAX_SEED, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MIN_TEMPERATURE
 from engine.tokenizer import PromptTooLong, Tokenizer
-from router.edge_flags import add_edge_args, api_key_from_args, edge_config
+from router.launch.edge_flags import add_edge_args, api_key_from_args, edge_config
 from router.protocol import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,

@@ -9,8 +9,8 @@ from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
 from router.policy import CostPolicy, NoWorkerError, RouteRequest
+from router.state.base import MemoryClusterState, WorkerLoad, WorkerRecord
 
 SPEC = KVLayoutSpec("fp", 2, 2, 16, "float32", 16)
 

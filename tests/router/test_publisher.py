@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from engine.kv_cache.layout import KVLayoutSpec
-from router.cluster import WorkerLoad, WorkerRecord
 from router.metrics import Metrics
-from router.publisher import LayoutRefused, WorkerPublisher
-from router.redis_state import RedisClusterState
+from router.state.base import WorkerLoad, WorkerRecord
+from router.state.publisher import LayoutRefused, WorkerPublisher
+from router.state.redis import RedisClusterState
 from router.workers import Registry
 from tests.redis_server import RedisServer
 

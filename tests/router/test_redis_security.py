@@ -1,4 +1,4 @@
-"""The Redis cluster state's credentials (router/redis_conn.py) against real redis-servers
+"""The Redis cluster state's credentials (router/state/redis_conn.py) against real redis-servers
 with ``requirepass`` and TLS: the password from a file or the environment, never shown
 (``/health``'s state dict, logs, errors); and malformed ``workers`` / ``load`` entries that
 anyone with Redis access could write are skipped, not raised into every request."""
@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from router.redis_conn import ENV_PASSWORD, RedisOptions, redact_url
-from router.redis_state import RedisClusterState
+from router.state.redis import RedisClusterState
+from router.state.redis_conn import ENV_PASSWORD, RedisOptions, redact_url
 from tests.redis_server import RedisServer
 from tests.router.test_redis_state import rec
 
@@ -101,7 +101,7 @@ def test_security_malformed_workers_entries_are_skipped(locked, junk, caplog, tm
     raw = locked.client()
     raw.hset(f"{prefix}:workers", "evil", junk)
     raw.hset(f"{prefix}:load", "d0", "{broken")
-    with caplog.at_level(logging.ERROR, logger="router.redis_records"):
+    with caplog.at_level(logging.ERROR, logger="router.state.records"):
         for _ in range(3):
             assert [w.worker_id for w in state.workers()] == ["d0"]
             assert state.get("d0").load.num_free_blocks == 0  # unreadable load = unknown

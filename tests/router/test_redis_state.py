@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 
 from engine.kv_cache.layout import KVLayoutSpec
-from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
-from router.redis_state import RedisClusterState
+from router.state.base import MemoryClusterState, WorkerLoad, WorkerRecord
+from router.state.redis import RedisClusterState
 from tests.redis_server import RedisServer
 
 SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)

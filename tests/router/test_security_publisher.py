@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.sampling_params import SamplingParams
-from router.redis_state import RedisClusterState
+from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import start
 from tests.e2e.inproc_cluster import Exits, kill_loop, stall_loop, wait_until
 from tests.redis_server import RedisServer

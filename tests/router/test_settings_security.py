@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from engine.security import ENV_FILE, ENV_VALUE, ClusterSecret
-from router.redis_conn import RedisOptions
-from router.settings import WorkerSettings
+from router.launch.settings import WorkerSettings
+from router.state.redis_conn import RedisOptions
 
 VALUE = "s3cret-value-0123456789abcdef"
 

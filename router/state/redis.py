@@ -1,7 +1,7 @@
 """``RedisClusterState``: the ``ClusterState`` protocol shared by routers and workers in Redis.
 
 Keys (``<p>`` = the key prefix, default ``pdserve``); W = written by the worker's publisher
-(router/publisher.py), R = by routers::
+(router/state/publisher.py), R = by routers::
 
     <p>:layout               W  KV layout JSON of the cluster (the first registration wins)
     <p>:workers              W  hash  worker_id -> record JSON (address, role, ep_size, epoch..)
@@ -23,10 +23,10 @@ candidate set. A new epoch drops the old incarnation's prefix index and in-fligh
 ``reserve`` is a Lua compare-and-increment: two routers that both saw a worker at the
 same load cannot both take it in the same instant; the loser routes again on fresh state.
 
-Credentials: the password and TLS files of ``RedisOptions`` (router/redis_conn.py); ``url``
+Credentials: the password and TLS files of ``RedisOptions`` (router/state/redis_conn.py); ``url``
 is the redacted form, the only one this class shows. A ``workers`` / ``load`` entry this
 version cannot read (anyone with Redis access can write one) is skipped and logged once
-(router/redis_records.py), never raised into a request.
+(router/state/records.py), never raised into a request.
 
 Redis unreachable: every call falls back to ``local`` (a ``MemoryClusterState`` mirror of
 the last known state plus this instance's own writes), Redis is retried every ``retry_s``,
@@ -47,10 +47,10 @@ from dataclasses import asdict, replace
 import redis
 
 from engine.kv_cache.layout import KVLayoutSpec
-from router import redis_scripts as lua
-from router.cluster import MemoryClusterState, Role, WorkerLoad, WorkerRecord
-from router.redis_conn import RedisOptions, connect, redact_url
-from router.redis_records import RecordReader, record_fields
+from router.state import scripts as lua
+from router.state.base import MemoryClusterState, Role, WorkerLoad, WorkerRecord
+from router.state.records import RecordReader, record_fields
+from router.state.redis_conn import RedisOptions, connect, redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from router.launcher import WorkerSettings, setup_worker_process
+from router.launch.ray_launcher import WorkerSettings, setup_worker_process
 
 logger = logging.getLogger(__name__)
 

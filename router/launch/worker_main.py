@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from decode_worker.runtime import GrpcServer, WorkerConfig
 from engine.engine import LLMEngine
 from engine.parallel.ep import ExpertParallelGroup
+from engine.worker.loop import GrpcServer, WorkerConfig
 from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class RunningWorker:
     worker: object
     server: GrpcServer
     publisher: object | None = None
-    """``router.publisher.WorkerPublisher`` with ``config.redis_url``."""
+    """``router.state.publisher.WorkerPublisher`` with ``config.redis_url``."""
 
     def stop(self) -> None:
         if self.publisher is not None:
@@ -75,13 +75,13 @@ def start_worker(
     """Load the model, start the engine thread and serve gRPC on ``config.host``.
 
     With ``config.redis_url`` the worker registers itself in the shared cluster state and
-    publishes its load and prefix events (router/publisher.py); a KV layout the cluster
-    refuses raises ``router.publisher.LayoutRefused`` (``on_refused``: a later refusal).
+    publishes its load and prefix events (router/state/publisher.py); a KV layout the cluster
+    refuses raises ``router.state.publisher.LayoutRefused`` (``on_refused``: a later refusal).
 
     With ``ep`` this process is the EP leader (rank 0); the followers run
     :func:`engine.parallel.step_sync.run_follower` on an engine of their own.
     """
-    from decode_worker.info import worker_info
+    from engine.worker.info import worker_info
 
     engine = LLMEngine(config.engine, ep)
     if config.role == "decode":
@@ -119,7 +119,7 @@ def start_worker(
     )
     running = RunningWorker(config, address, info, worker, server)
     if config.redis_url:
-        from router.publisher import start_publisher
+        from router.state.publisher import start_publisher
 
         try:
             running.publisher = start_publisher(config, info, worker, on_refused)

@@ -1,4 +1,4 @@
-"""The JSON a worker record and its load take in Redis (keys: router/redis_state.py).
+"""The JSON a worker record and its load take in Redis (keys: router/state/redis.py).
 
 Anyone who can write to the Redis can put anything in these hashes, and one bad entry must
 not fail every request on every router: :meth:`RecordReader.record` returns ``None`` for
@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict
 
 from engine.kv_cache.layout import KVLayoutSpec
-from router.cluster import WorkerLoad, WorkerRecord
+from router.state.base import WorkerLoad, WorkerRecord
 
 logger = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_cmd_generate)
 
-    from router.serve import add_serve_args, add_worker_args, cmd_serve, cmd_worker
+    from router.launch.serve import add_serve_args, add_worker_args, cmd_serve, cmd_worker
 
     serve = sub.add_parser("serve", help="serve the OpenAI API with prefill/decode workers")
     add_engine_args(serve)

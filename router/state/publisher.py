@@ -1,7 +1,7 @@
 """A worker publishes itself into the shared Redis cluster state (``--redis-url``).
 
-Both worker kinds use it (decode_worker/server.py starts it); routers in Redis mode
-discover workers from what it writes (key layout: router/redis_state.py)::
+Both worker kinds use it (router/launch/worker_main.py starts it); routers in Redis mode
+discover workers from what it writes (key layout: router/state/redis.py)::
 
     start():  register (one Lua script: layout check + record + epoch + alive TTL);
               a layout mismatch raises ``LayoutRefused`` (the worker exits non-zero)
@@ -25,9 +25,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from router.cluster import WorkerLoad, WorkerRecord
-from router.redis_conn import RedisOptions
-from router.redis_state import RedisClusterState, RedisDown
+from router.state.base import WorkerLoad, WorkerRecord
+from router.state.redis import RedisClusterState, RedisDown
+from router.state.redis_conn import RedisOptions
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class WorkerPublisher:
     on_refused: Callable[[str], None] | None = None
     """Called (publisher thread) when a re-registration is refused; default: log."""
     options: RedisOptions | None = None
-    """Password and TLS files (router/redis_conn.py); logs show ``state.url`` (redacted)."""
+    """Password and TLS files (router/state/redis_conn.py); logs show ``state.url`` (redacted)."""
     down: Down | None = None
     """Heartbeat only while this returns ``None`` (the engine loop serves)."""
     _silenced: str | None = None

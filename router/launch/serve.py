@@ -10,17 +10,17 @@ import threading
 import time
 from dataclasses import replace
 
-from router.cli_security import (
+from router.launch.cli_security import (
     add_security_args,
     cluster_secret,
     redis_options,
     secret_file,
     warn_password_in_url,
 )
-from router.edge_flags import add_edge_args, api_key_from_args, edge_config
-from router.ep_launch import start_local_ep_group
-from router.launcher import RayWorkers, WorkerSettings, start_ray
-from router.redis_conn import redact_url
+from router.launch.edge_flags import add_edge_args, api_key_from_args, edge_config
+from router.launch.ep_launch import start_local_ep_group
+from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
+from router.state.redis_conn import redact_url
 
 logger = logging.getLogger("pdserve")
 
@@ -124,7 +124,7 @@ def worker_transports(choice: str) -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.cli import ensure_demo_model
+    from router.launch.cli import ensure_demo_model
     from router.server import Router
     from router.service import RouterConfig
 
@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     warn_password_in_url(args)
     logger.info("worker gRPC and KV plane: %s", "authenticated (cluster secret)" if secret else "UNAUTHENTICATED (no cluster secret)")  # fmt: skip
     if args.redis_url:
-        from router.redis_state import RedisClusterState
+        from router.state.redis import RedisClusterState
 
         state = RedisClusterState(args.redis_url, options=redis_options(args))
         logger.info("sharing cluster state in %s", state.url)
@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         router = Router(config, source, state=state, discover=state is not None, secret=secret)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
-        router.serve(args.host, args.port, _announcer(config, mode, start))
+        router.launch.serve(args.host, args.port, _announcer(config, mode, start))
     finally:
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
@@ -250,16 +250,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from decode_worker.runtime import default_host
-    from decode_worker.server import start_worker
-    from engine.cli import ensure_demo_model
+    from engine.worker.loop import default_host
+    from router.launch.cli import ensure_demo_model
+    from router.launch.worker_main import start_worker
 
     model = args.model or ensure_demo_model()
     warn_password_in_url(args)
     settings = settings_from_args(args, model, args.kv_transport or ("tcp", "shm"))
     settings = replace(settings, ep_size=args.ep_size, port=args.port)
     config = settings.worker_config(args.role, args.worker_id, args.host or default_host())
-    from router.publisher import LayoutRefused
+    from router.state.publisher import LayoutRefused
 
     stop, refused = threading.Event(), []
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,4 +1,4 @@
-"""Lua scripts of ``RedisClusterState`` (key layout: router/redis_state.py).
+"""Lua scripts of ``RedisClusterState`` (key layout: router/state/redis.py).
 
 Each runs atomically in Redis, so several routers and workers never interleave inside one.
 """

@@ -9,7 +9,7 @@ import os
 from urllib.parse import urlsplit
 
 from engine.security import ENV_FILE, ENV_VALUE, ClusterSecret, load_cluster_secret
-from router.redis_conn import ENV_PASSWORD, ENV_PASSWORD_FILE, RedisOptions, redact_url
+from router.state.redis_conn import ENV_PASSWORD, ENV_PASSWORD_FILE, RedisOptions, redact_url
 
 logger = logging.getLogger("pdserve")
 

@@ -8,8 +8,8 @@ import socket
 import time
 import weakref
 
-from decode_worker.runtime import EngineLoop, WorkerConfig, expert_stats
 from engine.engine import LLMEngine
+from engine.worker.loop import EngineLoop, WorkerConfig, expert_stats
 from kv_transfer.wire import spec_to_pb
 from proto import worker_pb2 as pb
 

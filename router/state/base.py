@@ -1,7 +1,7 @@
 """Routing state behind the ``ClusterState`` protocol: workers, their load, prefix index.
 
 ``MemoryClusterState`` is the embedded default (one router). ``RedisClusterState``
-(router/redis_state.py, ``--redis-url``) shares the same protocol between several routers.
+(router/state/redis.py, ``--redis-url``) shares the same protocol between several routers.
 
 The prefix index maps each worker to the chained block hashes (engine/kv_cache/hashing)
 of prompts it was sent, most recent last, capped at the worker's block count, corrected by

@@ -11,7 +11,7 @@ kv_transfer callback may run synchronously inside a call that already holds it).
 Failures: what one request causes (its sampling row, its stop checks, its output
 handling) fails that request only; the workers catch it per request. Anything that still
 escapes a loop iteration (the batch's model forward) ends the loop: ``on_crash`` fails
-every stream and ends the process (decode_worker/server.py), so Ray or the supervisor
+every stream and ends the process (router/launch/worker_main.py), so Ray or the supervisor
 restarts it. :meth:`EngineLoop.health` is the loop's real state, read without the lock
 (a stalled step holds it): alive, and no iteration (housekeeping + step) has run longer
 than ``stall_timeout_s``; waiting idle for work is never a stall.
@@ -39,7 +39,7 @@ from engine.request import RequestOutput
 from engine.security import ClusterSecret
 
 if TYPE_CHECKING:
-    from router.redis_conn import RedisOptions
+    from router.state.redis_conn import RedisOptions
 
 logger = logging.getLogger(__name__)
 

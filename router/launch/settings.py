@@ -9,7 +9,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 
 from engine.security import ENV_FILE, ClusterSecret, load_cluster_secret
-from router.redis_conn import RedisOptions
+from router.state.redis_conn import RedisOptions
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ class WorkerSettings:
     def worker_config(self, role: str, worker_id: str | None, host: str):
         import torch
 
-        from decode_worker.runtime import WorkerConfig
         from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+        from engine.worker.loop import WorkerConfig
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = EngineConfig(

@@ -15,7 +15,7 @@ sees; in its ``__init__`` it picks a rendezvous port, starts one ``EPFollowerAct
 per other bundle (owned by the leader, so they die with it) and joins the torch.distributed
 group with them. A follower that dies fails the leader's next collective: the leader fails
 its streams and exits, Ray restarts it, and it starts a fresh group
-(``router/ep_launch.py``).
+(``router/launch/ep_launch.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any
 
-from router.settings import WorkerSettings
+from router.launch.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,14 @@ class WorkerActor:
         setup_worker_process()
         import ray
 
-        from decode_worker.server import start_worker
+        from router.launch.worker_main import start_worker
 
         settings = WorkerSettings.from_json(settings_json)
         host = ray.util.get_node_ip_address()
         config = settings.worker_config(role, worker_id, host)
         ep, self.followers = None, []
         if settings.ep_size > 1:
-            from router.ep_launch import start_ray_ep_group
+            from router.launch.ep_launch import start_ray_ep_group
 
             ep, self.followers = start_ray_ep_group(settings, config, placement_group, host)
         self.running = start_worker(config, ep)
