@@ -263,8 +263,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     from bench.compare_report import analyse, write_report
+    from engine.tiny_model import ensure_demo_model
     from engine.tokenizer import Tokenizer
-    from router.launch.cli import ensure_demo_model
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -33,10 +33,11 @@ import grpc
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.worker.convert import chunk_from_output, ticket_to_pb, token_logprobs
+from engine.worker.convert import chunk_from_output, token_logprobs
 from engine.worker.info import stats_response
 from engine.worker.loop import EngineLoop, Sink, WorkerConfig, WorkerError
 from kv_transfer import KVEndpoint, KVReceiver, TransferConfig, TransferState, make_endpoint
+from kv_transfer.wire import ticket_to_pb
 from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -8,10 +8,11 @@ import logging
 import grpc
 
 from decode_worker.service import call_worker, in_thread
-from engine.worker.convert import params_from_pb, ticket_from_pb
+from engine.worker.convert import params_from_pb
 from engine.worker.info import health_response, worker_info
 from engine.worker.loop import WorkerError
 from kv_transfer import HandshakeError, TicketRefused, TransferState
+from kv_transfer.wire import ticket_from_pb
 from prefill_worker.worker import PrefillWorker
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc

@@ -16,46 +16,41 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from engine.kv_cache.hashing import hash_blocks
-from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from engine.worker.convert import params_to_pb
 from proto import worker_pb2 as pb
+from router.config import RouterConfig
 from router.detok import TextStream
-from router.policy import RouteDecision
+from router.job import Job, Output
+from router.metrics import Metrics
+from router.policy import RouteDecision, RoutingPolicy
 from router.protocol import ApiError
-from router.state.base import WorkerRecord
-
-if TYPE_CHECKING:
-    from router.service import RouterService
+from router.state.base import ClusterState, WorkerRecord
+from router.workers import Registry
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Job:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    stop: list[str]
-    arrival: float = field(default_factory=time.monotonic)
+class RouterService(Protocol):
+    """What a run needs of the router's service (router/service.py)."""
 
+    config: RouterConfig
+    state: ClusterState
+    registry: Registry
+    policy: RoutingPolicy
+    metrics: Metrics
+    tokenizer: Tokenizer
 
-@dataclass
-class Output:
-    """New text and tokens of one step; the last one has ``finish_reason`` and usage."""
+    def route(self, job: Job) -> RouteDecision: ...
 
-    text: str
-    token_ids: list[int]
-    tokens: list[pb.Token]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
+    def transport(self, p: WorkerRecord, d: WorkerRecord) -> str: ...
+
+    def background(self, coro) -> None: ...
 
 
 class _Fallback(Exception):

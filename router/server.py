@@ -21,9 +21,10 @@ import uvicorn
 from engine.security import ClusterSecret
 from engine.tokenizer import Tokenizer
 from router.app import create_app
+from router.config import RouterConfig
 from router.metrics import Metrics
 from router.policy import CostPolicy, RoutingPolicy
-from router.service import RouterConfig, RouterService
+from router.service import RouterService
 from router.state.base import ClusterState, MemoryClusterState
 from router.workers import Registry
 

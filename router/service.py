@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
 from router.api import Shaper
+from router.config import RouterConfig
+from router.job import Job, Output
 from router.jobs import JobBuilder
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from router.run import Job, Output, RequestRun
+from router.run import RequestRun
 from router.state.base import ClusterState, WorkerRecord
 from router.workers import Registry
 
@@ -23,60 +24,6 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_THREADS = 4
 """Threads that run chat templates and tokenization, so the event loop never does."""
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """Router settings (``pdserve serve`` flags)."""
-
-    model: str
-    """Checkpoint directory: the tokenizer and chat template come from it."""
-    served_model_name: str
-    """The ``model`` name clients must send."""
-    kv_transport: str = "auto"
-    """KV backend between prefill and decode; ``auto`` = shm on one host, else tcp."""
-    local_prefill_tokens: int = 0
-    """Prefill on the decode worker when at most this many prompt tokens are uncached."""
-    prefill_overload_factor: float = 8.0
-    """Prefill on the decode worker when remote prefill's predicted TTFT exceeds this many
-    times local prefill's (router/policy.py); 0 = never for that reason."""
-    prefill_timeout_s: float = 30.0
-    """Give up on remote prefill (and fall back to local) after this long."""
-    request_timeout_s: float = 600.0
-    """Abort a request on every worker after this long."""
-    lease_s: float = 30.0
-    """How long a decode worker keeps blocks reserved for a transfer."""
-    max_inflight: int = 256
-    """Requests in flight above which new ones get 429."""
-    api_key: str | None = None
-    """Require ``Authorization: Bearer <key>`` on /v1 routes."""
-    max_body_bytes: int = 8 * 1024 * 1024
-    """Request bodies above this many bytes get 413 before they are parsed."""
-    max_prompt_chars: int | None = None
-    """Prompt text (all chat messages together) above this many characters gets 400
-    before tokenization; None = 32 x the context length (router/limits.py)."""
-    stream_stall_timeout_s: float = 30.0
-    """Abort a stream whose client has not accepted data for this long (a client that
-    never reads would otherwise keep its KV blocks until ``request_timeout_s``)."""
-    graceful_shutdown_s: float = 20.0
-    """On shutdown, wait this long for requests in flight, then abort them."""
-
-    def __post_init__(self) -> None:
-        if self.local_prefill_tokens < 0:
-            raise ValueError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
-        if self.prefill_overload_factor < 0:
-            raise ValueError(
-                f"prefill_overload_factor must be >= 0 (0 = off), got {self.prefill_overload_factor}"
-            )
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
-            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
-        for name in ("stream_stall_timeout_s", "graceful_shutdown_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 class RouterService:

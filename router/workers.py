@@ -21,8 +21,8 @@ import grpc
 
 from engine.grpc_auth import aio_channel
 from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec_pb import spec_from_pb
 from engine.security import ClusterSecret
-from kv_transfer.wire import spec_from_pb
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from router.metrics import Metrics

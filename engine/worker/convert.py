@@ -1,10 +1,11 @@
-"""Conversions between worker.proto messages and the engine's and kv_transfer's dataclasses."""
+"""Conversions between worker.proto messages and the engine's dataclasses (SamplingParams,
+RequestOutput -> TokenChunk / Token). Transfer tickets convert in kv_transfer/wire.py,
+the KV layout spec in engine/kv_cache/spec_pb.py."""
 
 from __future__ import annotations
 
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer import TransferTicket
 from proto import worker_pb2 as pb
 
 
@@ -38,31 +39,6 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-    )
-
-
-def ticket_to_pb(t: TransferTicket, backend: str | None = None) -> pb.TransferTicket:
-    """``backend`` only for a ticket that does not name one (the signature covers it)."""
-    return pb.TransferTicket(
-        transfer_id=t.transfer_id,
-        endpoint=t.endpoint,
-        block_ids=list(t.block_ids),
-        epoch=t.epoch,
-        lease_deadline=t.lease_deadline,
-        backend=t.backend or backend or "",
-        signature=t.signature,
-    )
-
-
-def ticket_from_pb(msg: pb.TransferTicket) -> TransferTicket:
-    return TransferTicket(
-        transfer_id=msg.transfer_id,
-        endpoint=msg.endpoint,
-        block_ids=tuple(msg.block_ids),
-        epoch=msg.epoch,
-        lease_deadline=msg.lease_deadline,
-        backend=msg.backend,
-        signature=msg.signature,
     )
 
 

@@ -9,8 +9,8 @@ import time
 import weakref
 
 from engine.engine import LLMEngine
+from engine.kv_cache.spec_pb import spec_to_pb
 from engine.worker.loop import EngineLoop, WorkerConfig, expert_stats
-from kv_transfer.wire import spec_to_pb
 from proto import worker_pb2 as pb
 
 _EPOCHS: weakref.WeakKeyDictionary[LLMEngine, int] = weakref.WeakKeyDictionary()

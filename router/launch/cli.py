@@ -14,26 +14,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
-
-DEMO_ARCH = "llama"
-
-
-def demo_model_dir() -> Path:
-    """Where the tiny demo model is cached (``$PDSERVE_CACHE`` or ``~/.cache/pdserve``)."""
-    root = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
-    return root / f"tiny-{DEMO_ARCH}"
-
-
-def ensure_demo_model() -> Path:
-    """Build the deterministic demo model on first use and return its directory."""
-    from engine.tiny_model import make_tiny_model
-
-    path = demo_model_dir()
-    if not (path / "config.json").is_file():
-        logging.getLogger("pdserve").info("building the tiny demo model in %s", path)
-        make_tiny_model(DEMO_ARCH, path)
-    return path
 
 
 def _configure_threads() -> None:
@@ -71,6 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from engine import LLM, SamplingParams
+    from engine.tiny_model import ensure_demo_model
 
     model = args.model or ensure_demo_model()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from router.launch.ray_launcher import WorkerSettings, setup_worker_process
+from router.launch.process import setup_worker_process
+from router.launch.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -124,9 +124,9 @@ def worker_transports(choice: str) -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.launch.cli import ensure_demo_model
+    from engine.tiny_model import ensure_demo_model
+    from router.config import RouterConfig
     from router.server import Router
-    from router.service import RouterConfig
 
     start = time.monotonic()
     model = str(args.model or ensure_demo_model())
@@ -250,8 +250,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from engine.tiny_model import ensure_demo_model
     from engine.worker.loop import default_host
-    from router.launch.cli import ensure_demo_model
     from router.launch.worker_main import start_worker
 
     model = args.model or ensure_demo_model()

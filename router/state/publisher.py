@@ -162,7 +162,7 @@ def _with_load(record: WorkerRecord, load: WorkerLoad) -> WorkerRecord:
 
 def record_from_info(info, address: str = "") -> WorkerRecord:
     """A worker's ``InfoResponse`` as its registry record."""
-    from kv_transfer.wire import spec_from_pb
+    from engine.kv_cache.spec_pb import spec_from_pb
 
     return WorkerRecord(
         worker_id=info.worker_id,

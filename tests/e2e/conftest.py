@@ -18,9 +18,9 @@ import pytest
 
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
+from router.config import RouterConfig
 from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
 from router.server import Router, RouterThread
-from router.service import RouterConfig
 
 NUM_BLOCKS = 128
 MODEL_NAME = "tiny"

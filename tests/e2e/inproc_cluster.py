@@ -9,9 +9,9 @@ import time
 import httpx
 
 import router.launch.worker_main as server_mod
+from router.config import RouterConfig
 from router.launch.worker_main import RunningWorker
 from router.server import Router, RouterThread
-from router.service import RouterConfig
 
 from .conftest import MODEL_NAME
 

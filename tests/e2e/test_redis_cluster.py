@@ -22,8 +22,8 @@ import pytest
 from engine.kv_cache.hashing import hash_blocks
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
+from router.config import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec
 from tests.redis_server import RedisServer, free_port

@@ -11,8 +11,8 @@ import signal
 
 import pytest
 
+from router.config import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from router.state.redis import RedisClusterState
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.redis_server import RedisServer

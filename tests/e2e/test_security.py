@@ -25,8 +25,8 @@ from engine.grpc_auth import call_metadata
 from engine.security import ClusterSecret
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
+from router.config import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec
 from tests.e2e.test_redis_cluster import Proc, ready, wait_until

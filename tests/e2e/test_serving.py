@@ -16,8 +16,8 @@ import pytest
 from engine.tokenizer import Tokenizer
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
+from router.config import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 from .conftest import MODEL_NAME, client

@@ -15,8 +15,8 @@ import pytest
 
 import router.run
 from engine.tokenizer import Tokenizer
+from router.config import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from tests.decode_worker.inproc import stub, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
