@@ -1,6 +1,28 @@
 """The config tree: nested frozen dataclasses, one docstring per field, one default per
 value (README, Architecture)."""
 
-from engine.config.engine import CacheConfig, DTypeName, EngineConfig, SchedulerConfig
+from engine.config.engine import (
+    CacheConfig,
+    DTypeName,
+    EngineConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from engine.config.state import RedisOptions, StateConfig
+from engine.config.transfer import TransferConfig
+from engine.config.worker import LEASE_S, Role, Transport, WorkerConfig
 
-__all__ = ["CacheConfig", "DTypeName", "EngineConfig", "SchedulerConfig"]
+__all__ = [
+    "LEASE_S",
+    "CacheConfig",
+    "DTypeName",
+    "EngineConfig",
+    "ParallelConfig",
+    "RedisOptions",
+    "Role",
+    "SchedulerConfig",
+    "StateConfig",
+    "TransferConfig",
+    "Transport",
+    "WorkerConfig",
+]

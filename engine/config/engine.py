@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from engine.config.fields import per_role
+
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -56,6 +58,18 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one model replica spreads over ranks."""
+
+    ep_size: int = field(default=1, metadata=per_role())
+    """Expert-parallel ranks serving the replica (MoE models; must divide num_experts)."""
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an :class:`~engine.engine.LLMEngine` needs."""
 
@@ -73,6 +87,7 @@ class EngineConfig:
     """Seed for requests that give none."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:

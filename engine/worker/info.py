@@ -1,5 +1,5 @@
-"""What both worker kinds answer about themselves: ``Info`` (registration), ``Health``
-(the engine loop's real state) and the common part of ``Stats``."""
+"""What both worker roles answer about themselves: ``Info`` (registration), ``Health``
+(the engine loop's real state) and ``Stats`` (the engine thread's latest snapshot)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Sequence
 
+from engine.config import WorkerConfig
 from engine.engine import LLMEngine
 from engine.kv_cache.spec_pb import spec_to_pb
-from engine.worker.loop import EngineLoop, WorkerConfig, expert_stats
+from engine.worker.loop import LoopHealth
+from engine.worker.snapshot import LoadSnapshot
 from proto import worker_pb2 as pb
 
 _EPOCHS: weakref.WeakKeyDictionary[LLMEngine, int] = weakref.WeakKeyDictionary()
@@ -22,7 +25,10 @@ def epoch_of(engine: LLMEngine) -> int:
     return _EPOCHS.setdefault(engine, time.time_ns())
 
 
-def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.InfoResponse:
+def worker_info(
+    engine: LLMEngine, config: WorkerConfig, address: str, kv_transports: Sequence[str]
+) -> pb.InfoResponse:
+    """``kv_transports``: decode, the endpoints it serves; prefill, those it may send with."""
     return pb.InfoResponse(
         worker_id=config.name,
         role=config.role,
@@ -35,14 +41,13 @@ def worker_info(engine: LLMEngine, config: WorkerConfig, address: str) -> pb.Inf
         epoch=epoch_of(engine),
         pid=os.getpid(),
         hostname=socket.gethostname(),
-        kv_transports=list(config.kv_transports) if config.role == "prefill" else [],
+        kv_transports=list(kv_transports),
         vocab_size=engine.spec.vocab_size,
         ep_size=engine.ep.size if engine.ep is not None else 1,
     )
 
 
-def health_response(loop: EngineLoop) -> pb.HealthResponse:
-    h = loop.health()
+def health_response(h: LoopHealth) -> pb.HealthResponse:
     return pb.HealthResponse(
         serving=h.serving,
         loop_alive=h.loop_alive,
@@ -53,20 +58,30 @@ def health_response(loop: EngineLoop) -> pb.HealthResponse:
 
 
 def stats_response(
-    engine: LLMEngine, queues: dict[str, int], queued: int, num_requests: int, drain: bool, **extra
+    snap: LoadSnapshot,
+    transfer: dict[str, int],
+    events: tuple[list[int], list[int]] = ([], []),
 ) -> pb.StatsResponse:
-    """A ``StatsResponse`` (call under the engine lock); ``drain``: hand over the block
-    events (only their one consumer may)."""
-    stored, evicted = engine.kv.pool.drain_events() if drain else ([], [])
+    """A ``StatsResponse`` from a snapshot, the KV endpoints' counters and the block events
+    handed to this caller (only their one consumer gets them)."""
+    moe = {"expert_tokens": snap.expert_tokens, "ep_size": snap.ep_size} if snap.ep_size else {}
     return pb.StatsResponse(
-        num_blocks=engine.layout.num_blocks,
-        num_free_blocks=engine.num_free_blocks,
-        **expert_stats(engine),
-        queues=queues,
-        queued_prefill_tokens=max(0, queued),
-        stored_block_hashes=stored,
-        evicted_block_hashes=evicted,
-        num_requests=num_requests,
-        prefill_tokens_per_s=engine.prefill_rate.tokens_per_s,
-        **extra,
+        num_blocks=snap.num_blocks,
+        num_free_blocks=snap.num_free_blocks,
+        queues=snap.load.queues,
+        queued_prefill_tokens=max(0, snap.load.queued_prefill_tokens),
+        num_requests=snap.load.num_requests,
+        transfer=transfer,
+        stored_block_hashes=events[0],
+        evicted_block_hashes=events[1],
+        prefill_tokens_per_s=snap.prefill_tokens_per_s,
+        **moe,
     )
+
+
+def default_host() -> str:
+    """This node's address for internal ports (never 0.0.0.0)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -40,8 +40,6 @@ class WorkerActor:
         setup_worker_process()
         import ray
 
-        from router.launch.worker_main import start_worker
-
         settings = WorkerSettings.from_json(settings_json)
         host = ray.util.get_node_ip_address()
         config = settings.worker_config(role, worker_id, host)
@@ -50,7 +48,13 @@ class WorkerActor:
             from router.launch.ep_launch import start_ray_ep_group
 
             ep, self.followers = start_ray_ep_group(settings, config, placement_group, host)
-        self.running = start_worker(config, ep)
+        self.running = self._start(config, ep)
+
+    def _start(self, config, ep):
+        """Start the worker (a subclass may add gRPC interceptors, e.g. a test's faults)."""
+        from router.launch.worker_main import start_worker
+
+        return start_worker(config, ep)
 
     def ep_pids(self) -> list[int]:
         """Process ids of the EP ranks, leader first (one entry without EP)."""

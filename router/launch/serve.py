@@ -251,7 +251,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from engine.tiny_model import ensure_demo_model
-    from engine.worker.loop import default_host
+    from engine.worker.info import default_host
     from router.launch.worker_main import start_worker
 
     model = args.model or ensure_demo_model()

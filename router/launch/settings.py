@@ -5,11 +5,18 @@ the worker's own node. Secrets travel as file paths only, never as values."""
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import asdict, dataclass, field
 
-from engine.security import ENV_FILE, ClusterSecret, load_cluster_secret
-from router.state.redis_conn import RedisOptions
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    RedisOptions,
+    SchedulerConfig,
+    StateConfig,
+    TransferConfig,
+    WorkerConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,6 @@ class WorkerSettings:
     host: str | None = None
     """gRPC/KV bind address; ``None`` = the node's address (Ray's node IP)."""
     port: int = 0
-    fault_delay_s: float = 0.0
     plane: dict[str, str] = field(default_factory=dict)
     ep_size: int = 1
     """Expert-parallel ranks serving this worker's model replica (MoE models)."""
@@ -63,24 +69,8 @@ class WorkerSettings:
         data["redis_options"] = RedisOptions(**data.get("redis_options", {}))
         return cls(**data)
 
-    def cluster_secret(self) -> ClusterSecret | None:
-        """This node's cluster secret (see ``cluster_secret_file``); raises if the router
-        authenticates and there is none, rather than serving unauthenticated."""
-        secret = load_cluster_secret(self.cluster_secret_file)
-        if secret is None and self.cluster_auth:
-            raise ValueError(
-                f"the router authenticates with a cluster secret but the worker on "
-                f"{socket.gethostname()} has none: mount it and set ${ENV_FILE} on every "
-                "node (deploy/ray/start-*.sh and the Helm chart do), or pass "
-                "--cluster-secret-file with a path that exists on every node"
-            )
-        return secret
-
-    def worker_config(self, role: str, worker_id: str | None, host: str):
+    def worker_config(self, role: str, worker_id: str | None, host: str) -> WorkerConfig:
         import torch
-
-        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-        from engine.worker.loop import WorkerConfig
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = EngineConfig(
@@ -97,19 +87,21 @@ class WorkerSettings:
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs
             ),
+            parallel=ParallelConfig(ep_size=self.ep_size),
+        )
+        state = StateConfig(
+            redis_url=self.redis_url, heartbeat_ttl_s=self.heartbeat_ttl_s, redis=self.redis_options
         )
         return WorkerConfig(
             role=role,
             engine=engine,
+            transfer=TransferConfig(plane=dict(self.plane)),
+            state=state,
             host=self.host or host,
             port=self.port,
             kv_transports=tuple(self.kv_transports),
             worker_id=worker_id,
-            fault_delay_s=self.fault_delay_s,
-            extra=dict(self.plane),
-            redis_url=self.redis_url,
-            heartbeat_ttl_s=self.heartbeat_ttl_s,
             stall_timeout_s=self.stall_timeout_s,
-            secret=self.cluster_secret(),
-            redis=self.redis_options,
+            cluster_secret_file=self.cluster_secret_file,
+            cluster_auth=self.cluster_auth,
         )

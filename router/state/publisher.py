@@ -1,15 +1,16 @@
 """A worker publishes itself into the shared Redis cluster state (``--redis-url``).
 
 Both worker kinds use it (router/launch/worker_main.py starts it); routers in Redis mode
-discover workers from what it writes (key layout: router/state/redis.py)::
+discover workers from what it writes (key layout: router/state/keys.py)::
 
     start():  register (one Lua script: layout check + record + epoch + alive TTL);
               a layout mismatch raises ``LayoutRefused`` (the worker exits non-zero)
     thread, every interval_s:
               down(): the engine loop died or stalled -> publish nothing (checked without
               the worker lock), so the alive TTL lapses and routers drop the worker
-              snapshot(): load + the engine's block-stored/-evicted hashes (worker lock,
-              brief) -> coalesced -> heartbeat (alive TTL + load) + prefix events
+              snapshot(): the engine thread's latest load snapshot + the block-stored/
+              -evicted hashes since the last tick (never waits for the engine) -> coalesced
+              -> heartbeat (alive TTL + load) + prefix events
     Redis down: events keep coalescing into the publisher's copy of the cached set; each
               tick retries; back: register again and republish the whole set (reset)
     stop():   deregister this incarnation (clean shutdown)
@@ -25,9 +26,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from engine.config import StateConfig
 from router.state.base import WorkerLoad, WorkerRecord
 from router.state.redis import RedisClusterState, RedisDown
-from router.state.redis_conn import RedisOptions
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,15 @@ class LayoutRefused(RuntimeError):
 class WorkerPublisher:
     """See the module docstring."""
 
-    url: str
+    config: StateConfig
+    """Where (``redis_url``, key prefix, credentials) and the heartbeat TTL; logs show
+    ``state.url`` (redacted)."""
     record: WorkerRecord
     snapshot: Snapshot
     interval_s: float = 0.25
     """Load and events are published at most this often (coalesced in between)."""
-    heartbeat_ttl_s: float = 3.0
-    """A worker silent this long leaves the routers' candidate set."""
-    prefix: str = "pdserve"
     on_refused: Callable[[str], None] | None = None
     """Called (publisher thread) when a re-registration is refused; default: log."""
-    options: RedisOptions | None = None
-    """Password and TLS files (router/state/redis_conn.py); logs show ``state.url`` (redacted)."""
     down: Down | None = None
     """Heartbeat only while this returns ``None`` (the engine loop serves)."""
     _silenced: str | None = None
@@ -68,13 +66,7 @@ class WorkerPublisher:
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
-        self.state = RedisClusterState(
-            self.url,
-            options=self.options,
-            prefix=self.prefix,
-            heartbeat_ttl_s=self.heartbeat_ttl_s,
-            retry_s=0.5,
-        )
+        self.state = RedisClusterState.from_config(self.config, retry_s=0.5)
 
     def start(self) -> None:
         """Register now (``LayoutRefused`` if refused; Redis down: retried), then publish."""
@@ -108,7 +100,7 @@ class WorkerPublisher:
         why = self.down() if self.down is not None else None
         if why is not None:
             if self._silenced is None:
-                logger.error("%s stops heartbeating to %s: %s", self.record.worker_id, self.url, why)  # fmt: skip
+                logger.error("%s stops heartbeating to %s: %s", self.record.worker_id, self.state.url, why)  # fmt: skip
             self._silenced = why
             return
         self._silenced = None
@@ -176,34 +168,6 @@ def record_from_info(info, address: str = "") -> WorkerRecord:
         ep_size=info.ep_size or 1,
         kv_transports=tuple(info.kv_transports),
     )
-
-
-def start_publisher(
-    config, info, worker, on_refused: Callable[[str], None] | None = None
-) -> WorkerPublisher:
-    """Publish a started worker (``config.redis_url``); ``LayoutRefused`` if refused."""
-
-    def snapshot() -> tuple[WorkerLoad, list[int], list[int]]:
-        stats = worker.stats(drain_events=True)
-        stored, evicted = list(stats.stored_block_hashes), list(stats.evicted_block_hashes)
-        return load_from_stats(stats), stored, evicted
-
-    def down() -> str | None:
-        health = worker.loop.health()
-        return None if health.serving else health.reason
-
-    worker.publishes_events = True
-    publisher = WorkerPublisher(
-        config.redis_url,
-        record_from_info(info),
-        snapshot,
-        heartbeat_ttl_s=config.heartbeat_ttl_s,
-        on_refused=on_refused,
-        options=config.redis,
-        down=down,
-    )
-    publisher.start()
-    return publisher
 
 
 def load_from_stats(stats) -> WorkerLoad:

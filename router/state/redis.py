@@ -46,11 +46,12 @@ from dataclasses import asdict, replace
 
 import redis
 
+from engine.config import RedisOptions, StateConfig
 from engine.kv_cache.layout import KVLayoutSpec
 from router.state import scripts as lua
 from router.state.base import MemoryClusterState, Role, WorkerLoad, WorkerRecord
 from router.state.records import RecordReader, record_fields
-from router.state.redis_conn import RedisOptions, connect, redact_url
+from router.state.redis_conn import connect, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class RedisClusterState:
         url: str,
         *,
         options: RedisOptions | None = None,
-        prefix: str = "pdserve",
-        heartbeat_ttl_s: float = 3.0,
+        prefix: str = StateConfig.prefix,
+        heartbeat_ttl_s: float = StateConfig.heartbeat_ttl_s,
         retry_s: float = 1.0,
     ) -> None:
         self.url = redact_url(url)
@@ -93,6 +94,18 @@ class RedisClusterState:
         self._block_events = self.r.register_script(lua.BLOCK_EVENTS)
         self._register = self.r.register_script(lua.REGISTER)
         self._deregister = self.r.register_script(lua.DEREGISTER)
+
+    @classmethod
+    def from_config(cls, config: StateConfig, retry_s: float = 1.0) -> RedisClusterState:
+        if not config.redis_url:
+            raise ValueError("a Redis cluster state needs a redis_url (--redis-url)")
+        return cls(
+            config.redis_url,
+            options=config.redis,
+            prefix=config.prefix,
+            heartbeat_ttl_s=config.heartbeat_ttl_s,
+            retry_s=retry_s,
+        )
 
     # -- connection ---------------------------------------------------------------------------
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+
+from engine.config import RedisOptions
 
 ENV_PASSWORD = "PDSERVE_REDIS_PASSWORD"
 ENV_PASSWORD_FILE = "PDSERVE_REDIS_PASSWORD_FILE"
@@ -58,56 +59,43 @@ def _read(path: str, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class RedisOptions:
-    """Credentials and TLS for the Redis connection: file paths only, never a secret value
-    (so the options can travel to Ray actors and processes as they are)."""
+def password(options: RedisOptions, env: Mapping[str, str] | None = None) -> str | None:
+    """The Redis password from ``options``' file or the environment (module docstring)."""
+    env = os.environ if env is None else env
+    path = options.password_file or env.get(ENV_PASSWORD_FILE)
+    if path:
+        return _read(path, "Redis password")
+    return env.get(ENV_PASSWORD) or None
 
-    password_file: str | None = None
-    """File holding the password (see the module docstring for the fallbacks)."""
-    ca_file: str | None = None
-    """``rediss://``: verify the server's certificate against this CA bundle."""
-    cert_file: str | None = None
-    """``rediss://``: client certificate (PEM), with ``key_file``."""
-    key_file: str | None = None
-    """``rediss://``: the client certificate's private key (PEM)."""
 
-    def __post_init__(self) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("--redis-cert-file and --redis-key-file go together; pass both")
-
-    def password(self, env: Mapping[str, str] | None = None) -> str | None:
-        env = os.environ if env is None else env
-        path = self.password_file or env.get(ENV_PASSWORD_FILE)
-        if path:
-            return _read(path, "Redis password")
-        return env.get(ENV_PASSWORD) or None
-
-    def client_kwargs(self, url: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
-        """``redis.Redis.from_url`` keyword arguments for ``url``."""
-        kwargs: dict[str, str] = {}
-        parts = urlsplit(url)
-        password = self.password(env)
-        if password is not None:
-            if parts.password:
-                raise ValueError(
-                    f"the Redis URL {redact_url(url)} has a password and a password file or "
-                    f"${ENV_PASSWORD} is set too; keep one (the file)"
-                )
-            kwargs["password"] = password
-        if (self.ca_file or self.cert_file) and parts.scheme != "rediss":
+def client_kwargs(
+    options: RedisOptions, url: str, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``redis.Redis.from_url`` keyword arguments for ``url``."""
+    kwargs: dict[str, str] = {}
+    parts = urlsplit(url)
+    secret = password(options, env)
+    if secret is not None:
+        if parts.password:
             raise ValueError(
-                f"--redis-ca-file / --redis-cert-file need a TLS URL (rediss://...), got {redact_url(url)}"  # fmt: skip
+                f"the Redis URL {redact_url(url)} has a password and a password file or "
+                f"${ENV_PASSWORD} is set too; keep one (the file)"
             )
-        for key, value in (("ssl_ca_certs", self.ca_file), ("ssl_certfile", self.cert_file), ("ssl_keyfile", self.key_file)):  # fmt: skip
-            if value:
-                if not Path(value).is_file():
-                    raise ValueError(f"Redis TLS file {value} does not exist")
-                kwargs[key] = value
-        return kwargs
+        kwargs["password"] = secret
+    if (options.ca_file or options.cert_file) and parts.scheme != "rediss":
+        raise ValueError(
+            f"--redis-ca-file / --redis-cert-file need a TLS URL (rediss://...), got {redact_url(url)}"  # fmt: skip
+        )
+    files = (("ssl_ca_certs", options.ca_file), ("ssl_certfile", options.cert_file), ("ssl_keyfile", options.key_file))  # fmt: skip
+    for key, value in files:
+        if value:
+            if not Path(value).is_file():
+                raise ValueError(f"Redis TLS file {value} does not exist")
+            kwargs[key] = value
+    return kwargs
 
 
 def connect(url: str, options: RedisOptions | None = None, **kwargs) -> redis.Redis:
     """A client for ``url`` with the password and TLS of ``options`` (or the environment)."""
-    extra = (options or RedisOptions()).client_kwargs(url)
+    extra = client_kwargs(options or RedisOptions(), url)
     return redis.Redis.from_url(url, **extra, **kwargs)

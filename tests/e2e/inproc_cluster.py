@@ -8,9 +8,9 @@ import time
 
 import httpx
 
-import router.launch.worker_main as server_mod
+import engine.worker.host as host_mod
+from engine.worker.host import RunningWorker
 from router.config import RouterConfig
-from router.launch.worker_main import RunningWorker
 from router.server import Router, RouterThread
 
 from .conftest import MODEL_NAME
@@ -30,7 +30,7 @@ class Exits:
 
     def __init__(self, monkeypatch) -> None:
         self.codes: list[int] = []
-        monkeypatch.setattr(server_mod, "_exit", self.codes.append, raising=False)
+        monkeypatch.setattr(host_mod, "_exit", self.codes.append, raising=False)
 
 
 def kill_loop(worker: RunningWorker, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""Faults on a dedicated cluster whose prefill worker is slow (a test hook): remote prefill
+"""Faults on a dedicated cluster whose prefill worker is slow (a test-only gRPC interceptor): remote prefill
 killed mid-request or timing out falls back to local prefill on the decode worker; Ray
 restarts the dead worker and the router registers its new incarnation."""
 
@@ -12,9 +12,11 @@ import time
 import httpx
 import pytest
 
+from router.launch.settings import WorkerSettings
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
-from .conftest import MODEL_NAME, client, launch
+from .conftest import MODEL_NAME, NUM_BLOCKS, TRANSPORTS, Cluster, client
+from .faulty_actor import SlowPrefillActor, launch_actors
 from .test_parity import routed
 
 DELAY_S = 2.0
@@ -22,7 +24,10 @@ DELAY_S = 2.0
 
 @pytest.fixture(scope="module")
 def slow(ray_session, tiny_model):
-    cluster = launch(tiny_model("llama"), prefix="fault-", fault_delay_s=DELAY_S)
+    model = tiny_model("llama")
+    settings = WorkerSettings(model=str(model), num_kv_blocks=NUM_BLOCKS, kv_transports=TRANSPORTS)  # fmt: skip
+    cluster = Cluster(model, launch_actors(SlowPrefillActor, settings, "fault-", 1, 1, DELAY_S))
+    cluster.refresh()
     yield cluster
     cluster.stop()
 
