@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -109,6 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.service import RouterConfig
 
     start = time.monotonic()
+    # Bind first: a taken port fails now, naming it, not after minutes of worker start-up.
+    sock = bind_http(args.host, args.port)
+    port = sock.getsockname()[1]
+    logger.info("router bound to http://%s:%d; starting", args.host, port)
     model = str(args.model or ensure_demo_model())
     config = RouterConfig(
         model=model,
@@ -141,12 +146,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         router = Router(config, source, state=state, discover=state is not None)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
-        _announce(router, args, config, mode, start)
-        router.serve(args.host, args.port)
+        _announce(router, f"http://{args.host}:{port}", config, mode, start)
+        router.serve(args.host, port, sock=sock)
     finally:
+        sock.close()
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
     return 0
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0 = any free port), held until the router serves
+    on it, so nothing can take the port meanwhile; a taken port is a ``ValueError``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; stop what holds port {port} "
+            "or pass another --port (0 = any free port)"
+        ) from None
+    return sock
 
 
 def _launch(args: argparse.Namespace, model: str) -> RayWorkers:
@@ -173,10 +197,9 @@ def _bounded(fn, timeout_s: float) -> None:
         logger.warning("Ray shutdown did not finish in %.0fs; exiting anyway", timeout_s)
 
 
-def _announce(router, args, config, mode: str, start: float) -> None:
+def _announce(router, url: str, config, mode: str, start: float) -> None:
     def wait() -> None:
         if router.ready.wait(120):
-            url = f"http://{args.host}:{args.port}"
             logger.info(
                 "pdserve ready in %.1fs (%s): %s/v1  model=%s  (try: curl %s/v1/models)",
                 time.monotonic() - start, mode, url, config.served_model_name, url,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -96,9 +97,18 @@ class Router:
             except Exception:
                 logger.exception("worker supervision failed")
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve HTTP in the foreground until interrupted."""
-        uvicorn.run(self.app, host=host, port=port, log_level="warning", access_log=False)
+    def serve(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve HTTP in the foreground until interrupted (on ``sock`` if already bound)."""
+        config = uvicorn.Config(
+            self.app, host=host, port=port, log_level="warning", access_log=False
+        )
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=None if sock is None else [sock])
+        except KeyboardInterrupt:  # Ctrl-C is a clean stop, as with uvicorn.run
+            pass
+        if not server.started:  # start-up failed (logged by uvicorn): its exit status
+            raise SystemExit(3)
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RouterThread:
         return RouterThread(self, host, port)
