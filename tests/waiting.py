@@ -7,9 +7,12 @@ any of them raised (an assert inside a plain ``threading.Thread`` is only a warn
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -51,3 +54,22 @@ class Threads:
             raise self.errors[0]
         running = [t.name for t in self._threads if t.is_alive()]
         assert not running, f"threads still running after {timeout}s: {running}"
+
+
+def wait_for_line(
+    path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120.0
+) -> re.Match:
+    """The first match of ``pattern`` in the log file ``path`` of ``proc``, once it appears;
+    fails with the log's tail if ``proc`` exits first or ``timeout`` passes."""
+    regex, deadline = re.compile(pattern), time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if (m := regex.search(text)) is not None:
+            return m
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"exited with {proc.returncode} before {pattern!r}:\n{text[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} within {timeout}s:\n{text[-3000:]}")
+        time.sleep(0.1)
