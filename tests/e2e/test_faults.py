@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
+import grpc
 import httpx
 import pytest
 
+from proto import worker_pb2 as pb
+from proto import worker_pb2_grpc as rpc
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.waiting import Threads, wait_until
 
 from .conftest import MODEL_NAME, client, launch
 from .test_parity import routed
@@ -35,6 +38,11 @@ def greedy(rt, prompt: list[int]) -> list[int]:
     return r.choices[0].token_ids
 
 
+def prefill_requests(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return rpc.PrefillServiceStub(channel).Stats(pb.StatsRequest(), timeout=5).num_requests
+
+
 def test_prefill_timeout_falls_back_to_local(slow, tiny_model):
     rt = slow.router("tcp", prefill_timeout_s=0.5)
     prompt = make_prompts([30], seed=61)[0]
@@ -49,11 +57,11 @@ def test_prefill_worker_killed_mid_request_completes_locally_then_rejoins(slow, 
     prompts = make_prompts([26, 33], seed=62)
     want = hf_greedy(tiny_model("llama"), prompts, 8)
     result: dict[str, list[int]] = {}
-    t = threading.Thread(target=lambda: result.setdefault("ids", greedy(rt, prompts[0])))
-    t.start()
-    time.sleep(DELAY_S / 3)  # the prefill worker holds the request now
-    os.kill(old["pid"], signal.SIGKILL)
-    t.join(30)
+    threads = Threads()
+    threads.start(lambda: result.setdefault("ids", greedy(rt, prompts[0])))
+    wait_until(lambda: prefill_requests(old["address"]) == 1, timeout=30, what="prefill holds it")
+    os.kill(old["pid"], signal.SIGKILL)  # while it holds the request (its delay is 2 s)
+    threads.join(60)
     assert result["ids"] == want[0]
     assert routed(rt, "local", "prefill_failed") == 1
     # Ray restarts the actor; the router registers the new incarnation (new port, epoch).

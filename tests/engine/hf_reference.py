@@ -41,3 +41,23 @@ def make_prompts(lengths: list[int], seed: int = 0, vocab: int = 500) -> list[li
     """Deterministic token-id prompts of the given lengths."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@cache
+def _top_logprobs(model_dir: str, prompt: tuple[int, ...], steps: int, k: int) -> tuple:
+    model, ids, out = _hf_model(model_dir), list(prompt), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            values, top = torch.topk(torch.log_softmax(logits, dim=-1), k)
+            out.append(tuple(zip(top.tolist(), values.tolist(), strict=True)))
+            ids.append(top[0].item())
+    return tuple(out)
+
+
+def hf_top_logprobs(
+    model_dir: str | Path, prompt: list[int], steps: int, k: int
+) -> list[list[tuple[int, float]]]:
+    """Per greedy step of HF's model, the ``k`` most likely ``(token id, logprob)``, best
+    first (the first is the greedy token)."""
+    return [list(step) for step in _top_logprobs(str(model_dir), tuple(prompt), steps, k)]
