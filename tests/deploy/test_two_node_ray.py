@@ -168,12 +168,31 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
         nodes.wait_for("worker", "Ray runtime started", 60)
 
         def serve(name: str) -> str:
-            nodes.start(name, [
-                str(RAY_DIR / "launch.sh"), "--ray-address", gcs, "--prefill", "1", "--decode", "1",
-                "--kv-transport", "tcp", "--",
-                "--model", str(tiny_model("llama")), "--served-model-name", "tiny",
-                "--num-kv-blocks", "64", "--port", "0", "--ray-namespace", "t2n",
-            ])  # fmt: skip  (the router binds a free port and logs it)
+            nodes.start(
+                name,
+                [
+                    str(RAY_DIR / "launch.sh"),
+                    "--ray-address",
+                    gcs,
+                    "--prefill",
+                    "1",
+                    "--decode",
+                    "1",
+                    "--kv-transport",
+                    "tcp",
+                    "--",
+                    "--model",
+                    str(tiny_model("llama")),
+                    "--served-model-name",
+                    "tiny",
+                    "--num-kv-blocks",
+                    "64",
+                    "--port",
+                    "0",
+                    "--ray-namespace",
+                    "t2n",
+                ],
+            )  # fmt: skip  (the router binds a free port and logs it)
             nodes.wait_for(name, "pdserve ready in", 120)
             return re.search(r"router bound to (http://[^;]+);", nodes.log(name)).group(1)
 
