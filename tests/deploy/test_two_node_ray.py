@@ -137,6 +137,7 @@ def _session_members(sid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path):
     base = port_base()

@@ -23,6 +23,8 @@ from tests.waiting import Threads
 
 from .conftest import MODEL_NAME, NUM_BLOCKS, Cluster, client
 
+pytestmark = pytest.mark.slow  # three EP=2 clusters on Ray
+
 MAX_NEW = 10
 GREEDY = {"max_tokens": MAX_NEW, "temperature": 0.0}
 EXTRA = {"ignore_eos": True, "return_token_ids": True}

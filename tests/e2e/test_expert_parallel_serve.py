@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.test_make_serve import BOUND
 from tests.engine.hf_reference import hf_greedy, make_prompts
@@ -36,6 +37,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
     raise AssertionError(f"not ready in {timeout} s:\n" + log.read_text())
 
 
+@pytest.mark.slow
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--port", "0"]

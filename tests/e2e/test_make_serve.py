@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.processes import session_pids, wait_session_gone
 from tests.waiting import wait_for_line
@@ -44,6 +45,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_make_serve_answers_then_stops(tmp_path):
     clone, extra = fresh_clone(tmp_path)
     env = {
