@@ -38,9 +38,11 @@ def greedy(rt, prompt: list[int]) -> list[int]:
     return r.choices[0].token_ids
 
 
-def prefill_requests(address: str) -> int:
+def reserved(address: str) -> int:
+    """Requests holding reserved blocks on a decode worker, waiting for their KV."""
     with grpc.insecure_channel(address) as channel:
-        return rpc.PrefillServiceStub(channel).Stats(pb.StatsRequest(), timeout=5).num_requests
+        stats = rpc.DecodeServiceStub(channel).Stats(pb.StatsRequest(), timeout=5)
+    return stats.queues["reserved"]
 
 
 def test_prefill_timeout_falls_back_to_local(slow, tiny_model):
@@ -59,8 +61,11 @@ def test_prefill_worker_killed_mid_request_completes_locally_then_rejoins(slow, 
     result: dict[str, list[int]] = {}
     threads = Threads()
     threads.start(lambda: result.setdefault("ids", greedy(rt, prompts[0])))
-    wait_until(lambda: prefill_requests(old["address"]) == 1, timeout=30, what="prefill holds it")
-    os.kill(old["pid"], signal.SIGKILL)  # while it holds the request (its delay is 2 s)
+    # The decode worker holds the reservation: the router is on its way to (or inside) the
+    # prefill worker's Prefill call, which waits 2 s there before it prefills.
+    decode = slow.infos["fault-decode-0"]["address"]
+    wait_until(lambda: reserved(decode) == 1, timeout=30, what="the reservation")
+    os.kill(old["pid"], signal.SIGKILL)
     threads.join(60)
     assert result["ids"] == want[0]
     assert routed(rt, "local", "prefill_failed") == 1
