@@ -14,7 +14,7 @@ from engine.kv_cache.layout import KVLayoutSpec
 from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
 from router.redis_state import RedisClusterState
 from tests.redis_server import RedisServer
-from tests.waiting import wait_until
+from tests.waiting import Threads, wait_until
 
 SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
 
@@ -122,11 +122,10 @@ def test_reservation_is_atomic_across_routers(server):
         go.wait()
         won.append(r.reserve("d0", 0))
 
-    threads = [threading.Thread(target=take, args=(r,)) for r in routers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = Threads()
+    for r in routers:
+        threads.start(take, r)
+    threads.join(30)
     assert sorted(won) == [False] * 7 + [True]
     assert routers[3].get("d0").inflight == 1
 
