@@ -76,9 +76,12 @@ def test_missing_config(tmp_path):
     "kwargs, message",
     [
         ({"max_tokens": 0}, "max_tokens must be an int >= 1, got 0"),
-        ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+        (
+            {"temperature": -1.0},
+            r"temperature must be 0 \(greedy\) or in \[0.01, 100.0\], got -1.0",
+        ),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-        ({"top_k": 0}, "top_k must be >= 1 or None, got 0"),
+        ({"top_k": 0}, r"top_k must be in \[1, 2147483647\] or None, got 0"),
         ({"max_tokens": 2, "min_tokens": 3}, r"min_tokens must be in \[0, max_tokens=2\], got 3"),
         ({"logprobs": 50}, r"logprobs must be in \[0, 20\], got 50"),
     ],
