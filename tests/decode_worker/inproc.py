@@ -26,10 +26,14 @@ def start(
     transports=("tcp",),
     block_size: int = 16,
     chunk: int = 2048,
+    device: str = "cpu",
+    dtype: str = "auto",
     **kw,
 ) -> RunningWorker:
     engine = EngineConfig(
         str(model),
+        dtype=dtype,
+        device=device,
         cache=CacheConfig(block_size=block_size, num_blocks=NUM_BLOCKS),
         scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
     )
