@@ -7,7 +7,7 @@ import time
 
 from kv_transfer import TransferTicket, make_client, make_endpoint
 
-from .conftest import DEATH, BlockPool, random_caches, tiny_layout
+from .conftest import DEATH, FAST, BlockPool, random_caches, tiny_layout
 
 
 def _spec():
