@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint format clean redis
+.PHONY: setup serve test test-random test-gpu test-quick lint format clean redis
 
 setup: $(STAMP)
 
@@ -30,8 +30,23 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
 
+# A fixed order (the files' order), the same for CI and every developer: a failure names
+# its test and reproduces without a seed. `make test-random` proves order independence.
 test: setup redis
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:randomly
+
+# Random order (pytest-randomly): SEED=N repeats an order (the seed is printed at the top).
+SEED ?= $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+test-random: setup redis
+	$(BIN)/python -m pytest -q -p randomly -p no:cacheprovider --randomly-seed=$(SEED)
+
+# Exactly the GPU matrix (tests marked gpu); without CUDA each is reported skipped, with why.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs -m gpu -p no:randomly
+
+# Everything but the tests that start whole clusters from scratch, and the GPU matrix.
+test-quick: setup redis
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" -p no:randomly
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -61,11 +62,23 @@ class _Fallback(Exception):
 
 class _DecodeDown(Exception):
     """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details, for the
-    log (clients get only the worker id: details name internal addresses)."""
+    log (clients get them through :func:`public_reason`)."""
 
     def __init__(self, worker_id: str, details: str | None) -> None:
         super().__init__(f"decode worker {worker_id} unreachable: {details}")
-        self.worker_id = worker_id
+        self.worker_id, self.details = worker_id, details
+
+
+_ADDRESS = re.compile(r"(ipv[46]:)?(\[[0-9a-fA-F:.]+\]|\b\d{1,3}(\.\d{1,3}){3})(:\d{1,5})?")
+
+
+def public_reason(details: str | None, limit: int = 400) -> str:
+    """A worker's failure reason as a client may see it: internal addresses removed, bounded.
+
+    Workers describe what failed (``EP rank 1 (pid 4242) died``, ``KV transfer failed``);
+    the client needs that to know whether retrying helps, but not the cluster's addresses."""
+    text = _ADDRESS.sub("<internal>", details or "no details")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
@@ -147,7 +160,7 @@ class RequestRun:
                 if sent or attempt == 2:
                     rid = self.job.request_id
                     logger.warning("request %s: %s", rid, down)
-                    raise ApiError(502, f"decode worker {down.worker_id} is unreachable (request id {rid}); retry later", "server_error") from None  # fmt: skip
+                    raise ApiError(502, f"decode worker {down.worker_id} is unreachable (request id {rid}): {public_reason(down.details)}; retry later", "server_error") from None  # fmt: skip
                 logger.warning("request %s: %s; routing again", self.job.request_id, down)
 
     async def _attempt(self) -> AsyncIterator[pb.TokenChunk]:
@@ -263,7 +276,7 @@ class RequestRun:
                 self.svc.state.mark_unhealthy(d.worker_id, d.epoch)
                 raise _DecodeDown(d.worker_id, exc.details()) from None
             logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
-            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}); the router's log has the details", "server_error") from None  # fmt: skip
+            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}): {public_reason(exc.details())}", "server_error") from None  # fmt: skip
 
     # -- cleanup --------------------------------------------------------------------------
 

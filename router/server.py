@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -113,14 +114,23 @@ class Router:
         )
 
     def serve(
-        self, host: str, port: int, on_bound: Callable[[str, int], None] | None = None
+        self,
+        host: str,
+        port: int,
+        on_bound: Callable[[str, int], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
-        """Serve HTTP in the foreground until interrupted (SIGINT/SIGTERM: graceful).
-        ``on_bound(host, port)`` is called with the bound address once it accepts."""
+        """Serve HTTP in the foreground until interrupted (SIGINT/SIGTERM: graceful), on
+        ``sock`` if already bound. ``on_bound(host, port)`` runs once it accepts."""
         server = uvicorn.Server(self.uvicorn_config(host, port))
         if on_bound is not None:
             threading.Thread(target=_report_bound, args=(server, on_bound), daemon=True).start()
-        server.run()
+        try:
+            server.run(sockets=None if sock is None else [sock])
+        except KeyboardInterrupt:  # Ctrl-C is a clean stop, as with uvicorn.run
+            pass
+        if not server.started:  # start-up failed (logged by uvicorn): its exit status
+            raise SystemExit(3)
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> RouterThread:
         return RouterThread(self, host, port)

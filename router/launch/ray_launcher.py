@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 from router.launch.process import setup_worker_process
@@ -156,12 +157,23 @@ class RayWorkers:
         return pg
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
-        """Block until every actor answers ``info()``; returns their infos."""
+        """Block until every actor answers ``info()``; returns their infos. An actor that
+        Ray is restarting is asked again until the deadline."""
         import ray
+        from ray.exceptions import ActorUnavailableError
 
-        refs = {wid: a.info.remote() for wid, a in self.actors.items()}
-        infos = ray.get(list(refs.values()), timeout=timeout_s)
-        return dict(zip(refs, infos, strict=True))
+        deadline = time.monotonic() + timeout_s
+        infos = {}
+        for wid, actor in self.actors.items():
+            while wid not in infos:
+                try:
+                    left = max(deadline - time.monotonic(), 0.1)
+                    infos[wid] = ray.get(actor.info.remote(), timeout=left)
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)  # its restart is under way: ask again
+        return infos
 
     def info_sync(self, worker_id: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
         import ray

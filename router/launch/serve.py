@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -129,6 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from router.server import Router
 
     start = time.monotonic()
+    # Bind first: a taken port fails now, naming it, not after minutes of worker start-up.
+    sock = bind_http(args.host, args.port)
+    port = sock.getsockname()[1]
+    logger.info("router bound to http://%s:%d; starting", args.host, port)
     model = str(args.model or ensure_demo_model())
     config = RouterConfig(
         model=model,
@@ -167,8 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         router = Router(config, source, state=state, discover=state is not None, secret=secret)
         mode = "aggregated" if not args.worker and args.prefill == 0 else "disaggregated"
-        router.launch.serve(args.host, args.port, _announcer(config, mode, start))
+        router.serve(args.host, port, _announcer(config, mode, start), sock=sock)
     finally:
+        sock.close()
         if ray_workers is not None:
             _bounded(lambda: ray_workers.shutdown(disconnect=True), 10.0)
     return 0
@@ -176,6 +182,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0 = any free port), held until the router serves
+    on it, so nothing can take the port meanwhile; a taken port is a ``ValueError``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; stop what holds port {port} "
+            "or pass another --port (0 = any free port)"
+        ) from None
+    return sock
 
 
 def _launch(args: argparse.Namespace, model: str, auth: bool) -> RayWorkers:

@@ -293,7 +293,7 @@ class RedisClusterState:
     def reserve(self, worker_id: str, seen_inflight: int) -> bool:
         """Take one in-flight slot on the worker if its count is still ``seen_inflight``."""
         try:
-            keys, args = [self._k("inflight")], [worker_id, seen_inflight]
+            keys, args = [self._k("inflight"), self._k("workers")], [worker_id, seen_inflight]
             ok = bool(self._call(lambda: self._reserve(keys=keys, args=args)))
         except RedisDown:
             return self.local.reserve(worker_id, seen_inflight)

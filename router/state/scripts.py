@@ -11,6 +11,7 @@ return v
 """
 
 RESERVE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if v ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], v + 1)

@@ -23,6 +23,12 @@ def fake():
     server.stop()
 
 
+LATE_S = 2.0
+"""How late a send may start after its scheduled time: the event loop of a busy 2-core
+machine. A send is never early (the lower bounds), so the schedule is checked exactly
+there."""
+
+
 def bench(fake, requests, endpoint="/v1/completions", **cfg):
     client = ClientConfig(fake.url, "fake-model", endpoint, ignore_eos=True)
     return asyncio.run(run(client, RunConfig(progress=False, **cfg), requests))
@@ -71,7 +77,7 @@ def test_request_rate_spreads_sends(fake):
     result = bench(fake, reqs, request_rate=40.0, seed=3)
     starts = [r.start for r in result.records]
     for got, want in zip(starts, arrival_offsets(8, 40.0, seed=3), strict=True):
-        assert want - 0.001 <= got <= want + 0.5
+        assert want - 0.001 <= got <= want + LATE_S
 
 
 def test_max_concurrency_caps_inflight(fake):
@@ -107,7 +113,7 @@ def test_trace_replay_timestamps_and_cache_hits(fake, small_trace):
     result = bench(fake, reqs, request_rate=0.001)  # ignored: the trace's timestamps rule
     assert result.summary["completed"] == 16
     for r, req in zip(result.records, reqs, strict=True):
-        assert req.arrival_s - 0.001 <= r.start <= req.arrival_s + 0.5
+        assert req.arrival_s - 0.001 <= r.start <= req.arrival_s + LATE_S
     st = fake.state
     assert st.cached_tokens > 0
     assert result.summary["prefix_cache_hit_rate"] == st.cached_tokens / st.prompt_tokens

@@ -28,6 +28,8 @@ def start(
     transports=("tcp",),
     block_size: int = 16,
     chunk: int = 2048,
+    device: str = "cpu",
+    dtype: str = "auto",
     secret: ClusterSecret | None = None,
     interceptors=(),
     **kw,
@@ -36,6 +38,8 @@ def start(
     ``secret`` reaches the worker as a file, as in production."""
     engine = EngineConfig(
         str(model),
+        dtype=dtype,
+        device=device,
         cache=CacheConfig(block_size=block_size, num_blocks=NUM_BLOCKS),
         scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
     )

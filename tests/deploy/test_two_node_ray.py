@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -139,6 +140,7 @@ def _session_members(sid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path):
     base = port_base()
@@ -171,17 +173,36 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
         nodes.start("worker", [str(RAY_DIR / "start-worker.sh"), "--role", "decode", "--address", gcs, "--gpus", "0", "--", *worker_args])  # fmt: skip
         nodes.wait_for("worker", "Ray runtime started", 60)
 
-        def serve(name: str, port: int) -> str:
-            nodes.start(name, [
-                str(RAY_DIR / "launch.sh"), "--ray-address", gcs, "--prefill", "1", "--decode", "1",
-                "--kv-transport", "tcp", "--",
-                "--model", str(tiny_model("llama")), "--served-model-name", "tiny",
-                "--num-kv-blocks", "64", "--port", str(port), "--ray-namespace", "t2n",
-            ])  # fmt: skip
+        def serve(name: str) -> str:
+            nodes.start(
+                name,
+                [
+                    str(RAY_DIR / "launch.sh"),
+                    "--ray-address",
+                    gcs,
+                    "--prefill",
+                    "1",
+                    "--decode",
+                    "1",
+                    "--kv-transport",
+                    "tcp",
+                    "--",
+                    "--model",
+                    str(tiny_model("llama")),
+                    "--served-model-name",
+                    "tiny",
+                    "--num-kv-blocks",
+                    "64",
+                    "--port",
+                    "0",
+                    "--ray-namespace",
+                    "t2n",
+                ],
+            )  # fmt: skip  (the router binds a free port and logs it)
             nodes.wait_for(name, "pdserve ready in", 120)
-            return f"http://127.0.0.1:{port}"
+            return re.search(r"router bound to (http://[^;]+);", nodes.log(name)).group(1)
 
-        first = serve("serve", base + SPAN - 1)
+        first = serve("serve")
         workers = httpx.get(first + "/health", timeout=5).json()["workers"]
         hosts = {w["role"]: w["address"].rsplit(":", 1)[0] for w in workers.values()}
         assert hosts == {"prefill": HEAD_IP, "decode": WORKER_IP}, workers
@@ -193,7 +214,7 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
 
         # a second router naming the same Ray namespace shares the workers, and keeps
         # them when the first one stops
-        second = serve("serve2", base + SPAN - 2)
+        second = serve("serve2")
         assert httpx.get(second + "/health", timeout=5).json()["workers"] == workers
         nodes.interrupt("serve", 30)  # Ctrl-C
         assert nodes.procs["serve"].poll() is not None, nodes.logs()

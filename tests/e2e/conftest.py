@@ -52,7 +52,12 @@ class Cluster:
 
     def router(self, mode: str, **overrides) -> RouterThread:
         """``mode``: ``aggregated`` (decode workers only), a transport name, or ``ray``
-        (workers found through their actors, so restarts are followed)."""
+        (workers found through their actors, so restarts are followed).
+
+        The predicted-TTFT overload check is off unless a test sets it: the tests assert
+        the path each request takes, and the bandwidth the router measures between tiny
+        workers on a busy machine can make remote prefill look overloaded."""
+        overrides.setdefault("prefill_overload_factor", 0.0)
         cfg = RouterConfig(
             str(self.model),
             MODEL_NAME,

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.e2e.test_make_serve import free_port
+from tests.e2e.test_make_serve import BOUND
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.processes import cmd_name, session_pids, wait_session_gone
+from tests.waiting import wait_for_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,39 +37,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
     raise AssertionError(f"not ready in {timeout} s:\n" + log.read_text())
 
 
-def _session(sid: int) -> set[int]:
-    """Live processes of session ``sid`` (zombies count as gone)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] not in "ZX":
-            out.add(int(entry.name))
-    return out
-
-
-def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return ""
-
-
+@pytest.mark.slow
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "router.launch.cli",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-    ]
+    cmd = [sys.executable, "-m", "router.launch.cli", "serve", "--model", str(model), "--port", "0"]
     cmd += ["--prefill-ep-size", "2", "--decode-ep-size", "2", "--num-kv-blocks", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -75,8 +49,8 @@ def test_serve_with_ep_flags(tiny_model, tmp_path):
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        url = f"http://127.0.0.1:{port}"
         try:
+            url = wait_for_line(log, BOUND, proc, timeout=120).group(1)
             workers = _wait_ready(url, proc, log)
             assert sorted((w["role"], w["ep_size"]) for w in workers.values()) == [
                 ("decode", 2),
@@ -89,16 +63,13 @@ def test_serve_with_ep_flags(tiny_model, tmp_path):
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == hf_greedy(model, [prompt], 8)[0]
-            started = _session(proc.pid)  # router, local Ray, 2 EP leaders, 2 followers
-            names = sorted(n for p in started if (n := _name(p)).startswith("ray::"))
+            started = session_pids(proc.pid)  # router, local Ray, 2 EP leaders, 2 followers
+            names = sorted(n for p in started if (n := cmd_name(p)).startswith("ray::"))
             assert names.count("ray::WorkerActor") == 2, names  # the two EP leaders
             assert names.count("ray::EPFollowerActor") == 2, names
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-            assert proc.wait(timeout=60) is not None
-            deadline = time.monotonic() + 30
-            while left := _session(proc.pid) & started:
-                assert time.monotonic() < deadline, f"processes left after stop: {left}"
-                time.sleep(0.2)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]  # a clean stop
+            wait_session_gone(proc.pid, started)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

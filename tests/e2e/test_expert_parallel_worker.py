@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from engine.sampling_params import SamplingParams
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from tests.decode_worker.inproc import spec, start, stub, tokens, wait_all_free
-from tests.decode_worker.test_standalone import _free_port
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.waiting import Threads
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -50,16 +50,15 @@ def _children(pid: int) -> list[int]:
 @contextlib.contextmanager
 def _ep_process(model: Path, role: str, worker_id: str, *extra: str):
     """``pdserve worker --ep-size 2`` as a real process: ``(proc, follower_pid, channel)``."""
-    port = _free_port()
     cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "worker"]
     cmd += ["--role", role, "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--num-kv-blocks", "128", "--worker-id", worker_id, "--kv-transport", "tcp"]
-    cmd += ["--ep-size", "2", "--port", str(port), *extra]
+    cmd += ["--ep-size", "2", "--port", "0", *extra]  # it binds a free port and reports it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
-        assert line.strip() == f"{role} worker {worker_id} serving on 127.0.0.1:{port}", line
+        assert re.fullmatch(rf"{role} worker {worker_id} serving on 127\.0\.0\.1:[1-9]\d*", line.strip()), line  # fmt: skip
         followers = _children(proc.pid)
         assert len(followers) == 1, followers
         with grpc.insecure_channel(line.split()[-1]) as channel:
@@ -92,11 +91,10 @@ def test_local_ep2_worker_equals_hf_and_stops(ep_worker):
     def run(i: int) -> None:
         got[i] = tokens(stub.Generate(spec(f"g{i}", prompts[i], GREEDY), timeout=60))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
+    threads = Threads()
+    for i in range(len(prompts)):
+        threads.start(run, i)
+    threads.join(timeout=90)
     assert [got.get(i) for i in range(len(prompts))] == hf_greedy(model, prompts, 10)
     stats = stub.Stats(pb.StatsRequest(), timeout=10)
     assert stats.ep_size == 2 and sum(stats.expert_tokens) > 0

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
+import grpc
 import httpx
 import pytest
 
+from proto import worker_pb2 as pb
+from proto import worker_pb2_grpc as rpc
 from router.launch.settings import WorkerSettings
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.waiting import Threads, wait_until
 
 from .conftest import MODEL_NAME, NUM_BLOCKS, TRANSPORTS, Cluster, client
 from .faulty_actor import SlowPrefillActor, launch_actors
@@ -40,6 +43,13 @@ def greedy(rt, prompt: list[int]) -> list[int]:
     return r.choices[0].token_ids
 
 
+def reserved(address: str) -> int:
+    """Requests holding reserved blocks on a decode worker, waiting for their KV."""
+    with grpc.insecure_channel(address) as channel:
+        stats = rpc.DecodeServiceStub(channel).Stats(pb.StatsRequest(), timeout=5)
+    return stats.queues["reserved"]
+
+
 def test_prefill_timeout_falls_back_to_local(slow, tiny_model):
     rt = slow.router("tcp", prefill_timeout_s=0.5)
     prompt = make_prompts([30], seed=61)[0]
@@ -54,11 +64,14 @@ def test_prefill_worker_killed_mid_request_completes_locally_then_rejoins(slow, 
     prompts = make_prompts([26, 33], seed=62)
     want = hf_greedy(tiny_model("llama"), prompts, 8)
     result: dict[str, list[int]] = {}
-    t = threading.Thread(target=lambda: result.setdefault("ids", greedy(rt, prompts[0])))
-    t.start()
-    time.sleep(DELAY_S / 3)  # the prefill worker holds the request now
+    threads = Threads()
+    threads.start(lambda: result.setdefault("ids", greedy(rt, prompts[0])))
+    # The decode worker holds the reservation: the router is on its way to (or inside) the
+    # prefill worker's Prefill call, which waits 2 s there before it prefills.
+    decode = slow.infos["fault-decode-0"]["address"]
+    wait_until(lambda: reserved(decode) == 1, timeout=30, what="the reservation")
     os.kill(old["pid"], signal.SIGKILL)
-    t.join(30)
+    threads.join(60)
     assert result["ids"] == want[0]
     assert routed(rt, "local", "prefill_failed") == 1
     # Ray restarts the actor; the router registers the new incarnation (new port, epoch).

@@ -46,7 +46,8 @@ def expected_route(mode: str) -> tuple[str, str]:
 def test_completions_equal_hf(clusters, tiny_model, arch, mode):
     rt = router_for(clusters, arch, mode)
     c = client(rt)
-    prompts = make_prompts([23, 40], seed=41)
+    # Prompts of their own (per mode; each arch has its own cluster): nothing cached yet.
+    prompts = make_prompts([23, 40], seed=141 + MODES.index(mode))
     want = hf_greedy(tiny_model(arch), prompts, MAX_NEW)
     tok = Tokenizer.from_dir(tiny_model(arch))
     before = routed(rt, *expected_route(mode))
@@ -70,8 +71,11 @@ def test_completions_equal_hf(clusters, tiny_model, arch, mode):
             usage = chunk.usage
     assert ids == want[1] and text == tok.decode(want[1])
     assert usage.completion_tokens == MAX_NEW and usage.prompt_tokens == 40
-    assert usage.prompt_tokens_details.cached_tokens >= 0
-    assert routed(rt, *expected_route(mode)) == before + 2
+    assert usage.prompt_tokens_details.cached_tokens == 0
+    again = c.completions.create(model=MODEL_NAME, prompt=prompts[1], **GREEDY, extra_body=EXTRA)
+    assert again.choices[0].token_ids == want[1]
+    assert again.usage.prompt_tokens_details.cached_tokens == 32  # 2 full blocks of 16
+    assert routed(rt, *expected_route(mode)) == before + 3
 
 
 @pytest.mark.parametrize("mode", ["aggregated", "shm"])

@@ -26,10 +26,13 @@ from router.config import RouterConfig
 from router.server import Router
 from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec
-from tests.redis_server import RedisServer, free_port
+from tests.e2e.test_make_serve import BOUND
+from tests.redis_server import RedisServer
+from tests.waiting import wait_for_line, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL_S = 2.0  # workers' --heartbeat-ttl
+LEAVE_MARGIN_S = 2.5  # a busy 2-core machine: Redis, the test and 3 workers share it
 PREFIX_TOKENS = 64  # 4 blocks of 16
 WORKERS = {"p0": "prefill", "d0": "decode", "d1": "decode"}
 
@@ -54,28 +57,19 @@ class Proc:
                 self.p.wait()
 
 
-def worker(model: Path, tmp: Path, url: str, wid: str, port: int | None = None, block_size: int = 16) -> tuple[Proc, str]:  # fmt: skip
-    port = port or free_port()
+def worker(model: Path, tmp: Path, url: str, wid: str, block_size: int = 16) -> Proc:
+    """A ``pdserve worker`` on a port it picks itself (``ready`` reads its address)."""
     args = ["worker", "--role", WORKERS.get(wid, "prefill"), "--model", str(model)]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--worker-id", wid]
+    args += ["--host", "127.0.0.1", "--port", "0", "--worker-id", wid]
     args += ["--num-kv-blocks", "64", "--block-size", str(block_size), "--kv-transport", "tcp"]
     args += ["--redis-url", url, "--heartbeat-ttl", str(TTL_S)]
-    return Proc(args, tmp / f"{wid}-{time.monotonic_ns()}.log"), f"127.0.0.1:{port}"
+    return Proc(args, tmp / f"{wid}-{time.monotonic_ns()}.log")
 
 
 def ready(proc: Proc) -> str:
     line = proc.p.stdout.readline()
     assert "serving on" in line, f"{line!r}; log: {proc.log.read_text()[-2000:]}"
     return line.split()[-1]
-
-
-def wait_until(cond, timeout: float = 30.0) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def health(url: str) -> dict:
@@ -90,20 +84,20 @@ def cluster(tiny_model, tmp_path_factory):
     router_a = None
     try:
         for wid in WORKERS:
-            env["procs"][wid], _ = worker(model, tmp, server.url, wid)
+            env["procs"][wid] = worker(model, tmp, server.url, wid)
         for wid, proc in env["procs"].items():
             env["addr"][wid] = ready(proc)
-        port = free_port()
-        env["procs"]["router_b"] = Proc(
+        env["procs"]["router_b"] = b = Proc(
             ["serve", "--router-only", "--redis-url", server.url, "--model", str(model),
              "--served-model-name", "m", "--local-prefill-tokens", "16", "--host", "127.0.0.1",
-             "--port", str(port)],
+             "--port", "0"],
             tmp / "router_b.log",
         )  # fmt: skip
+        url_b = wait_for_line(b.log, BOUND, b.p, timeout=120).group(1)
         cfg = RouterConfig(str(model), "m", local_prefill_tokens=16)
         state = RedisClusterState(server.url, retry_s=0.3)
         router_a = Router(cfg, [], state=state, discover=True, poll_interval_s=0.2).start_in_thread()  # fmt: skip
-        env["urls"] = [router_a.url, f"http://127.0.0.1:{port}"]
+        env["urls"] = [router_a.url, url_b]
         env["view"] = lambda: RedisClusterState(server.url)
         wait_until(lambda: _healthy(env["urls"][1]) == 3, timeout=90)
         wait_until(lambda: _healthy(env["urls"][0]) == 3)
@@ -164,7 +158,7 @@ def test_workers_publish_prefix_events_and_routers_follow_them(cluster):
     view = cluster["view"]()
     wait_until(lambda: view.match_prefix("d1", hash_blocks(prefix, 16)) == 4, timeout=5)
     for i, url in enumerate(cluster["urls"]):
-        assert cached(complete(url, prefix + [9, i, 9, 9, 9, 9, 9, 9])) >= PREFIX_TOKENS
+        assert cached(complete(url, prefix + [9, i, 9, 9, 9, 9, 9, 9])) == PREFIX_TOKENS
 
 
 def test_two_routers_prefix_hit_rate(cluster):
@@ -175,7 +169,7 @@ def test_two_routers_prefix_hit_rate(cluster):
             out = complete(urls[i % 2], prefix + [7 + i, 8 + g, 9, 10, 11, 12, 13, 14])
             if i:
                 follow_ups += 1
-                hits += cached(out) >= PREFIX_TOKENS
+                hits += cached(out) == PREFIX_TOKENS
     rate = hits / follow_ups
     logging.getLogger(__name__).info("prefix hit rate %.2f (%d/%d)", rate, hits, follow_ups)
     assert rate >= 0.9, f"prefix hit rate {hits}/{follow_ups}"
@@ -193,22 +187,29 @@ def test_restarted_router_loses_nothing(cluster):
     fresh = Router(cfg, [], state=cluster["view"](), discover=True).start_in_thread()
     try:
         for g, prefix in enumerate(prefixes):
-            assert cached(complete(fresh.url, prefix + [g, 9, 9, 9, 9, 9, 9, 9])) >= PREFIX_TOKENS
+            assert cached(complete(fresh.url, prefix + [g, 9, 9, 9, 9, 9, 9, 9])) == PREFIX_TOKENS
     finally:
         fresh.stop()
 
 
 def restart_d1(cluster, view, old_epoch: int) -> int:
-    """Start d1 again on its port; returns its new epoch once every router has it."""
-    port = int(cluster["addr"]["d1"].rsplit(":", 1)[1])
-    proc, _ = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "d1", port)
+    """Start d1 again (on whatever port it gets: routers find its new address in Redis);
+    returns its new epoch once every router has it."""
+    proc = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "d1")
     cluster["procs"]["d1"] = proc
-    assert ready(proc) == cluster["addr"]["d1"]
+    cluster["addr"]["d1"] = address = ready(proc)
     wait_until(lambda: (w := view.get("d1")) is not None and w.healthy and w.epoch != old_epoch)
     new = view.get("d1").epoch
+    assert view.get("d1").address == address
     for url in cluster["urls"]:
         wait_until(lambda url=url: health(url)["workers"]["d1"]["epoch"] == new)
     return new
+
+
+def left_within_bound(took: float, ttl_s: float = TTL_S) -> None:
+    """A killed worker leaves when the TTL of its last heartbeat lapses (the heartbeat is
+    renewed every 0.25 s), not at its next failed request; load can only delay seeing it."""
+    assert took <= ttl_s + LEAVE_MARGIN_S, f"left the candidate set after {took:.2f}s"
 
 
 def test_killed_worker_leaves_and_rejoins_with_new_epoch(cluster):
@@ -216,7 +217,7 @@ def test_killed_worker_leaves_and_rejoins_with_new_epoch(cluster):
     old = view.get("d1").epoch
     cluster["procs"]["d1"].kill(signal.SIGKILL)  # no request meanwhile: the heartbeat alone
     took = wait_until(lambda: [w.worker_id for w in view.workers("decode")] == ["d0"])
-    assert took <= TTL_S + 1.0, f"left the candidate set after {took:.2f}s"
+    left_within_bound(took)
     logging.getLogger(__name__).info("killed worker left the candidate set in %.2fs", took)
     for i in range(4):
         complete(urls[i % 2], [5, 6, 7, i])
@@ -225,14 +226,16 @@ def test_killed_worker_leaves_and_rejoins_with_new_epoch(cluster):
     direct(cluster["addr"]["d1"], prefix)
     wait_until(lambda: view.match_prefix("d1", hash_blocks(prefix, 16)) == 4, timeout=5)
     for i, url in enumerate(urls):  # both routers route to the new incarnation
-        assert cached(complete(url, prefix + [i] * 8)) >= PREFIX_TOKENS
+        assert cached(complete(url, prefix + [i] * 8)) == PREFIX_TOKENS
 
 
 def test_requests_routed_to_a_just_killed_worker_succeed(cluster):
     """Before its heartbeat lapses a dead worker is still a candidate: the first request
     sent there finds it unreachable, marks it down for every router and is routed again."""
     view, urls = cluster["view"](), cluster["urls"]
-    prefix = [60 + i % 20 for i in range(PREFIX_TOKENS)]  # d1 holds it: requests go there
+    prefix = [60 + i % 20 for i in range(PREFIX_TOKENS)]
+    direct(cluster["addr"]["d1"], prefix)  # d1 holds it: requests go there
+    wait_until(lambda: view.match_prefix("d1", hash_blocks(prefix, 16)) == 4, timeout=5)
     old = view.get("d1").epoch
     cluster["procs"]["d1"].kill(signal.SIGKILL)
     for i, url in enumerate(urls):
@@ -256,16 +259,17 @@ def test_redis_restart_keeps_serving_and_resyncs(cluster):
         complete(urls[i % 2], [2, 7, 1, 8, i])
     view = cluster["view"]()
     wait_until(lambda: len(view.workers()) == 3, timeout=10)
-    holder = next(w for w in ("d0", "d1") if view.match_prefix(w, hash_blocks(prefix, 16)) == 4)
-    assert holder  # the workers republished their whole prefix sets
+    # The workers republished their whole prefix sets into the empty Redis.
+    holders = [w for w in ("d0", "d1") if view.match_prefix(w, hash_blocks(prefix, 16)) == 4]
+    assert holders, {w: view.match_prefix(w, hash_blocks(prefix, 16)) for w in ("d0", "d1")}
     for url in urls:
         wait_until(lambda url=url: health(url)["cluster_state"]["connected"] is True)
-        assert cached(complete(url, prefix + [2] * 8)) >= PREFIX_TOKENS
+        assert cached(complete(url, prefix + [2] * 8)) == PREFIX_TOKENS
 
 
 def test_mismatched_layout_refused_with_reason(cluster, caplog):
     with caplog.at_level(logging.ERROR, logger="router.workers"):
-        proc, _ = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "p32", block_size=32)  # fmt: skip
+        proc = worker(cluster["model"], cluster["tmp"], cluster["server"].url, "p32", block_size=32)  # fmt: skip
         assert proc.p.wait(120) == 2
         wait_until(lambda: "refused worker p32" in caplog.text, timeout=5)
     reason = "block_size mismatch: cluster=16, p32=32"

@@ -1,40 +1,41 @@
-"""Run a function on 2 spawned processes joined by a gloo group on 127.0.0.1."""
+"""Run a function on 2 spawned processes joined as an EP group on 127.0.0.1.
+
+The rendezvous store is bound here, in the parent, on a port the OS picks (port 0), and
+held while the ranks run: no port is picked free and bound later by someone else. On
+CPU the group is gloo; with ``device="cuda"`` each rank takes ``cuda:<rank>`` and expert
+traffic goes over NCCL (``engine.parallel.ep.join_ep_group``).
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.ep import join_ep_group
+
+TIMEOUT = timedelta(seconds=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, size: int, port: int, fn, args) -> None:
+def _entry(rank: int, size: int, port: int, device: str, fn, args) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=size,
-        timeout=timedelta(seconds=60),
-    )
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=TIMEOUT)
+    ep = join_ep_group(rank, size, None, device, timeout_s=TIMEOUT.total_seconds(), store=store)
     try:
-        fn(ExpertParallelGroup(rank, size), *args)
+        fn(ep, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_ep(fn, *args, size: int = 2) -> None:
+def spawn_ep(fn, *args, size: int = 2, device: str = "cpu") -> None:
     """``fn(ep, *args)`` on ``size`` ranks; raises if any rank fails."""
-    mp.spawn(_entry, args=(size, _free_port(), fn, args), nprocs=size, join=True)
+    store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)  # fmt: skip
+    mp.spawn(_entry, args=(size, store.port, device, fn, args), nprocs=size, join=True)
+    del store  # held until every rank has finished

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from engine.kv_cache.block_pool import BlockPool
@@ -9,6 +13,13 @@ from engine.kv_cache.hashing import ROOT_HASH, hash_block, hash_blocks
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from tests.engine.hash_spec import (
+    PINNED_1_TO_4,
+    PINNED_1_TO_9_BS4,
+    PINNED_100_TO_149_BS16,
+    spec_block,
+    spec_chain,
+)
 
 
 def _req(rid: str, tokens: list[int]) -> Request:
@@ -43,11 +54,21 @@ def test_allocate_more_than_free_fails_without_change():
 
 def test_chained_hash_is_stable_and_depends_on_parent():
     h0 = hash_block(ROOT_HASH, [1, 2, 3, 4])
-    assert h0 == hash_block(ROOT_HASH, [1, 2, 3, 4])
+    assert h0 == PINNED_1_TO_4 == spec_block(0, [1, 2, 3, 4])  # pinned: the router needs it
     assert hash_block(h0, [5, 6, 7, 8]) != hash_block(ROOT_HASH, [5, 6, 7, 8])
-    assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == [h0, hash_block(h0, [5, 6, 7, 8])]
-    # pinned value: the router computes the same function in other processes
-    assert hash_block(ROOT_HASH, [1, 2, 3, 4]) == h0 == hash_blocks([1, 2, 3, 4], 4)[0]
+    chain = hash_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert chain == PINNED_1_TO_9_BS4 == spec_chain(list(range(1, 10)), 4)
+    assert chain[1] == hash_block(h0, [5, 6, 7, 8])
+    assert hash_blocks(list(range(100, 150)), 16) == PINNED_100_TO_149_BS16
+
+
+def test_hash_is_the_same_in_another_process():
+    """Another interpreter with another ``PYTHONHASHSEED`` gets the pinned value too."""
+    code = "from engine.kv_cache.hashing import hash_blocks; print(hash_blocks(list(range(100, 150)), 16))"  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(PINNED_100_TO_149_BS16)
 
 
 def test_lookup_checks_tokens_on_hit():

@@ -1,7 +1,8 @@
 """Fixtures for the KV transfer conformance suite: every test runs on every backend.
 
 A ``BlockPool`` stands in for the decode engine's allocator; after each test every
-block must be back in it (no leaks), whatever the test did.
+block must be back in it (no leaks), whatever the test did, and no block was freed twice
+(the endpoint's threads free blocks: a double free is recorded and fails the test).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -21,14 +22,20 @@ from kv_transfer import TransferConfig, backend_names, make_client, make_endpoin
 NUM_BLOCKS = 64
 FAST = TransferConfig(
     heartbeat_s=0.2,
-    peer_timeout_s=1.5,
+    peer_timeout_s=30.0,
     reap_interval_s=0.02,
     chunk_bytes=512,
     plane={"shm_region_bytes": "1024", "shm_regions": "2"},
 )
 """Small chunks and shm regions, so even tiny test layers go through several data-path
-messages and the shm backend splits every layer into several descriptors."""
-PEER_DEATH_BOUND_S = FAST.peer_timeout_s + 1.0
+messages and the shm backend splits every layer into several descriptors. The peer
+timeout is long: on a busy 2-core machine a heartbeat thread can be starved for seconds,
+and a healthy transfer must not fail for it (the dead-peer tests use ``DEATH``)."""
+DEATH = replace(FAST, peer_timeout_s=TransferConfig.peer_timeout_s)
+"""The dead-peer tests: the default peer timeout (3 s)."""
+PEER_DEATH_BOUND_S = DEATH.peer_timeout_s + 3.0
+"""A dead peer is noticed one peer timeout after its last frame; the rest is a margin for
+a busy machine (the lease, 60 s in those tests, would fail the transfer much later)."""
 
 
 def tiny_layout(dtype: torch.dtype = torch.float32, block_size: int = 4) -> KVLayout:
@@ -58,6 +65,8 @@ class BlockPool:
         self._free = set(range(num_blocks))
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+        self.double_frees: list[list[int]] = []
+        """Blocks freed twice (recorded: ``free`` runs on the endpoint's threads)."""
 
     def allocate(self, n: int) -> list[int]:
         """``n`` scattered (non-contiguous, unordered) free blocks."""
@@ -68,8 +77,8 @@ class BlockPool:
 
     def free(self, ids: list[int]) -> None:
         with self._lock:
-            twice = self._free.intersection(ids)
-            assert not twice, f"blocks freed twice: {sorted(twice)}"
+            if twice := self._free.intersection(ids):
+                self.double_frees.append(sorted(twice))
             self._free.update(ids)
 
     @property
@@ -102,13 +111,13 @@ def make_pair(backend) -> Callable[..., Pair]:
     """``make_pair(dtype=..., block_size=...)``; closes everything and checks for leaks."""
     made: list[Pair] = []
 
-    def make(dtype: torch.dtype = torch.float32, block_size: int = 4) -> Pair:
+    def make(dtype: torch.dtype = torch.float32, block_size: int = 4, config=FAST) -> Pair:
         layout = tiny_layout(dtype, block_size)
         spec = KVLayoutSpec.from_layout(layout, "test-model")
         pool = BlockPool(NUM_BLOCKS, seed=len(made))
         dst = layout.allocate()
-        endpoint = make_endpoint(backend, layout, dst, spec, pool.free, config=FAST)
-        client = make_client(backend, spec, config=FAST)
+        endpoint = make_endpoint(backend, layout, dst, spec, pool.free, config=config)
+        client = make_client(backend, spec, config=config)
         pair = Pair(backend, layout, spec, pool, endpoint, client, random_caches(layout, 1), dst)
         made.append(pair)
         return pair
@@ -117,6 +126,7 @@ def make_pair(backend) -> Callable[..., Pair]:
     for pair in made:
         pair.client.close()
         pair.endpoint.close()
+        assert not pair.pool.double_frees, f"blocks freed twice on {pair.backend}: {pair.pool.double_frees}"  # fmt: skip
         assert pair.pool.num_free == pair.pool.total, (
             f"{pair.pool.total - pair.pool.num_free} KV blocks leaked on {pair.backend}"
         )

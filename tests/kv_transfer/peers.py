@@ -7,7 +7,7 @@ import time
 
 from kv_transfer import TransferTicket, make_client, make_endpoint
 
-from .conftest import FAST, BlockPool, random_caches, tiny_layout
+from .conftest import DEATH, FAST, BlockPool, random_caches, tiny_layout
 
 
 def _spec():
@@ -22,7 +22,7 @@ def run_sender(backend: str, ticket: TransferTicket, sent, layers: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     layout, spec = _spec()
     src = random_caches(layout, 1)
-    tx = make_client(backend, spec, config=FAST).open(ticket)
+    tx = make_client(backend, spec, config=DEATH).open(ticket)
     for layer in range(layers):
         tx.send_layer(layer, *src[layer], src_block_ids=list(range(len(ticket.block_ids))))
     sent.set()
@@ -34,7 +34,7 @@ def run_receiver(backend: str, tickets) -> None:
     logging.basicConfig(level=logging.WARNING)
     layout, spec = _spec()
     pool = BlockPool(layout.num_blocks)
-    endpoint = make_endpoint(backend, layout, layout.allocate(), spec, pool.free, config=FAST)
+    endpoint = make_endpoint(backend, layout, layout.allocate(), spec, pool.free, config=DEATH)
     rx = endpoint.expect(pool.allocate(4), lease_s=60)
     tickets.put(rx.ticket)
     time.sleep(600)

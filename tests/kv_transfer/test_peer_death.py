@@ -13,7 +13,7 @@ import pytest
 from kv_transfer import TransferState
 
 from . import peers
-from .conftest import PEER_DEATH_BOUND_S, wait_until
+from .conftest import DEATH, PEER_DEATH_BOUND_S, wait_until
 
 CTX = mp.get_context("spawn")
 
@@ -30,7 +30,7 @@ def _reap(proc) -> None:
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_sender_dies(make_pair, how):
-    pair = make_pair()
+    pair = make_pair(config=DEATH)
     dst = pair.pool.allocate(4)
     rx = pair.endpoint.expect(dst, lease_s=60)
     sent = CTX.Event()
@@ -43,13 +43,13 @@ def test_sender_dies(make_pair, how):
         wait_until(lambda: rx.poll() is TransferState.FAILED, timeout=PEER_DEATH_BOUND_S + 2)
         assert time.monotonic() - killed_at <= PEER_DEATH_BOUND_S, rx.error
         assert "sender lost" in rx.error
-        wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=1)
+        wait_until(lambda: pair.pool.num_free == pair.pool.total, timeout=5)
     finally:
         _reap(proc)
 
 
 def test_receiver_dies(make_pair):
-    pair = make_pair()
+    pair = make_pair(config=DEATH)
     tickets = CTX.Queue()
     proc = CTX.Process(target=peers.run_receiver, args=(pair.backend, tickets))
     proc.start()

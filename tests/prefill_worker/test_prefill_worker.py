@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import grpc
 import pytest
 
@@ -12,6 +9,7 @@ from proto import worker_pb2 as pb
 from tests.decode_worker.inproc import NUM_BLOCKS, spec, start, stub, tokens, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.faults import DelayRpc
+from tests.waiting import Threads, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +32,10 @@ def pair(tiny_model):
 def no_leak(pair):
     yield
     wait_all_free(pair)
+
+
+def holds(stub) -> bool:
+    return stub.Stats(pb.StatsRequest(), timeout=5).num_requests == 1
 
 
 def disagg(decode, prefill, rid, prompt, transport="tcp", lease_s=10.0):
@@ -69,11 +71,10 @@ def test_concurrent_prefills_are_batched(pair, tiny_model):
     def run(i: int) -> None:
         got[i] = disagg(decode, prefill, f"c{i}", prompts[i])[0]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    threads = Threads()
+    for i in range(3):
+        threads.start(run, i)
+    threads.join(60)
     assert [got[i] for i in range(3)] == hf_greedy(tiny_model("llama"), prompts, 12)
 
 
@@ -109,12 +110,14 @@ def test_abort_on_both_workers_mid_request(pair):
         except grpc.RpcError as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.2)
+    threads = Threads()
+    threads.start(run)
+    # Mid-request: reserved on the decode worker; the slow prefill worker waits 0.5 s
+    # before it prefills (the request is in its service, not yet in its Stats).
+    wait_until(lambda: holds(decode), timeout=30, what="the decode worker holds 'ab'")
     assert decode.Abort(pb.AbortRequest(request_id="ab")).found
     slow.Abort(pb.AbortRequest(request_id="ab"))
-    t.join(10)
+    threads.join(30)
     assert errors and errors[0].code() == grpc.StatusCode.ABORTED
 
 
@@ -135,11 +138,12 @@ def test_layout_mismatch_is_refused_with_both_values(pair, tiny_model):
         odd.stop()
 
 
-def test_stats_and_info(pair):
-    _, prefill, _ = pair
+def test_stats_and_info(pair, tiny_model):
+    decode, prefill, _ = pair
     info = prefill.Info(pb.InfoRequest())
     assert info.role == "prefill" and info.num_blocks == NUM_BLOCKS
+    prompt = make_prompts([45], seed=38)[0]  # three 16-token chunks: a measured rate
+    assert disagg(decode, prefill, "rate", prompt)[0] == hf_greedy(tiny_model("llama"), [prompt], 12)[0]  # fmt: skip
     stats = prefill.Stats(pb.StatsRequest())
     assert set(stats.queues) == {"waiting", "running", "sending"}
-    # Earlier tests prefilled 16-token chunks here: a measured rate, for the router's TTFT.
-    assert stats.prefill_tokens_per_s > 0
+    assert stats.prefill_tokens_per_s > 0  # for the router's TTFT prediction

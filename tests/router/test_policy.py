@@ -9,8 +9,15 @@ from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from router.policy import CostPolicy, NoWorkerError, RouteRequest
+from engine.tokenizer import Tokenizer
+from router.config import RouterConfig
+from router.job import Job
+from router.metrics import Metrics
+from router.policy import CostPolicy, NoWorkerError, RouteDecision, RouteRequest
+from router.service import RouterService
 from router.state.base import MemoryClusterState, WorkerLoad, WorkerRecord
+from router.workers import Registry
+from tests.engine.hash_spec import PINNED_100_TO_149_BS16, spec_chain
 
 SPEC = KVLayoutSpec("fp", 2, 2, 16, "float32", 16)
 
@@ -31,11 +38,35 @@ def state() -> MemoryClusterState:
     return s
 
 
-def test_router_hashes_equal_the_engine_prefix_cache():
+class Recording(CostPolicy):
+    """The cost policy, keeping the requests the router hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[RouteRequest] = []
+
+    def route(self, request: RouteRequest, state) -> RouteDecision:
+        self.seen.append(request)
+        return super().route(request, state)
+
+
+def test_router_hashes_equal_the_engine_prefix_cache(state, tiny_model):
+    """The router's request hashes and the engine's prefix-cache hashes both equal the spec
+    (an independent re-implementation) and a pinned vector; so the router finds the blocks
+    the engine reported."""
     tokens = list(range(100, 150))
     kv = KVCacheManager(16, 16)
     engine_hashes = kv.block_hashes(Request("r", tokens, SamplingParams()))
-    assert hash_blocks(tokens, 16) == engine_hashes and len(engine_hashes) == 3
+    assert engine_hashes == spec_chain(tokens, 16) == PINNED_100_TO_149_BS16
+    state.apply_block_events("d1", stored=engine_hashes, evicted=[])  # d1's own events
+    policy, registry = Recording(), Registry(state, Metrics())
+    registry.layout = SPEC
+    model = str(tiny_model("llama"))
+    config, tokenizer = RouterConfig(model, "m"), Tokenizer.from_dir(model)
+    service = RouterService(config, state, registry, policy, Metrics(), tokenizer)
+    decision = service.route(Job("cmpl-1", tokens, SamplingParams(), []))
+    assert [r.block_hashes for r in policy.seen] == [PINNED_100_TO_149_BS16]
+    assert (decision.decode.worker_id, decision.cached_blocks) == ("d1", 3)
 
 
 def test_prefix_aware_picks_the_worker_holding_the_prefix(state):

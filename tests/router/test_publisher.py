@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from engine.config import StateConfig
 from engine.kv_cache.layout import KVLayoutSpec
 from router.metrics import Metrics
 from router.state.base import WorkerLoad, WorkerRecord
@@ -16,6 +17,7 @@ from router.state.publisher import LayoutRefused, WorkerPublisher
 from router.state.redis import RedisClusterState
 from router.workers import Registry
 from tests.redis_server import RedisServer
+from tests.waiting import wait_until
 
 SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
 REC = WorkerRecord("d0", "decode", "127.0.0.1:1234", SPEC, 8, 128, epoch=7, ep_size=2)
@@ -42,21 +44,16 @@ def server():
     s.close()
 
 
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.02)
-
-
-def publisher(server, fake, record=REC, prefix="p") -> WorkerPublisher:
-    return WorkerPublisher(server.url, record, fake.snapshot, interval_s=0.05, heartbeat_ttl_s=1.0, prefix=prefix)  # fmt: skip
+def publisher(server, fake, record=REC, prefix="p", ttl_s: float = 1.0) -> WorkerPublisher:
+    state = StateConfig(server.url, heartbeat_ttl_s=ttl_s, prefix=prefix)
+    return WorkerPublisher(state, record, fake.snapshot, interval_s=0.05)
 
 
 def test_publishes_registration_load_and_events(server):
-    fake, prefix = FakeWorker(), uuid.uuid4().hex[:6]
-    pub = publisher(server, fake, prefix=prefix)
+    fake, prefix, ttl_s = FakeWorker(), uuid.uuid4().hex[:6], 2.0
+    pub = publisher(server, fake, prefix=prefix, ttl_s=ttl_s)
     pub.start()
+    registered_at = time.monotonic()
     view = RedisClusterState(server.url, prefix=prefix)
     [w] = view.workers("decode")
     assert (w.worker_id, w.epoch, w.ep_size, w.address) == ("d0", 7, 2, "127.0.0.1:1234")
@@ -70,8 +67,11 @@ def test_publishes_registration_load_and_events(server):
     assert 'pdserve_kv_blocks_in_use{worker="d0"} 3.0' in text
     fake.evicted = [12]
     wait_until(lambda: view.match_prefix("d0", [11, 12]) == 1)
-    time.sleep(1.2)  # past the TTL: the heartbeat keeps it alive
-    assert [w.worker_id for w in view.workers()] == ["d0"]
+    # Watched until two TTLs after registration (the TTL alone would have dropped it after
+    # one): the heartbeats keep it listed all along.
+    while time.monotonic() < registered_at + 2 * ttl_s:
+        assert [w.worker_id for w in view.workers()] == ["d0"]
+        time.sleep(0.05)  # polling cadence
     pub.stop()
     assert view.workers(healthy_only=False) == []
 

@@ -14,6 +14,7 @@ from engine.kv_cache.layout import KVLayoutSpec
 from router.state.base import MemoryClusterState, WorkerLoad, WorkerRecord
 from router.state.redis import RedisClusterState
 from tests.redis_server import RedisServer
+from tests.waiting import Threads, wait_until
 
 SPEC = KVLayoutSpec("fp", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
 
@@ -91,7 +92,8 @@ def test_inflight_and_reservation(state):
     assert state.reserve("d0", 0) is True
     assert state.reserve("d0", 0) is False  # someone else took it since we looked
     assert state.get("d0").inflight == 1
-    assert state.reserve("nope", 0) is False or isinstance(state, RedisClusterState)
+    assert state.reserve("nope", 0) is False  # an unregistered worker has no slot to take
+    assert state.get("nope") is None
 
 
 def test_routers_share_state(server):
@@ -120,25 +122,30 @@ def test_reservation_is_atomic_across_routers(server):
         go.wait()
         won.append(r.reserve("d0", 0))
 
-    threads = [threading.Thread(target=take, args=(r,)) for r in routers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = Threads()
+    for r in routers:
+        threads.start(take, r)
+    threads.join(30)
     assert sorted(won) == [False] * 7 + [True]
     assert routers[3].get("d0").inflight == 1
 
 
 def test_heartbeat_ttl_lapses(server):
-    s = redis_state(server, f"t{uuid.uuid4().hex[:8]}", heartbeat_ttl_s=1.0)
+    """Each heartbeat renews the worker's TTL; without heartbeats it lapses, no sooner than
+    one TTL after the last one. Time is read from Redis (the key's PTTL), never slept."""
+    prefix, ttl_ms = f"t{uuid.uuid4().hex[:8]}", 2000
+    s = redis_state(server, prefix, heartbeat_ttl_s=ttl_ms / 1000)
+    alive = server.client()
+    key = f"{prefix}:alive:d0"
     s.register(rec("d0"))
+    assert 0 < alive.pttl(key) <= ttl_ms and len(s.workers("decode")) == 1
+    wait_until(lambda: alive.pttl(key) < ttl_ms / 2, timeout=ttl_ms / 1000 + 5)
+    renewed_at = time.monotonic()
+    s.heartbeat("d0", WorkerLoad())
+    assert alive.pttl(key) > ttl_ms / 2, "the heartbeat did not renew the TTL"
     assert len(s.workers("decode")) == 1
-    time.sleep(0.6)
-    s.heartbeat("d0", WorkerLoad())  # renewed: alive past the first TTL
-    time.sleep(0.6)
-    assert len(s.workers("decode")) == 1
-    time.sleep(0.9)
-    assert s.workers("decode") == []
+    wait_until(lambda: s.workers("decode") == [], timeout=ttl_ms / 1000 + 10)
+    assert time.monotonic() - renewed_at >= ttl_ms / 1000 - 0.05, "lapsed before its TTL"
     assert len(s.workers("decode", healthy_only=False)) == 1
 
 
@@ -164,9 +171,8 @@ def test_redis_down_keeps_last_state_and_resyncs():
         assert s.match_prefix("d0", [1, 2]) == 2
         s.heartbeat("d0", WorkerLoad(num_running=1))
         server.start()  # empty: no persistence
-        time.sleep(0.15)
-        s.heartbeat("d0", WorkerLoad(num_running=2))
-        assert s.health()["connected"] is True
+        # Redis is retried every retry_s: some heartbeat after that finds it again.
+        wait_until(lambda: (s.heartbeat("d0", WorkerLoad(num_running=2)), s.health()["connected"])[1])  # fmt: skip
         fresh = RedisClusterState(server.url, prefix="down")
         [w] = fresh.workers("decode")
         assert (w.worker_id, w.load.num_running) == ("d0", 2)
