@@ -43,7 +43,7 @@ def redact_url(url: str) -> str:
             user = parts.username or ""
             host = netloc.rsplit("@", 1)[1]
             netloc = f"{user}:***@{host}"
-        out = urlunsplit(parts._replace(netloc=netloc))
+        out = urlunsplit(parts._replace(netloc=netloc)) if netloc != parts.netloc else url
     except ValueError:  # not parseable: show nothing that could be a credential
         return "<unparseable redis url>"
     return _SECRET_QUERY.sub(r"\1***", out)

@@ -32,7 +32,9 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    start_ray(None, "127.0.0.2", num_cpus=8)
+    # Logical CPUs only count actors: session-scoped clusters (one per arch) hold theirs
+    # until the end, and module clusters start beside them.
+    start_ray(None, "127.0.0.2", num_cpus=64)
     yield
     ray.shutdown()
 
