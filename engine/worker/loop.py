@@ -133,6 +133,10 @@ class EngineLoop:
         """Queue an event (no answer); safe from any thread, the engine thread included."""
         self._queue.put((event, None))
 
+    def wake(self) -> None:
+        """Run an iteration now (an idle loop otherwise waits up to ``IDLE_WAKE_S``)."""
+        self._queue.put((None, None))
+
     def health(self) -> LoopHealth:
         """The loop's real state, read without waiting for the loop."""
         since = 0.0 if self._idle else time.monotonic() - self._progress

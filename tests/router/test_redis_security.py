@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from router.state.redis import RedisClusterState
-from router.state.redis_conn import ENV_PASSWORD, RedisOptions, redact_url
+from router.state.redis_conn import ENV_PASSWORD, RedisOptions, client_kwargs, redact_url
 from tests.redis_server import RedisServer
 from tests.router.test_redis_state import rec
 
@@ -62,11 +62,11 @@ def test_security_password_from_a_file_or_the_environment(locked, tmp_path, monk
 def test_security_password_in_url_and_file_conflict(tmp_path):
     (tmp_path / "pw").write_text("x")
     with pytest.raises(ValueError, match=r"has a password and a password file.*keep one"):
-        RedisOptions(password_file=str(tmp_path / "pw")).client_kwargs("redis://:y@h:1/0")
+        client_kwargs(RedisOptions(password_file=str(tmp_path / "pw")), "redis://:y@h:1/0")
     with pytest.raises(ValueError, match=r"need a TLS URL \(rediss://"):
-        RedisOptions(ca_file=str(tmp_path / "pw")).client_kwargs("redis://h:1/0")
+        client_kwargs(RedisOptions(ca_file=str(tmp_path / "pw")), "redis://h:1/0")
     with pytest.raises(ValueError, match="cannot read the Redis password file"):
-        RedisOptions(password_file=str(tmp_path / "missing")).client_kwargs("redis://h:1/0")
+        client_kwargs(RedisOptions(password_file=str(tmp_path / "missing")), "redis://h:1/0")
 
 
 def test_security_tls_with_a_ca_file(tmp_path):
