@@ -21,11 +21,11 @@ from typing import Protocol
 
 import grpc
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
 from engine.worker.convert import params_to_pb
 from proto import worker_pb2 as pb
-from router.config import RouterConfig
 from router.detok import TextStream
 from router.job import Job, Output
 from router.metrics import Metrics

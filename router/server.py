@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
+from engine.config.router import RouterConfig
 from engine.security import ClusterSecret
 from engine.tokenizer import Tokenizer
 from router.app import create_app
-from router.config import RouterConfig
 from router.metrics import Metrics
 from router.policy import CostPolicy, RoutingPolicy
 from router.service import RouterService

@@ -7,10 +7,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
 from router.api import Shaper
-from router.config import RouterConfig
 from router.job import Job, Output
 from router.jobs import JobBuilder
 from router.metrics import Metrics

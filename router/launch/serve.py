@@ -125,8 +125,8 @@ def worker_transports(choice: str) -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.config.router import RouterConfig
     from engine.tiny_model import ensure_demo_model
-    from router.config import RouterConfig
     from router.server import Router
 
     start = time.monotonic()

@@ -16,9 +16,9 @@ import grpc
 import openai
 import pytest
 
+from engine.config.router import RouterConfig
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.config import RouterConfig
 from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
 from router.server import Router, RouterThread
 

@@ -9,8 +9,8 @@ import time
 import httpx
 
 import engine.worker.host as host_mod
+from engine.config.router import RouterConfig
 from engine.worker.host import RunningWorker
-from router.config import RouterConfig
 from router.server import Router, RouterThread
 
 from .conftest import MODEL_NAME

@@ -19,10 +19,10 @@ import grpc
 import httpx
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.config import RouterConfig
 from router.server import Router
 from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from router.config import RouterConfig
+from engine.config.router import RouterConfig
 from router.server import Router
 from router.state.redis import RedisClusterState
 from tests.engine.hf_reference import hf_greedy, make_prompts

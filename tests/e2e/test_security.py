@@ -21,11 +21,11 @@ import grpc
 import httpx
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.grpc_auth import call_metadata
 from engine.security import ClusterSecret
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.config import RouterConfig
 from router.server import Router
 from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
-from router.config import RouterConfig
+from engine.config.router import RouterConfig
 from router.server import Router
 from tests.decode_worker.inproc import start, stub, wait_all_free
 from tests.e2e.test_parity import routed

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 import router.run
+from engine.config.router import RouterConfig
 from engine.tokenizer import Tokenizer
-from router.config import RouterConfig
 from router.server import Router
 from tests.decode_worker.inproc import stub, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts

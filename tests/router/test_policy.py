@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from router.config import RouterConfig
 from router.job import Job
 from router.metrics import Metrics
 from router.policy import CostPolicy, NoWorkerError, RouteDecision, RouteRequest

@@ -6,7 +6,7 @@ import logging
 
 import httpx
 
-from router.config import RouterConfig
+from engine.config.router import RouterConfig
 from router.server import Router
 from tests.decode_worker.inproc import start, stub, wait_all_free
 
