@@ -159,11 +159,13 @@ class Cluster:
 
 
 def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], object]:
-    from router.launch.ray_launcher import RayWorkers, WorkerSettings, start_ray
+    from engine.config import EngineConfig, WorkerConfig
+    from router.launch.ray_launcher import RayWorkers, start_ray
 
     start_ray(None, "127.0.0.2", num_cpus=8)
     workers = RayWorkers()
-    settings = WorkerSettings(model=model, kv_transports=("tcp", "shm"))
+    engine = EngineConfig(model, device="auto")  # each worker's node resolves it
+    settings = WorkerConfig("decode", engine, kv_transports=("tcp", "shm"))
     clusters = {s.name: Cluster(s, model, workers) for s in SETUPS}
     for c in clusters.values():
         c.launch(settings)

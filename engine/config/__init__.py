@@ -8,6 +8,8 @@ from engine.config.engine import (
     ParallelConfig,
     SchedulerConfig,
 )
+from engine.config.router import RouterConfig
+from engine.config.serve import RayConfig, ServeConfig
 from engine.config.state import RedisOptions, StateConfig
 from engine.config.transfer import TransferConfig
 from engine.config.worker import LEASE_S, Role, Transport, WorkerConfig
@@ -18,9 +20,12 @@ __all__ = [
     "DTypeName",
     "EngineConfig",
     "ParallelConfig",
+    "RayConfig",
     "RedisOptions",
     "Role",
+    "RouterConfig",
     "SchedulerConfig",
+    "ServeConfig",
     "StateConfig",
     "TransferConfig",
     "Transport",

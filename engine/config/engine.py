@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from engine.config.fields import per_role
+from engine.config.fields import cli_default, flag, per_role
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -18,12 +18,13 @@ class CacheConfig:
 
     block_size: int = 16
     """Tokens per KV block."""
-    num_blocks: int | None = None
+    num_blocks: int | None = field(default=None, metadata=flag("--num-kv-blocks"))
     """Blocks in the pool; ``None`` sizes the pool from ``kv_cache_memory_bytes``."""
-    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    kv_cache_memory_bytes: int = field(default=256 * 1024 * 1024, metadata=flag(None))
     """Memory budget for K and V of all layers when ``num_blocks`` is ``None``."""
-    enable_prefix_caching: bool = True
-    """Reuse full blocks whose chained token hash matches an earlier request."""
+    enable_prefix_caching: bool = field(default=True, metadata=flag("--no-prefix-caching"))
+    """Reuse full blocks whose chained token hash matches an earlier request (the flag
+    turns it off)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -45,7 +46,7 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens + prefill chunk tokens)."""
     max_num_seqs: int = 128
     """Most sequences in one step."""
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = field(default=True, metadata=flag(None))
     """Split a prompt that does not fit the step budget across steps."""
 
     def __post_init__(self) -> None:
@@ -73,23 +74,26 @@ class ParallelConfig:
 class EngineConfig:
     """Everything an :class:`~engine.engine.LLMEngine` needs."""
 
-    model: str
+    model: str = field(metadata=cli_default(None, "the tiny demo model"))
     """Local directory of a Hugging Face checkpoint (config.json + safetensors)."""
     dtype: DTypeName = "auto"
     """Weights and KV dtype; ``auto`` = float32 on CPU, bfloat16 on CUDA."""
-    device: str = "cpu"
-    """Torch device to run on."""
+    device: str = field(default="cpu", metadata=cli_default("auto", "cuda if available"))
+    """Torch device to run on: cpu, cuda, cuda:N, or auto (cuda if available, else cpu:
+    resolved on the worker's own node)."""
     max_model_len: int | None = None
     """Longest prompt + output; ``None`` = the model's ``max_position_embeddings``."""
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """``auto``, ``torch`` or ``triton`` (``auto`` = triton on CUDA, torch otherwise)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag(None))
     """Seed for requests that give none."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.device != "auto":
+            torch.device(self.device)  # a bad name fails here, naming it
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -100,3 +104,10 @@ class EngineConfig:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: cuda if this node has it, else cpu; any other name as it is."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,7 +33,9 @@ class WorkerConfig:
     """prefill: computes prompts and streams their KV; decode: receives KV and decodes
     (and prefills locally)."""
     engine: EngineConfig
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig, metadata=flag(None))
+    """The KV plane's tuning and backend options (no flags; ``host`` and ``secret`` are
+    filled from this worker's)."""
     state: StateConfig = field(default_factory=StateConfig)
     host: str | None = None
     """gRPC and KV endpoint bind address (default: this node's address, never 0.0.0.0)."""

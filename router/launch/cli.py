@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from router.launch.flags import add_engine_flags, add_serve_flags, add_worker_flags, engine_config
+
 
 def _configure_threads() -> None:
     # Small CPU boxes: more than one OpenMP thread makes small matmuls ~200x slower
@@ -26,19 +28,6 @@ def _configure_threads() -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local HF checkpoint dir (default: the tiny demo model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-
-
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from engine.tiny_model import make_tiny_model
 
@@ -48,25 +37,9 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from engine import LLM, SamplingParams
-    from engine.tiny_model import ensure_demo_model
 
-    model = args.model or ensure_demo_model()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    llm = LLM(
-        model,
-        dtype=args.dtype,
-        device=device,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching,
-        attention_backend=args.attention_backend,
-    )
+    llm = LLM(engine_config(args))  # --device auto resolves in the engine
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -103,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
     gen = sub.add_parser("generate", help="offline generation")
-    add_engine_args(gen)
+    add_engine_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -113,16 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_cmd_generate)
 
-    from router.launch.serve import add_serve_args, add_worker_args, cmd_serve, cmd_worker
+    from router.launch.serve import cmd_serve, cmd_worker
 
     serve = sub.add_parser("serve", help="serve the OpenAI API with prefill/decode workers")
-    add_engine_args(serve)
-    add_serve_args(serve)
+    add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run one prefill or decode worker (no Ray)")
-    add_engine_args(worker)
-    add_worker_args(worker)
+    add_worker_flags(worker)
     worker.set_defaults(func=cmd_worker)
 
     from bench.serve.cli import add_bench_commands

@@ -1,8 +1,9 @@
 """Workers as Ray actors: placed by Ray, restarted by Ray, found by the router.
 
 Each actor starts a worker (engine thread + gRPC server bound to its node's address) in
-its own process and answers ``info()`` with plain values. Settings travel as JSON; all
-request traffic is gRPC with protobuf. A dead actor is restarted (``max_restarts=-1``)
+its own process and answers ``info()`` with plain values. Its ``WorkerConfig`` travels
+whole as JSON (engine/config/tree.py; secrets as file paths); all request traffic is gRPC
+with protobuf. A dead actor is restarted (``max_restarts=-1``)
 with a new port and epoch; the router's supervisor re-reads ``info()`` and re-registers.
 
     launch():  ray.remote(WorkerActor).options(num_gpus=1 | num_cpus=1, max_restarts=-1,
@@ -24,10 +25,12 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
+from engine.config import WorkerConfig
+from engine.config.tree import from_json, to_json
 from router.launch.process import setup_worker_process
-from router.launch.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +39,19 @@ class WorkerActor:
     """A worker process under Ray (wrapped with ``ray.remote`` in :func:`launch`)."""
 
     def __init__(
-        self, role: str, worker_id: str, settings_json: str, placement_group: Any = None
+        self, role: str, worker_id: str, config_json: str, placement_group: Any = None
     ) -> None:
         setup_worker_process()
         import ray
 
-        settings = WorkerSettings.from_json(settings_json)
         host = ray.util.get_node_ip_address()
-        config = settings.worker_config(role, worker_id, host)
+        config = from_json(WorkerConfig, config_json)
+        config = replace(config, role=role, worker_id=worker_id, host=config.host or host)
         ep, self.followers = None, []
-        if settings.ep_size > 1:
+        if config.engine.parallel.ep_size > 1:
             from router.launch.ep_launch import start_ray_ep_group
 
-            ep, self.followers = start_ray_ep_group(settings, config, placement_group, host)
+            ep, self.followers = start_ray_ep_group(config, placement_group, host)
         self.running = self._start(config, ep)
 
     def _start(self, config, ep):
@@ -127,7 +130,8 @@ class RayWorkers:
         self.namespace = namespace
         self.placement_groups: list[Any] = []
 
-    def launch(self, role: str, count: int, settings: WorkerSettings, prefix: str = "") -> None:
+    def launch(self, role: str, count: int, config: WorkerConfig, prefix: str = "") -> None:
+        """``count`` workers of ``role`` from ``config`` (each gets its id and node address)."""
         import ray
 
         options = {"max_restarts": -1, "max_task_retries": 0, **_placement(role)}
@@ -135,9 +139,9 @@ class RayWorkers:
             worker_id = f"{prefix}{role}-{i}"
             if self.namespace:
                 options.update(name=worker_id, namespace=self.namespace, lifetime="detached", get_if_exists=True)  # fmt: skip
-            pg = self._ep_placement(options, settings.ep_size)
+            pg = self._ep_placement(options, config.engine.parallel.ep_size)
             cls = ray.remote(WorkerActor).options(**options)
-            self.actors[worker_id] = cls.remote(role, worker_id, settings.to_json(), pg)
+            self.actors[worker_id] = cls.remote(role, worker_id, to_json(config), pg)
 
     def _ep_placement(self, options: dict[str, Any], ep_size: int) -> Any:
         """For EP: a placement group of one bundle per rank; the leader takes bundle 0."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 
+from engine.config import WorkerConfig
+from engine.config.tree import to_json
 from router.launch.ray_launcher import RayWorkers, WorkerActor
-from router.launch.settings import WorkerSettings
 from router.launch.worker_main import start_worker
 from tests.faults import DelayRpc
 
@@ -39,7 +40,7 @@ class SlowPrefillActor(WorkerActor):
 
 
 def launch_actors(
-    actor, settings: WorkerSettings, prefix: str, prefill: int, decode: int, *args
+    actor, config: WorkerConfig, prefix: str, prefill: int, decode: int, *args
 ) -> RayWorkers:
     """Like ``RayWorkers.launch`` (restarted by Ray, one CPU each) with a test actor class;
     ``args`` follow the placement group in its constructor."""
@@ -50,9 +51,9 @@ def launch_actors(
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
             wid = f"{prefix}{role}-{i}"
-            workers.actors[wid] = cls.remote(role, wid, settings.to_json(), None, *args)
+            workers.actors[wid] = cls.remote(role, wid, to_json(config), None, *args)
     return workers
 
 
-def launch_faulty(settings: WorkerSettings, prefix: str, prefill: int, decode: int) -> RayWorkers:
-    return launch_actors(FaultyWorkerActor, settings, prefix, prefill, decode)
+def launch_faulty(config: WorkerConfig, prefix: str, prefill: int, decode: int) -> RayWorkers:
+    return launch_actors(FaultyWorkerActor, config, prefix, prefill, decode)

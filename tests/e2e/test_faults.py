@@ -14,11 +14,10 @@ import pytest
 
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.launch.settings import WorkerSettings
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.waiting import Threads, wait_until
 
-from .conftest import MODEL_NAME, NUM_BLOCKS, TRANSPORTS, Cluster, client
+from .conftest import MODEL_NAME, Cluster, client, worker_config
 from .faulty_actor import SlowPrefillActor, launch_actors
 from .test_parity import routed
 
@@ -28,8 +27,8 @@ DELAY_S = 2.0
 @pytest.fixture(scope="module")
 def slow(ray_session, tiny_model):
     model = tiny_model("llama")
-    settings = WorkerSettings(model=str(model), num_kv_blocks=NUM_BLOCKS, kv_transports=TRANSPORTS)  # fmt: skip
-    cluster = Cluster(model, launch_actors(SlowPrefillActor, settings, "fault-", 1, 1, DELAY_S))
+    workers = launch_actors(SlowPrefillActor, worker_config(model), "fault-", 1, 1, DELAY_S)
+    cluster = Cluster(model, workers)
     cluster.refresh()
     yield cluster
     cluster.stop()
