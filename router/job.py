@@ -1,13 +1,21 @@
-"""What the router runs: a request's job (prompt, sampling, stop strings) and the outputs
-it yields, one per step."""
+"""What the router runs: a request's job (prompt, sampling, stop strings), the outputs it
+yields, one per step, and what running it needs of the router's service."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from engine.config import RouterConfig
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from proto import worker_pb2 as pb
+from router.metrics import Metrics
+from router.policy import RouteDecision, RoutingPolicy
+from router.state.base import ClusterState, WorkerRecord
+from router.state_calls import StateCalls
+from router.workers import Registry
 
 
 @dataclass
@@ -30,3 +38,22 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+
+
+class RouterService(Protocol):
+    """What a run needs of the router's service (router/service.py)."""
+
+    config: RouterConfig
+    state: ClusterState
+    registry: Registry
+    policy: RoutingPolicy
+    metrics: Metrics
+    tokenizer: Tokenizer
+
+    io: StateCalls
+
+    async def route(self, job: Job) -> RouteDecision: ...
+
+    def transport(self, p: WorkerRecord, d: WorkerRecord) -> str: ...
+
+    def background(self, coro) -> None: ...

@@ -26,7 +26,9 @@ from router.app import create_app
 from router.metrics import Metrics
 from router.policy import CostPolicy, RoutingPolicy
 from router.service import RouterService
-from router.state.base import ClusterState, MemoryClusterState
+from router.state.base import ClusterState
+from router.state.memory import MemoryClusterState
+from router.state_calls import StateCalls
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ class Router:
         self.config = config
         self.state = state or MemoryClusterState()
         self.metrics = Metrics()
-        self.registry = Registry(self.state, self.metrics, poll_interval_s, secret=secret)
+        self.io = StateCalls(self.state)
+        self.registry = Registry(
+            self.state, self.metrics, poll_interval_s, io=self.io, secret=secret
+        )
         self.policy = policy or CostPolicy(
             config.local_prefill_tokens, overload_factor=config.prefill_overload_factor
         )
@@ -80,6 +85,7 @@ class Router:
                 await task
             await self.service.close()  # aborts still in flight reach the workers first
             await self.registry.close()
+            self.io.close()
 
     async def sync(self) -> None:
         if self.discover:

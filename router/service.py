@@ -38,6 +38,8 @@ class RouterService:
     ) -> None:
         self.config = config
         self.state, self.registry, self.policy = state, registry, policy
+        self.io = registry.io
+        """Cluster-state calls, off the event loop when they block (router/state_calls.py)."""
         self.metrics, self.tokenizer = metrics, tokenizer
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -89,7 +91,7 @@ class RouterService:
         blocks hold (a longer request could never be scheduled, and would hang)."""
         lens = [
             min(w.max_model_len, w.num_blocks * w.layout.block_size)
-            for w in self.state.workers(healthy_only=False)
+            for w in self.registry.known_workers()
         ]
         return min(lens) if lens else None
 
@@ -147,27 +149,30 @@ class RouterService:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
         self.jobs.close()
 
-    def route(self, job: Job, attempts: int = 3) -> RouteDecision:
+    async def route(self, job: Job, attempts: int = 3) -> RouteDecision:
         """Route ``job`` and hold one in-flight slot on its decode worker (the caller
         releases it with ``state.add_inflight(worker, -1)``).
 
-        The slot is taken with ``state.reserve``: when another router took the worker
-        since this one read its load, route again on the fresh state.
+        One decision reads the state once (``state.view``: for Redis one round trip, off
+        the event loop) and takes the slot with ``state.reserve``, a compare-and-increment:
+        when another router took the worker since this one read its load, route again on
+        the fresh state.
         """
         layout = self.registry.layout
         hashes = hash_blocks(job.prompt, layout.block_size) if layout else []
         for _ in range(attempts):
+            view = await self.io(self.state.view, hashes)
             try:
-                decision = self.policy.route(RouteRequest(len(job.prompt), hashes), self.state)
+                decision = self.policy.route(RouteRequest(len(job.prompt), hashes), view)
             except NoWorkerError as exc:
                 raise ApiError(
                     503, f"{exc}; retry later", "service_unavailable", headers={"Retry-After": "5"}
                 ) from None
             d = decision.decode
-            if self.state.reserve(d.worker_id, d.inflight):
+            if await self.io(self.state.reserve, d.worker_id, d.inflight):
                 return decision
             self.metrics.reservation_conflicts.inc()
-        self.state.add_inflight(d.worker_id, 1)  # contended: take it anyway
+        await self.io(self.state.add_inflight, d.worker_id, 1)  # contended: take it anyway
         return decision
 
     def transport(self, p: WorkerRecord, d: WorkerRecord) -> str:

@@ -17,7 +17,8 @@ from engine.worker.host import RunningWorker, start_role
 from engine.worker.info import stats_response
 from engine.worker.roles import RoleWorker, get_role
 from router.launch import roles
-from router.state.publisher import WorkerPublisher, load_from_stats, record_from_info
+from router.state.base import load_from_stats, record_from_info
+from router.state.publisher import WorkerPublisher
 
 
 def start_worker(

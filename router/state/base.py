@@ -1,7 +1,10 @@
 """Routing state behind the ``ClusterState`` protocol: workers, their load, prefix index.
 
-``MemoryClusterState`` is the embedded default (one router). ``RedisClusterState``
-(router/state/redis.py, ``--redis-url``) shares the same protocol between several routers.
+``MemoryClusterState`` (router/state/memory.py) is the embedded default (one router).
+``RedisClusterState`` (router/state/redis.py, ``--redis-url``) shares the same protocol
+between several routers. A routing decision reads a ``ClusterView``: the workers with
+their load and in-flight counts and the request's prefix matches, taken in one go (for
+Redis, one round trip).
 
 The prefix index maps each worker to the chained block hashes (engine/kv_cache/hashing)
 of prompts it was sent, most recent last, capped at the worker's block count, corrected by
@@ -11,13 +14,13 @@ approximation of what its prefix cache holds.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec_pb import spec_from_pb
 
 Role = Literal["prefill", "decode"]
 
@@ -58,6 +61,46 @@ class WorkerRecord:
     load: WorkerLoad = field(default_factory=WorkerLoad)
     inflight: int = 0
     """Requests this router has in flight on the worker (load not yet in Stats)."""
+
+
+class ClusterReader(Protocol):
+    """What a routing policy reads (a ``ClusterView``, or a state itself)."""
+
+    def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
+        """Registered workers, optionally of one role and only the healthy ones."""
+
+    def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
+        """How many leading blocks of ``block_hashes`` the worker is believed to hold."""
+
+    def view(self, block_hashes: list[int]) -> ClusterView:
+        """Everything one routing decision reads, at once (Redis: one round trip)."""
+
+    blocking: bool
+    """Its calls wait on the network: async callers run them off the event loop."""
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The state one routing decision needs, read at once: every registered worker (load,
+    in-flight count, health) and how much of this request's prompt each decode worker
+    holds. A ``ClusterReader`` for ``block_hashes`` only."""
+
+    records: tuple[WorkerRecord, ...]
+    block_hashes: tuple[int, ...]
+    prefix: Mapping[str, int] = field(default_factory=dict)
+    """Decode worker id -> leading blocks of ``block_hashes`` it is believed to hold."""
+
+    def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
+        return [
+            w
+            for w in self.records
+            if (role is None or w.role == role) and (w.healthy or not healthy_only)
+        ]
+
+    def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
+        if tuple(block_hashes) != self.block_hashes:
+            raise ValueError("a ClusterView answers only for the block hashes it was read for")
+        return self.prefix.get(worker_id, 0)
 
 
 class ClusterState(Protocol):
@@ -102,93 +145,38 @@ class ClusterState(Protocol):
     def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
         """How many leading blocks of ``block_hashes`` the worker is believed to hold."""
 
+    def view(self, block_hashes: list[int]) -> ClusterView:
+        """Everything one routing decision reads, at once (Redis: one round trip)."""
 
-class MemoryClusterState:
-    """In-process ``ClusterState``; thread-safe."""
+    blocking: bool
+    """Its calls wait on the network: async callers run them off the event loop."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._workers: dict[str, WorkerRecord] = {}
-        self._prefix: dict[str, OrderedDict[int, None]] = {}
 
-    def register(self, worker: WorkerRecord) -> None:
-        with self._lock:
-            old = self._workers.get(worker.worker_id)
-            if old is None or old.epoch != worker.epoch:
-                self._prefix[worker.worker_id] = OrderedDict()
-            self._workers[worker.worker_id] = worker
+def record_from_info(info, address: str = "") -> WorkerRecord:
+    """A worker's ``InfoResponse`` as its registry record."""
+    return WorkerRecord(
+        worker_id=info.worker_id,
+        role=info.role,
+        address=info.address or address,
+        layout=spec_from_pb(info.layout),
+        num_blocks=info.num_blocks,
+        max_model_len=info.max_model_len,
+        epoch=info.epoch,
+        hostname=info.hostname,
+        ep_size=info.ep_size or 1,
+        kv_transports=tuple(info.kv_transports),
+    )
 
-    def deregister(self, worker_id: str) -> None:
-        with self._lock:
-            self._workers.pop(worker_id, None)
-            self._prefix.pop(worker_id, None)
 
-    def _update(self, worker_id: str, **changes) -> None:
-        with self._lock:
-            w = self._workers.get(worker_id)
-            if w is not None:
-                self._workers[worker_id] = replace(w, **changes)
-
-    def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
-        self._update(worker_id, load=load, healthy=True, last_heartbeat=time.monotonic())
-
-    def mark_unhealthy(self, worker_id: str, epoch: int | None = None) -> None:
-        with self._lock:
-            w = self._workers.get(worker_id)
-            if w is not None and epoch in (None, w.epoch):
-                self._workers[worker_id] = replace(w, healthy=False)
-
-    def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
-        with self._lock:
-            return [
-                w
-                for w in self._workers.values()
-                if (role is None or w.role == role) and (w.healthy or not healthy_only)
-            ]
-
-    def get(self, worker_id: str) -> WorkerRecord | None:
-        with self._lock:
-            return self._workers.get(worker_id)
-
-    def add_inflight(self, worker_id: str, delta: int) -> None:
-        with self._lock:
-            w = self._workers.get(worker_id)
-            if w is not None:
-                self._workers[worker_id] = replace(w, inflight=max(0, w.inflight + delta))
-
-    def reserve(self, worker_id: str, seen_inflight: int) -> bool:
-        with self._lock:
-            w = self._workers.get(worker_id)
-            if w is None or w.inflight != seen_inflight:
-                return False
-            self._workers[worker_id] = replace(w, inflight=w.inflight + 1)
-            return True
-
-    def health(self) -> dict:
-        return {"backend": "memory", "connected": True}
-
-    def record_prefix(self, worker_id: str, block_hashes: list[int]) -> None:
-        self.apply_block_events(worker_id, block_hashes, [])
-
-    def apply_block_events(self, worker_id: str, stored: list[int], evicted: list[int]) -> None:
-        with self._lock:
-            index, w = self._prefix.get(worker_id), self._workers.get(worker_id)
-            if index is None or w is None:
-                return
-            for h in stored:
-                index[h] = None
-                index.move_to_end(h)
-            for h in evicted:
-                index.pop(h, None)
-            while len(index) > w.num_blocks:
-                index.popitem(last=False)
-
-    def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
-        with self._lock:
-            index = self._prefix.get(worker_id, {})
-            n = 0
-            for h in block_hashes:
-                if h not in index:
-                    break
-                n += 1
-            return n
+def load_from_stats(stats) -> WorkerLoad:
+    """A worker's ``StatsResponse`` as the load it publishes."""
+    queues = dict(stats.queues)
+    return WorkerLoad(
+        num_free_blocks=stats.num_free_blocks,
+        queued_prefill_tokens=stats.queued_prefill_tokens,
+        num_running=queues.get("running", 0),
+        num_waiting=queues.get("waiting", 0),
+        queues=queues,
+        expert_tokens=list(stats.expert_tokens),
+        prefill_tokens_per_s=stats.prefill_tokens_per_s,
+    )

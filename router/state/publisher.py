@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, replace
 
 from engine.config import StateConfig
 from router.state.base import WorkerLoad, WorkerRecord
-from router.state.redis import RedisClusterState, RedisDown
+from router.state.redis_link import RedisDown
+from router.state.registration import WorkerRedis
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class WorkerPublisher:
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
-        self.state = RedisClusterState.from_config(self.config, retry_s=0.5)
+        self.state = WorkerRedis(self.config)
 
     def start(self) -> None:
         """Register now (``LayoutRefused`` if refused; Redis down: retried), then publish."""
@@ -129,7 +130,7 @@ class WorkerPublisher:
 
     def _register(self, load: WorkerLoad) -> None:
         try:
-            self.state.register_worker(_with_load(self.record, load))
+            self.state.register(_with_load(self.record, load))
         except ValueError as exc:
             raise LayoutRefused(str(exc)) from None
         self.state.publish_blocks(self.record, list(self._cached), [], reset=True)
@@ -150,35 +151,3 @@ class WorkerPublisher:
 
 def _with_load(record: WorkerRecord, load: WorkerLoad) -> WorkerRecord:
     return replace(record, load=load)
-
-
-def record_from_info(info, address: str = "") -> WorkerRecord:
-    """A worker's ``InfoResponse`` as its registry record."""
-    from engine.kv_cache.spec_pb import spec_from_pb
-
-    return WorkerRecord(
-        worker_id=info.worker_id,
-        role=info.role,
-        address=info.address or address,
-        layout=spec_from_pb(info.layout),
-        num_blocks=info.num_blocks,
-        max_model_len=info.max_model_len,
-        epoch=info.epoch,
-        hostname=info.hostname,
-        ep_size=info.ep_size or 1,
-        kv_transports=tuple(info.kv_transports),
-    )
-
-
-def load_from_stats(stats) -> WorkerLoad:
-    """A worker's ``StatsResponse`` as the load it publishes."""
-    queues = dict(stats.queues)
-    return WorkerLoad(
-        num_free_blocks=stats.num_free_blocks,
-        queued_prefill_tokens=stats.queued_prefill_tokens,
-        num_running=queues.get("running", 0),
-        num_waiting=queues.get("waiting", 0),
-        queues=queues,
-        expert_tokens=list(stats.expert_tokens),
-        prefill_tokens_per_s=stats.prefill_tokens_per_s,
-    )

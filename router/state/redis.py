@@ -1,32 +1,21 @@
-"""``RedisClusterState``: the ``ClusterState`` protocol shared by routers and workers in Redis.
+"""``RedisClusterState``: the router side of the cluster state shared in Redis (keys:
+router/state/keys.py; workers write themselves there, router/state/publisher.py).
 
-Keys (``<p>`` = the key prefix, default ``pdserve``); W = written by the worker's publisher
-(router/state/publisher.py), R = by routers::
+    workers()      the registry: records + load + in-flight + alive (two round trips);
+                   the router refreshes it in the background (router/workers.py discover)
+    view(hashes)   one routing decision: load, in-flight, alive and this prompt's prefix
+                   scores on every decode worker known from the last refresh, in ONE
+                   pipelined round trip
+    reserve        a Lua compare-and-increment of the chosen worker's in-flight count: two
+                   routers that both saw it at the same load cannot both take it; the loser
+                   routes again on fresh state
 
-    <p>:layout               W  KV layout JSON of the cluster (the first registration wins)
-    <p>:workers              W  hash  worker_id -> record JSON (address, role, ep_size, epoch..)
-    <p>:epochs               W  hash  worker_id -> epoch of the registered incarnation
-    <p>:alive:<id>           W  epoch, with a TTL renewed by each heartbeat; gone = unhealthy
-    <p>:load                 W  hash  worker_id -> WorkerLoad JSON (queued prefill tokens,
-                                running/waiting requests, free KV blocks, queue depths)
-    <p>:prefix:<id>:<epoch>  W  zset  block hash -> recency, from the engine's block-stored /
-                             R  block-evicted events (routers add what they route there);
-                                trimmed to the worker's block count
-    <p>:seq                  WR recency counter for the prefix zsets
-    <p>:refused              W  hash  worker_id -> why its registration was refused
-    <p>:inflight             R  hash  worker_id -> requests routed and not finished (all routers)
+Every method does blocking I/O: the router calls them off its event loop.
 
-Registration is one Lua script (``redis_scripts.REGISTER``): the layout check and the
-record are written atomically, so a worker of another KV layout is refused with nothing
-written (its reason lands in ``<p>:refused``). A worker whose heartbeat lapses leaves the
-candidate set. A new epoch drops the old incarnation's prefix index and in-flight count.
-``reserve`` is a Lua compare-and-increment: two routers that both saw a worker at the
-same load cannot both take it in the same instant; the loser routes again on fresh state.
-
-Credentials: the password and TLS files of ``RedisOptions`` (router/state/redis_conn.py); ``url``
-is the redacted form, the only one this class shows. A ``workers`` / ``load`` entry this
-version cannot read (anyone with Redis access can write one) is skipped and logged once
-(router/state/records.py), never raised into a request.
+Credentials: the password and TLS files of ``RedisOptions`` (router/state/redis_conn.py);
+``url`` is the redacted form, the only one this class shows. A ``workers`` / ``load`` entry
+this version cannot read (anyone with Redis access can write one) is skipped and logged
+once (router/state/records.py), never raised into a request.
 
 Redis unreachable: every call falls back to ``local`` (a ``MemoryClusterState`` mirror of
 the last known state plus this instance's own writes), Redis is retried every ``retry_s``,
@@ -39,29 +28,26 @@ empty Redis never leaves a router without workers.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import redis
 
 from engine.config import RedisOptions, StateConfig
-from engine.kv_cache.layout import KVLayoutSpec
-from router.state import scripts as lua
-from router.state.base import MemoryClusterState, Role, WorkerLoad, WorkerRecord
-from router.state.records import RecordReader, record_fields
-from router.state.redis_conn import connect, redact_url
+from router.state import registration as reg
+from router.state.base import ClusterView, Role, WorkerLoad, WorkerRecord
+from router.state.keys import Keys
+from router.state.memory import MemoryClusterState
+from router.state.records import RecordReader
+from router.state.redis_link import RedisDown, RedisLink
 
-logger = logging.getLogger(__name__)
-
-
-class RedisDown(RuntimeError):
-    pass
+__all__ = ["RedisClusterState", "RedisDown"]
 
 
 class RedisClusterState:
     """See the module docstring."""
+
+    blocking = True
 
     def __init__(
         self,
@@ -72,28 +58,14 @@ class RedisClusterState:
         heartbeat_ttl_s: float = StateConfig.heartbeat_ttl_s,
         retry_s: float = 1.0,
     ) -> None:
-        self.url = redact_url(url)
-        """For display (logs, ``/health``): the password, if the URL has one, is ``***``."""
-        self.prefix = prefix
-        self.heartbeat_ttl_s, self.retry_s = heartbeat_ttl_s, retry_s
-        self.r = connect(
-            url, options, decode_responses=True, socket_connect_timeout=0.25, socket_timeout=0.5
-        )
+        self.link = RedisLink(url, options, retry_s, on_back=self._on_back)
+        self.url, self.r, self.keys = self.link.url, self.link.r, Keys(prefix)
+        self.heartbeat_ttl_s = heartbeat_ttl_s
         self._reader = RecordReader()
         self.local = MemoryClusterState()
-        self.connected = True
-        self.errors = 0
-        self._retry_at = 0.0
         self._grace_until = 0.0
         self._own: set[str] = set()
         """Workers registered through this instance (re-registered after a Redis restart)."""
-        self._add_inflight = self.r.register_script(lua.ADD_INFLIGHT)
-        self._reserve = self.r.register_script(lua.RESERVE)
-        self._record_prefix = self.r.register_script(lua.RECORD_PREFIX)
-        self._drop_alive = self.r.register_script(lua.DROP_ALIVE)
-        self._block_events = self.r.register_script(lua.BLOCK_EVENTS)
-        self._register = self.r.register_script(lua.REGISTER)
-        self._deregister = self.r.register_script(lua.DEREGISTER)
 
     @classmethod
     def from_config(cls, config: StateConfig, retry_s: float = 1.0) -> RedisClusterState:
@@ -107,140 +79,65 @@ class RedisClusterState:
             retry_s=retry_s,
         )
 
-    # -- connection ---------------------------------------------------------------------------
-
-    def _k(self, *parts: object) -> str:
-        return ":".join((self.prefix, *map(str, parts)))
-
-    def _call(self, fn):
-        """Run ``fn()`` against Redis; raise ``RedisDown`` (and remember it) when unreachable."""
-        if not self.connected and time.monotonic() < self._retry_at:
-            raise RedisDown(self.url)
-        try:
-            if not self.connected:
-                self.r.ping()
-                self.connected = True
-                logger.info("redis %s is back: resyncing", self.url)
-                self._grace_until = time.monotonic() + self.heartbeat_ttl_s
-                self._resync()
-            result = fn()
-        except redis.RedisError as exc:
-            self.errors += 1
-            if self.connected:
-                logger.warning("redis %s unreachable (%r): serving on the last known state", self.url, exc)  # fmt: skip
-            self.connected = False
-            self._retry_at = time.monotonic() + self.retry_s
-            raise RedisDown(self.url) from exc
-        return result
-
-    def _resync(self) -> None:
-        """Register this instance's workers again (a restarted Redis has lost everything)."""
-        for w in self.local.workers(healthy_only=False):
-            if w.worker_id not in self._own:
-                continue
-            try:
-                self._register_now(w)
-            except (redis.RedisError, ValueError):
-                return
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
 
     def health(self) -> dict:
         return {"backend": "redis", "url": self.url, "connected": self.connected}
+
+    def _on_back(self) -> None:
+        """Register this instance's workers again (a restarted Redis has lost everything)."""
+        self._grace_until = time.monotonic() + self.heartbeat_ttl_s
+        for w in self.local.workers(healthy_only=False):
+            if w.worker_id in self._own:
+                try:
+                    reg.register(self.link, self.keys, w, self.heartbeat_ttl_s)
+                except (redis.RedisError, ValueError):
+                    return
 
     # -- registry -----------------------------------------------------------------------------
 
     def register(self, worker: WorkerRecord) -> None:
         """Add or replace a worker; ``ValueError`` if its layout differs from the cluster's."""
         try:
-            self.register_worker(worker)
+            self.link.call(lambda: reg.register(self.link, self.keys, worker, self.heartbeat_ttl_s))
         except RedisDown:
-            self._own.add(worker.worker_id)
-            self.local.register(worker)
-
-    def register_worker(self, worker: WorkerRecord) -> None:
-        """Like ``register`` but raises ``RedisDown``: a worker registering itself."""
-        self._call(lambda: self._register_now(worker))
+            pass
         self._own.add(worker.worker_id)
         self.local.register(worker)
-
-    def _register_now(self, w: WorkerRecord) -> None:
-        keys = [self._k(k) for k in ("layout", "workers", "epochs")]
-        keys += [self._k("alive", w.worker_id), self._k("inflight"), self._k("load"), self._k("refused")]  # fmt: skip
-        args = [w.layout.to_json(), w.worker_id, json.dumps(record_fields(w)), w.epoch]
-        args += [int(self.heartbeat_ttl_s * 1000), self._k("prefix", w.worker_id, ""), json.dumps(asdict(w.load))]  # fmt: skip
-        cluster = self._register(keys=keys, args=args)
-        if cluster is None:
-            return
-        try:
-            KVLayoutSpec.from_json(cluster).check_compatible(w.layout, ours="cluster", theirs=w.worker_id)  # fmt: skip
-            why = f"KV layout of {w.worker_id} differs from the cluster's: {w.layout} vs {cluster}"  # fmt: skip
-        except ValueError as exc:
-            why = str(exc)
-        self.r.hset(self._k("refused"), w.worker_id, why)
-        raise ValueError(why)
 
     def refusals(self) -> dict[str, str]:
         """Workers refused at registration (layout mismatch): worker id -> reason."""
         try:
-            return self._call(lambda: self.r.hgetall(self._k("refused")))
+            return self.link.call(lambda: self.r.hgetall(self.keys.refused))
         except RedisDown:
             return {}
-
-    def _beat(self, worker_id: str, epoch: int, load: WorkerLoad) -> None:
-        pipe = self.r.pipeline()
-        pipe.set(self._k("alive", worker_id), epoch, px=int(self.heartbeat_ttl_s * 1000))
-        pipe.hset(self._k("load"), worker_id, json.dumps(asdict(load)))
-        pipe.execute()
 
     def deregister(self, worker_id: str, epoch: int | None = None) -> None:
         """Remove the worker (only incarnation ``epoch`` when given: a newer one stays)."""
         self.local.deregister(worker_id)
         self._own.discard(worker_id)
-
-        def drop():
-            e = epoch if epoch is not None else self.r.hget(self._k("epochs"), worker_id)
-            if e is None:
-                return
-            keys = [self._k(k) for k in ("workers", "load", "epochs", "inflight", "refused")]
-            keys += [self._k("alive", worker_id), self._k("prefix", worker_id, e)]
-            self._deregister(keys=keys, args=[worker_id, e])
-
-        self._try(drop)
-
-    def publish_load(self, worker_id: str, epoch: int, load: WorkerLoad) -> None:
-        """Worker side: renew the heartbeat TTL and publish the load; raises ``RedisDown``."""
-        self._call(lambda: self._beat(worker_id, epoch, load))
-
-    def publish_blocks(
-        self, w: WorkerRecord, stored: list[int], evicted: list[int], reset: bool = False
-    ) -> None:
-        """Worker side: its prefix-cache events (``reset``: ``stored`` is the whole cache)."""
-        keys = [self._k("prefix", w.worker_id, w.epoch), self._k("seq")]
-        args = [w.num_blocks, len(stored), "1" if reset else "0", *map(str, stored), *map(str, evicted)]  # fmt: skip
-        self._call(lambda: self._block_events(keys=keys, args=args))
+        self.link.attempt(lambda: reg.deregister(self.link, self.keys, worker_id, epoch))
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
         self.local.heartbeat(worker_id, load)
         w = self.local.get(worker_id)
         if w is not None:
-            self._try(lambda: self._beat(worker_id, w.epoch, load))
+            ttl = self.heartbeat_ttl_s
+            self.link.attempt(lambda: reg.beat(self.link, self.keys, worker_id, w.epoch, load, ttl))
 
     def mark_unhealthy(self, worker_id: str, epoch: int | None = None) -> None:
         self.local.mark_unhealthy(worker_id, epoch)
-        key = self._k("alive", worker_id)
+        key = self.keys.alive(worker_id)
         if epoch is None:
-            self._try(lambda: self.r.delete(key))
+            self.link.attempt(lambda: self.r.delete(key))
         else:  # only that incarnation's alive key (Lua: compare and delete)
-            self._try(lambda: self._drop_alive(keys=[key], args=[epoch]))
-
-    def _try(self, fn) -> None:
-        try:
-            self._call(fn)
-        except RedisDown:
-            pass
+            self.link.attempt(lambda: self.link.script["DROP_ALIVE"](keys=[key], args=[epoch]))
 
     def workers(self, role: Role | None = None, healthy_only: bool = True) -> list[WorkerRecord]:
         try:
-            records = self._call(self._read_workers)
+            records = self.link.call(self._read_workers)
         except RedisDown:
             return self.local.workers(role, healthy_only)
         if time.monotonic() < self._grace_until:  # a restarted Redis, workers re-registering
@@ -253,12 +150,13 @@ class RedisClusterState:
         ]
 
     def _read_workers(self) -> list[WorkerRecord]:
-        raw = self.r.hgetall(self._k("workers"))
+        k = self.keys
+        raw = self.r.hgetall(k.workers)
         ids = sorted(raw)
         pipe = self.r.pipeline()
-        pipe.hgetall(self._k("load"))
-        pipe.hgetall(self._k("inflight"))
-        pipe.mget([self._k("alive", i) for i in ids] or [self._k("alive", "")])
+        pipe.hgetall(k.load)
+        pipe.hgetall(k.inflight)
+        pipe.mget([k.alive(i) for i in ids] or [k.alive("")])
         loads, inflight, alive = pipe.execute()
         records = []
         for i, worker_id in enumerate(ids):
@@ -284,17 +182,57 @@ class RedisClusterState:
     def get(self, worker_id: str) -> WorkerRecord | None:
         return next((w for w in self.workers(healthy_only=False) if w.worker_id == worker_id), None)
 
+    # -- one routing decision -----------------------------------------------------------------
+
+    def view(self, block_hashes: list[int]) -> ClusterView:
+        """Load, in-flight, health and prefix scores of the workers known from the last
+        registry refresh, in one pipelined round trip (see the module docstring)."""
+        known = self.local.workers(healthy_only=False)
+        if not known:  # nothing refreshed yet: read the registry itself
+            self.workers(healthy_only=False)
+            known = self.local.workers(healthy_only=False)
+        try:
+            fresh = self.link.call(lambda: self._read_view(known, block_hashes))
+        except RedisDown:
+            return self.local.view(block_hashes)
+        records, prefix = fresh
+        if time.monotonic() < self._grace_until:  # known before the outage: still candidates
+            records = [w if w.healthy else self.local.get(w.worker_id) or w for w in records]
+        return ClusterView(tuple(records), tuple(block_hashes), prefix)
+
+    def _read_view(self, known: list[WorkerRecord], hashes: list[int]):
+        k, decodes = self.keys, [w for w in known if w.role == "decode"]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(k.load)
+        pipe.hgetall(k.inflight)
+        pipe.mget([k.alive(w.worker_id) for w in known])
+        for w in decodes if hashes else []:
+            pipe.zmscore(k.prefix_index(w.worker_id, w.epoch), [str(h) for h in hashes])
+        loads, inflight, alive, *scores = pipe.execute()
+        records = []
+        for w, beat in zip(known, alive, strict=True):
+            fresh = replace(
+                w,
+                load=self._reader.load(w.worker_id, loads.get(w.worker_id)),
+                inflight=int(inflight.get(w.worker_id) or 0),
+                healthy=beat is not None and beat.isdigit() and int(beat) == w.epoch,
+            )
+            records.append(fresh)
+        prefix = {w.worker_id: _leading(s) for w, s in zip(decodes, scores, strict=False)}
+        return records, prefix
+
     # -- load and reservations ----------------------------------------------------------------
 
     def add_inflight(self, worker_id: str, delta: int) -> None:
         self.local.add_inflight(worker_id, delta)
-        self._try(lambda: self._add_inflight(keys=[self._k("inflight")], args=[worker_id, delta]))
+        add = self.link.script["ADD_INFLIGHT"]
+        self.link.attempt(lambda: add(keys=[self.keys.inflight], args=[worker_id, delta]))
 
     def reserve(self, worker_id: str, seen_inflight: int) -> bool:
         """Take one in-flight slot on the worker if its count is still ``seen_inflight``."""
+        keys, args = [self.keys.inflight, self.keys.workers], [worker_id, seen_inflight]
         try:
-            keys, args = [self._k("inflight"), self._k("workers")], [worker_id, seen_inflight]
-            ok = bool(self._call(lambda: self._reserve(keys=keys, args=args)))
+            ok = bool(self.link.call(lambda: self.link.script["RESERVE"](keys=keys, args=args)))
         except RedisDown:
             return self.local.reserve(worker_id, seen_inflight)
         if ok:
@@ -308,18 +246,15 @@ class RedisClusterState:
         w = self.local.get(worker_id) or self.get(worker_id)
         if w is None or not block_hashes:
             return
-        keys = [self._k("prefix", worker_id, w.epoch), self._k("seq")]
+        keys = [self.keys.prefix_index(worker_id, w.epoch), self.keys.seq]
         args = [w.num_blocks, *map(str, block_hashes)]
-        self._try(lambda: self._record_prefix(keys=keys, args=args))
+        self.link.attempt(lambda: self.link.script["RECORD_PREFIX"](keys=keys, args=args))
 
     def apply_block_events(self, worker_id: str, stored: list[int], evicted: list[int]) -> None:
         self.local.apply_block_events(worker_id, stored, evicted)
         w = self.local.get(worker_id) or self.get(worker_id)
-        if w is None or not (stored or evicted):
-            return
-        keys = [self._k("prefix", worker_id, w.epoch), self._k("seq")]
-        args = [w.num_blocks, len(stored), "0", *map(str, stored), *map(str, evicted)]
-        self._try(lambda: self._block_events(keys=keys, args=args))
+        if w is not None and (stored or evicted):
+            self.link.attempt(lambda: reg.block_events(self.link, self.keys, w, stored, evicted))
 
     def match_prefix(self, worker_id: str, block_hashes: list[int]) -> int:
         if not block_hashes:
@@ -327,14 +262,19 @@ class RedisClusterState:
         w = self.local.get(worker_id) or self.get(worker_id)
         if w is None:
             return 0
-        key = self._k("prefix", worker_id, w.epoch)
+        key = self.keys.prefix_index(worker_id, w.epoch)
         try:
-            scores = self._call(lambda: self.r.zmscore(key, [str(h) for h in block_hashes]))
+            scores = self.link.call(lambda: self.r.zmscore(key, [str(h) for h in block_hashes]))
         except RedisDown:
             return self.local.match_prefix(worker_id, block_hashes)
-        n = 0
-        for s in scores:
-            if s is None:
-                break
-            n += 1
-        return n
+        return _leading(scores)
+
+
+def _leading(scores) -> int:
+    """How many leading entries of a ZMSCORE reply are present."""
+    n = 0
+    for s in scores or ():
+        if s is None:
+            break
+        n += 1
+    return n

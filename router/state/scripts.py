@@ -1,7 +1,12 @@
-"""Lua scripts of ``RedisClusterState`` (key layout: router/state/redis.py).
+"""Lua scripts of the cluster state (key layout: router/state/keys.py).
 
 Each runs atomically in Redis, so several routers and workers never interleave inside one.
 """
+
+NAMES = (
+    "ADD_INFLIGHT", "RESERVE", "RECORD_PREFIX", "BLOCK_EVENTS", "REGISTER", "DEREGISTER",
+    "DROP_ALIVE",
+)  # fmt: skip
 
 ADD_INFLIGHT = """
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') + tonumber(ARGV[2])
