@@ -17,6 +17,7 @@ counted, never written. ``poll()`` never blocks.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -26,6 +27,8 @@ import torch
 from engine.config.transfer import TransferConfig
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 
+logger = logging.getLogger(__name__)
+
 FreeBlocks = Callable[[list[int]], None]
 """Hook through which the receiver returns reserved blocks to its engine's pool."""
 OnDone = Callable[[str, "TransferState"], None]
@@ -33,6 +36,16 @@ OnDone = Callable[[str, "TransferState"], None]
 for an abort), when a transfer ends SUCCESS or FAILED; on the receiver's FAILED only after
 ``free_blocks`` (no transport thread touches the blocks any more). An owner that runs its
 engine on one thread posts it as an event there."""
+
+
+def report_done(on_done: OnDone | None, transfer_id: str, state: TransferState) -> None:
+    """Call ``on_done`` (from a transport thread); its failure must not end that thread."""
+    if on_done is None:
+        return
+    try:
+        on_done(transfer_id, state)
+    except Exception:
+        logger.exception("on_done of transfer %s failed", transfer_id)
 
 
 class TransferState(enum.Enum):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from kv_transfer import wire
-from kv_transfer.base import FreeBlocks, OnDone, TransferState, TransferTicket
+from kv_transfer.base import FreeBlocks, OnDone, TransferState, TransferTicket, report_done
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
 
@@ -177,12 +177,7 @@ class ReceiverTransfer:
         self._done(TransferState.FAILED)
 
     def _done(self, state: TransferState) -> None:
-        if self._on_done is None:
-            return
-        try:
-            self._on_done(self.ticket.transfer_id, state)
-        except Exception:  # the owner's bug must not end a transport thread
-            logger.exception("on_done of transfer %s failed", self.ticket.transfer_id)
+        report_done(self._on_done, self.ticket.transfer_id, state)
 
     def _notify(self, state: int, error: str) -> None:
         link = self._link

@@ -13,17 +13,14 @@ is never blocked by the network.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.base import OnDone, TransferState, TransferTicket
+from kv_transfer.base import OnDone, TransferState, TransferTicket, report_done
 from proto import kv_transfer_pb2 as pb
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,12 +115,7 @@ class SenderTransfer:
         return True
 
     def _done(self, state: TransferState) -> None:
-        if self._on_done is None:
-            return
-        try:
-            self._on_done(self.ticket.transfer_id, state)
-        except Exception:  # the owner's bug must not end a transport thread
-            logger.exception("on_done of transfer %s failed", self.ticket.transfer_id)
+        report_done(self._on_done, self.ticket.transfer_id, state)
 
     def on_status(self, status: pb.Status) -> None:
         if status.state == pb.Status.WAITING:
