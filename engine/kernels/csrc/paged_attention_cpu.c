@@ -1,0 +1,127 @@
+/* Paged attention on the CPU: one query token per row over its paged context.
+ *
+ * Block-table layout (engine/kv_cache/layout.py):
+ *
+ *   k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]   (strides in elements)
+ *   block_tables:     int32 [num_rows, max_blocks]  block ids in token order
+ *   token t of row r lives in block block_tables[r][t / block_size], slot t % block_size
+ *
+ * Row r attends to tokens [start, seq_lens[r]) with start = max(0, seq_lens[r] - window)
+ * (window <= 0: no window). A decode is one row; a prefill token at position p over a
+ * cached prefix is a row with seq_len p + 1, so causal prefill needs no mask either.
+ * Nothing is gathered: each (row, kv head) task streams its blocks once, computing all
+ * the query heads of its group (GQA) with a per-block online softmax in fp32.
+ *
+ * Built by engine/kernels/cpu_paged_attention.py with gcc -O3 -march=native -fopenmp;
+ * the OpenMP runtime is the one torch already loaded (same soname, libgomp.so.1).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_GROUP 32
+#define MAX_DIM 256
+#define MAX_BS 256
+
+typedef struct {
+    int64_t q_row, q_head;             /* query  [rows, heads, dim]   */
+    int64_t o_row, o_head;             /* out    [rows, heads, dim]   */
+    int64_t c_block, c_tok, c_head;    /* caches [blocks, bs, kvh, dim] */
+} strides_t;
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+/* One (row, kv head) task: T is float or uint16_t (bf16); LOAD converts to float. */
+#define DEFINE_TASK(NAME, T, LOAD, STORE)                                                    \
+static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int seq_len, \
+                 T *out, int group, int dim, int bs, const strides_t *s, float scale,       \
+                 int window) {                                                              \
+    float qf[MAX_GROUP][MAX_DIM], acc[MAX_GROUP][MAX_DIM];                                  \
+    float m[MAX_GROUP], l[MAX_GROUP], sc[MAX_GROUP][MAX_BS];                                \
+    for (int g = 0; g < group; g++) {                                                       \
+        for (int d = 0; d < dim; d++) {                                                     \
+            qf[g][d] = LOAD(q[g * s->q_head + d]) * scale;                                  \
+            acc[g][d] = 0.0f;                                                               \
+        }                                                                                   \
+        m[g] = -INFINITY;                                                                   \
+        l[g] = 0.0f;                                                                        \
+    }                                                                                       \
+    int start = (window > 0 && seq_len > window) ? seq_len - window : 0;                    \
+    for (int t0 = start - start % bs; t0 < seq_len; t0 += bs) {                             \
+        int64_t base = (int64_t)table[t0 / bs] * s->c_block;                                \
+        int lo = t0 < start ? start - t0 : 0;                                               \
+        int hi = seq_len - t0 < bs ? seq_len - t0 : bs;                                     \
+        for (int g = 0; g < group; g++) {                                                   \
+            float mx = m[g];                                                                \
+            for (int j = lo; j < hi; j++) {                                                 \
+                const T *k = kc + base + j * s->c_tok;                                      \
+                float dot = 0.0f;                                                           \
+                _Pragma("omp simd reduction(+ : dot)")                                      \
+                for (int d = 0; d < dim; d++) dot += qf[g][d] * LOAD(k[d]);                 \
+                sc[g][j] = dot;                                                             \
+                mx = dot > mx ? dot : mx;                                                   \
+            }                                                                               \
+            float corr = expf(m[g] - mx), sum = 0.0f;                                       \
+            for (int j = lo; j < hi; j++) {                                                 \
+                sc[g][j] = expf(sc[g][j] - mx);                                             \
+                sum += sc[g][j];                                                            \
+            }                                                                               \
+            l[g] = l[g] * corr + sum;                                                       \
+            m[g] = mx;                                                                      \
+            float *a = acc[g];                                                              \
+            if (corr != 1.0f)                                                               \
+                for (int d = 0; d < dim; d++) a[d] *= corr;                                 \
+            for (int j = lo; j < hi; j++) {                                                 \
+                const T *v = vc + base + j * s->c_tok;                                      \
+                float p = sc[g][j];                                                         \
+                _Pragma("omp simd")                                                         \
+                for (int d = 0; d < dim; d++) a[d] += p * LOAD(v[d]);                       \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    for (int g = 0; g < group; g++) {                                                       \
+        float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;                                       \
+        for (int d = 0; d < dim; d++) out[g * s->o_head + d] = STORE(acc[g][d] * inv);      \
+    }                                                                                       \
+}
+
+#define F32_LOAD(x) (x)
+#define F32_STORE(x) (x)
+DEFINE_TASK(task_f32, float, F32_LOAD, F32_STORE)
+DEFINE_TASK(task_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back). */
+#define DEFINE_OP(NAME, TASK, T)                                                            \
+int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t table_stride, \
+         const int32_t *seq_lens, T *out, int rows, int heads, int kv_heads, int dim,       \
+         int bs, const int64_t *st, float scale, int window, int threads) {                 \
+    int group = heads / kv_heads;                                                           \
+    if (group > MAX_GROUP || dim > MAX_DIM || bs > MAX_BS) return -1;                       \
+    strides_t s = {st[0], st[1], st[2], st[3], st[4], st[5], st[6]};                        \
+    int64_t tasks = (int64_t)rows * kv_heads;                                               \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)")  \
+    for (int64_t i = 0; i < tasks; i++) {                                                   \
+        int r = (int)(i / kv_heads), h = (int)(i % kv_heads);                               \
+        TASK(q + r * s.q_row + (int64_t)h * group * s.q_head, kc + h * s.c_head,            \
+             vc + h * s.c_head, tables + r * table_stride, seq_lens[r],                     \
+             out + r * s.o_row + (int64_t)h * group * s.o_head, group, dim, bs, &s, scale,  \
+             window);                                                                       \
+    }                                                                                       \
+    return 0;                                                                               \
+}
+
+DEFINE_OP(paged_attention_f32, task_f32, float)
+DEFINE_OP(paged_attention_bf16, task_bf16, uint16_t)
