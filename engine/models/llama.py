@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.layers.attention import Attention
-from engine.layers.basic import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.layers.basic import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from engine.model_spec import ModelSpec
 
 MLPFactory = Callable[[int], nn.Module]
@@ -70,12 +70,9 @@ class CausalLM(nn.Module):
             DecoderLayer(spec, rotary, make_mlp(i)) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if spec.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nn.Parameter(
-                torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False
-            )
+        self.lm_head = (
+            None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size)
+        )
 
     def forward(
         self,
@@ -96,8 +93,9 @@ class CausalLM(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed.weight).float()
+        return self.lm_head(hidden).float()
 
 
 def dense_weight_targets(spec: ModelSpec) -> dict[str, WeightTarget]:
@@ -108,7 +106,7 @@ def dense_weight_targets(spec: ModelSpec) -> dict[str, WeightTarget]:
         "model.norm.weight": WeightTarget("norm.weight"),
     }
     if not spec.tie_word_embeddings:
-        targets["lm_head.weight"] = WeightTarget("lm_head")
+        targets["lm_head.weight"] = WeightTarget("lm_head.weight")
     for i in range(spec.num_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
         targets[f"{hf}.input_layernorm.weight"] = WeightTarget(f"{ours}.input_norm.weight")
