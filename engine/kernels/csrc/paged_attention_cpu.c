@@ -10,7 +10,7 @@
  * (window <= 0: no window). A decode is one row; a prefill token at position p over a
  * cached prefix is a row with seq_len p + 1, so causal prefill needs no mask either.
  * Nothing is gathered: each (row, kv head) task streams its blocks once, computing all
- * the query heads of its group (GQA) with a per-block online softmax in fp32.
+ * the query heads of its group (GQA) with an online softmax in fp32 over 512-token chunks.
  *
  * Built by engine/kernels/cpu_paged_attention.py with gcc -O3 -march=native -fopenmp;
  * the OpenMP runtime is the one torch already loaded (same soname, libgomp.so.1).
@@ -22,6 +22,7 @@
 #define MAX_GROUP 32
 #define MAX_DIM 256
 #define MAX_BS 256
+#define CHUNK 512
 
 typedef struct {
     int64_t q_row, q_head;             /* query  [rows, heads, dim]   */
@@ -44,49 +45,56 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* One (row, kv head) task: T is float or uint16_t (bf16); LOAD converts to float. */
-#define DEFINE_TASK(NAME, T, LOAD, STORE)                                                    \
+/* One (row, kv head) task: T is float or uint16_t (bf16); LOAD converts to float.
+ * Tokens go in chunks of CHUNK positions (aligned at 0, as torch's flash attention splits
+ * the KV): scores of the chunk, one max, exp, then P.V. ROUND_P rounds the softmax
+ * numerators before P.V as torch does for 16-bit inputs (a bf16 GEMM there) while the
+ * normaliser sums them unrounded, also as torch does, so bf16 greedy output tracks HF. */
+#define DEFINE_TASK(NAME, T, LOAD, STORE, ROUND_P)                                           \
 static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int seq_len, \
                  T *out, int group, int dim, int bs, const strides_t *s, float scale,       \
                  int window) {                                                              \
     float qf[MAX_GROUP][MAX_DIM], acc[MAX_GROUP][MAX_DIM];                                  \
-    float m[MAX_GROUP], l[MAX_GROUP], sc[MAX_GROUP][MAX_BS];                                \
+    float m[MAX_GROUP], l[MAX_GROUP], sc[MAX_GROUP][CHUNK];                                 \
     for (int g = 0; g < group; g++) {                                                       \
         for (int d = 0; d < dim; d++) {                                                     \
-            qf[g][d] = LOAD(q[g * s->q_head + d]) * scale;                                  \
+            qf[g][d] = LOAD(q[g * s->q_head + d]);                                          \
             acc[g][d] = 0.0f;                                                               \
         }                                                                                   \
         m[g] = -INFINITY;                                                                   \
         l[g] = 0.0f;                                                                        \
     }                                                                                       \
     int start = (window > 0 && seq_len > window) ? seq_len - window : 0;                    \
-    for (int t0 = start - start % bs; t0 < seq_len; t0 += bs) {                             \
-        int64_t base = (int64_t)table[t0 / bs] * s->c_block;                                \
-        int lo = t0 < start ? start - t0 : 0;                                               \
-        int hi = seq_len - t0 < bs ? seq_len - t0 : bs;                                     \
-        for (int g = 0; g < group; g++) {                                                   \
-            float mx = m[g];                                                                \
-            for (int j = lo; j < hi; j++) {                                                 \
-                const T *k = kc + base + j * s->c_tok;                                      \
+    for (int c0 = start - start % CHUNK; c0 < seq_len; c0 += CHUNK) {                       \
+        int lo = c0 > start ? c0 : start;                                                   \
+        int hi = seq_len < c0 + CHUNK ? seq_len : c0 + CHUNK;                               \
+        for (int t = lo; t < hi; t++) {                                                     \
+            const T *k = kc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
+            for (int g = 0; g < group; g++) {                                               \
                 float dot = 0.0f;                                                           \
                 _Pragma("omp simd reduction(+ : dot)")                                      \
                 for (int d = 0; d < dim; d++) dot += qf[g][d] * LOAD(k[d]);                 \
-                sc[g][j] = dot;                                                             \
-                mx = dot > mx ? dot : mx;                                                   \
+                sc[g][t - c0] = dot * scale;                                                \
             }                                                                               \
-            float corr = expf(m[g] - mx), sum = 0.0f;                                       \
-            for (int j = lo; j < hi; j++) {                                                 \
-                sc[g][j] = expf(sc[g][j] - mx);                                             \
-                sum += sc[g][j];                                                            \
+        }                                                                                   \
+        for (int g = 0; g < group; g++) {                                                   \
+            float mx = m[g], sum = 0.0f;                                                    \
+            for (int t = lo; t < hi; t++) mx = sc[g][t - c0] > mx ? sc[g][t - c0] : mx;     \
+            for (int t = lo; t < hi; t++) {                                                 \
+                float e = expf(sc[g][t - c0] - mx);                                         \
+                sum += e;                                                                   \
+                sc[g][t - c0] = ROUND_P(e);                                                 \
             }                                                                               \
+            float corr = expf(m[g] - mx);                                                   \
             l[g] = l[g] * corr + sum;                                                       \
             m[g] = mx;                                                                      \
-            float *a = acc[g];                                                              \
             if (corr != 1.0f)                                                               \
-                for (int d = 0; d < dim; d++) a[d] *= corr;                                 \
-            for (int j = lo; j < hi; j++) {                                                 \
-                const T *v = vc + base + j * s->c_tok;                                      \
-                float p = sc[g][j];                                                         \
+                for (int d = 0; d < dim; d++) acc[g][d] *= corr;                            \
+        }                                                                                   \
+        for (int t = lo; t < hi; t++) {                                                     \
+            const T *v = vc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
+            for (int g = 0; g < group; g++) {                                               \
+                float p = sc[g][t - c0], *a = acc[g];                                       \
                 _Pragma("omp simd")                                                         \
                 for (int d = 0; d < dim; d++) a[d] += p * LOAD(v[d]);                       \
             }                                                                               \
@@ -98,10 +106,11 @@ static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int
     }                                                                                       \
 }
 
-#define F32_LOAD(x) (x)
-#define F32_STORE(x) (x)
-DEFINE_TASK(task_f32, float, F32_LOAD, F32_STORE)
-DEFINE_TASK(task_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+static inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+#define F32_SAME(x) (x)
+DEFINE_TASK(task_f32, float, F32_SAME, F32_SAME, F32_SAME)
+DEFINE_TASK(task_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
 
 /* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back). */
 #define DEFINE_OP(NAME, TASK, T)                                                            \
