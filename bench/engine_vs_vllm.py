@@ -106,8 +106,12 @@ def run_one(engine: str, model: Path, wl: Path, dtype: str, args: argparse.Names
         "--threads", str(args.threads), "--kv-gib", str(args.kv_gib),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    cwd = ROOT
     if engine == "pdserve":
         cmd = [sys.executable, "-m", "bench.offline_driver", "pdserve", *common]
+        if args.pdserve_tree:  # another checkout of pdserve (e.g. a baseline commit)
+            cwd = Path(args.pdserve_tree).resolve()
+            env["PYTHONPATH"] = str(cwd)
     else:
         cores = os.cpu_count() or 1
         # vLLM binds its OMP threads itself; give it the last `threads` cores and leave
@@ -119,7 +123,7 @@ def run_one(engine: str, model: Path, wl: Path, dtype: str, args: argparse.Names
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(args.kv_gib)))
         cmd = [args.peer_python, str(ROOT / "bench" / "offline_driver.py"), "vllm", *common]
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.run_timeout
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=args.run_timeout
     )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -170,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-gib", type=float, default=2.0, help="KV cache budget, both engines")
     p.add_argument("--peer-python", default=str(ROOT / ".venv-peer" / "bin" / "python"))
+    p.add_argument("--pdserve-tree", default=None,
+                   help="run pdserve from this checkout (baselines: git worktree add DIR REF)")  # fmt: skip
     p.add_argument("--cache", default=str(ROOT / "bench" / "results" / "checkpoints"))
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--serve", action="store_true", help="also the serving view (HTTP)")

@@ -112,8 +112,102 @@ static inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 DEFINE_TASK(task_f32, float, F32_SAME, F32_SAME, F32_SAME)
 DEFINE_TASK(task_bf16, uint16_t, bf16_to_f32, f32_to_bf16, round_bf16)
 
+/* The same task for head_dim % 16 == 0 on 16-float vectors (GCC vector extensions, which
+ * -march=native lowers to AVX-512 or pairs of AVX2 registers): each K/V row is loaded
+ * and converted once per token for all the group's heads. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+#define MAX_VEC (MAX_DIM / 16)
+
+static inline v16f vload_f32(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v16f vload_bf16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline float hsum(v16f v) {
+    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+#define DEFINE_VTASK(NAME, T, VLOAD, LOAD, STORE, ROUND_P)                                   \
+static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int seq_len, \
+                 T *out, int group, int dim, int bs, const strides_t *s, float scale,       \
+                 int window) {                                                              \
+    v16f qv[MAX_GROUP][MAX_VEC], acc[MAX_GROUP][MAX_VEC], row[MAX_VEC];                     \
+    float m[MAX_GROUP], l[MAX_GROUP], sc[MAX_GROUP][CHUNK];                                 \
+    const int nv = dim / 16;                                                                \
+    for (int g = 0; g < group; g++) {                                                       \
+        for (int c = 0; c < nv; c++) {                                                      \
+            qv[g][c] = VLOAD(q + g * s->q_head + 16 * c);                                   \
+            acc[g][c] = (v16f){0};                                                          \
+        }                                                                                   \
+        m[g] = -INFINITY;                                                                   \
+        l[g] = 0.0f;                                                                        \
+    }                                                                                       \
+    int start = (window > 0 && seq_len > window) ? seq_len - window : 0;                    \
+    for (int c0 = start - start % CHUNK; c0 < seq_len; c0 += CHUNK) {                       \
+        int lo = c0 > start ? c0 : start;                                                   \
+        int hi = seq_len < c0 + CHUNK ? seq_len : c0 + CHUNK;                               \
+        for (int t = lo; t < hi; t++) {                                                     \
+            const T *k = kc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
+            for (int c = 0; c < nv; c++) row[c] = VLOAD(k + 16 * c);                        \
+            for (int g = 0; g < group; g++) {                                               \
+                v16f dot = qv[g][0] * row[0];                                               \
+                for (int c = 1; c < nv; c++) dot += qv[g][c] * row[c];                      \
+                sc[g][t - c0] = hsum(dot) * scale;                                          \
+            }                                                                               \
+        }                                                                                   \
+        for (int g = 0; g < group; g++) {                                                   \
+            float mx = m[g], sum = 0.0f;                                                    \
+            for (int t = lo; t < hi; t++) mx = sc[g][t - c0] > mx ? sc[g][t - c0] : mx;     \
+            for (int t = lo; t < hi; t++) {                                                 \
+                float e = expf(sc[g][t - c0] - mx);                                         \
+                sum += e;                                                                   \
+                sc[g][t - c0] = ROUND_P(e);                                                 \
+            }                                                                               \
+            float corr = expf(m[g] - mx);                                                   \
+            l[g] = l[g] * corr + sum;                                                       \
+            m[g] = mx;                                                                      \
+            if (corr != 1.0f)                                                               \
+                for (int c = 0; c < nv; c++) acc[g][c] *= corr;                             \
+        }                                                                                   \
+        for (int t = lo; t < hi; t++) {                                                     \
+            const T *v = vc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
+            for (int c = 0; c < nv; c++) row[c] = VLOAD(v + 16 * c);                        \
+            for (int g = 0; g < group; g++) {                                               \
+                float p = sc[g][t - c0];                                                    \
+                for (int c = 0; c < nv; c++) acc[g][c] += p * row[c];                       \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    for (int g = 0; g < group; g++) {                                                       \
+        float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;                                       \
+        for (int c = 0; c < nv; c++)                                                        \
+            for (int d = 0; d < 16; d++)                                                    \
+                out[g * s->o_head + 16 * c + d] = STORE(acc[g][c][d] * inv);                \
+    }                                                                                       \
+}
+
+DEFINE_VTASK(vtask_f32, float, vload_f32, F32_SAME, F32_SAME, F32_SAME)
+DEFINE_VTASK(vtask_bf16, uint16_t, vload_bf16, bf16_to_f32, f32_to_bf16, round_bf16)
+
 /* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back). */
-#define DEFINE_OP(NAME, TASK, T)                                                            \
+#define DEFINE_OP(NAME, TASK, VTASK, T)                                                     \
 int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t table_stride, \
          const int32_t *seq_lens, T *out, int rows, int heads, int kv_heads, int dim,       \
          int bs, const int64_t *st, float scale, int window, int threads) {                 \
@@ -124,7 +218,7 @@ int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t ta
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)")  \
     for (int64_t i = 0; i < tasks; i++) {                                                   \
         int r = (int)(i / kv_heads), h = (int)(i % kv_heads);                               \
-        TASK(q + r * s.q_row + (int64_t)h * group * s.q_head, kc + h * s.c_head,            \
+        (dim % 16 ? TASK : VTASK)(q + r * s.q_row + (int64_t)h * group * s.q_head, kc + h * s.c_head,            \
              vc + h * s.c_head, tables + r * table_stride, seq_lens[r],                     \
              out + r * s.o_row + (int64_t)h * group * s.o_head, group, dim, bs, &s, scale,  \
              window);                                                                       \
@@ -132,5 +226,5 @@ int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t ta
     return 0;                                                                               \
 }
 
-DEFINE_OP(paged_attention_f32, task_f32, float)
-DEFINE_OP(paged_attention_bf16, task_bf16, uint16_t)
+DEFINE_OP(paged_attention_f32, task_f32, vtask_f32, float)
+DEFINE_OP(paged_attention_bf16, task_bf16, vtask_bf16, uint16_t)
