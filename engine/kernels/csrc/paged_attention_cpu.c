@@ -144,7 +144,66 @@ static inline float hsum(v16f v) {
     return v[0];
 }
 
-#define DEFINE_VTASK(NAME, T, VLOAD, LOAD, STORE, ROUND_P)                                   \
+/* exp on 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
+ * (relative error ~2e-7, as good as expf for softmax) -- expf per score cost more than
+ * the whole dot product. Inputs are <= 0 here (scores minus their max). */
+static inline v16f vmax(v16f a, v16f b) {
+    v16i m = a > b; /* vector casts reinterpret the bits */
+    return (v16f)(((v16i)a & m) | ((v16i)b & ~m));
+}
+
+static inline v16f vexp(v16f x) {
+    x = vmax(x, (v16f){0} - 87.0f);
+    v16f t = x * 1.44269504f + 0.5f;
+    v16f n = __builtin_convertvector(__builtin_convertvector(t, v16i), v16f);
+    n += __builtin_convertvector(n > t, v16f); /* trunc -> floor: the mask is -1 */
+    v16f r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    v16f p = (v16f){0} + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* sc[0..n): scores in, rounded numerators out; returns the max in *mx (updated from its
+ * old value) and the unrounded sum of exp(score - max). */
+#define DEFINE_SOFTMAX(NAME, ROUND_P)                                                        \
+static float NAME(float *sc, int n, float *mx) {                                            \
+    float m = *mx, sum = 0.0f;                                                              \
+    int i = 0;                                                                              \
+    v16f vm = (v16f){0} + m;                                                                \
+    for (; i + 16 <= n; i += 16) {                                                          \
+        v16f x = vload_f32(sc + i);                                                         \
+        vm = vmax(x, vm);                                                                   \
+    }                                                                                       \
+    for (int k = 0; k < 16; k++) m = vm[k] > m ? vm[k] : m;                                 \
+    for (int k = i; k < n; k++) m = sc[k] > m ? sc[k] : m;                                  \
+    v16f vs = (v16f){0};                                                                    \
+    for (i = 0; i + 16 <= n; i += 16) {                                                     \
+        v16f e = vexp(vload_f32(sc + i) - m);                                               \
+        vs += e;                                                                            \
+        for (int k = 0; k < 16; k++) sc[i + k] = ROUND_P(e[k]);                             \
+    }                                                                                       \
+    sum = hsum(vs);                                                                         \
+    for (int k = i; k < n; k++) {                                                           \
+        float e = expf(sc[k] - m);                                                          \
+        sum += e;                                                                           \
+        sc[k] = ROUND_P(e);                                                                 \
+    }                                                                                       \
+    *mx = m;                                                                                \
+    return sum;                                                                             \
+}
+
+DEFINE_SOFTMAX(softmax_f32, F32_SAME)
+DEFINE_SOFTMAX(softmax_bf16, round_bf16)
+
+#define DEFINE_VTASK(NAME, T, VLOAD, LOAD, STORE, SOFTMAX)                                   \
 static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int seq_len, \
                  T *out, int group, int dim, int bs, const strides_t *s, float scale,       \
                  int window) {                                                              \
@@ -173,14 +232,9 @@ static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int
             }                                                                               \
         }                                                                                   \
         for (int g = 0; g < group; g++) {                                                   \
-            float mx = m[g], sum = 0.0f;                                                    \
-            for (int t = lo; t < hi; t++) mx = sc[g][t - c0] > mx ? sc[g][t - c0] : mx;     \
-            for (int t = lo; t < hi; t++) {                                                 \
-                float e = expf(sc[g][t - c0] - mx);                                         \
-                sum += e;                                                                   \
-                sc[g][t - c0] = ROUND_P(e);                                                 \
-            }                                                                               \
-            float corr = expf(m[g] - mx);                                                   \
+            float old = m[g], mx = old;                                                     \
+            float sum = SOFTMAX(sc[g] + (lo - c0), hi - lo, &mx);                           \
+            float corr = expf(old - mx);                                                    \
             l[g] = l[g] * corr + sum;                                                       \
             m[g] = mx;                                                                      \
             if (corr != 1.0f)                                                               \
@@ -203,8 +257,8 @@ static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int
     }                                                                                       \
 }
 
-DEFINE_VTASK(vtask_f32, float, vload_f32, F32_SAME, F32_SAME, F32_SAME)
-DEFINE_VTASK(vtask_bf16, uint16_t, vload_bf16, bf16_to_f32, f32_to_bf16, round_bf16)
+DEFINE_VTASK(vtask_f32, float, vload_f32, F32_SAME, F32_SAME, softmax_f32)
+DEFINE_VTASK(vtask_bf16, uint16_t, vload_bf16, bf16_to_f32, f32_to_bf16, softmax_bf16)
 
 /* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back). */
 #define DEFINE_OP(NAME, TASK, VTASK, T)                                                     \
