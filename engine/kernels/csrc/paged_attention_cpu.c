@@ -203,20 +203,24 @@ static float NAME(float *sc, int n, float *mx) {                                
 DEFINE_SOFTMAX(softmax_f32, F32_SAME)
 DEFINE_SOFTMAX(softmax_bf16, round_bf16)
 
+#define MAX_TASK_HEADS 64
+/* nkv consecutive kv heads per task, so each token's K/V row is read front to back
+ * (all its heads are adjacent in memory) rather than one head's slice per pass. Query
+ * head x = hh * group + g belongs to kv head hh of the task. */
 #define DEFINE_VTASK(NAME, T, VLOAD, LOAD, STORE, SOFTMAX)                                   \
 static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int seq_len, \
-                 T *out, int group, int dim, int bs, const strides_t *s, float scale,       \
-                 int window) {                                                              \
-    v16f qv[MAX_GROUP][MAX_VEC], acc[MAX_GROUP][MAX_VEC], row[MAX_VEC];                     \
-    float m[MAX_GROUP], l[MAX_GROUP], sc[MAX_GROUP][CHUNK];                                 \
-    const int nv = dim / 16;                                                                \
-    for (int g = 0; g < group; g++) {                                                       \
+                 T *out, int group, int nkv, int dim, int bs, const strides_t *s,           \
+                 float scale, int window) {                                                 \
+    v16f qv[MAX_TASK_HEADS][MAX_VEC], acc[MAX_TASK_HEADS][MAX_VEC], row[MAX_VEC];           \
+    float m[MAX_TASK_HEADS], l[MAX_TASK_HEADS], sc[MAX_TASK_HEADS][CHUNK];                  \
+    const int nv = dim / 16, nh = nkv * group;                                              \
+    for (int x = 0; x < nh; x++) {                                                          \
         for (int c = 0; c < nv; c++) {                                                      \
-            qv[g][c] = VLOAD(q + g * s->q_head + 16 * c);                                   \
-            acc[g][c] = (v16f){0};                                                          \
+            qv[x][c] = VLOAD(q + x * s->q_head + 16 * c);                                   \
+            acc[x][c] = (v16f){0};                                                          \
         }                                                                                   \
-        m[g] = -INFINITY;                                                                   \
-        l[g] = 0.0f;                                                                        \
+        m[x] = -INFINITY;                                                                   \
+        l[x] = 0.0f;                                                                        \
     }                                                                                       \
     int start = (window > 0 && seq_len > window) ? seq_len - window : 0;                    \
     for (int c0 = start - start % CHUNK; c0 < seq_len; c0 += CHUNK) {                       \
@@ -224,43 +228,49 @@ static void NAME(const T *q, const T *kc, const T *vc, const int32_t *table, int
         int hi = seq_len < c0 + CHUNK ? seq_len : c0 + CHUNK;                               \
         for (int t = lo; t < hi; t++) {                                                     \
             const T *k = kc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
-            for (int c = 0; c < nv; c++) row[c] = VLOAD(k + 16 * c);                        \
-            for (int g = 0; g < group; g++) {                                               \
-                v16f dot = qv[g][0] * row[0];                                               \
-                for (int c = 1; c < nv; c++) dot += qv[g][c] * row[c];                      \
-                sc[g][t - c0] = hsum(dot) * scale;                                          \
+            for (int hh = 0; hh < nkv; hh++, k += s->c_head) {                              \
+                for (int c = 0; c < nv; c++) row[c] = VLOAD(k + 16 * c);                    \
+                for (int x = hh * group; x < (hh + 1) * group; x++) {                       \
+                    v16f dot = qv[x][0] * row[0];                                           \
+                    for (int c = 1; c < nv; c++) dot += qv[x][c] * row[c];                  \
+                    sc[x][t - c0] = hsum(dot) * scale;                                      \
+                }                                                                           \
             }                                                                               \
         }                                                                                   \
-        for (int g = 0; g < group; g++) {                                                   \
-            float old = m[g], mx = old;                                                     \
-            float sum = SOFTMAX(sc[g] + (lo - c0), hi - lo, &mx);                           \
+        for (int x = 0; x < nh; x++) {                                                      \
+            float old = m[x], mx = old;                                                     \
+            float sum = SOFTMAX(sc[x] + (lo - c0), hi - lo, &mx);                           \
             float corr = expf(old - mx);                                                    \
-            l[g] = l[g] * corr + sum;                                                       \
-            m[g] = mx;                                                                      \
+            l[x] = l[x] * corr + sum;                                                       \
+            m[x] = mx;                                                                      \
             if (corr != 1.0f)                                                               \
-                for (int c = 0; c < nv; c++) acc[g][c] *= corr;                             \
+                for (int c = 0; c < nv; c++) acc[x][c] *= corr;                             \
         }                                                                                   \
         for (int t = lo; t < hi; t++) {                                                     \
             const T *v = vc + (int64_t)table[t / bs] * s->c_block + (t % bs) * s->c_tok;    \
-            for (int c = 0; c < nv; c++) row[c] = VLOAD(v + 16 * c);                        \
-            for (int g = 0; g < group; g++) {                                               \
-                float p = sc[g][t - c0];                                                    \
-                for (int c = 0; c < nv; c++) acc[g][c] += p * row[c];                       \
+            for (int hh = 0; hh < nkv; hh++, v += s->c_head) {                              \
+                for (int c = 0; c < nv; c++) row[c] = VLOAD(v + 16 * c);                    \
+                for (int x = hh * group; x < (hh + 1) * group; x++) {                       \
+                    float p = sc[x][t - c0];                                                \
+                    for (int c = 0; c < nv; c++) acc[x][c] += p * row[c];                   \
+                }                                                                           \
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    for (int g = 0; g < group; g++) {                                                       \
-        float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;                                       \
+    for (int x = 0; x < nh; x++) {                                                          \
+        float inv = l[x] > 0.0f ? 1.0f / l[x] : 0.0f;                                       \
         for (int c = 0; c < nv; c++)                                                        \
             for (int d = 0; d < 16; d++)                                                    \
-                out[g * s->o_head + 16 * c + d] = STORE(acc[g][c][d] * inv);                \
+                out[x * s->o_head + 16 * c + d] = STORE(acc[x][c][d] * inv);                \
     }                                                                                       \
 }
 
 DEFINE_VTASK(vtask_f32, float, vload_f32, F32_SAME, F32_SAME, softmax_f32)
 DEFINE_VTASK(vtask_bf16, uint16_t, vload_bf16, bf16_to_f32, f32_to_bf16, softmax_bf16)
 
-/* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back). */
+/* Returns 0, or -1 when a size is past the kernel's fixed limits (the caller falls back).
+ * Tasks: (row, run of kv heads); a run spans all kv heads unless that leaves threads idle
+ * or exceeds MAX_TASK_HEADS query heads. */
 #define DEFINE_OP(NAME, TASK, VTASK, T)                                                     \
 int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t table_stride, \
          const int32_t *seq_lens, T *out, int rows, int heads, int kv_heads, int dim,       \
@@ -268,14 +278,24 @@ int NAME(const T *q, const T *kc, const T *vc, const int32_t *tables, int64_t ta
     int group = heads / kv_heads;                                                           \
     if (group > MAX_GROUP || dim > MAX_DIM || bs > MAX_BS) return -1;                       \
     strides_t s = {st[0], st[1], st[2], st[3], st[4], st[5], st[6]};                        \
-    int64_t tasks = (int64_t)rows * kv_heads;                                               \
+    int run = dim % 16 ? 1 : kv_heads;                                                      \
+    while (run > 1 && (run * group > MAX_TASK_HEADS || (int64_t)rows * (kv_heads / run)     \
+                                                              < 2 * (int64_t)threads))      \
+        run = (run + 1) / 2;                                                                \
+    while (kv_heads % run) run--;                                                           \
+    int runs = kv_heads / run;                                                              \
+    int64_t tasks = (int64_t)rows * runs;                                                   \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)")  \
     for (int64_t i = 0; i < tasks; i++) {                                                   \
-        int r = (int)(i / kv_heads), h = (int)(i % kv_heads);                               \
-        (dim % 16 ? TASK : VTASK)(q + r * s.q_row + (int64_t)h * group * s.q_head, kc + h * s.c_head,            \
-             vc + h * s.c_head, tables + r * table_stride, seq_lens[r],                     \
-             out + r * s.o_row + (int64_t)h * group * s.o_head, group, dim, bs, &s, scale,  \
-             window);                                                                       \
+        int r = (int)(i / runs), h = (int)(i % runs) * run;                                 \
+        const T *qr = q + r * s.q_row + (int64_t)h * group * s.q_head;                      \
+        T *orow = out + r * s.o_row + (int64_t)h * group * s.o_head;                        \
+        if (dim % 16)                                                                       \
+            TASK(qr, kc + h * s.c_head, vc + h * s.c_head, tables + r * table_stride,       \
+                 seq_lens[r], orow, group, dim, bs, &s, scale, window);                     \
+        else                                                                                \
+            VTASK(qr, kc + h * s.c_head, vc + h * s.c_head, tables + r * table_stride,      \
+                  seq_lens[r], orow, group, run, dim, bs, &s, scale, window);               \
     }                                                                                       \
     return 0;                                                                               \
 }
