@@ -9,10 +9,8 @@ Every row is one query token with its own context length and block-table row::
     k_cache[block_tables[r, t // bs], t % bs, kv_head, :]  is token t of row r
 
 so decode and prefill over a cached prefix run in one call and causality is the row's
-``seq_len``. The C source is compiled once per machine with the system gcc
-(``-O3 -march=native -fopenmp``) into ``$PDSERVE_CACHE/kernels`` (default
-``~/.cache/pdserve``) and called through ctypes; it uses torch's own OpenMP runtime.
-Where no compiler is found, :func:`available` is false and callers use the torch
+``seq_len``. The C source is compiled once per machine (``engine/kernels/cpu_build.py``)
+and called through ctypes. Where no compiler is found, :func:`available` is false and callers use the torch
 reference (``engine/attention/torch_backend.py``), which is also what the tests compare
 this kernel with.
 """
@@ -20,82 +18,26 @@ this kernel with.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from importlib import resources
-from pathlib import Path
 
 import torch
 
+from engine.kernels import cpu_build
+
 logger = logging.getLogger(__name__)
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _DTYPES = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PDSERVE_CACHE") or str(Path.home() / ".cache" / "pdserve")
-    return Path(root) / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _compile(src: str, cc: str, out: Path) -> None:
-    """Compile to a temp file beside ``out`` and rename, under a lock (many processes)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.exists():
-            return
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            c_file, so_file = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            c_file.write_text(src)
-            subprocess.run(
-                [cc, *_FLAGS, "-o", str(so_file), str(c_file), "-lm"],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            os.replace(so_file, out)
-
-
-@cache
-def _library() -> ctypes.CDLL | None:
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        logger.warning("no C compiler found: CPU attention uses the torch reference path")
-        return None
-    src = resources.files("engine.kernels").joinpath("csrc/paged_attention_cpu.c").read_text()
-    key = hashlib.sha256("\0".join([src, cc, *_FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"paged_attention_cpu-{key}.so"
-    try:
-        if not out.exists():
-            logger.info("compiling the CPU paged-attention kernel into %s", out)
-            _compile(src, cc, out)
-        lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        logger.warning("CPU paged-attention kernel unavailable (%s): using torch", detail)
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     for name in _DTYPES.values():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         fn.argtypes += [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int] * 2
-    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    return cpu_build.library(_declare)
 
 
 def available() -> bool:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import cpu_elementwise as fused
 from engine.model_spec import RopeSpec
 
 _PACKABLE = (torch.float32, torch.bfloat16)
@@ -69,14 +70,31 @@ def prepack_linears(model: nn.Module) -> int:
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation computed in fp32, as Hugging Face does."""
+    """RMS normalisation computed in fp32, as Hugging Face does.
+
+    ``norm(x)`` returns the normalised ``x``; ``norm(x, residual)`` first adds ``x`` to the
+    residual stream and returns ``(normalised sum, sum)`` -- on the CPU in one fused pass
+    that updates ``residual`` in place (``engine/kernels/cpu_elementwise.py``).
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            if fused.usable(x, self.weight[None]):
+                return fused.rms_norm(x, self.weight, self.eps)
+            return self._norm(x)
+        if fused.usable(x, residual, self.weight[None]):
+            return fused.rms_norm(x, self.weight, self.eps, residual), residual
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -112,6 +130,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``q`` ``[T, Hq, D]`` and ``k``; on the CPU in place (fused)."""
+        if fused.rotary_usable(q, k, self.cos):
+            fused.rotary_(q, k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -132,5 +154,12 @@ class GatedMLP(nn.Module):
         self.down = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_and_mul(self.gate_up(x)))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for rows ``[gate | up]`` (fused on the CPU)."""
+    if fused.usable(gate_up):
+        return fused.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

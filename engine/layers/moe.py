@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.basic import GatedMLP, Linear
+from engine.layers.basic import GatedMLP, Linear, silu_and_mul
 from engine.model_spec import MoESpec
 from engine.parallel.ep import ExpertParallelGroup, ep_expert_forward
 
@@ -48,7 +48,7 @@ def expert_forward(
     ``[expert_start, expert_start + E_local)`` are ignored).
     """
     out = torch.zeros_like(x)
-    num_local, inter = w13.shape[0], w13.shape[1] // 2
+    num_local = w13.shape[0]
     flat_ids = expert_ids.reshape(-1) - expert_start
     local = (flat_ids >= 0) & (flat_ids < num_local)
     slots = torch.nonzero(local).squeeze(-1)
@@ -64,8 +64,7 @@ def expert_forward(
         sel = order[start : start + count]
         start += count
         tokens = sel // expert_ids.shape[1]
-        gate, up = F.linear(x[tokens], w13[e]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])
+        y = F.linear(silu_and_mul(F.linear(x[tokens], w13[e])), w2[e])
         out.index_add_(0, tokens, y * flat_weights[sel, None])
     return out
 

@@ -49,9 +49,17 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden = hidden + self.attn(positions, self.input_norm(hidden), kv_cache, meta, backend)
-        return hidden + self.mlp(self.post_attn_norm(hidden))
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual stream)``: the layer's output is their sum, which the
+        next norm adds (fused with the norm, as vLLM does); ``residual=None`` for layer 0."""
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)
+        else:
+            hidden, residual = self.input_norm(hidden, residual)
+        hidden = self.attn(positions, hidden, kv_cache, meta, backend)
+        hidden, residual = self.post_attn_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class CausalLM(nn.Module):
@@ -85,12 +93,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[num_tokens, hidden]``; ``after_layer(i)`` runs once
         layer ``i``'s KV is in the cache (disaggregated prefill streams it from there)."""
-        hidden = self.embed(input_ids)
+        hidden, residual = self.embed(input_ids), None
         for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_caches[i], meta, backend)
+            hidden, residual = layer(positions, hidden, kv_caches[i], meta, backend, residual)
             if after_layer is not None:
                 after_layer(i)
-        return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
