@@ -16,7 +16,7 @@ from engine.kernels import cpu_build
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "rms_norm": [_P, _I64, _P, _I64, _P, _P, _I64, _I, _I, _F, _I],
+    "rms_norm": [_P, _I64, _I, _I64, _P, _I64, _P, _P, _I64, _I, _I, _F, _I],
     "silu_mul": [_P, _I64, _P, _I64, _I, _I, _I],
     "rotary": [_P, _I64, _I, _P, _I64, _I, _P, _P, _P, _I, _I, _I],
 }
@@ -44,17 +44,29 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
+def heads_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``x`` ``[T, H, D]`` with heads contiguous within a token (a q/k view of QKV)."""
+    return (
+        x.dim() == 3
+        and x.stride(2) == 1
+        and x.stride(1) == x.shape[2]
+        and usable(x[:, 0], weight[None])
+    )
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """RMSNorm of ``x`` ``[N, H]``; with ``residual``, first ``residual += x`` (in place)
-    and normalise that. Returns a new ``[N, H]`` tensor."""
-    rows, dim = x.shape
-    out = torch.empty((rows, dim), dtype=x.dtype)
+    """RMSNorm over the last dim of ``x`` (``[N, H]``, or ``[T, H, D]`` heads); with
+    ``residual`` (2-D only), first ``residual += x`` in place and normalise that. Returns a
+    new contiguous tensor of ``x``'s shape."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    dim = x.shape[-1]
+    inner, inner_stride = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
     res_ptr, res_stride = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)  # fmt: skip
     _fn("rms_norm", x.dtype)(
-        x.data_ptr(), x.stride(0), res_ptr, res_stride, weight.data_ptr(), out.data_ptr(),
-        out.stride(0), rows, dim, eps, torch.get_num_threads(),
+        x.data_ptr(), x.stride(0), inner, inner_stride, res_ptr, res_stride, weight.data_ptr(),
+        out.data_ptr(), dim, out.numel() // dim, dim, eps, torch.get_num_threads(),
     )  # fmt: skip
     return out
 

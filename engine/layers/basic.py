@@ -86,7 +86,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            if fused.usable(x, self.weight[None]):
+            if fused.usable(x, self.weight[None]) or fused.heads_usable(x, self.weight):
                 return fused.rms_norm(x, self.weight, self.eps)
             return self._norm(x)
         if fused.usable(x, residual, self.weight[None]):

@@ -33,6 +33,16 @@ def test_rms_norm_with_and_without_residual(dtype, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_over_heads_of_a_qkv_view(dtype):
+    """Qwen3's q/k norm: [T, H, D] views of the QKV output (two strides)."""
+    norm = RMSNorm(16, 1e-6).to(dtype)
+    norm.weight.copy_(1 + 0.1 * randn((16,), torch.float32, 6))
+    q = randn((5, 3 * 4 * 16), dtype, 7)[:, : 4 * 16].view(5, 4, 16)
+    assert fused.heads_usable(q, norm.weight)
+    torch.testing.assert_close(norm(q), norm._norm(q), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [32, 45])
 def test_silu_mul(dtype, inter):
     gate_up = 4 * randn((9, 2 * inter), dtype, 4)  # wide range: large |gate| both signs

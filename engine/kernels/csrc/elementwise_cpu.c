@@ -9,16 +9,17 @@
  *               with c, s = round(cos[pos]), round(sin[pos])
  *
  * (round = to the tensor dtype: identity for fp32.) Rows are strided (row stride in
- * elements), the last dim contiguous. Built with paged_attention_cpu.c into one library.
+ * elements; rms_norm's x may be [T, H, D] with two strides, as q/k heads are), the last
+ * dim contiguous. Built with paged_attention_cpu.c into one library.
  */
 #include "cpu_vec.h"
 
 #define DEFINE_RMS_NORM(NAME, T, LOAD, STORE)                                               \
-int NAME(const T *x, int64_t xs, T *res, int64_t rs, const T *w, T *out, int64_t os,       \
-         int rows, int dim, float eps, int threads) {                                      \
+int NAME(const T *x, int64_t xs, int inner, int64_t xs_in, T *res, int64_t rs, const T *w, \
+         T *out, int64_t os, int rows, int dim, float eps, int threads) {                   \
     _Pragma("omp parallel for num_threads(threads) if(threads > 1)")                       \
     for (int r = 0; r < rows; r++) {                                                        \
-        const T *xr = x + r * xs;                                                           \
+        const T *xr = x + (r / inner) * xs + (r % inner) * xs_in;                           \
         T *src = (T *)xr;                                                                   \
         if (res) {                                                                          \
             src = res + r * rs;                                                             \
