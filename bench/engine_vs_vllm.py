@@ -179,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(ROOT / "bench" / "results" / "checkpoints"))
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--serve", action="store_true", help="also the serving view (HTTP)")
+    p.add_argument("--serve-only", action="store_true", help="only the serving view")
     p.add_argument("--serve-request-rate", default="inf", help="serving view: req/s")
     p.add_argument("--json", action="store_true", help="only the JSON summary on stdout")
     return p.parse_args(argv)
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         summary["output_tokens"] = sum(m for _, m in reqs)
         for shape in args.shapes:
             model = checkpoint(shape, Path(args.cache))
-            summary["offline"].extend(bench_shape(shape, model, wl, args))
-            if args.serve:
+            if not args.serve_only:
+                summary["offline"].extend(bench_shape(shape, model, wl, args))
+            if args.serve or args.serve_only:
                 from bench.engine_vs_vllm_serve import serve_view
 
                 summary.setdefault("serving", []).extend(serve_view(shape, model, args))
