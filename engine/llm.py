@@ -39,6 +39,7 @@ class LLM:
         device: str = "cpu",
         block_size: int = 16,
         num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int = CacheConfig.kv_cache_memory_bytes,
         max_model_len: int | None = None,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 128,
@@ -60,6 +61,7 @@ class LLM:
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=num_kv_blocks,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
