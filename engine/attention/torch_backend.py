@@ -1,9 +1,19 @@
-"""Pure-torch paged attention: the CPU default and the reference for the Triton kernels.
+"""The CPU attention backend, and the pure-torch reference for every attention kernel.
 
-Decodes (one query token each) run as one padded batch: their block tables gather K/V
-into ``[B, max_blocks * block_size, kv_heads, head_dim]`` and a length mask hides the
-padding (zeroed as well: stale slots may hold NaN). Prefill chunks run one sequence at a time with a causal mask offset by the
-sequence's cached context.
+``TorchAttentionBackend`` (the CPU default) reads the paged cache in place, with no
+per-step gather, whenever the compiled CPU kernel (``engine/kernels/cpu_paged_attention``)
+is available for the dtype and shape:
+
+* decodes, and prefill tokens over a cached prefix: one kernel call over the block
+  table, one row per query token (a prefill token at position ``p`` is a row of length
+  ``p + 1``, which makes it causal);
+* a prefill chunk with no cached context: ``scaled_dot_product_attention`` on the step's
+  own K/V (causal flash attention), never reading the cache back.
+
+Otherwise (no C compiler, float16, shapes past the kernel's limits) it runs the
+references below: decodes as one padded batch whose block tables gather K/V into
+``[B, max_blocks * block_size, kv_heads, head_dim]`` under a length mask (padding zeroed too: stale slots may hold NaN), prefill chunks
+one sequence at a time with a causal mask offset by the cached context.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.backend import AttentionMetadata
+from engine.kernels import cpu_paged_attention as cpu_kernel
 
 
 def store_kv_reference(
@@ -102,8 +113,40 @@ def paged_prefill_reference(
     return _attend(query[None], k, v, mask[None], scale)[0]
 
 
+def causal_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """A prefill chunk with no cached context, from its own K/V (``[n, H|Hkv, D]``)."""
+    n = query.shape[0]
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))
+    if sliding_window is None or n <= sliding_window:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        pos = torch.arange(n, device=query.device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def prefill_rows(meta: AttentionMetadata, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-table rows and lengths for the tokens of prefill sequences ``seqs``: token
+    ``t`` of sequence ``i`` is a row of length ``context_lens[i] + t + 1``."""
+    starts = meta.query_start_loc.tolist()
+    counts = torch.tensor([starts[i + 1] - starts[i] for i in seqs])
+    tables = meta.block_tables[seqs].repeat_interleave(counts, dim=0)
+    lens = [
+        meta.context_lens_cpu[i] + t + 1 for i in seqs for t in range(starts[i + 1] - starts[i])
+    ]
+    return tables, torch.tensor(lens, dtype=torch.int32)
+
+
 class TorchAttentionBackend:
-    """Reference attention over the paged cache, in plain torch."""
+    """Paged attention on the CPU: the compiled kernel where it applies, else the torch
+    reference (on any device)."""
 
     name = "torch"
 
@@ -126,7 +169,52 @@ class TorchAttentionBackend:
         *,
         scale: float,
         sliding_window: int | None = None,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if key is None or not self._use_kernel(query, k_cache):
+            return self.reference(query, k_cache, v_cache, meta, scale, sliding_window)
+        out = torch.empty_like(query)
+        nd, starts = meta.num_decodes, meta.query_start_loc.tolist()
+        if nd:
+            cpu_kernel.paged_attention_rows(
+                query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                scale, sliding_window, out=out[:nd],
+            )  # fmt: skip
+        cached = [i for i in range(nd, meta.num_seqs) if meta.context_lens_cpu[i] > 0]
+        for i in range(nd, meta.num_seqs):
+            s, e = starts[i], starts[i + 1]
+            if meta.context_lens_cpu[i] == 0:
+                out[s:e] = causal_prefill(query[s:e], key[s:e], value[s:e], scale, sliding_window)
+        if cached:
+            tables, lens = prefill_rows(meta, cached)
+            index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in cached])
+            rows = cpu_kernel.paged_attention_rows(
+                query[index], k_cache, v_cache, tables, lens, scale, sliding_window
+            )
+            out[index] = rows
+        return out
+
+    @staticmethod
+    def _use_kernel(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        h, hkv, d, bs = query.shape[1], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]
+        return (
+            query.device.type == "cpu"
+            and query.dtype == k_cache.dtype
+            and cpu_kernel.supports(query.dtype, h, hkv, d, bs)
+            and cpu_kernel.available()
+        )
+
+    @staticmethod
+    def reference(
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """The gather-based reference over the cache (what the kernel path is tested against)."""
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:

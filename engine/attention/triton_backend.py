@@ -50,7 +50,10 @@ class TritonAttentionBackend:
         *,
         scale: float,
         sliding_window: int | None = None,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # key/value (the step's new K/V) are not needed: the kernels read the cache.
         query = _rows(query)
         out = torch.empty_like(query)
         nd = meta.num_decodes

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -10,6 +13,46 @@ import torch
 from engine.config.fields import cli_default, flag, per_role
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""/proc/cpuinfo flags of CPUs with native bf16 matmul (x86 AVX512-BF16 / AMX, Arm BF16)."""
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (x86 ``flags``, Arm ``Features``), or empty."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def checkpoint_dtype(model_dir: str) -> str | None:
+    """The dtype ``config.json`` says the weights are stored in (``None`` if unsaid)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("torch_dtype") or cfg.get("dtype")
+    return value if isinstance(value, str) else None
+
+
+def resolve_dtype(
+    name: str, device: str, stored: str | None, flags: frozenset[str] | None = None
+) -> torch.dtype:
+    """The dtype to run in. ``auto``: bfloat16 on CUDA; on a CPU, bfloat16 when it has
+    native bf16 matmul and the checkpoint is stored in 16 bits (as real checkpoints are),
+    float32 otherwise -- a float32 checkpoint keeps float32 (token-exact with HF fp32)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    native = bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+    return torch.bfloat16 if native and stored in ("bfloat16", "float16") else torch.float32
 
 
 @dataclass(frozen=True)
@@ -77,7 +120,9 @@ class EngineConfig:
     model: str = field(metadata=cli_default(None, "the tiny demo model"))
     """Local directory of a Hugging Face checkpoint (config.json + safetensors)."""
     dtype: DTypeName = "auto"
-    """Weights and KV dtype; ``auto`` = float32 on CPU, bfloat16 on CUDA."""
+    """Weights and KV dtype; ``auto``: bfloat16 on CUDA, and on CPUs with native bf16
+    matmul (AVX512-BF16/AMX) for 16-bit checkpoints; float32 otherwise (see
+    :func:`resolve_dtype`)."""
     device: str = field(default="cpu", metadata=cli_default("auto", "cuda if available"))
     """Torch device to run on: cpu, cuda, cuda:N, or auto (cuda if available, else cpu:
     resolved on the worker's own node)."""
@@ -99,11 +144,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            self.dtype
-        ]
+        stored = checkpoint_dtype(self.model) if self.dtype == "auto" else None
+        return resolve_dtype(self.dtype, self.device, stored)
 
 
 def resolve_device(name: str) -> str:

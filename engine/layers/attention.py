@@ -46,6 +46,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         backend.store_kv(k, v, k_cache, v_cache, meta)
         out = backend.forward(
-            q, k_cache, v_cache, meta, scale=self.scale, sliding_window=self.sliding_window
-        )
+            q, k_cache, v_cache, meta, scale=self.scale, sliding_window=self.sliding_window,
+            key=k, value=v,
+        )  # fmt: skip
         return self.o(out.reshape(-1, self.q_size))

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.basic import GatedMLP, Linear
+from engine.layers.basic import (
+    GatedMLP,
+    Linear,
+    can_prepack,
+    packed_linear,
+    prepack_weight,
+    silu_and_mul,
+)
 from engine.model_spec import MoESpec
 from engine.parallel.ep import ExpertParallelGroup, ep_expert_forward
 
@@ -34,12 +41,20 @@ def route(
     return weights.to(dtype), ids
 
 
+ExpertWeights = torch.Tensor | list[torch.Tensor]
+"""Stacked ``[E_local, out, in]`` weights, or one oneDNN-prepacked matrix per expert."""
+
+
+def _expert_linear(x: torch.Tensor, w: ExpertWeights, e: int) -> torch.Tensor:
+    return packed_linear(x, w[e], None) if isinstance(w, list) else F.linear(x, w[e])
+
+
 def expert_forward(
     x: torch.Tensor,
     weights: torch.Tensor,
     expert_ids: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: ExpertWeights,
+    w2: ExpertWeights,
     expert_start: int = 0,
 ) -> torch.Tensor:
     """Weighted sum of local experts' outputs for each token.
@@ -48,7 +63,7 @@ def expert_forward(
     ``[expert_start, expert_start + E_local)`` are ignored).
     """
     out = torch.zeros_like(x)
-    num_local, inter = w13.shape[0], w13.shape[1] // 2
+    num_local = len(w13)
     flat_ids = expert_ids.reshape(-1) - expert_start
     local = (flat_ids >= 0) & (flat_ids < num_local)
     slots = torch.nonzero(local).squeeze(-1)
@@ -64,8 +79,7 @@ def expert_forward(
         sel = order[start : start + count]
         start += count
         tokens = sel // expert_ids.shape[1]
-        gate, up = F.linear(x[tokens], w13[e]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])
+        y = _expert_linear(silu_and_mul(_expert_linear(x[tokens], w13, e)), w2, e)
         out.index_add_(0, tokens, y * flat_weights[sel, None])
     return out
 
@@ -100,11 +114,24 @@ class SparseMoE(nn.Module):
             "tokens_per_expert", torch.zeros(spec.num_experts, dtype=torch.int64), persistent=False
         )
 
+    def prepack(self) -> None:
+        """On the CPU, each expert's matrices in oneDNN's layout; the stacked copies go."""
+        if isinstance(self.w13, nn.Parameter) and can_prepack(self.w13[0]):
+            self.w13_packed = [prepack_weight(w) for w in self.w13]
+            self.w2_packed = [prepack_weight(w) for w in self.w2]
+            self.w13 = self.w2 = None
+
+    @property
+    def expert_weights(self) -> tuple[ExpertWeights, ExpertWeights]:
+        if self.w13 is None:
+            return self.w13_packed, self.w2_packed
+        return self.w13, self.w2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob, x.dtype)
         self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts)
         if self.ep is None:
-            out = expert_forward(x, weights, ids, self.w13, self.w2, self.expert_start)
+            out = expert_forward(x, weights, ids, *self.expert_weights, self.expert_start)
         else:
             out = ep_expert_forward(
                 x, weights, ids, self.spec.num_experts, self.ep, self._run_received
@@ -116,4 +143,4 @@ class SparseMoE(nn.Module):
     def _run_received(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Unweighted output of this rank's experts for rows routed here by other ranks."""
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        return expert_forward(rows, ones, ids[:, None], self.w13, self.w2, self.expert_start)
+        return expert_forward(rows, ones, ids[:, None], *self.expert_weights, self.expert_start)

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.layers.attention import Attention
-from engine.layers.basic import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.layers.basic import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from engine.model_spec import ModelSpec
 
 MLPFactory = Callable[[int], nn.Module]
@@ -49,9 +49,17 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden = hidden + self.attn(positions, self.input_norm(hidden), kv_cache, meta, backend)
-        return hidden + self.mlp(self.post_attn_norm(hidden))
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual stream)``: the layer's output is their sum, which the
+        next norm adds (fused with the norm, as vLLM does); ``residual=None`` for layer 0."""
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)
+        else:
+            hidden, residual = self.input_norm(hidden, residual)
+        hidden = self.attn(positions, hidden, kv_cache, meta, backend)
+        hidden, residual = self.post_attn_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class CausalLM(nn.Module):
@@ -70,12 +78,9 @@ class CausalLM(nn.Module):
             DecoderLayer(spec, rotary, make_mlp(i)) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if spec.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nn.Parameter(
-                torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False
-            )
+        self.lm_head = (
+            None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size)
+        )
 
     def forward(
         self,
@@ -88,16 +93,17 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[num_tokens, hidden]``; ``after_layer(i)`` runs once
         layer ``i``'s KV is in the cache (disaggregated prefill streams it from there)."""
-        hidden = self.embed(input_ids)
+        hidden, residual = self.embed(input_ids), None
         for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_caches[i], meta, backend)
+            hidden, residual = layer(positions, hidden, kv_caches[i], meta, backend, residual)
             if after_layer is not None:
                 after_layer(i)
-        return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed.weight).float()
+        return self.lm_head(hidden).float()
 
 
 def dense_weight_targets(spec: ModelSpec) -> dict[str, WeightTarget]:
@@ -108,7 +114,7 @@ def dense_weight_targets(spec: ModelSpec) -> dict[str, WeightTarget]:
         "model.norm.weight": WeightTarget("norm.weight"),
     }
     if not spec.tie_word_embeddings:
-        targets["lm_head.weight"] = WeightTarget("lm_head")
+        targets["lm_head.weight"] = WeightTarget("lm_head.weight")
     for i in range(spec.num_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
         targets[f"{hf}.input_layernorm.weight"] = WeightTarget(f"{ours}.input_norm.weight")

@@ -53,6 +53,9 @@ def test_security_pending_sockets_are_bounded(served):
     flood is gone a new sender pairs."""
     endpoint, client, pool, layout = served
     client.connect(endpoint.address)
+    # The sender returns once paired; the endpoint frees that socket's pending slot just
+    # after (its own thread): wait for it, or the slot is counted against the flood.
+    wait_until(lambda: not endpoint._pending, timeout=CLOSE_BOUND_S)
     threads_before = threading.active_count()
     held = [connect(endpoint.address) for _ in range(4)]  # accepted in connection order
     extra = [connect(endpoint.address) for _ in range(20)]
