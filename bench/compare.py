@@ -164,8 +164,8 @@ def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], objec
 
     start_ray(None, "127.0.0.2", num_cpus=8)
     workers = RayWorkers()
-    engine = EngineConfig(model, device="auto")  # each worker's node resolves it
-    settings = WorkerConfig("decode", engine, kv_transports=("tcp", "shm"))
+    # device auto: each worker's node resolves it; launch() sets each worker's role
+    settings = WorkerConfig("decode", EngineConfig(model, device="auto"), kv_transports=("tcp", "shm"))  # fmt: skip
     clusters = {s.name: Cluster(s, model, workers) for s in SETUPS}
     for c in clusters.values():
         c.launch(settings)

@@ -7,6 +7,8 @@ from engine.config.engine import (
     EngineConfig,
     ParallelConfig,
     SchedulerConfig,
+    resolve_device,
+    resolve_dtype,
 )
 from engine.config.router import RouterConfig
 from engine.config.serve import RayConfig, ServeConfig
@@ -30,4 +32,6 @@ __all__ = [
     "TransferConfig",
     "Transport",
     "WorkerConfig",
+    "resolve_device",
+    "resolve_dtype",
 ]

@@ -46,7 +46,7 @@ def kill_loop(worker: RunningWorker, monkeypatch) -> None:
 
 
 def stall_loop(worker: RunningWorker, monkeypatch) -> threading.Event:
-    """Every step blocks (holding the engine lock) until the returned event is set."""
+    """Every step blocks (the engine thread with it) until the returned event is set."""
     engine, release = worker.worker.engine, threading.Event()
     real = engine.step
 
