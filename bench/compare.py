@@ -120,7 +120,7 @@ class Cluster:
             logger.info("%s: %s pid %d%s", self.setup.name, info["worker_id"], info["pid"],
                         f" pinned to core {core}" if pinned else " (not pinned)")  # fmt: skip
         port = free_port()
-        cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "serve",
+        cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "serve",
                "--model", self.model, "--served-model-name", MODEL_NAME, "--port", str(port)]  # fmt: skip
         for info in infos:
             cmd += ["--worker", info["address"]]
@@ -159,11 +159,13 @@ class Cluster:
 
 
 def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], object]:
-    from router.launcher import RayWorkers, WorkerSettings, start_ray
+    from engine.config import EngineConfig, WorkerConfig
+    from router.launch.ray_launcher import RayWorkers, start_ray
 
     start_ray(None, "127.0.0.2", num_cpus=8)
     workers = RayWorkers()
-    settings = WorkerSettings(model=model, kv_transports=("tcp", "shm"))
+    # device auto: each worker's node resolves it; launch() sets each worker's role
+    settings = WorkerConfig("decode", EngineConfig(model, device="auto"), kv_transports=("tcp", "shm"))  # fmt: skip
     clusters = {s.name: Cluster(s, model, workers) for s in SETUPS}
     for c in clusters.values():
         c.launch(settings)
@@ -263,7 +265,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     from bench.compare_report import analyse, write_report
-    from engine.cli import ensure_demo_model
+    from engine.tiny_model import ensure_demo_model
     from engine.tokenizer import Tokenizer
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -46,7 +46,7 @@ def server_cmd(engine: str, model: Path, dtype: str, port: int, args) -> tuple[l
     limits = ["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"]
     if engine == "pdserve":
         kv = str(int(args.kv_gib * 2**30) // _block_bytes(model, dtype))
-        cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "serve",
+        cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "serve",
                "--model", str(model), "--served-model-name", MODEL_NAME, "--prefill", "0",
                "--port", str(port), "--dtype", dtype, "--num-kv-blocks", kv, *limits]  # fmt: skip
         return cmd, env

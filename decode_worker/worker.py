@@ -2,19 +2,22 @@
 
 A disaggregated request passes through these queues::
 
-    Reserve ──> reserved ──(sender opened)──> receiving ──(all layers, SUCCESS)──> ready
+    Reserve ──> reserved ──(sender opened)──> receiving ──(TransferDone SUCCESS)──> ready
                    │                              │                                 │
-                   └──── lease expiry, abort, transfer FAILED: blocks freed ────────┤
+                   └── lease expiry, abort, TransferDone FAILED: blocks freed ──────┤
                                                                                     ▼
     Decode(first token) ─────────────────────────────────────────> admitted to running
     Generate (local prefill: aggregated mode, fallbacks) ──> waiting ──> running
                                                        running ──> finished (stream ends)
 
-``reserved``/``receiving``/``ready`` are this module's tables; ``waiting``/``running`` are
-the engine scheduler's. A request is admitted only once its transfer is SUCCESS *and*
-the router sent the first token (``Decode``). Blocks of a failed transfer come back
-through the kv_transfer ``free_blocks`` callback, which aborts the reservation under the
-engine lock; the worker never frees a block a transport thread may still write.
+``reserved``/``receiving``/``ready`` are this module's table (``DecodeState``);
+``waiting``/``running`` are the engine scheduler's. Everything here runs on the engine
+thread (engine/worker/loop.py): gRPC handlers submit ``Reserve``/``Decode``/``Generate``/
+``Abort``, and the KV endpoint's callback posts ``TransferDone`` when a transfer ends,
+which wakes the loop. A request is admitted only once its transfer is SUCCESS *and* the
+router sent the first token. An aborted reservation whose transfer is still in flight is
+``releasing`` until its ``TransferDone``: the engine frees no block a transport thread may
+still write.
 
 A request that fails alone (``finish_reason == "error"`` from the engine, or an exception
 while handling its transfer or its output) ends its stream with INTERNAL and frees its
@@ -26,183 +29,188 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import grpc
 
-from decode_worker.info import stats_response
-from decode_worker.runtime import EngineLoop, Sink, WorkerConfig, WorkerError
+from decode_worker.commands import Decode, DecodeRequest, DecodeState, Generate, Reserve
+from engine.config import WorkerConfig
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
-from kv_transfer import KVEndpoint, KVReceiver, TransferConfig, TransferState, make_endpoint
+from engine.security import ClusterSecret
+from engine.worker.commands import Abort, TransferDone
+from engine.worker.convert import chunk_from_output, token_logprobs
+from engine.worker.errors import WorkerError
+from engine.worker.loop import EngineLoop
+from engine.worker.snapshot import RoleLoad
+from kv_transfer import KVEndpoint, TransferState, make_endpoint
+from kv_transfer.wire import ticket_to_pb
 from proto import worker_pb2 as pb
-from proto.convert import chunk_from_output, ticket_to_pb, token_logprobs
 
 logger = logging.getLogger(__name__)
 
 ABORTED, INTERNAL = grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL
+S = DecodeState
 
 
-def _endpoint_host(backend: str, host: str) -> str:
-    # Workaround: the ucx listener binds the lo device's 127.0.0.1 whatever the configured
-    # host, yet advertises that host; on another loopback address (Ray's 127.0.0.2) the
-    # sender's UCX connect fails ("Endpoint is not connected"). Reported to kv_transfer.
-    if backend == "ucx" and host.startswith("127."):
-        return "127.0.0.1"
-    return host
-
-
-@dataclass
-class _Request:
-    request_id: str
-    params: SamplingParams
-    state: str
-    """reserved | receiving | ready | running."""
-    receiver: KVReceiver | None = None
-    sink: Sink | None = None
-    first_token: pb.Token | None = None
-    num_cached_tokens: int = 0
-    since: float = field(default_factory=time.monotonic)
+def _transport_frees_nothing(block_ids: list[int]) -> None:
+    """The engine thread frees a failed transfer's blocks on its ``TransferDone``."""
 
 
 class DecodeWorker:
-    """Engine + KV endpoints + request tables; thread-safe (see runtime.EngineLoop)."""
+    """Engine + KV endpoints + the request table, owned by one engine thread."""
 
-    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
-        self.engine = engine
-        self.config = config
-        self._reqs: dict[str, _Request] = {}
-        self._owner: dict[tuple[int, ...], str] = {}
-        """Transfer blocks -> request id, to route the free_blocks callback."""
+    def __init__(self, engine: LLMEngine, config: WorkerConfig, secret: ClusterSecret | None):
+        self.engine, self.config = engine, config
+        self._reqs: dict[str, DecodeRequest] = {}
+        tcfg = replace(config.transfer, host=config.host, secret=config.transfer.secret or secret)
         self.endpoints: dict[str, KVEndpoint] = {
             name: make_endpoint(
                 name,
                 engine.layout,
                 engine.kv_caches,
                 engine.layout_spec,
-                self._free,
-                config=TransferConfig(
-                    host=_endpoint_host(name, config.host),
-                    plane=dict(config.extra),
-                    secret=config.secret,
-                ),
-            )
+                _transport_frees_nothing,
+                config=tcfg,
+            )  # fmt: skip
             for name in config.kv_transports
         }
-        self.publishes_events = False
-        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
-        self.loop = EngineLoop(
-            engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
-        )
-        self.loop.start()
+        self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
+        self.loop.start(self)
 
     def close(self) -> None:
         self.loop.stop()
         for endpoint in self.endpoints.values():
             endpoint.close()
 
-    # -- requests (any thread) ------------------------------------------------------------
+    def kv_transports(self) -> list[str]:
+        return sorted(self.endpoints)
 
-    def reserve(
-        self, rid: str, prompt: list[int], params: SamplingParams, transport: str, lease_s: float
-    ) -> tuple[pb.TransferTicket, int, int]:
-        """Reserve blocks and open a transfer; returns (ticket, cached blocks, cached tokens)."""
-        self.loop.check_serving()
-        endpoint = self.endpoints.get(transport)
+    def transfer_stats(self) -> dict[str, int]:
+        return {f"{n}.{k}": v for n, ep in self.endpoints.items() for k, v in ep.stats().items()}
+
+    def handlers(self) -> dict[type, object]:
+        return {
+            Reserve: self._reserve,
+            Decode: self._decode,
+            Generate: self._generate,
+            Abort: self._abort,
+            TransferDone: self._transfer_done,
+        }
+
+    # -- commands (engine thread) ---------------------------------------------------------
+
+    def _reserve(self, cmd: Reserve) -> tuple[pb.TransferTicket, int, int]:
+        endpoint = self.endpoints.get(cmd.transport)
         if endpoint is None:
             raise WorkerError(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"kv transport {transport!r} is not served by {self.config.name}; "
+                f"kv transport {cmd.transport!r} is not served by {self.config.name}; "
                 f"it serves {sorted(self.endpoints)}",
             )
-        with self.loop.lock:
-            try:
-                res = self.engine.reserve(rid, prompt, params)
-            except ValueError as exc:
-                raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            if res is None:
-                raise WorkerError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"no free KV blocks for {len(prompt)} tokens on {self.config.name} "
-                    f"({self.engine.num_free_blocks} free)",
-                )
-            try:
-                receiver = endpoint.expect(res.blocks_to_fill, lease_s)
-            except (ValueError, RuntimeError) as exc:
-                self.engine.abort(rid)
-                raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"cannot expect KV: {exc}") from None
-            self._owner[tuple(receiver.ticket.block_ids)] = rid
-            cached = res.num_cached_blocks * self.engine.layout.block_size
-            self._reqs[rid] = _Request(rid, params, "reserved", receiver, num_cached_tokens=cached)
-        return ticket_to_pb(receiver.ticket, transport), res.num_cached_blocks, cached
+        rid = cmd.request_id
+        res = self.engine.reserve(rid, cmd.prompt, cmd.params)  # ValueError: bad input
+        if res is None:
+            raise WorkerError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no free KV blocks for {len(cmd.prompt)} tokens on {self.config.name} "
+                f"({self.engine.num_free_blocks} free)",
+            )
 
-    def decode(self, rid: str, first_token: pb.Token, sink: Sink) -> None:
-        """Hand over the first token; the engine thread admits once the KV is complete."""
-        self.loop.check_serving()
+        def done(transfer_id: str, state: TransferState) -> None:  # a transport thread
+            self.loop.post(TransferDone(rid, transfer_id, state is TransferState.SUCCESS))
+
+        try:
+            receiver = endpoint.expect(res.blocks_to_fill, cmd.lease_s, on_done=done)
+        except (ValueError, RuntimeError) as exc:
+            self.engine.abort(rid)
+            raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"cannot expect KV: {exc}") from None
+        cached = res.num_cached_blocks * self.engine.layout.block_size
+        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RESERVED, receiver, num_cached_tokens=cached)  # fmt: skip
+        return ticket_to_pb(receiver.ticket, cmd.transport), res.num_cached_blocks, cached
+
+    def _decode(self, cmd: Decode) -> None:
         vocab = self.engine.spec.vocab_size
-        if not 0 <= first_token.token_id < vocab:
+        if not 0 <= cmd.first_token.token_id < vocab:
             raise WorkerError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"first token id {first_token.token_id} is outside the vocabulary [0, {vocab})",
+                f"first token id {cmd.first_token.token_id} is outside the vocabulary [0, {vocab})",
             )
-        with self.loop.lock:
-            req = self._reqs.get(rid)
-            if req is None or req.receiver is None or req.sink is not None:
-                raise WorkerError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"no reservation for request {rid!r} on {self.config.name} "
-                    "(lease expired, aborted, or already decoding)",
-                )
-            req.first_token, req.sink = first_token, sink
-        self.loop.wake()
+        req = self._reqs.get(cmd.request_id)
+        if req is None or req.receiver is None or req.sink is not None or req.state is S.RELEASING:
+            raise WorkerError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no reservation for request {cmd.request_id!r} on {self.config.name} "
+                "(lease expired, aborted, or already decoding)",
+            )
+        req.first_token, req.sink = cmd.first_token, cmd.sink
+        if req.state is S.READY:
+            self._guarded(req.request_id, "its admission", self._admit, req)
 
-    def generate(self, rid: str, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
-        """Prefill locally and decode."""
-        self.loop.check_serving()
-        with self.loop.lock:
-            if rid in self._reqs:
-                raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
-            try:
-                self.engine.add_request(rid, prompt, params)
-            except ValueError as exc:
-                raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            self._reqs[rid] = _Request(rid, params, "running", sink=sink)
-        self.loop.wake()
+    def _generate(self, cmd: Generate) -> None:
+        rid = cmd.request_id
+        if rid in self._reqs:
+            raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
+        self.engine.add_request(rid, cmd.prompt, cmd.params)  # ValueError: bad input
+        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RUNNING, sink=cmd.sink)
 
-    def abort(self, rid: str) -> bool:
-        """Stop ``rid`` wherever it is and free its blocks; False if unknown."""
-        with self.loop.lock:
-            req = self._release(rid)
-            if req is None:
-                return self.engine.abort(rid)
-            if req.sink is not None:
-                req.sink.put(pb.TokenChunk(finished=True, finish_reason="abort"))
-            return True
-
-    def _release(self, rid: str) -> _Request | None:
-        """Drop ``rid`` from the tables and free its blocks (those of a transfer still in
-        flight come back through ``_free`` once the transport let go of them)."""
-        req = self._reqs.pop(rid, None)
+    def _abort(self, cmd: Abort) -> bool:
+        """Stop the request wherever it is and free its blocks; False if unknown."""
+        req = self._reqs.get(cmd.request_id)
         if req is None:
-            return None
+            return self.engine.abort(cmd.request_id)
+        sink = req.sink
+        self._release(req)
+        if sink is not None:
+            sink.put(pb.TokenChunk(finished=True, finish_reason="abort"))
+        return True
+
+    def _transfer_done(self, ev: TransferDone) -> None:
+        req = self._reqs.get(ev.request_id)
+        if req is None or req.receiver is None or req.receiver.ticket.transfer_id != ev.transfer_id:
+            return  # a request that already ended (its blocks were freed then)
+        req.transfer_over = True
+        if req.state is S.RELEASING:
+            self._release(req)
+        elif not ev.succeeded:
+            why = f"KV transfer failed: {req.receiver.error}"
+            self._fail_request(req.request_id, why, ABORTED)
+        elif req.first_token is not None:
+            self._guarded(req.request_id, "its admission", self._admit, req)
+        else:
+            req.state, req.since = S.READY, time.monotonic()
+
+    # -- the table (engine thread) --------------------------------------------------------
+
+    def _release(self, req: DecodeRequest) -> None:
+        """Drop ``req`` and free its blocks; a transfer the transport may still write into
+        is aborted first, and its blocks are freed on its ``TransferDone``."""
         rx = req.receiver
-        if rx is not None and not rx.poll().terminal:
+        if rx is not None and not req.transfer_over and rx.poll() is not TransferState.SUCCESS:
+            req.state, req.sink = S.RELEASING, None
             rx.abort("aborted by the router")
-        elif rx is None or rx.poll() is TransferState.SUCCESS:
-            if rx is not None:
-                self._owner.pop(tuple(rx.ticket.block_ids), None)
-            self.engine.abort(rid)
-        return req
+            return
+        self._reqs.pop(req.request_id, None)
+        self.engine.abort(req.request_id)
 
     def _fail_request(self, rid: str, why: str, code: grpc.StatusCode = INTERNAL) -> None:
         """``rid`` failed alone: its stream ends with ``code``, its blocks are freed."""
-        req = self._release(rid)
+        req = self._reqs.get(rid)
         if req is None:
             self.engine.abort(rid)
-        elif req.sink is not None:
-            msg = f"request {rid} failed on {self.config.name}: {why}"
-            req.sink.put(WorkerError(code, msg))
+            return
+        sink = req.sink
+        self._release(req)
+        if sink is not None:
+            sink.put(WorkerError(code, f"request {rid} failed on {self.config.name}: {why}"))
+
+    def _guarded(self, rid: str, what: str, fn, *args) -> None:
+        """``fn(*args)``; whatever it raises fails request ``rid`` only."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            logger.exception("request %s failed in %s", rid, what)
+            self._fail_request(rid, f"internal error ({type(exc).__name__})")
 
     def fail_all(self, why: str) -> None:
         """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
@@ -211,79 +219,37 @@ class DecodeWorker:
                 req.sink.put(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._reqs.clear()
 
-    def stats(self, drain_events: bool | None = None) -> pb.StatsResponse:
-        """Load and counters; block events are drained only by their consumer: the Redis
-        publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
-        drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.hold():
-            sched = self.engine.scheduler
-            queues = dict.fromkeys(("reserved", "receiving", "ready"), 0)
-            for req in self._reqs.values():
-                if req.state in queues:
-                    queues[req.state] += 1
-            queues["waiting"], queues["running"] = len(sched.waiting), len(sched.running)
-            queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-            queued += sum(
-                r.num_prompt_tokens - r.num_computed_tokens
-                for r in sched.running
-                if r.num_computed_tokens < r.num_prompt_tokens
-            )
-            transfer: dict[str, int] = {}
-            for name, ep in self.endpoints.items():
-                for key, value in ep.stats().items():
-                    transfer[f"{name}.{key}"] = value
-            return stats_response(
-                self.engine, queues, queued, len(self._reqs), drain, transfer=transfer
-            )
+    def load(self) -> RoleLoad:
+        sched = self.engine.scheduler
+        queues = dict.fromkeys((S.RESERVED.value, S.RECEIVING.value, S.READY.value), 0)
+        for req in self._reqs.values():
+            state = req.state
+            if state is S.RESERVED and req.receiver.poll() is not TransferState.BOOTSTRAPPING:
+                state = S.RECEIVING
+            if state.value in queues:
+                queues[state.value] += 1
+        queues["waiting"], queues["running"] = len(sched.waiting), len(sched.running)
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(
+            r.num_prompt_tokens - r.num_computed_tokens
+            for r in sched.running
+            if r.num_computed_tokens < r.num_prompt_tokens
+        )
+        return RoleLoad(queues, queued, len(self._reqs))
 
-    # -- engine thread -------------------------------------------------------------------
+    # -- each iteration (engine thread) ---------------------------------------------------
 
-    def _free(self, block_ids: list[int]) -> None:
-        """kv_transfer callback (transport threads): a transfer failed, free its request."""
-        with self.loop.lock:
-            rid = self._owner.pop(tuple(block_ids), None)
-            if rid is not None:
-                self.engine.abort(rid)
-        self.loop.wake()
-
-    def _housekeeping(self) -> bool:
-        """Move transfers along; returns whether some are still in flight."""
-        in_flight = False
-        now = time.monotonic()
-        for req in [r for r in self._reqs.values() if r.receiver is not None]:
-            if req.state == "running":
-                continue
-            try:
-                in_flight |= self._advance(req, now)
-            except Exception as exc:
-                logger.exception("request %s failed in its transfer", req.request_id)
-                self._fail_request(req.request_id, f"internal error ({type(exc).__name__})")
-        return in_flight
-
-    def _advance(self, req: _Request, now: float) -> bool:
-        """One reserved request's transfer; returns whether it is still in flight."""
-        state = req.receiver.poll()
-        if state is TransferState.FAILED:
-            self._fail_request(req.request_id, f"KV transfer failed: {req.receiver.error}", ABORTED)
-        elif state is TransferState.SUCCESS:
-            if req.first_token is not None:
-                self._admit(req)
-            elif now - req.since > self.config.lease_s:
+    def housekeeping(self, now: float) -> None:
+        """A request whose KV arrived but whose Decode call never came ends with its lease."""
+        for req in [r for r in self._reqs.values() if r.state is S.READY]:
+            if now - req.since > self.config.lease_s:
                 why = "no Decode call within the lease after the KV arrived"
                 self._fail_request(req.request_id, why, ABORTED)
-            elif req.state != "ready":
-                req.state, req.since = "ready", now
-        else:
-            if state is not TransferState.BOOTSTRAPPING:
-                req.state = "receiving"
-            return True
-        return False
 
-    def _admit(self, req: _Request) -> None:
-        self._owner.pop(tuple(req.receiver.ticket.block_ids), None)
+    def _admit(self, req: DecodeRequest) -> None:
         tok = req.first_token
         out = self.engine.admit_prefilled(req.request_id, tok.token_id, token_logprobs(tok))
-        req.state = "running"
+        req.state = S.RUNNING
         if out.finished:  # the first token already ended it; the router has that token
             self._reqs.pop(req.request_id, None)
             chunk = chunk_from_output(out, req.params.logprobs)
@@ -291,13 +257,9 @@ class DecodeWorker:
             chunk.num_cached_tokens = req.num_cached_tokens
             req.sink.put(chunk)
 
-    def _on_outputs(self, outs: list[RequestOutput]) -> None:
+    def on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
-            try:
-                self._deliver(out)
-            except Exception as exc:
-                logger.exception("handling the output of request %s failed", out.request_id)
-                self._fail_request(out.request_id, f"internal error ({type(exc).__name__})")
+            self._guarded(out.request_id, "its output handling", self._deliver, out)
 
     def _deliver(self, out: RequestOutput) -> None:
         req = self._reqs.get(out.request_id)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from engine.attention import get_backend
 from engine.config import EngineConfig
+from engine.config.engine import resolve_device
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig, ep: ExpertParallelGroup | None = None) -> None:
         """``ep``: this engine is one rank of an expert-parallel group (rank 0 leads)."""
+        config = replace(config, device=resolve_device(config.device))  # auto: this node's
         self.config = config
         self.ep = ep if ep is not None and ep.size > 1 else None
         self.device = torch.device(config.device)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import EngineConfig
+from engine.config.tree import with_leaves
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -31,49 +32,19 @@ class CompletionOutput:
 class LLM:
     """Runs an :class:`LLMEngine` to completion over a batch of prompts."""
 
-    def __init__(
-        self,
-        model: str | Path,
-        *,
-        dtype: str = "auto",
-        device: str = "cpu",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_bytes: int = CacheConfig.kv_cache_memory_bytes,
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 128,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        attention_backend: str = "auto",
-        seed: int = 0,
-        ep=None,
-    ) -> None:
-        """``ep``: an :class:`~engine.parallel.ep.ExpertParallelGroup` for this rank; the
-        leader (rank 0) generates, followers call ``llm.engine.run_follower()``."""
-        config = EngineConfig(
-            model=str(model),
-            dtype=dtype,
-            device=device,
-            max_model_len=max_model_len,
-            attention_backend=attention_backend,
-            seed=seed,
-            cache=CacheConfig(
-                block_size=block_size,
-                num_blocks=num_kv_blocks,
-                kv_cache_memory_bytes=kv_cache_memory_bytes,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                enable_chunked_prefill=enable_chunked_prefill,
-            ),
-        )
+    def __init__(self, model: str | Path | EngineConfig, *, ep=None, **overrides) -> None:
+        """``model``: a checkpoint directory (``overrides`` then name EngineConfig leaves by
+        field or flag name: ``block_size=16``, ``num_kv_blocks=8``, ``device="cuda"``), or
+        a whole :class:`~engine.config.EngineConfig`. ``ep``: an
+        :class:`~engine.parallel.ep.ExpertParallelGroup` for this rank; the leader (rank 0)
+        generates, followers call ``llm.engine.run_follower()``."""
+        if isinstance(model, EngineConfig):
+            config = replace(model, **overrides) if overrides else model
+        else:
+            config = with_leaves(EngineConfig, model=str(model), **overrides)
         self.engine = LLMEngine(config, ep)
-        self.tokenizer = (
-            Tokenizer.from_dir(model) if (Path(model) / "tokenizer.json").is_file() else None
-        )
+        path = Path(config.model)
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         self._ids = itertools.count()
 
     def _tokenize(self, prompt: Prompt) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,21 @@ def make_tiny_model(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+DEMO_ARCH = "llama"
+
+
+def demo_model_dir() -> Path:
+    """Where the tiny demo model is cached (``$PDSERVE_CACHE`` or ``~/.cache/pdserve``)."""
+    root = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+    return root / f"tiny-{DEMO_ARCH}"
+
+
+def ensure_demo_model() -> Path:
+    """Build the deterministic demo model on first use and return its directory."""
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        logging.getLogger("pdserve").info("building the tiny demo model in %s", path)
+        make_tiny_model(DEMO_ARCH, path)
+    return path

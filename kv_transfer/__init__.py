@@ -3,13 +3,14 @@
 Decode worker (receiver)::
 
     endpoint = make_endpoint("tcp", layout, kv_caches, spec, free_blocks=engine.free)
-    rx = endpoint.expect(block_ids, lease_s=30)      # rx.ticket goes to the router
+    rx = endpoint.expect(block_ids, lease_s=30, on_done=done)   # rx.ticket goes to the router
     ... rx.poll() -> BOOTSTRAPPING / WAITING / TRANSFERRING / SUCCESS / FAILED
+    done(transfer_id, SUCCESS | FAILED) once, from a transport thread
 
 Prefill worker (sender)::
 
     client = make_client("tcp", spec)
-    tx = client.open(ticket)
+    tx = client.open(ticket, on_done=done)
     for layer in ...: tx.send_layer(layer, k_cache, v_cache, src_block_ids=blocks)
     tx.finish(); ... tx.poll() until SUCCESS or FAILED
 
@@ -35,6 +36,7 @@ from kv_transfer.base import (
     KVEndpoint,
     KVReceiver,
     KVSender,
+    OnDone,
     TicketRefused,
     TransferConfig,
     TransferState,
@@ -48,6 +50,7 @@ __all__ = [
     "KVEndpoint",
     "KVReceiver",
     "KVSender",
+    "OnDone",
     "TicketRefused",
     "TransferConfig",
     "TransferState",

@@ -17,17 +17,35 @@ counted, never written. ``poll()`` never blocks.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from engine.config.transfer import TransferConfig
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
-from engine.security import ClusterSecret
+
+logger = logging.getLogger(__name__)
 
 FreeBlocks = Callable[[list[int]], None]
 """Hook through which the receiver returns reserved blocks to its engine's pool."""
+OnDone = Callable[[str, "TransferState"], None]
+"""``on_done(transfer_id, state)``: called once, from a transport thread (or the caller's,
+for an abort), when a transfer ends SUCCESS or FAILED; on the receiver's FAILED only after
+``free_blocks`` (no transport thread touches the blocks any more). An owner that runs its
+engine on one thread posts it as an event there."""
+
+
+def report_done(on_done: OnDone | None, transfer_id: str, state: TransferState) -> None:
+    """Call ``on_done`` (from a transport thread); its failure must not end that thread."""
+    if on_done is None:
+        return
+    try:
+        on_done(transfer_id, state)
+    except Exception:
+        logger.exception("on_done of transfer %s failed", transfer_id)
 
 
 class TransferState(enum.Enum):
@@ -71,56 +89,6 @@ class TransferTicket:
     signature: bytes = field(default=b"", repr=False)
     """The receiver's HMAC over every field above (kv_transfer/auth.py); empty when the
     receiver has no cluster secret."""
-
-
-@dataclass(frozen=True)
-class TransferConfig:
-    """Tuning shared by every backend."""
-
-    heartbeat_s: float = 0.5
-    """Send a heartbeat when nothing was sent on a link for this long."""
-    peer_timeout_s: float = 3.0
-    """A link with no frame from the peer for this long is dead; its transfers fail."""
-    connect_timeout_s: float = 10.0
-    """Bound on connecting and pairing."""
-    chunk_bytes: int | None = None
-    """Data-path message / checksum granularity; None: the backend's default (1 MiB, or
-    4 MiB for ucx and torch_dist, whose per-message cost is higher)."""
-    reap_interval_s: float = 0.05
-    """How often the receiver checks leases."""
-    host: str = "127.0.0.1"
-    """Interface the receiver endpoint listens on."""
-    plane: dict[str, str] = field(default_factory=dict)
-    """Backend-specific options (strings, see each backend)."""
-    secret: ClusterSecret | None = None
-    """The cluster secret: the handshake proves it both ways and the receiver signs its
-    tickets, which the sender verifies before connecting. None: unauthenticated (a laptop);
-    a side with a secret refuses to pair with a side without one."""
-    handshake_timeout_s: float = 5.0
-    """A receiver closes a socket whose peer has not proved itself (Hello, Proof) within
-    this long, however slowly it keeps sending."""
-    max_pending_pairings: int = 64
-    """Sockets a receiver holds before their pairing completes; more are closed at once."""
-    max_pending_per_host: int = 16
-    """The same bound per peer address, so one host cannot take every pending slot."""
-
-    def __post_init__(self) -> None:
-        if self.peer_timeout_s <= self.heartbeat_s:
-            raise ValueError(
-                f"peer_timeout_s={self.peer_timeout_s} must exceed heartbeat_s={self.heartbeat_s}; "
-                "use at least 3 heartbeats"
-            )
-        if self.chunk_bytes is not None and self.chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
-        if self.handshake_timeout_s <= 0:
-            raise ValueError(
-                f"handshake_timeout_s must be positive, got {self.handshake_timeout_s}"
-            )
-        if not 1 <= self.max_pending_per_host <= self.max_pending_pairings:
-            raise ValueError(
-                f"need 1 <= max_pending_per_host ({self.max_pending_per_host}) <= "
-                f"max_pending_pairings ({self.max_pending_pairings})"
-            )
 
 
 @runtime_checkable
@@ -184,7 +152,9 @@ class KVEndpoint(Protocol):
     address: str
     epoch: int
 
-    def expect(self, block_ids: Sequence[int], lease_s: float) -> KVReceiver:
+    def expect(
+        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None
+    ) -> KVReceiver:
         """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``."""
 
     def stats(self) -> dict[str, int]:
@@ -203,7 +173,7 @@ class KVClient(Protocol):
     def connect(self, endpoint: str) -> None:
         """Pair with ``endpoint`` now; raises :class:`HandshakeError` on mismatch."""
 
-    def open(self, ticket: TransferTicket) -> KVSender:
+    def open(self, ticket: TransferTicket, on_done: OnDone | None = None) -> KVSender:
         """Start a transfer for ``ticket`` (pairing first if needed); with a secret, raises
         :class:`TicketRefused` before connecting anywhere unless the ticket is signed."""
 

@@ -25,7 +25,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayoutSpec, block_byte_views, dtype_from_name
 from kv_transfer import auth, wire
-from kv_transfer.base import HandshakeError, TransferConfig, TransferTicket
+from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pairing import sender_handshake
 from kv_transfer.plane import Backend, SenderPlane
@@ -44,8 +44,8 @@ class _Link:
         self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._transfers: dict[str, SenderTransfer] = {}
-        fixed = getattr(plane, "chunk_bytes", None)  # a plane may fix it at pairing
-        self._chunk_bytes = fixed or config.chunk_bytes or getattr(plane, "default_chunk", 1 << 20)
+        caps = plane.capabilities  # a plane may fix the chunk size at pairing
+        self._chunk_bytes = caps.chunk_bytes or config.chunk_bytes or caps.default_chunk_bytes
         self.writer = threading.Thread(
             target=self._write_loop, name=f"kv-w-{link.name}", daemon=True
         )
@@ -105,7 +105,7 @@ class _Link:
 
     def _send(self, job: LayerJob) -> None:
         cpu = job.k.device.type == "cpu" and job.k.is_contiguous() and job.v.is_contiguous()
-        if getattr(self.plane, "zero_copy", False) and cpu:
+        if self.plane.capabilities.zero_copy_send and cpu:
             self._send_parts(job)
             return
         self._send_staged(job)
@@ -117,7 +117,8 @@ class _Link:
         for a slice of the ticket's blocks, so its buffers stay cache-sized.
         """
         n, bb = len(job.transfer.ticket.block_ids), job.k[0].numel() * job.k.element_size()
-        step = max(1, getattr(self.plane, "max_payload_bytes", 2 * n * bb) // (2 * bb))
+        cap = self.plane.capabilities.max_payload_bytes or 2 * n * bb
+        step = max(1, cap // (2 * bb))
         for a in range(0, n, step):
             m = min(step, n - a)
             staging = self.plane.staging(2 * m * bb)
@@ -179,7 +180,7 @@ class Client:
     def connect(self, endpoint: str) -> None:
         self._link_for(endpoint)
 
-    def open(self, ticket: TransferTicket) -> SenderTransfer:
+    def open(self, ticket: TransferTicket, on_done: OnDone | None = None) -> SenderTransfer:
         auth.check_ticket(self.config.secret, ticket, self.backend.name)  # before connecting
         link = self._link_for(ticket.endpoint, ticket.epoch)
         block_shape = (self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
@@ -190,6 +191,7 @@ class Client:
             self._dtype,
             enqueue=link.enqueue,
             send_abort=lambda msg: link.abort(transfer, msg),
+            on_done=on_done,
         )
         if ticket.epoch != link.epoch:
             transfer.fail(

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Sequence
 
 from kv_transfer import auth, wire
-from kv_transfer.base import EndpointArgs, HandshakeError, TransferState, TransferTicket
+from kv_transfer.base import EndpointArgs, HandshakeError, OnDone, TransferState, TransferTicket
 from kv_transfer.intake import PageIntake
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pairing import ReceiverSide, receiver_handshake
@@ -77,7 +77,9 @@ class Endpoint:
             thread.start()
 
     # -- KVEndpoint --------------------------------------------------------------
-    def expect(self, block_ids: Sequence[int], lease_s: float) -> ReceiverTransfer:
+    def expect(
+        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None
+    ) -> ReceiverTransfer:
         """Register a transfer into the reserved ``block_ids``; hand out ``.ticket``."""
         if self._stop.is_set():
             raise RuntimeError(f"endpoint {self.address} is closed")
@@ -98,7 +100,7 @@ class Endpoint:
         )
         ticket = auth.sign_ticket(self.args.config.secret, ticket)
         transfer = ReceiverTransfer(
-            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal
+            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal, on_done
         )
         with self._lock:
             self._transfers[ticket.transfer_id] = transfer

@@ -64,7 +64,7 @@ class PageIntake:
             return
         ok = False
         try:
-            if getattr(plane, "direct", False) and self._direct_ok:
+            if plane.capabilities.direct_recv and self._direct_ok:
                 chunks.close()
                 ok = self._receive_direct(transfer, desc, plan, plane)
             else:
@@ -148,7 +148,6 @@ def _expected_checksum(plane: ReceiverPlane, desc: pb.PageDescriptor) -> int:
     """The descriptor's checksum, or the one in the trailer that follows the payload."""
     if not desc.checksum_in_trailer:
         return desc.checksum
-    trailer = getattr(plane, "trailer", None)
-    if trailer is None:
+    if not plane.capabilities.direct_recv:
         raise PeerLost("a checksum trailer on a backend that streams no inline bytes")
-    return trailer(desc)
+    return plane.trailer(desc)

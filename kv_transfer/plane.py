@@ -6,15 +6,17 @@ and differs only in how a layer's page bytes travel. Per link the bytes pass::
     sender:   staging(n) -> gather + checksum into it -> send(descriptor, staging)
     receiver: descriptor -> chunks(descriptor, sizes) -> checksum + scatter each chunk
 
-Optional capabilities a plane may add (checked with ``getattr``):
+Each plane declares what its data path can do in a :class:`Capabilities` record, fixed
+when it is paired (the client and the endpoint read it, never probe for methods):
 
-- sender ``zero_copy`` + ``send_parts(desc, views)``: sends page bytes straight from the
-  source blocks and hashes them on the way, checksum in a ``PageTrailer`` (tcp);
-- sender ``max_payload_bytes``: split a layer into descriptors of at most this size (shm);
-- sender ``chunk_bytes``: message size fixed at pairing (torch_dist), overriding the
-  config; ``default_chunk``: the size used when the config sets none (ucx);
-- receiver ``direct`` + ``recv_views(views)`` / ``scratch(n)``: receive straight into the
-  destination blocks (tcp); ``trailer(desc)``: read the checksum trailer.
+- ``zero_copy_send`` (sender ``send_parts(desc, views)``): page bytes go straight from the
+  source blocks, hashed on the way, checksum in a ``PageTrailer`` (tcp);
+- ``max_payload_bytes``: the sender splits a layer into descriptors of at most this (shm);
+- ``chunk_bytes``: message size fixed at pairing (torch_dist), overriding the config;
+  ``default_chunk_bytes``: the size used when the config sets none (ucx: 4 MiB);
+- ``direct_recv`` (receiver ``recv_views(views)`` / ``scratch(n)`` / ``trailer(desc)``):
+  page bytes land straight in the destination blocks, the trailer follows them (tcp);
+- ``same_host_only``: the data path needs both sides on one host (shm).
 
 A descriptor whose pages cannot be received fails its own transfer only: the plane
 raises ``BadDescriptor`` from ``chunks`` (having released what the sender must get
@@ -40,12 +42,30 @@ from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What one paired plane's data path can do; see the module docstring."""
+
+    zero_copy_send: bool = False
+    direct_recv: bool = False
+    max_payload_bytes: int | None = None
+    chunk_bytes: int | None = None
+    default_chunk_bytes: int = 1 << 20
+    same_host_only: bool = False
+
+
+BASIC = Capabilities()
+"""A data path that stages every layer and needs nothing else."""
+
+
 class BadDescriptor(Exception):
     """This descriptor's pages cannot be received, but the link is still in sync."""
 
 
 class SenderPlane(Protocol):
     """Sender half of a data path; used only by its link's writer thread."""
+
+    capabilities: Capabilities
 
     def staging(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of ``nbytes`` to fill with K then V pages (may wait for space)."""
@@ -61,6 +81,8 @@ class SenderPlane(Protocol):
 
 class ReceiverPlane(Protocol):
     """Receiver half of a data path; used only by its link's reader thread."""
+
+    capabilities: Capabilities
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
         """Yield the descriptor's bytes as uint8 chunks of ``sizes``; always exhaust it.

@@ -6,7 +6,8 @@
 
 Blocks are freed exactly once, on FAILED, and only after no chunk is being written
 (``_writers == 0``), so the engine never reuses a block under an in-flight write.
-On SUCCESS the blocks belong to the admitted request and are not freed here.
+On SUCCESS the blocks belong to the admitted request and are not freed here. ``on_done``
+tells the owner once: after the last layer was written (SUCCESS), after the free (FAILED).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from kv_transfer import wire
-from kv_transfer.base import FreeBlocks, TransferState, TransferTicket
+from kv_transfer.base import FreeBlocks, OnDone, TransferState, TransferTicket, report_done
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb
 
@@ -33,8 +34,10 @@ class ReceiverTransfer:
         num_layers: int,
         free_blocks: FreeBlocks,
         on_terminal: Callable[[ReceiverTransfer], None],
+        on_done: OnDone | None = None,
     ):
         self.ticket = ticket
+        self._on_done = on_done
         self._num_layers = num_layers
         self._free_blocks = free_blocks
         self._on_terminal = on_terminal
@@ -131,6 +134,7 @@ class ReceiverTransfer:
         elif done:
             self._notify(pb.Status.SUCCESS, "")
             self._on_terminal(self)
+            self._done(TransferState.SUCCESS)
         self._maybe_free()
 
     def expire_if_due(self, now: float) -> None:
@@ -170,6 +174,10 @@ class ReceiverTransfer:
                 return
             self._freed = True
         self._free_blocks(list(self.ticket.block_ids))
+        self._done(TransferState.FAILED)
+
+    def _done(self, state: TransferState) -> None:
+        report_done(self._on_done, self.ticket.transfer_id, state)
 
     def _notify(self, state: int, error: str) -> None:
         link = self._link

@@ -5,6 +5,7 @@
             -> the link's writer thread gathers, checksums and sends each layer
             -> receiver's Status(SUCCESS) -> SUCCESS
     any non-terminal state -> FAILED (abort here, receiver's Status(FAILED), dead link)
+    SUCCESS or FAILED -> ``on_done(transfer_id, state)``, once
 
 ``send_layer`` only queues: the writer thread does the copying, so the compute loop
 is never blocked by the network.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.base import TransferState, TransferTicket
+from kv_transfer.base import OnDone, TransferState, TransferTicket, report_done
 from proto import kv_transfer_pb2 as pb
 
 
@@ -44,8 +45,10 @@ class SenderTransfer:
         dtype: torch.dtype,
         enqueue: Callable[[LayerJob | None], None],
         send_abort: Callable[[pb.Abort], None],
+        on_done: OnDone | None = None,
     ):
         self.ticket = ticket
+        self._on_done = on_done
         self._num_layers = num_layers
         self._page_shape = (len(ticket.block_ids), *block_shape)
         self._block_shape = tuple(block_shape)
@@ -108,15 +111,21 @@ class SenderTransfer:
             if self._terminal is not None:
                 return False
             self._terminal, self._error = TransferState.FAILED, reason
-            return True
+        self._done(TransferState.FAILED)
+        return True
+
+    def _done(self, state: TransferState) -> None:
+        report_done(self._on_done, self.ticket.transfer_id, state)
 
     def on_status(self, status: pb.Status) -> None:
         if status.state == pb.Status.WAITING:
             self._accepted = True
         elif status.state == pb.Status.SUCCESS:
             with self._lock:
-                if self._terminal is None:
-                    self._terminal = TransferState.SUCCESS
+                if self._terminal is not None:
+                    return
+                self._terminal = TransferState.SUCCESS
+            self._done(TransferState.SUCCESS)
         elif status.state == pb.Status.FAILED:
             self.fail(f"receiver: {status.error}")
 

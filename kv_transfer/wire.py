@@ -1,4 +1,4 @@
-"""Bytes on the control link: framing, spec conversion, checksums and chunk plans.
+"""Bytes on the control link: framing, checksums and chunk plans; tickets <-> protobuf.
 
 A frame is ``<u32 little-endian length><serialized pb.Frame>``. A ``PageDescriptor``
 frame may be followed by page bytes when the backend streams them inline (tcp): exactly
@@ -20,8 +20,10 @@ import torch
 import xxhash
 from google.protobuf.message import DecodeError
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec_pb import spec_from_pb, spec_to_pb  # noqa: F401 (the handshake uses them)
+from kv_transfer.base import TransferTicket
 from proto import kv_transfer_pb2 as pb
+from proto import worker_pb2
 
 _LEN = struct.Struct("<I")
 HANDSHAKE_MAX_FRAME_BYTES = 64 << 10
@@ -69,30 +71,6 @@ def decode_frame(body: bytes | memoryview) -> pb.Frame:
 def clip(text: str) -> str:
     """``text`` cut to ``MAX_ERROR_CHARS`` for a frame."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def spec_to_pb(spec: KVLayoutSpec) -> pb.LayoutSpec:
-    return pb.LayoutSpec(
-        model_fingerprint=spec.model_fingerprint,
-        num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        dtype=spec.dtype,
-        block_size=spec.block_size,
-        protocol_version=spec.protocol_version,
-    )
-
-
-def spec_from_pb(msg: pb.LayoutSpec) -> KVLayoutSpec:
-    return KVLayoutSpec(
-        model_fingerprint=msg.model_fingerprint,
-        num_layers=msg.num_layers,
-        num_kv_heads=msg.num_kv_heads,
-        head_dim=msg.head_dim,
-        dtype=msg.dtype,
-        block_size=msg.block_size,
-        protocol_version=msg.protocol_version,
-    )
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -155,3 +133,28 @@ def skippable_sizes(desc, max_message: int) -> list[int]:
     if max(sizes) > max_message:
         raise FrameError(f"cannot skip a {max(sizes)}-byte message (over {max_message} bytes)")
     return sizes
+
+
+def ticket_to_pb(t: TransferTicket, backend: str | None = None) -> worker_pb2.TransferTicket:
+    """``backend`` only for a ticket that does not name one (the signature covers it)."""
+    return worker_pb2.TransferTicket(
+        transfer_id=t.transfer_id,
+        endpoint=t.endpoint,
+        block_ids=list(t.block_ids),
+        epoch=t.epoch,
+        lease_deadline=t.lease_deadline,
+        backend=t.backend or backend or "",
+        signature=t.signature,
+    )
+
+
+def ticket_from_pb(msg: worker_pb2.TransferTicket) -> TransferTicket:
+    return TransferTicket(
+        transfer_id=msg.transfer_id,
+        endpoint=msg.endpoint,
+        block_ids=tuple(msg.block_ids),
+        epoch=msg.epoch,
+        lease_deadline=msg.lease_deadline,
+        backend=msg.backend,
+        signature=msg.signature,
+    )

@@ -4,15 +4,18 @@ A request passes through these queues::
 
     Prefill(ticket) ──> waiting ──(scheduled; chunked prefill)──> running
         ──(final chunk: after each layer, send_layer into the ticket's blocks)──>
-        sending ──(sender SUCCESS: D has every layer)──> done: release blocks, reply
-                 ──(sender FAILED)──────────────────────> done: release, ABORTED
+        sending ──(TransferDone SUCCESS: D has every layer)──> done: release blocks, reply
+                 ──(TransferDone FAILED)────────────────────> done: release, ABORTED
 
 ``waiting``/``running`` are the engine scheduler's queues; ``sending`` and ``done`` are
-this module's. The engine's KV layer hook runs on the engine thread after each layer;
-on a request's final prefill chunk every earlier chunk's KV is already in the cache, so
-the hook queues that layer's pages for the whole prompt (kv_transfer gathers and sends
-on its own thread) while the next layers compute. Blocks are released only once the
-sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
+this module's (``JobState``). Everything here runs on the engine thread
+(engine/worker/loop.py): the gRPC handler submits ``Prefill`` with a sender it opened,
+and the sender's callback posts ``TransferDone`` when D confirmed or the transfer failed,
+which wakes the loop. The engine's KV layer hook runs on the engine thread after each
+layer; on a request's final prefill chunk every earlier chunk's KV is already in the
+cache, so the hook queues that layer's pages for the whole prompt (kv_transfer gathers
+and sends on its own thread) while the next layers compute. Blocks are released only
+once the sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
 
 A prefill that fails alone (non-finite logits, an exception while sending its layers or
 handling its output) aborts its KV stream, so the decode worker frees the reservation,
@@ -23,64 +26,70 @@ stalled) new prefills get UNAVAILABLE.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import grpc
 import torch
 
-from decode_worker.info import stats_response
-from decode_worker.runtime import EngineLoop, WorkerConfig, WorkerError
+from engine.config import WorkerConfig
 from engine.engine import LLMEngine
 from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
-from kv_transfer import KVClient, KVSender, TransferConfig, TransferState, make_client
+from engine.security import ClusterSecret
+from engine.worker.commands import Abort, TransferDone
+from engine.worker.convert import token_to_pb
+from engine.worker.errors import WorkerError
+from engine.worker.loop import EngineLoop
+from engine.worker.snapshot import RoleLoad
+from kv_transfer import KVClient, KVSender, TransferState, TransferTicket, make_client
+from prefill_worker.commands import Job, JobState, Prefill
 from proto import worker_pb2 as pb
-from proto.convert import token_to_pb
 
 logger = logging.getLogger(__name__)
 
-Reply = Callable[[pb.PrefillResponse | WorkerError], None]
-
-
-@dataclass
-class _Job:
-    request_id: str
-    params: SamplingParams
-    prompt_len: int
-    sender: KVSender
-    num_cached_blocks: int
-    reply: Reply
-    state: str = "waiting"
-    """waiting | running | sending."""
-    first: RequestOutput | None = None
-    sent_layers: int = 0
-    t_first_layer: float = 0.0
-
 
 class PrefillWorker:
-    """Engine + KV clients + the job table; thread-safe (see runtime.EngineLoop)."""
+    """Engine + KV clients + the job table, owned by one engine thread."""
 
-    def __init__(self, engine: LLMEngine, config: WorkerConfig) -> None:
-        self.engine = engine
-        self.config = config
+    def __init__(self, engine: LLMEngine, config: WorkerConfig, secret: ClusterSecret | None):
+        self.engine, self.config = engine, config
+        self._transfer = replace(
+            config.transfer, host=config.host, secret=config.transfer.secret or secret
+        )
         self._clients: dict[str, KVClient] = {}
-        self._jobs: dict[str, _Job] = {}
+        self._clients_lock = threading.Lock()  # gRPC threads open senders; not the engine's
+        self._jobs: dict[str, Job] = {}
         self._block_bytes = engine.layout.block_bytes
         engine.kv_layer_hook = self._on_layer
-        self.publishes_events = False
-        """Set when a Redis publisher consumes the block events (router/publisher.py)."""
-        self.loop = EngineLoop(
-            engine, self._on_outputs, self._housekeeping, config.name, config.stall_timeout_s
-        )
-        self.loop.start()
+        self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
+        self.loop.start(self)
 
     def close(self) -> None:
         self.loop.stop()
         for client in self._clients.values():
             client.close()
+
+    def kv_transports(self) -> list[str]:
+        return list(self.config.kv_transports)
+
+    def transfer_stats(self) -> dict[str, int]:
+        return {}
+
+    def handlers(self) -> dict[type, object]:
+        return {Prefill: self._prefill, Abort: self._abort, TransferDone: self._transfer_done}
+
+    # -- gRPC threads ----------------------------------------------------------------------
+
+    def open_sender(self, rid: str, ticket: TransferTicket) -> KVSender:
+        """Pair with the ticket's endpoint if needed (blocking network I/O: never on the
+        engine thread) and open the transfer; its end is posted to the engine thread."""
+
+        def done(transfer_id: str, state: TransferState) -> None:  # a transport thread
+            self.loop.post(TransferDone(rid, transfer_id, state is TransferState.SUCCESS))
+
+        return self.client(ticket.backend).open(ticket, on_done=done)
 
     def client(self, backend: str) -> KVClient:
         if backend not in self.config.kv_transports:
@@ -89,56 +98,55 @@ class PrefillWorker:
                 f"kv transport {backend!r} is not enabled on {self.config.name}; "
                 f"enabled: {list(self.config.kv_transports)}",
             )
-        with self.loop.lock:
+        with self._clients_lock:
             if backend not in self._clients:
-                tcfg = TransferConfig(
-                    host=self.config.host, plane=dict(self.config.extra), secret=self.config.secret
-                )
-                self._clients[backend] = make_client(backend, self.engine.layout_spec, config=tcfg)
+                spec = self.engine.layout_spec
+                self._clients[backend] = make_client(backend, spec, config=self._transfer)
             return self._clients[backend]
 
-    # -- requests (any thread) ------------------------------------------------------------
+    # -- commands (engine thread) ---------------------------------------------------------
 
-    def submit(
-        self,
-        rid: str,
-        prompt: list[int],
-        params: SamplingParams,
-        sender: KVSender,
-        num_cached_blocks: int,
-        reply: Reply,
-    ) -> None:
-        """Queue a prefill whose KV goes to ``sender``; ``reply`` gets the outcome once."""
+    def _prefill(self, cmd: Prefill) -> None:
         try:
-            self.loop.check_serving()
-        except WorkerError as exc:
-            sender.abort(str(exc))
+            self._admit(cmd)
+        except Exception as exc:
+            cmd.sender.abort(f"prefill refused: {exc}")
             raise
+
+    def _admit(self, cmd: Prefill) -> None:
         bs = self.engine.layout.block_size
-        need = -(-len(prompt) // bs) - num_cached_blocks
-        if need != len(sender.ticket.block_ids):
-            sender.abort("prefill refused the ticket")
+        need = -(-len(cmd.prompt) // bs) - cmd.num_cached_blocks
+        have = len(cmd.sender.ticket.block_ids)
+        if need != have:
             raise WorkerError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"ticket has {len(sender.ticket.block_ids)} blocks but a {len(prompt)}-token "
-                f"prompt with {num_cached_blocks} cached blocks needs {need} (block_size={bs})",
+                f"ticket has {have} blocks but a {len(cmd.prompt)}-token prompt with "
+                f"{cmd.num_cached_blocks} cached blocks needs {need} (block_size={bs})",
             )
-        with self.loop.lock:
-            try:
-                self.engine.add_request(rid, prompt, params, prefill_only=True)
-            except ValueError as exc:
-                sender.abort(f"prefill refused: {exc}")
-                raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            self._jobs[rid] = _Job(rid, params, len(prompt), sender, num_cached_blocks, reply)
-        self.loop.wake()
+        rid = cmd.request_id
+        self.engine.add_request(rid, cmd.prompt, cmd.params, prefill_only=True)
+        job = Job(rid, cmd.params, len(cmd.prompt), cmd.sender, cmd.num_cached_blocks, cmd.reply)
+        self._jobs[rid] = job
+        if cmd.sender.poll() is TransferState.FAILED:  # its TransferDone came before the job
+            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
 
-    def abort(self, rid: str) -> bool:
-        with self.loop.lock:
-            job = self._jobs.pop(rid, None)
-            if job is not None:
-                job.sender.abort("aborted by the router")
-                job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
-            return self.engine.abort(rid) or job is not None
+    def _abort(self, cmd: Abort) -> bool:
+        rid = cmd.request_id
+        job = self._jobs.pop(rid, None)
+        if job is not None:
+            job.sender.abort("aborted by the router")
+            job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
+        return self.engine.abort(rid) or job is not None
+
+    def _transfer_done(self, ev: TransferDone) -> None:
+        job = self._jobs.get(ev.request_id)
+        if job is None or job.sender.ticket.transfer_id != ev.transfer_id:
+            return
+        if not ev.succeeded:
+            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
+        elif job.first is not None:
+            self._finish(job, self._response(job))
+        # else: SUCCESS before this step's outputs came back; on_outputs finishes it
 
     def fail_all(self, why: str) -> None:
         """Fail every prefill with ``why`` (the engine cannot go on, e.g. an EP rank died):
@@ -148,20 +156,19 @@ class PrefillWorker:
             job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._jobs.clear()
 
-    def stats(self, drain_events: bool | None = None) -> pb.StatsResponse:
-        """Load and counters; block events are drained only by their consumer: the Redis
-        publisher when there is one (``publishes_events``), else the ``Stats`` caller."""
-        drain = not self.publishes_events if drain_events is None else drain_events
-        with self.loop.hold():
-            sched = self.engine.scheduler
-            sending = sum(1 for j in self._jobs.values() if j.state == "sending")
-            queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
-            queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
-            queues = {"waiting": len(sched.waiting), "running": len(sched.running)}
-            queues["sending"] = sending
-            return stats_response(self.engine, queues, queued, len(self._jobs), drain)
+    def load(self) -> RoleLoad:
+        sched = self.engine.scheduler
+        sending = sum(1 for j in self._jobs.values() if j.state is JobState.SENDING)
+        queued = sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(r.num_prompt_tokens - r.num_computed_tokens for r in sched.running)
+        queues = {"waiting": len(sched.waiting), "running": len(sched.running)}
+        queues[JobState.SENDING.value] = sending
+        return RoleLoad(queues, queued, len(self._jobs))
 
-    # -- engine thread -------------------------------------------------------------------
+    # -- each step (engine thread) --------------------------------------------------------
+
+    def housekeeping(self, now: float) -> None:
+        """Nothing runs on a timer here: transfers end by ``TransferDone``."""
 
     def _on_layer(
         self, layer: int, items: list[LayerKV], cache: tuple[torch.Tensor, torch.Tensor]
@@ -172,7 +179,7 @@ class PrefillWorker:
             job = self._jobs.get(item.request_id)
             if job is None:
                 continue
-            job.state = "running"
+            job.state = JobState.RUNNING
             if item.end_pos < job.prompt_len:
                 continue  # not the final chunk: this layer is sent once the prompt is whole
             try:
@@ -181,7 +188,7 @@ class PrefillWorker:
                 logger.exception("sending layer %d of %s failed", layer, job.request_id)
                 job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")
 
-    def _send_layer(self, job: _Job, layer: int, item: LayerKV, cache) -> None:
+    def _send_layer(self, job: Job, layer: int, item: LayerKV, cache) -> None:
         #  prefill block table:  [ cached on D | blocks to fill ... ]
         #                          0 .. nc-1     nc .. nc+len(ticket)-1  -> ticket.block_ids
         nc, n = job.num_cached_blocks, len(job.sender.ticket.block_ids)
@@ -197,17 +204,26 @@ class PrefillWorker:
         if job.sent_layers == self.engine.layout.num_layers:
             job.sender.finish()
 
-    def _on_outputs(self, outs: list[RequestOutput]) -> None:
+    def on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             job = self._jobs.get(out.request_id)
             if job is None or not out.finished:
                 continue
-            if out.error is not None:
-                self._fail_job(job, out.error)
-            else:
-                job.first, job.state = out, "sending"
+            try:
+                self._prefilled(job, out)
+            except Exception as exc:  # fails this prefill only
+                logger.exception("prefill %s failed handling its output", job.request_id)
+                self._fail_job(job, f"internal error ({type(exc).__name__})")
 
-    def _fail_job(self, job: _Job, why: str) -> None:
+    def _prefilled(self, job: Job, out: RequestOutput) -> None:
+        if out.error is not None:
+            self._fail_job(job, out.error)
+            return
+        job.first, job.state = out, JobState.SENDING
+        if job.sender.poll() is TransferState.SUCCESS:  # D confirmed within the step
+            self._finish(job, self._response(job))
+
+    def _fail_job(self, job: Job, why: str) -> None:
         """``job`` failed alone: abort its KV stream (D frees the reservation), reply
         INTERNAL, free its blocks."""
         msg = f"request {job.request_id} failed on {self.config.name}: {why}"
@@ -215,28 +231,10 @@ class PrefillWorker:
         job.first = None  # its blocks are not sent on: _finish frees rather than releases
         self._finish(job, WorkerError(grpc.StatusCode.INTERNAL, msg))
 
-    def _housekeeping(self) -> bool:
-        in_flight = False
-        for job in list(self._jobs.values()):
-            try:
-                in_flight |= self._advance(job)
-            except Exception as exc:
-                logger.exception("prefill %s failed in its transfer", job.request_id)
-                self._fail_job(job, f"internal error ({type(exc).__name__})")
-        return in_flight
-
-    def _advance(self, job: _Job) -> bool:
-        state = job.sender.poll()
-        if state is TransferState.FAILED:
-            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
-        elif state is TransferState.SUCCESS and job.first is not None:
-            self._finish(job, self._response(job))
-        return job.state == "sending" and job.request_id in self._jobs
-
-    def _why(self, job: _Job) -> str:
+    def _why(self, job: Job) -> str:
         return f"KV transfer to {job.sender.ticket.endpoint} failed: {job.sender.error}"
 
-    def _finish(self, job: _Job, result: pb.PrefillResponse | WorkerError) -> None:
+    def _finish(self, job: Job, result: pb.PrefillResponse | WorkerError) -> None:
         self._jobs.pop(job.request_id, None)
         if job.first is not None:
             self.engine.release(job.request_id)
@@ -244,7 +242,7 @@ class PrefillWorker:
             self.engine.abort(job.request_id)
         job.reply(result)
 
-    def _response(self, job: _Job) -> pb.PrefillResponse:
+    def _response(self, job: Job) -> pb.PrefillResponse:
         out = job.first
         lps = out.new_logprobs[0] if out.new_logprobs else None
         n = len(job.sender.ticket.block_ids)

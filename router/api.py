@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from engine.tokenizer import Tokenizer
 from proto import worker_pb2 as pb
-from router.run import Output
+from router.job import Output
 
 
 def usage(out: Output) -> dict:

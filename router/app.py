@@ -118,11 +118,12 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 
 @probes.get("/health")
 async def health(request: Request):
-    state = _service(request).state
-    decodes = state.workers("decode")
+    svc = _service(request)
+    workers = await svc.io(svc.state.workers, None, False)  # off the loop (Redis)
+    decodes = [w for w in workers if w.role == "decode" and w.healthy]
     body = {
         "status": "ok" if decodes else "unavailable",
-        "cluster_state": state.health(),
+        "cluster_state": svc.state.health(),
         "workers": {
             w.worker_id: {
                 "role": w.role,
@@ -131,7 +132,7 @@ async def health(request: Request):
                 "epoch": w.epoch,
                 "ep_size": w.ep_size,
             }
-            for w in state.workers(healthy_only=False)
+            for w in workers
         },
     }
     if decodes:

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import PromptTooLong, Tokenizer
+from router.job import Job
 from router.limits import EdgeLimits, check_min_tokens, context_error, model_vocab_size
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from router.run import Job
 
 Body = CompletionRequest | ChatCompletionRequest
 

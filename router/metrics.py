@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (
@@ -93,8 +95,10 @@ class Metrics:
             ["worker", "level"], registry=r,
         )  # fmt: skip
 
-    def route(self, path: str, reason: str) -> None:
-        self.routing.labels(path=path, reason=reason).inc()
+    def route(self, path: Enum, reason: Enum) -> None:
+        """One decision (router/policy.py ``RoutePath`` / ``RouteReason``: the label values
+        are their string values)."""
+        self.routing.labels(path=path.value, reason=reason.value).inc()
 
     def worker_stats(self, worker_id: str, num_blocks: int, free: int, queues: dict) -> None:
         self.kv_blocks_in_use.labels(worker=worker_id).set(num_blocks - free)

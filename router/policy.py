@@ -26,11 +26,33 @@ path (``remote``/``local``) and a reason, which the router counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from enum import Enum
+from typing import Protocol
 
-from router.cluster import ClusterState, WorkerRecord
+from router.state.base import ClusterReader, WorkerRecord
 
-Path = Literal["remote", "local"]
+
+class RoutePath(str, Enum):
+    """Where a request prefills (the ``path`` label of ``pdserve_routing_decisions``)."""
+
+    REMOTE = "remote"
+    LOCAL = "local"
+
+
+class RouteReason(str, Enum):
+    """Why (the ``reason`` label): the policy's choices, then the router's fallbacks."""
+
+    COST = "cost"
+    AGGREGATED = "aggregated"
+    NO_PREFILL_WORKER = "no_prefill_worker"
+    PREFIX_CACHED = "prefix_cached"
+    SHORT_PROMPT = "short_prompt"
+    PREFILL_OVERLOADED = "prefill_overloaded"
+    RESERVE_FAILED = "reserve_failed"
+    PREFILL_TIMEOUT = "prefill_timeout"
+    TRANSFER_FAILED = "transfer_failed"
+    LAYOUT_MISMATCH = "layout_mismatch"
+    PREFILL_FAILED = "prefill_failed"
 
 
 class NoWorkerError(RuntimeError):
@@ -48,14 +70,14 @@ class RouteRequest:
 class RouteDecision:
     decode: WorkerRecord
     prefill: WorkerRecord | None
-    path: Path
-    reason: str
+    path: RoutePath
+    reason: RouteReason
     cached_blocks: int
     """Leading prompt blocks the prefix index believes ``decode`` holds."""
 
 
 class RoutingPolicy(Protocol):
-    def route(self, request: RouteRequest, state: ClusterState) -> RouteDecision:
+    def route(self, request: RouteRequest, state: ClusterReader) -> RouteDecision:
         """Choose the workers for one request; raises :class:`NoWorkerError`."""
 
     def observe_transfer(
@@ -89,13 +111,13 @@ class CostPolicy:
         old = self._bandwidth.get(key)
         self._bandwidth[key] = bw if old is None else old + 0.3 * (bw - old)
 
-    def decode_cost(self, request: RouteRequest, w: WorkerRecord, state: ClusterState) -> float:
+    def decode_cost(self, request: RouteRequest, w: WorkerRecord, state: ClusterReader) -> float:
         cached = state.match_prefix(w.worker_id, request.block_hashes) * w.layout.block_size
         uncached = max(0, request.prompt_len - cached)
         load = w.load.num_running + w.load.num_waiting + w.inflight
         return uncached + w.load.queued_prefill_tokens + self.decode_load_weight * load
 
-    def route(self, request: RouteRequest, state: ClusterState) -> RouteDecision:
+    def route(self, request: RouteRequest, state: ClusterReader) -> RouteDecision:
         decodes = state.workers("decode")
         if not decodes:
             raise NoWorkerError("no healthy decode worker")
@@ -104,21 +126,21 @@ class CostPolicy:
         cached = state.match_prefix(d.worker_id, request.block_hashes)
         uncached = request.prompt_len - cached * d.layout.block_size
 
-        def local(reason: str) -> RouteDecision:
-            return RouteDecision(d, None, "local", reason, cached)
+        def local(reason: RouteReason) -> RouteDecision:
+            return RouteDecision(d, None, RoutePath.LOCAL, reason, cached)
 
         prefills = state.workers("prefill")
         if not prefills:
             registered = state.workers("prefill", healthy_only=False)
-            return local("no_prefill_worker" if registered else "aggregated")
+            return local(RouteReason.NO_PREFILL_WORKER if registered else RouteReason.AGGREGATED)
         if uncached <= self.local_prefill_tokens:
-            return local("prefix_cached" if cached else "short_prompt")
+            return local(RouteReason.PREFIX_CACHED if cached else RouteReason.SHORT_PROMPT)
         ttft = {p.worker_id: self.remote_ttft(p, d, uncached) for p in prefills}
         p = min(prefills, key=lambda w: (ttft[w.worker_id], w.inflight, w.worker_id))
         limit = self.overload_factor * self.local_ttft(d, p, uncached)
         if self.overload_factor > 0 and ttft[p.worker_id] > limit:
-            return local("prefill_overloaded")
-        return RouteDecision(d, p, "remote", "cost", cached)
+            return local(RouteReason.PREFILL_OVERLOADED)
+        return RouteDecision(d, p, RoutePath.REMOTE, RouteReason.COST, cached)
 
     def remote_ttft(self, p: WorkerRecord, d: WorkerRecord, uncached: int) -> float:
         """Predicted seconds to first token when ``p`` prefills for ``d``."""

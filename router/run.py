@@ -17,50 +17,23 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
 from engine.kv_cache.hashing import hash_blocks
-from engine.sampling_params import SamplingParams
+from engine.worker.convert import params_to_pb
 from proto import worker_pb2 as pb
-from proto.convert import params_to_pb
-from router.cluster import WorkerRecord
 from router.detok import TextStream
-from router.policy import RouteDecision
+from router.job import Job, Output, RouterService
+from router.policy import RouteDecision, RoutePath, RouteReason
 from router.protocol import ApiError
-
-if TYPE_CHECKING:
-    from router.service import RouterService
+from router.state.base import WorkerRecord
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Job:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    stop: list[str]
-    arrival: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Output:
-    """New text and tokens of one step; the last one has ``finish_reason`` and usage."""
-
-    text: str
-    token_ids: list[int]
-    tokens: list[pb.Token]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
 class _Fallback(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: RouteReason) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -170,34 +143,34 @@ class RequestRun:
 
     async def _attempt(self) -> AsyncIterator[pb.TokenChunk]:
         svc = self.svc
-        decision = svc.route(self.job)
+        decision = await svc.route(self.job)
         d = decision.decode
         self.inflight.append(d.worker_id)  # the slot svc.route reserved
         self._reserved = d.worker_id
-        if decision.path == "remote":
+        if decision.path is RoutePath.REMOTE:
             try:
                 first = await self._remote_prefill(decision)
             except _Fallback as fb:
-                svc.metrics.route("local", fb.reason)
+                svc.metrics.route(RoutePath.LOCAL, fb.reason)
                 logger.warning("request %s: remote prefill failed (%s)", self.job.request_id, fb)
             else:
-                svc.metrics.route("remote", decision.reason)
+                svc.metrics.route(RoutePath.REMOTE, decision.reason)
                 yield first
                 async for chunk in self._stream_decode(d):
                     yield chunk
                 return
         else:
-            svc.metrics.route("local", decision.reason)
-        async for chunk in self._stream_local(d, decision.path == "remote"):
+            svc.metrics.route(RoutePath.LOCAL, decision.reason)
+        async for chunk in self._stream_local(d, decision.path is RoutePath.REMOTE):
             yield chunk
 
-    def _track(self, worker: WorkerRecord, rid: str) -> None:
+    async def _track(self, worker: WorkerRecord, rid: str) -> None:
         self.to_abort.append((worker.worker_id, worker.role, rid))
         if worker.worker_id == self._reserved:
             self._reserved = None  # counted since routing
             return
-        self.svc.state.add_inflight(worker.worker_id, 1)
         self.inflight.append(worker.worker_id)
+        await self.svc.io(self.svc.state.add_inflight, worker.worker_id, 1)
 
     def _done(self, worker: WorkerRecord, rid: str) -> None:
         self.to_abort = [t for t in self.to_abort if (t[0], t[2]) != (worker.worker_id, rid)]
@@ -207,7 +180,7 @@ class RequestRun:
         rid = self.job.request_id
         reg = svc.registry
         transport = svc.transport(p, d)
-        self._track(d, rid)
+        await self._track(d, rid)
         try:
             res = await reg.client(d).decode.Reserve(
                 pb.ReserveRequest(request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s),
@@ -216,29 +189,19 @@ class RequestRun:
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                svc.state.mark_unhealthy(d.worker_id, d.epoch)
+                await svc.io(svc.state.mark_unhealthy, d.worker_id, d.epoch)
                 raise _DecodeDown(d.worker_id, exc.details()) from None
-            raise _Fallback("reserve_failed") from exc
-        self._track(p, rid)
+            raise _Fallback(RouteReason.RESERVE_FAILED) from exc
+        await self._track(p, rid)
         req = pb.PrefillRequest(
             request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks
         )
         try:
             pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            await self._abort_all()
-            self._raise_bad_input(exc)
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                svc.state.mark_unhealthy(p.worker_id, p.epoch)
-            reason = {
-                grpc.StatusCode.DEADLINE_EXCEEDED: "prefill_timeout",
-                grpc.StatusCode.ABORTED: "transfer_failed",
-                grpc.StatusCode.FAILED_PRECONDITION: "layout_mismatch",
-            }.get(code, "prefill_failed")
-            raise _Fallback(f"{reason}") from exc
+            await self._prefill_failed(p, exc)
         self._done(p, rid)
-        svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
+        self._record_prefix(d)
         svc.metrics.kv_bytes.inc(pre.transfer_bytes)
         svc.metrics.kv_seconds.inc(max(0.0, pre.transfer_seconds))
         svc.policy.observe_transfer(p.worker_id, d.worker_id, pre.transfer_bytes, pre.transfer_seconds)  # fmt: skip
@@ -247,6 +210,25 @@ class RequestRun:
             pb.DecodeRequest(request_id=rid, first_token=pre.first_token)
         )
         return pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)
+
+    async def _prefill_failed(self, p: WorkerRecord, exc: grpc.aio.AioRpcError) -> None:
+        """Abort on both workers, then fall back to local prefill (or a 400 for bad input)."""
+        await self._abort_all()
+        self._raise_bad_input(exc)
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            await self.svc.io(self.svc.state.mark_unhealthy, p.worker_id, p.epoch)
+        reason = {
+            grpc.StatusCode.DEADLINE_EXCEEDED: RouteReason.PREFILL_TIMEOUT,
+            grpc.StatusCode.ABORTED: RouteReason.TRANSFER_FAILED,
+            grpc.StatusCode.FAILED_PRECONDITION: RouteReason.LAYOUT_MISMATCH,
+        }.get(code, RouteReason.PREFILL_FAILED)
+        raise _Fallback(reason) from exc
+
+    def _record_prefix(self, d: WorkerRecord) -> None:
+        """D will hold the prompt's blocks (in the background: not on the request's path)."""
+        hashes = hash_blocks(self.job.prompt, d.layout.block_size)
+        self.svc.background(self.svc.io(self.svc.state.record_prefix, d.worker_id, hashes))
 
     def _raise_bad_input(self, exc: grpc.aio.AioRpcError) -> None:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -261,8 +243,8 @@ class RequestRun:
         spec.CopyFrom(self.spec)
         if fallback:  # the first attempt's id may still be held while its blocks drain
             spec.request_id = f"{self.job.request_id}-local"
-        self._track(d, spec.request_id)
-        self.svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
+        await self._track(d, spec.request_id)
+        self._record_prefix(d)
         self._call = self.svc.registry.client(d).decode.Generate(spec)
         async for chunk in self._drain(self._call, d, spec.request_id):
             if chunk.num_cached_tokens:
@@ -278,7 +260,7 @@ class RequestRun:
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.svc.state.mark_unhealthy(d.worker_id, d.epoch)
+                await self.svc.io(self.svc.state.mark_unhealthy, d.worker_id, d.epoch)
                 raise _DecodeDown(d.worker_id, exc.details()) from None
             logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
             raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}): {public_reason(exc.details())}", "server_error") from None  # fmt: skip
@@ -300,9 +282,9 @@ class RequestRun:
     async def cleanup(self) -> None:
         if self._call is not None and not self._call.done():
             self._call.cancel()
-        for worker_id in self.inflight:
-            self.svc.state.add_inflight(worker_id, -1)
-        self.inflight = []
+        done, self.inflight = self.inflight, []
+        for worker_id in done:
+            await self.svc.io(self.svc.state.add_inflight, worker_id, -1)
         if self.to_abort:
             # Shielded: the caller may be a cancelled task (client disconnect).
             self.svc.background(self._abort_all())

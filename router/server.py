@@ -19,13 +19,16 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 
+from engine.config.router import RouterConfig
 from engine.security import ClusterSecret
 from engine.tokenizer import Tokenizer
 from router.app import create_app
-from router.cluster import ClusterState, MemoryClusterState
 from router.metrics import Metrics
 from router.policy import CostPolicy, RoutingPolicy
-from router.service import RouterConfig, RouterService
+from router.service import RouterService
+from router.state.base import ClusterState
+from router.state.memory import MemoryClusterState
+from router.state_calls import StateCalls
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,10 @@ class Router:
         self.config = config
         self.state = state or MemoryClusterState()
         self.metrics = Metrics()
-        self.registry = Registry(self.state, self.metrics, poll_interval_s, secret=secret)
+        self.io = StateCalls(self.state)
+        self.registry = Registry(
+            self.state, self.metrics, poll_interval_s, io=self.io, secret=secret
+        )
         self.policy = policy or CostPolicy(
             config.local_prefill_tokens, overload_factor=config.prefill_overload_factor
         )
@@ -79,6 +85,7 @@ class Router:
                 await task
             await self.service.close()  # aborts still in flight reach the workers first
             await self.registry.close()
+            self.io.close()
 
     async def sync(self) -> None:
         if self.discover:

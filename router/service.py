@@ -6,77 +6,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
 from router.api import Shaper
-from router.cluster import ClusterState, WorkerRecord
+from router.job import Job, Output
 from router.jobs import JobBuilder
 from router.metrics import Metrics
 from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPolicy
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from router.run import Job, Output, RequestRun
+from router.run import RequestRun
+from router.state.base import ClusterState, WorkerRecord
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_THREADS = 4
 """Threads that run chat templates and tokenization, so the event loop never does."""
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """Router settings (``pdserve serve`` flags)."""
-
-    model: str
-    """Checkpoint directory: the tokenizer and chat template come from it."""
-    served_model_name: str
-    """The ``model`` name clients must send."""
-    kv_transport: str = "auto"
-    """KV backend between prefill and decode; ``auto`` = shm on one host, else tcp."""
-    local_prefill_tokens: int = 0
-    """Prefill on the decode worker when at most this many prompt tokens are uncached."""
-    prefill_overload_factor: float = 8.0
-    """Prefill on the decode worker when remote prefill's predicted TTFT exceeds this many
-    times local prefill's (router/policy.py); 0 = never for that reason."""
-    prefill_timeout_s: float = 30.0
-    """Give up on remote prefill (and fall back to local) after this long."""
-    request_timeout_s: float = 600.0
-    """Abort a request on every worker after this long."""
-    lease_s: float = 30.0
-    """How long a decode worker keeps blocks reserved for a transfer."""
-    max_inflight: int = 256
-    """Requests in flight above which new ones get 429."""
-    api_key: str | None = None
-    """Require ``Authorization: Bearer <key>`` on /v1 routes."""
-    max_body_bytes: int = 8 * 1024 * 1024
-    """Request bodies above this many bytes get 413 before they are parsed."""
-    max_prompt_chars: int | None = None
-    """Prompt text (all chat messages together) above this many characters gets 400
-    before tokenization; None = 32 x the context length (router/limits.py)."""
-    stream_stall_timeout_s: float = 30.0
-    """Abort a stream whose client has not accepted data for this long (a client that
-    never reads would otherwise keep its KV blocks until ``request_timeout_s``)."""
-    graceful_shutdown_s: float = 20.0
-    """On shutdown, wait this long for requests in flight, then abort them."""
-
-    def __post_init__(self) -> None:
-        if self.local_prefill_tokens < 0:
-            raise ValueError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
-        if self.prefill_overload_factor < 0:
-            raise ValueError(
-                f"prefill_overload_factor must be >= 0 (0 = off), got {self.prefill_overload_factor}"
-            )
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
-            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
-        for name in ("stream_stall_timeout_s", "graceful_shutdown_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 class RouterService:
@@ -91,6 +38,8 @@ class RouterService:
     ) -> None:
         self.config = config
         self.state, self.registry, self.policy = state, registry, policy
+        self.io = registry.io
+        """Cluster-state calls, off the event loop when they block (router/state_calls.py)."""
         self.metrics, self.tokenizer = metrics, tokenizer
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -142,7 +91,7 @@ class RouterService:
         blocks hold (a longer request could never be scheduled, and would hang)."""
         lens = [
             min(w.max_model_len, w.num_blocks * w.layout.block_size)
-            for w in self.state.workers(healthy_only=False)
+            for w in self.registry.known_workers()
         ]
         return min(lens) if lens else None
 
@@ -200,27 +149,30 @@ class RouterService:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
         self.jobs.close()
 
-    def route(self, job: Job, attempts: int = 3) -> RouteDecision:
+    async def route(self, job: Job, attempts: int = 3) -> RouteDecision:
         """Route ``job`` and hold one in-flight slot on its decode worker (the caller
         releases it with ``state.add_inflight(worker, -1)``).
 
-        The slot is taken with ``state.reserve``: when another router took the worker
-        since this one read its load, route again on the fresh state.
+        One decision reads the state once (``state.view``: for Redis one round trip, off
+        the event loop) and takes the slot with ``state.reserve``, a compare-and-increment:
+        when another router took the worker since this one read its load, route again on
+        the fresh state.
         """
         layout = self.registry.layout
         hashes = hash_blocks(job.prompt, layout.block_size) if layout else []
         for _ in range(attempts):
+            view = await self.io(self.state.view, hashes)
             try:
-                decision = self.policy.route(RouteRequest(len(job.prompt), hashes), self.state)
+                decision = self.policy.route(RouteRequest(len(job.prompt), hashes), view)
             except NoWorkerError as exc:
                 raise ApiError(
                     503, f"{exc}; retry later", "service_unavailable", headers={"Retry-After": "5"}
                 ) from None
             d = decision.decode
-            if self.state.reserve(d.worker_id, d.inflight):
+            if await self.io(self.state.reserve, d.worker_id, d.inflight):
                 return decision
             self.metrics.reservation_conflicts.inc()
-        self.state.add_inflight(d.worker_id, 1)  # contended: take it anyway
+        await self.io(self.state.add_inflight, d.worker_id, 1)  # contended: take it anyway
         return decision
 
     def transport(self, p: WorkerRecord, d: WorkerRecord) -> str:

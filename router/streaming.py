@@ -20,8 +20,8 @@ from typing import TypeVar
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from router.job import Output
 from router.protocol import ApiError
-from router.run import Output
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Two modes:
   ``Health`` first, the engine loop's real state (a worker whose loop died or stalled is
   marked down: ``Stats`` alone would still answer), then ``Stats`` for load and block
   events;
-- shared state in Redis: workers register and publish themselves (router/publisher.py);
+- shared state in Redis: workers register and publish themselves (router/state/publisher.py);
   the router only ``discover``s them: a gRPC client per registered incarnation (a new
   epoch closes the old client), refused registrations logged, metrics from the state.
 """
@@ -21,13 +21,13 @@ import grpc
 
 from engine.grpc_auth import aio_channel
 from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec_pb import spec_from_pb
 from engine.security import ClusterSecret
-from kv_transfer.wire import spec_from_pb
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.cluster import ClusterState, WorkerRecord
 from router.metrics import Metrics
-from router.publisher import load_from_stats, record_from_info
+from router.state.base import ClusterState, WorkerRecord, load_from_stats, record_from_info
+from router.state_calls import StateCalls
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class Registry:
     state: ClusterState
     metrics: Metrics
     poll_interval_s: float = 0.5
+    io: StateCalls | None = None
+    """Runs the state's calls off the event loop (built from ``state`` when not given)."""
     rpc_timeout_s: float = 2.0
     layout: KVLayoutSpec | None = None
     """The cluster's KV layout: the first registered worker's, every later one must match."""
@@ -81,8 +83,20 @@ class Registry:
     epochs: dict[str, int] = field(default_factory=dict)
     """The incarnation each client was opened for."""
     refused: list[Refusal] = field(default_factory=list)
+    known: list[WorkerRecord] = field(default_factory=list)
+    """Every registered worker as of the last refresh (no I/O to read it)."""
     _failures: dict[str, int] = field(default_factory=dict)
     _logged_refusals: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.io = self.io or StateCalls(self.state)
+
+    def known_workers(self) -> list[WorkerRecord]:
+        """The registry without a round trip: an in-memory state's own, else the last
+        refresh's (every ``poll_interval_s``)."""
+        if not getattr(self.state, "blocking", True):
+            return self.state.workers(healthy_only=False)
+        return self.known
 
     async def register(self, address: str) -> WorkerRecord | None:
         """Register the worker at ``address``; ``None`` (and an error log) if refused."""
@@ -92,40 +106,26 @@ class Registry:
         except grpc.aio.AioRpcError:
             await client.close()
             raise
-        spec = spec_from_pb(info.layout)
-        if self.layout is not None:
-            try:
-                self.layout.check_compatible(spec, ours="cluster", theirs=info.worker_id)
-            except ValueError as exc:
-                logger.error(
-                    "refusing %s worker %s at %s: %s", info.role, info.worker_id, address, exc
-                )
-                self.refused.append(Refusal(address, info.worker_id, str(exc)))
-                await client.close()
-                return None
-        self.layout = self.layout or spec
-        record = record_from_info(info, address)
+        spec, record = spec_from_pb(info.layout), record_from_info(info, address)
         try:
-            self.state.register(record)  # a shared state checks the cluster's layout too
+            if self.layout is not None:
+                self.layout.check_compatible(spec, ours="cluster", theirs=info.worker_id)
+            await self.io(self.state.register, record)  # a shared state checks the layout too
         except ValueError as exc:
             logger.error("refusing %s worker %s at %s: %s", info.role, info.worker_id, address, exc)  # fmt: skip
             self.refused.append(Refusal(address, info.worker_id, str(exc)))
             await client.close()
             return None
+        self.layout = self.layout or spec
         old = self.clients.pop(info.worker_id, None)
         if old is not None:
             await old.close()
-        self.clients[info.worker_id] = client
-        self.epochs[info.worker_id] = info.epoch
+        self.clients[info.worker_id], self.epochs[info.worker_id] = client, info.epoch
         self._failures.pop(info.worker_id, None)
         logger.info(
             "registered %s worker %s at %s (epoch %d, %d KV blocks)",
-            record.role,
-            record.worker_id,
-            record.address,
-            record.epoch,
-            record.num_blocks,
-        )
+            record.role, record.worker_id, record.address, record.epoch, record.num_blocks,
+        )  # fmt: skip
         return record
 
     async def sync(self, addresses: list[str]) -> None:
@@ -143,7 +143,7 @@ class Registry:
                 logger.warning("cannot register worker at %s yet: %s %s", address, exc.code(), exc.details())  # fmt: skip
         for address, worker_id in known.items():
             if address not in addresses:
-                current = self.state.get(worker_id)
+                current = await self.io(self.state.get, worker_id)
                 if current is None or current.address == address:
                     await self.deregister(worker_id)
                 elif self.clients.get(worker_id) is not None:  # re-registered elsewhere
@@ -151,7 +151,8 @@ class Registry:
 
     async def discover(self) -> None:
         """Redis mode: connect to every registered incarnation, drop the vanished ones."""
-        records = {w.worker_id: w for w in self.state.workers(healthy_only=False)}
+        self.known = await self.io(self.state.workers, None, False)
+        records = {w.worker_id: w for w in self.known}
         for w in records.values():
             self.layout = self.layout or w.layout
             if w.worker_id in self.clients and self.epochs.get(w.worker_id) == w.epoch:
@@ -170,11 +171,11 @@ class Registry:
             logger.info("worker %s left the registry", worker_id)
             self.metrics.forget_worker(worker_id)
             await self.clients.pop(worker_id).close()
-        self._log_refusals()
+        await self._log_refusals()
         self.publish_metrics(list(records.values()))
 
-    def _log_refusals(self) -> None:
-        refusals = getattr(self.state, "refusals", dict)()
+    async def _log_refusals(self) -> None:
+        refusals = await self.io(getattr(self.state, "refusals", dict))
         for worker_id, why in refusals.items():
             if f"{worker_id}:{why}" not in self._logged_refusals:
                 self._logged_refusals.add(f"{worker_id}:{why}")
@@ -194,7 +195,7 @@ class Registry:
                 self.metrics.expert_stats(w.worker_id, w.load.expert_tokens, w.ep_size)
 
     async def deregister(self, worker_id: str) -> None:
-        self.state.deregister(worker_id)
+        await self.io(self.state.deregister, worker_id)
         self.metrics.forget_worker(worker_id)
         client = self.clients.pop(worker_id, None)
         if client is not None:
@@ -216,7 +217,7 @@ class Registry:
         return fresh
 
     async def poll_once(self) -> None:
-        workers = self.state.workers(healthy_only=False)
+        workers = self.known = await self.io(self.state.workers, None, False)
         self.metrics.state_connected.set(1 if self.state.health()["connected"] else 0)
         await asyncio.gather(*(self._poll(w) for w in workers))
         for role in ("prefill", "decode"):
@@ -238,11 +239,11 @@ class Registry:
         try:
             health = await stub.Health(pb.HealthRequest(), timeout=self.rpc_timeout_s)
             if not health.serving:
-                self._mark_down(w, health.reason or "its engine loop is not serving")
+                await self._mark_down(w, health.reason or "its engine loop is not serving")
                 return
             stats = await stub.Stats(pb.StatsRequest(), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            self._mark_down(w, str(exc.code()))
+            await self._mark_down(w, str(exc.code()))
             return
         load = load_from_stats(stats)
         queues = load.queues
@@ -252,19 +253,19 @@ class Registry:
             if info.epoch != w.epoch:  # restarted in place: a new incarnation
                 await self.register(w.address)
                 return
-        self.state.heartbeat(w.worker_id, load)
+        await self.io(self.state.heartbeat, w.worker_id, load)
         stored, evicted = list(stats.stored_block_hashes), list(stats.evicted_block_hashes)
         if stored or evicted:
-            self.state.apply_block_events(w.worker_id, stored, evicted)
+            await self.io(self.state.apply_block_events, w.worker_id, stored, evicted)
         self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
         if stats.expert_tokens:
             self.metrics.expert_stats(w.worker_id, list(stats.expert_tokens), stats.ep_size or 1)
 
-    def _mark_down(self, w: WorkerRecord, why: str) -> None:
+    async def _mark_down(self, w: WorkerRecord, why: str) -> None:
         self._failures[w.worker_id] = self._failures.get(w.worker_id, 0) + 1
         if w.healthy:
             logger.warning("worker %s at %s is unhealthy: %s", w.worker_id, w.address, why)
-        self.state.mark_unhealthy(w.worker_id, w.epoch)
+        await self.io(self.state.mark_unhealthy, w.worker_id, w.epoch)
 
     async def run(self) -> None:
         while True:

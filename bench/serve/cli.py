@@ -51,7 +51,7 @@ def load_tokenizer(path: str | None):
     from engine.tokenizer import Tokenizer
 
     if path is None:
-        from engine.cli import ensure_demo_model
+        from engine.tiny_model import ensure_demo_model
 
         path = str(ensure_demo_model())
     return Tokenizer.from_dir(path)

@@ -30,7 +30,7 @@ import torch
 
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, BadDescriptor, SimpleHost
+from kv_transfer.plane import Backend, BadDescriptor, Capabilities, SimpleHost
 from proto import kv_transfer_pb2 as pb
 
 
@@ -69,8 +69,8 @@ def _unlink(path: str) -> None:
 class ShmSender:
     def __init__(self, link: ControlLink, max_regions: int, region_bytes: int, wait_s: float):
         self._link, self._max, self._wait_s = link, max_regions, wait_s
-        self.max_payload_bytes = region_bytes
-        """Layers are sent as descriptors of at most this many bytes (see client.py)."""
+        self.capabilities = Capabilities(max_payload_bytes=region_bytes, same_host_only=True)
+        """Layers are sent as descriptors of at most ``region_bytes`` (see client.py)."""
         self._cond = threading.Condition()
         self._free: list[_Region] = []
         self._busy: dict[str, _Region] = {}
@@ -135,6 +135,8 @@ class ShmSender:
 
 
 class ShmReceiver:
+    capabilities = Capabilities(same_host_only=True)
+
     def __init__(self, link: ControlLink):
         self._link = link
         self._maps: dict[str, _Region] = {}

@@ -24,7 +24,7 @@ import torch
 from kv_transfer.backends.buffers import GrowBuffer
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, SimpleHost
+from kv_transfer.plane import Backend, Capabilities, SimpleHost
 from kv_transfer.wire import Checksum, byte_view, encode_frame
 from proto import kv_transfer_pb2 as pb
 
@@ -32,7 +32,7 @@ _SKIP_BYTES = 1 << 20
 
 
 class TcpSender:
-    zero_copy = True
+    capabilities = Capabilities(zero_copy_send=True)
     """Takes ``send_parts``: page bytes straight from the source blocks."""
 
     def __init__(self, link: ControlLink):
@@ -68,7 +68,7 @@ class TcpSender:
 
 
 class TcpReceiver:
-    direct = True
+    capabilities = Capabilities(direct_recv=True)
     """Takes ``recv_views``: page bytes straight into the destination blocks."""
 
     def __init__(self, link: ControlLink):

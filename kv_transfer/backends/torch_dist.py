@@ -35,7 +35,7 @@ import torch.distributed as dist
 from kv_transfer.backends.buffers import PingPong
 from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, ReceiverPlane
+from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
 from kv_transfer.wire import payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
@@ -112,8 +112,9 @@ class DistSender:
 
     def __init__(self, link: ControlLink, group, device: str, msg_bytes: int):
         self._link = link
-        self.chunk_bytes = msg_bytes
-        """Fixed by the receiver at pairing; overrides TransferConfig.chunk_bytes."""
+        self.capabilities = Capabilities(chunk_bytes=msg_bytes)
+        """The message size is fixed by the receiver at pairing; it overrides
+        TransferConfig.chunk_bytes."""
         self._buffers = PingPong(device)
         self._poster = _Poster(group)
 
@@ -141,6 +142,8 @@ class DistReceiver:
     shorter than the posted buffer is fine (gloo fills a prefix), so chunks are not
     padded.
     """
+
+    capabilities = BASIC
 
     def __init__(self, group, device: str, msg_bytes: int, ring: int):
         self._group, self._msg = group, msg_bytes

@@ -35,7 +35,7 @@ import torch
 from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, ReceiverPlane
+from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
 from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
@@ -97,7 +97,7 @@ async def _make_lock() -> asyncio.Lock:
 
 
 class UcxSender:
-    default_chunk = 4 << 20
+    capabilities = Capabilities(default_chunk_bytes=4 << 20)
     """Default message size: per-message cost is high here, so bigger than tcp's."""
 
     def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float):
@@ -134,6 +134,8 @@ class UcxSender:
 
 
 class UcxReceiver:
+    capabilities = BASIC
+
     def __init__(self, ucx: UcxLoop, ep, done: asyncio.Event, timeout: float):
         self._ucx, self._ep, self._done, self._timeout = ucx, ep, done, timeout
         self._bufs = (GrowBuffer(), GrowBuffer())

@@ -79,7 +79,7 @@ def test_analyse_ratios():
 
 
 def test_pdserve_bench_compare_parses():
-    from engine.cli import build_parser
+    from router.launch.cli import build_parser
 
     args = build_parser().parse_args(["bench", "compare", "--json", "--rates", "1,2"])
     assert args.json and args.rates == "1,2" and callable(args.func)

@@ -1,7 +1,7 @@
 """Test-only launcher of the real ``pdserve`` CLI whose engine loop can be made to die.
 
 ``python -m tests.decode_worker.faulty_worker worker --role decode ...`` runs
-``engine.cli.main`` unchanged, except that after SIGUSR1 the engine's next step raises,
+``router.launch.cli.main`` unchanged, except that after SIGUSR1 the engine's next step raises,
 as a failed batch forward would. Production code has no such switch."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import signal
 import sys
 
-from engine.cli import main
 from engine.engine import LLMEngine
+from router.launch.cli import main
 
 _armed = False
 _step = LLMEngine.step

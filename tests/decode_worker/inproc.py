@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
-from decode_worker.runtime import WorkerConfig
-from decode_worker.server import RunningWorker, start_worker
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, StateConfig, WorkerConfig
 from engine.sampling_params import SamplingParams
+from engine.security import ClusterSecret
+from engine.worker.convert import params_to_pb
+from engine.worker.host import RunningWorker
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from proto.convert import params_to_pb
+from router.launch.worker_main import start_worker
 
 NUM_BLOCKS = 64
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -28,8 +30,12 @@ def start(
     chunk: int = 2048,
     device: str = "cpu",
     dtype: str = "auto",
+    secret: ClusterSecret | None = None,
+    interceptors=(),
     **kw,
 ) -> RunningWorker:
+    """``kw``: WorkerConfig fields, plus ``redis_url`` / ``heartbeat_ttl_s`` (its state);
+    ``secret`` reaches the worker as a file, as in production."""
     engine = EngineConfig(
         str(model),
         dtype=dtype,
@@ -38,7 +44,21 @@ def start(
         scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
     )
     kw.setdefault("worker_id", f"{role}-t")
-    return start_worker(WorkerConfig(role, engine, kv_transports=tuple(transports), **kw))
+    if "redis_url" in kw:
+        ttl = kw.pop("heartbeat_ttl_s", StateConfig.heartbeat_ttl_s)
+        kw["state"] = StateConfig(redis_url=kw.pop("redis_url"), heartbeat_ttl_s=ttl)
+    if secret is not None:
+        kw["cluster_secret_file"] = secret_file(secret)
+    config = WorkerConfig(role, engine, kv_transports=tuple(transports), **kw)
+    return start_worker(config, interceptors=interceptors)
+
+
+def secret_file(secret: ClusterSecret) -> str:
+    """A file holding ``secret`` (removed when the test process ends)."""
+    f = tempfile.NamedTemporaryFile("wb", prefix="pdserve-secret-", delete=False)
+    f.write(secret.key)
+    f.close()
+    return f.name
 
 
 def stub(worker: RunningWorker):

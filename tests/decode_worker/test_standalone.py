@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_standalone_decode_worker(tiny_model):
-    cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "worker"]
+    cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "worker"]
     cmd += ["--role", "decode", "--model", str(tiny_model("llama")), "--host", "127.0.0.1"]
     cmd += ["--num-kv-blocks", "32", "--worker-id", "solo", "--kv-transport", "tcp"]
     cmd += ["--port", "0"]  # the worker binds a free port and reports it

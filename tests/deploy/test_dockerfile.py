@@ -100,7 +100,7 @@ def test_health_check_probes_health():
 
 
 def test_package_is_installed_and_cmd_is_pdserve_serve():
-    from engine.cli import build_parser
+    from tests.deploy.serve_flags import serve_config_of
 
     build = [args for stage in STAGES[:-1] for kw, args in stage if kw == "RUN"]
     assert any(re.search(r"pip install \. ", cmd) for cmd in build), build
@@ -108,8 +108,8 @@ def test_package_is_installed_and_cmd_is_pdserve_serve():
     assert "--from=build /opt/venv /opt/venv" in copies
     (cmd,) = [json.loads(args) for kw, args in FINAL if kw == "CMD"]
     assert cmd[0] == "pdserve"
-    args = build_parser().parse_args(cmd[1:])
-    assert (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
+    cfg = serve_config_of(cmd[1:])
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 8000)
     assert ("EXPOSE", "8000") in FINAL
     assert not [kw for kw, _ in STEPS if kw == "ADD"], "use COPY"
 

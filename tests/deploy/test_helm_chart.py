@@ -135,20 +135,20 @@ def test_router_joins_the_raycluster_and_probes_health(rendered):
 
 def test_router_flags_parse_with_pdserve_serve(rendered):
     """The router's args are real `pdserve serve` flags (the CLI parser accepts them)."""
-    from engine.cli import build_parser
+    from engine.config import StateConfig
+    from tests.deploy.serve_flags import serve_config_of
 
-    args = build_parser().parse_args(router_container(rendered["default"])["args"])
-    assert (args.prefill, args.decode, args.kv_transport, args.host) == (1, 1, "auto", "0.0.0.0")
-    assert args.ray_namespace == "llm-pdserve"  # every router replica shares the workers
-    multinode = router_container(rendered["multinode"])["args"]
-    args, unknown = build_parser().parse_known_args(multinode)
-    assert (args.prefill, args.decode, args.kv_transport) == (2, 4, "ucx")
-    assert args.model == "/models/Qwen3-30B-A3B" and args.dtype == "bfloat16"
-    assert args.attention_backend == "triton"  # router.extraArgs
+    cfg = serve_config_of(router_container(rendered["default"])["args"])
+    assert (cfg.num_prefill, cfg.num_decode, cfg.router.kv_transport, cfg.host) == (1, 1, "auto", "0.0.0.0")  # fmt: skip
+    assert cfg.ray.namespace == "llm-pdserve"  # every router replica shares the workers
+    cfg = serve_config_of(router_container(rendered["multinode"])["args"])
+    assert (cfg.num_prefill, cfg.num_decode, cfg.router.kv_transport) == (2, 4, "ucx")
+    assert cfg.router.model == "/models/Qwen3-30B-A3B" and cfg.decode.engine.dtype == "bfloat16"
+    assert cfg.prefill.engine.attention_backend == "triton"  # router.extraArgs
     # passed only when EP / Redis are configured (flags of the EP and Redis features)
-    redis = f"--redis-url=redis://llm-pdserve-redis.{NAMESPACE}.svc:6379/0"
-    assert set(unknown) <= {"--prefill-ep-size=8", "--decode-ep-size=8", redis}
-    assert {"--prefill-ep-size=8", "--decode-ep-size=8", redis} <= set(multinode)
+    assert (cfg.prefill.engine.parallel.ep_size, cfg.decode.engine.parallel.ep_size) == (8, 8)
+    assert cfg.state.redis_url == f"redis://llm-pdserve-redis.{NAMESPACE}.svc:6379/0"
+    assert cfg.prefill.state == cfg.decode.state == StateConfig()  # launch copies cfg.state
 
 
 def test_worker_settings_change_recreates_the_raycluster(rendered):

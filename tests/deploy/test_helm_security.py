@@ -10,8 +10,8 @@ import base64
 import helm_python
 import pytest
 
-from engine.cli import build_parser
 from tests.deploy.manifests import validate
+from tests.deploy.serve_flags import serve_config_of
 from tests.deploy.test_helm_chart import MULTINODE, one, render, router_container, worker_groups
 
 SECRETS = "/etc/pdserve/secrets"
@@ -76,8 +76,8 @@ def test_security_chart_generates_the_cluster_secret_and_ray_token(default):
     env = one(default, "ConfigMap")["data"]
     assert env["PDSERVE_CLUSTER_SECRET_FILE"] == f"{SECRETS}/cluster-secret"
     assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]) == ("token", f"{SECRETS}/ray-auth-token")  # fmt: skip
-    args = build_parser().parse_args(router_container(default)["args"])
-    assert args.cluster_secret_file == f"{SECRETS}/cluster-secret"
+    cfg = serve_config_of(router_container(default)["args"])
+    assert cfg.cluster_secret_file == f"{SECRETS}/cluster-secret"
 
 
 def test_security_existing_secrets_and_auth_off():
@@ -116,9 +116,9 @@ def test_security_redis_requires_a_password_from_a_secret():
     assert "REDISCLI_AUTH" in container["readinessProbe"]["exec"]["command"][-1]
     (auth,) = [v for v in redis["volumes"] if v["name"] == "auth"]
     assert auth["secret"]["secretName"] == "llm-pdserve-secrets"
-    args = build_parser().parse_args(router_container(docs)["args"])
-    assert args.redis_url == "redis://llm-pdserve-redis.serving.svc:6379/0"
-    assert args.redis_password_file == f"{SECRETS}/redis-password"
+    cfg = serve_config_of(router_container(docs)["args"])
+    assert cfg.state.redis_url == "redis://llm-pdserve-redis.serving.svc:6379/0"
+    assert cfg.state.redis.password_file == f"{SECRETS}/redis-password"
     for name, pod in pods(docs).items():
         if name != "redis":  # Ray pods too: the workers publish to Redis themselves
             assert secret_sources(pod)["redis-password"] == ("llm-pdserve-secrets", "redis-password")  # fmt: skip
@@ -128,16 +128,16 @@ def test_security_redis_tls_and_external_redis():
     docs = rendered({"redis": {"enabled": True, "tls": {"enabled": True, "existingSecret": "redis-tls"}}})  # fmt: skip
     (container,) = pods(docs)["redis"]["spec"]["containers"]
     assert "--tls-port 6379" in container["args"][0] and "--port 0" in container["args"][0]
-    args = build_parser().parse_args(router_container(docs)["args"])
-    assert args.redis_url.startswith("rediss://") and args.redis_ca_file == f"{SECRETS}/redis-ca.crt"  # fmt: skip
+    cfg = serve_config_of(router_container(docs)["args"])
+    assert cfg.state.redis_url.startswith("rediss://") and cfg.state.redis.ca_file == f"{SECRETS}/redis-ca.crt"  # fmt: skip
     assert secret_sources(pods(docs)["decode"])["redis-ca.crt"] == ("redis-tls", "ca.crt")
     with pytest.raises(helm_python.HelmRenderError, match="needs redis.tls.existingSecret"):
         render({"redis": {"enabled": True, "tls": {"enabled": True}}})
     with pytest.raises(helm_python.HelmRenderError, match="externalUrl carries a password"):
         render({"redis": {"externalUrl": "redis://:hunter2@r:6379/0"}})
     ext = rendered({"redis": {"externalUrl": "rediss://app@r:6380/0", "auth": {"existingSecret": "ext", "secretKey": "pw"}}})  # fmt: skip
-    args = build_parser().parse_args(router_container(ext)["args"])
-    assert (args.redis_url, args.redis_password_file) == ("rediss://app@r:6380/0", f"{SECRETS}/redis-password")  # fmt: skip
+    cfg = serve_config_of(router_container(ext)["args"])
+    assert (cfg.state.redis_url, cfg.state.redis.password_file) == ("rediss://app@r:6380/0", f"{SECRETS}/redis-password")  # fmt: skip
     assert secret_sources(pods(ext)["prefill"])["redis-password"] == ("ext", "pw")
 
 

@@ -137,7 +137,7 @@ def test_start_scripts_refuse_bad_flags(recorder):
 
 
 def test_launch_passes_counts_transport_ep_and_redis(recorder):
-    from engine.cli import build_parser
+    from tests.deploy.serve_flags import serve_config_of
 
     argv = recorder("launch.sh", "--prefill", "2", "--decode", "3", "--kv-transport", "ucx", "--", "--port", "9000")  # fmt: skip
     assert argv == [
@@ -145,8 +145,8 @@ def test_launch_passes_counts_transport_ep_and_redis(recorder):
         "--kv-transport", "ucx", "--cluster-secret-file", f"{recorder.secrets}/cluster-secret",
         "--port", "9000",
     ]  # fmt: skip
-    args = build_parser().parse_args(argv[1:])  # real `pdserve serve` flags
-    assert (args.ray_address, args.prefill, args.decode, args.port) == ("auto", 2, 3, 9000)
+    cfg = serve_config_of(argv[1:])  # real `pdserve serve` flags
+    assert (cfg.ray.address, cfg.num_prefill, cfg.num_decode, cfg.port) == ("auto", 2, 3, 9000)
     full = recorder(
         "launch.sh", "--ray-address", "10.0.0.1:6379", "--prefill-ep", "8", "--decode-ep", "4",
         "--redis-url", "redis://10.0.0.2:6379/0",
@@ -175,13 +175,13 @@ def test_security_scripts_authenticate_by_default(recorder, tmp_path):
 
 
 def test_security_launch_proves_the_secrets(recorder):
-    from engine.cli import build_parser
+    from tests.deploy.serve_flags import serve_config_of
 
     (recorder.secrets / "redis-password").write_text("pw")
     argv = recorder("launch.sh", "--redis-url", "redis://r:6379/0")
-    args = build_parser().parse_args(argv[1:])
-    assert args.cluster_secret_file == f"{recorder.secrets}/cluster-secret"
-    assert args.redis_password_file == f"{recorder.secrets}/redis-password"
+    cfg = serve_config_of(argv[1:])
+    assert cfg.cluster_secret_file == f"{recorder.secrets}/cluster-secret"
+    assert cfg.state.redis.password_file == f"{recorder.secrets}/redis-password"
     assert recorder.started_with("pdserve")["RAY_AUTH_MODE"] == "token"
     insecure = recorder("launch.sh", "--insecure")
     assert not [a for a in insecure if a.startswith("--cluster-secret") or a.startswith("--redis-password")]  # fmt: skip

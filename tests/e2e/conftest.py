@@ -16,11 +16,12 @@ import grpc
 import openai
 import pytest
 
+from engine.config import CacheConfig, EngineConfig, ParallelConfig, WorkerConfig
+from engine.config.router import RouterConfig
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.launcher import RayWorkers, WorkerSettings, start_ray
+from router.launch.ray_launcher import RayWorkers, start_ray
 from router.server import Router, RouterThread
-from router.service import RouterConfig
 
 NUM_BLOCKS = 128
 MODEL_NAME = "tiny"
@@ -103,13 +104,20 @@ class Cluster:
         self.workers.shutdown()
 
 
-def launch(model: Path, prefix: str, prefill: int = 1, decode: int = 1, **kw) -> Cluster:
-    settings = WorkerSettings(
-        model=str(model), num_kv_blocks=NUM_BLOCKS, kv_transports=TRANSPORTS, **kw
+def worker_config(model: Path, transports=TRANSPORTS, ep_size: int = 1, **kw) -> WorkerConfig:
+    """The config the test clusters' Ray workers get (each launch sets its role and id)."""
+    engine = EngineConfig(
+        str(model), cache=CacheConfig(num_blocks=NUM_BLOCKS), parallel=ParallelConfig(ep_size)
     )
+    return WorkerConfig("decode", engine, kv_transports=tuple(transports), **kw)
+
+
+def launch(model: Path, prefix: str, prefill: int = 1, decode: int = 1, **kw) -> Cluster:
+    """``kw``: WorkerConfig fields (``state=StateConfig(...)`` for Redis)."""
+    config = worker_config(model, **kw)
     workers = RayWorkers()
-    workers.launch("prefill", prefill, settings, prefix=prefix)
-    workers.launch("decode", decode, settings, prefix=prefix)
+    workers.launch("prefill", prefill, config, prefix=prefix)
+    workers.launch("decode", decode, config, prefix=prefix)
     cluster = Cluster(model, workers)
     cluster.refresh()
     return cluster

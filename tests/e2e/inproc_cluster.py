@@ -8,10 +8,10 @@ import time
 
 import httpx
 
-import decode_worker.server as server_mod
-from decode_worker.server import RunningWorker
+import engine.worker.host as host_mod
+from engine.config.router import RouterConfig
+from engine.worker.host import RunningWorker
 from router.server import Router, RouterThread
-from router.service import RouterConfig
 
 from .conftest import MODEL_NAME
 
@@ -30,7 +30,7 @@ class Exits:
 
     def __init__(self, monkeypatch) -> None:
         self.codes: list[int] = []
-        monkeypatch.setattr(server_mod, "_exit", self.codes.append, raising=False)
+        monkeypatch.setattr(host_mod, "_exit", self.codes.append, raising=False)
 
 
 def kill_loop(worker: RunningWorker, monkeypatch) -> None:
@@ -46,7 +46,7 @@ def kill_loop(worker: RunningWorker, monkeypatch) -> None:
 
 
 def stall_loop(worker: RunningWorker, monkeypatch) -> threading.Event:
-    """Every step blocks (holding the engine lock) until the returned event is set."""
+    """Every step blocks (the engine thread with it) until the returned event is set."""
     engine, release = worker.worker.engine, threading.Event()
     real = engine.step
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 import ray
 
-from router.launcher import RayWorkers, WorkerSettings
+from router.launch.ray_launcher import RayWorkers
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.waiting import Threads
 
-from .conftest import MODEL_NAME, NUM_BLOCKS, Cluster, client
+from .conftest import MODEL_NAME, Cluster, client, worker_config
 
 pytestmark = pytest.mark.slow  # three EP=2 clusters on Ray
 
@@ -33,10 +32,10 @@ EXTRA = {"ignore_eos": True, "return_token_ids": True}
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
 def ep_cluster(request, ray_session, tiny_model):
     arch = request.param
-    settings = WorkerSettings(model=str(tiny_model(arch)), num_kv_blocks=NUM_BLOCKS, kv_transports=("tcp",))  # fmt: skip
+    config = worker_config(tiny_model(arch), transports=("tcp",), ep_size=2)
     workers = RayWorkers()
-    workers.launch("prefill", 1, replace(settings, ep_size=2), prefix=f"ep-{arch}-")
-    workers.launch("decode", 1, replace(settings, ep_size=2), prefix=f"ep-{arch}-")
+    workers.launch("prefill", 1, config, prefix=f"ep-{arch}-")
+    workers.launch("decode", 1, config, prefix=f"ep-{arch}-")
     cluster = Cluster(tiny_model(arch), workers)
     cluster.refresh()
     pids = ray.get(workers.actors[f"ep-{arch}-decode-0"].ep_pids.remote())

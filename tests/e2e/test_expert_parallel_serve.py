@@ -40,7 +40,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
 @pytest.mark.slow
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--port", "0"]
+    cmd = [sys.executable, "-m", "router.launch.cli", "serve", "--model", str(model), "--port", "0"]
     cmd += ["--prefill-ep-size", "2", "--decode-ep-size", "2", "--num-kv-blocks", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -50,7 +50,7 @@ def _children(pid: int) -> list[int]:
 @contextlib.contextmanager
 def _ep_process(model: Path, role: str, worker_id: str, *extra: str):
     """``pdserve worker --ep-size 2`` as a real process: ``(proc, follower_pid, channel)``."""
-    cmd = [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "worker"]
+    cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "worker"]
     cmd += ["--role", role, "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--num-kv-blocks", "128", "--worker-id", worker_id, "--kv-transport", "tcp"]
     cmd += ["--ep-size", "2", "--port", "0", *extra]  # it binds a free port and reports it

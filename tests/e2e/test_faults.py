@@ -1,4 +1,4 @@
-"""Faults on a dedicated cluster whose prefill worker is slow (a test hook): remote prefill
+"""Faults on a dedicated cluster whose prefill worker is slow (a test-only gRPC interceptor): remote prefill
 killed mid-request or timing out falls back to local prefill on the decode worker; Ray
 restarts the dead worker and the router registers its new incarnation."""
 
@@ -17,7 +17,8 @@ from proto import worker_pb2_grpc as rpc
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.waiting import Threads, wait_until
 
-from .conftest import MODEL_NAME, client, launch
+from .conftest import MODEL_NAME, Cluster, client, worker_config
+from .faulty_actor import SlowPrefillActor, launch_actors
 from .test_parity import routed
 
 DELAY_S = 2.0
@@ -25,7 +26,10 @@ DELAY_S = 2.0
 
 @pytest.fixture(scope="module")
 def slow(ray_session, tiny_model):
-    cluster = launch(tiny_model("llama"), prefix="fault-", fault_delay_s=DELAY_S)
+    model = tiny_model("llama")
+    workers = launch_actors(SlowPrefillActor, worker_config(model), "fault-", 1, 1, DELAY_S)
+    cluster = Cluster(model, workers)
+    cluster.refresh()
     yield cluster
     cluster.stop()
 

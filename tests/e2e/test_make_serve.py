@@ -86,7 +86,14 @@ def test_serve_on_a_taken_port_fails_at_once_naming_it(tiny_model, tmp_path):
     within seconds, not after every worker has started."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_model("llama"))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "router.launch.cli",
+            "serve",
+            "--model",
+            str(tiny_model("llama")),
+        ]
         cmd += ["--port", str(port), "--prefill", "0"]
         env = {**os.environ, "PDSERVE_CACHE": str(tmp_path / "cache")}
         env.pop("RAY_ADDRESS", None)

@@ -19,12 +19,12 @@ import grpc
 import httpx
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.redis_state import RedisClusterState
 from router.server import Router
-from router.service import RouterConfig
+from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec
 from tests.e2e.test_make_serve import BOUND
 from tests.redis_server import RedisServer
@@ -42,7 +42,7 @@ class Proc:
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
-        cmd = [sys.executable, "-m", "engine.cli", "--log-level", "INFO", *args]
+        cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "INFO", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(log, "w") as err:
             self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env)  # fmt: skip

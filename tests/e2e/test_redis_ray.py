@@ -1,5 +1,5 @@
 """Ray-launched workers with a shared Redis state (the ``pdserve serve --redis-url`` path):
-the actors register and publish themselves (``WorkerSettings.redis_url``); a router that
+the actors register and publish themselves (``WorkerConfig.state.redis_url``); a router that
 finds workers only in Redis serves HF-equal output through disaggregated prefill; a decode
 actor killed with SIGKILL leaves the registry, Ray restarts it with a new epoch, it
 registers itself again and requests keep succeeding."""
@@ -11,9 +11,10 @@ import signal
 
 import pytest
 
-from router.redis_state import RedisClusterState
+from engine.config import StateConfig
+from engine.config.router import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
+from router.state.redis import RedisClusterState
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.redis_server import RedisServer
 
@@ -30,7 +31,8 @@ def redis_ray(ray_session, tiny_model):
     cluster = None
     try:
         model = tiny_model("llama")
-        cluster = launch(model, prefix="rr-", redis_url=server.url, heartbeat_ttl_s=TTL_S)
+        state = StateConfig(server.url, heartbeat_ttl_s=TTL_S)
+        cluster = launch(model, prefix="rr-", state=state)
         state = RedisClusterState(server.url, retry_s=0.3)
         router = Router(
             RouterConfig(str(model), MODEL_NAME, kv_transport="tcp", local_prefill_tokens=16),

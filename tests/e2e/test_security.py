@@ -21,13 +21,13 @@ import grpc
 import httpx
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.grpc_auth import call_metadata
 from engine.security import ClusterSecret
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
-from router.redis_state import RedisClusterState
 from router.server import Router
-from router.service import RouterConfig
+from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import spec
 from tests.e2e.test_redis_cluster import Proc, ready, wait_until
 from tests.engine.hf_reference import hf_greedy, make_prompts

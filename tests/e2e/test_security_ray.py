@@ -16,11 +16,10 @@ import time
 import httpx
 import pytest
 
-from router.launcher import WorkerSettings
 from tests.engine.broken_model import POISON, clean_prompts, nan_token_model
 from tests.engine.hf_reference import hf_greedy
 
-from .conftest import MODEL_NAME, NUM_BLOCKS, Cluster
+from .conftest import MODEL_NAME, Cluster, worker_config
 from .faulty_actor import launch_faulty
 from .inproc_cluster import candidates, complete, wait_until
 
@@ -31,8 +30,8 @@ BOUND_S = 3.0
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model, tmp_path_factory):
     model = nan_token_model(tiny_model("llama"), tmp_path_factory.mktemp("broken") / "m")
-    settings = WorkerSettings(model=str(model), num_kv_blocks=NUM_BLOCKS, kv_transports=("tcp", "shm"))  # fmt: skip
-    c = Cluster(model, launch_faulty(settings, "sec-", prefill=1, decode=2))
+    config = worker_config(model, transports=("tcp", "shm"))
+    c = Cluster(model, launch_faulty(config, "sec-", prefill=1, decode=2))
     try:
         c.refresh()
         yield c

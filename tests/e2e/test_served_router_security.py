@@ -23,7 +23,7 @@ from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
-PDSERVE = [sys.executable, "-m", "engine.cli"]
+PDSERVE = [sys.executable, "-m", "router.launch.cli"]
 KEY = "k3y-from-a-file"
 
 

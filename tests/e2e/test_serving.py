@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.tokenizer import Tokenizer
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from router.server import Router
-from router.service import RouterConfig
 from tests.engine.hf_reference import hf_greedy, hf_top_logprobs, make_prompts
 from tests.waiting import Threads, wait_until
 

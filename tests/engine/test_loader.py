@@ -63,7 +63,7 @@ def test_tokenizer_and_chat_template_match_transformers(tiny_model):
 def _cli(*args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "router.launch.cli", *args],
         capture_output=True,
         text=True,
         env=env,

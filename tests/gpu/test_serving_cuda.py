@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.config.router import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from tests.decode_worker.inproc import start, stub, wait_all_free
 from tests.e2e.test_parity import routed
 from tests.engine.hf_reference import make_prompts

@@ -8,6 +8,7 @@ import pytest
 from proto import worker_pb2 as pb
 from tests.decode_worker.inproc import NUM_BLOCKS, spec, start, stub, tokens, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.faults import DelayRpc
 from tests.waiting import Threads, wait_until
 
 
@@ -18,7 +19,7 @@ def pair(tiny_model):
         start("decode", model, transports=("tcp", "shm")),
         # A 16-token step budget: a 45-token prompt takes three prefill chunks.
         start("prefill", model, transports=("tcp", "shm"), chunk=16),
-        start("prefill", model, transports=("tcp",), fault_delay_s=0.5, worker_id="slow"),
+        start("prefill", model, worker_id="slow", interceptors=[DelayRpc("Prefill", 0.5)]),
     ]
     stubs = [stub(w) for w in workers]
     yield [s for s, _ in stubs]

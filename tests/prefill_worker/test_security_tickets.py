@@ -9,8 +9,8 @@ import socket
 import grpc
 import pytest
 
+from engine.config import TransferConfig
 from engine.security import ClusterSecret
-from kv_transfer import TransferConfig, make_client, make_endpoint
 from proto import worker_pb2 as pb
 from tests.decode_worker.inproc import spec, start, stub, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
@@ -20,28 +20,16 @@ from .test_prefill_worker import disagg
 SECRET = ClusterSecret(b"worker-test-secret-0123456789ab")
 
 
-def _give_secret(decode, prefill) -> None:
-    """Put the cluster secret into both workers' KV planes: what the worker config's
-    secret (``--cluster-secret-file``, wired by the gRPC-auth work) feeds into
-    ``TransferConfig.secret``."""
-    dw, pw = decode.worker, prefill.worker
-    config = TransferConfig(host=decode.config.host, secret=SECRET)
-    old, engine = dw.endpoints["tcp"], dw.engine
-    dw.endpoints["tcp"] = make_endpoint(
-        "tcp", engine.layout, engine.kv_caches, engine.layout_spec, dw._free, config=config
-    )
-    old.close()
-    pw._clients["tcp"] = make_client("tcp", pw.engine.layout_spec, config=config)
-
-
 @pytest.fixture(scope="module")
 def workers(tiny_model):
     model = tiny_model("llama")
+    # The secret on the KV plane only (TransferConfig.secret; with --cluster-secret-file
+    # the gRPC plane would want it too, which test_grpc_auth covers).
+    kv_only = TransferConfig(secret=SECRET)
     running = [
-        start("decode", model, worker_id="d-sec"),
-        start("prefill", model, worker_id="p-sec"),
+        start("decode", model, worker_id="d-sec", transfer=kv_only),
+        start("prefill", model, worker_id="p-sec", transfer=kv_only),
     ]
-    _give_secret(*running)
     stubs = [stub(w) for w in running]
     yield [s for s, _ in stubs]
     for (_, channel), worker in zip(stubs, running, strict=True):

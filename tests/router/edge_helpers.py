@@ -9,19 +9,20 @@ from collections.abc import Callable
 
 import httpx
 
-from decode_worker.runtime import WorkerConfig
-from decode_worker.server import RunningWorker, start_worker
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CacheConfig, EngineConfig, WorkerConfig
+from engine.worker.host import RunningWorker
 from proto import worker_pb2 as pb
+from router.launch.worker_main import start_worker
 
 NUM_BLOCKS = 160
 """KV blocks per worker: 2560 tokens, more than the tiny model's 2048-token context."""
 
 
-def start(role: str, model, **kw) -> RunningWorker:
+def start(role: str, model, interceptors=(), **kw) -> RunningWorker:
     """An in-process worker over real gRPC that can hold a whole context."""
-    engine = EngineConfig(str(model), cache=CacheConfig(block_size=16, num_blocks=NUM_BLOCKS))
-    return start_worker(WorkerConfig(role, engine, kv_transports=("tcp",), **kw))
+    engine = EngineConfig(str(model), cache=CacheConfig(num_blocks=NUM_BLOCKS))
+    config = WorkerConfig(role, engine, kv_transports=("tcp",), **kw)
+    return start_worker(config, interceptors=interceptors)
 
 
 def post(rt, path: str, body, timeout: float = 30, **kw) -> httpx.Response:

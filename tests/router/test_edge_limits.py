@@ -3,16 +3,18 @@ compiled once, tokenization bounded by the context, and the API key's sources.""
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
 
+from engine.config import RouterConfig
 from engine.sampling_params import MAX_SEED, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID, MIN_TEMPERATURE
 from engine.tokenizer import PromptTooLong, Tokenizer
-from router.edge_flags import add_edge_args, api_key_from_args, edge_config
+from router.launch.cli import build_parser
+from router.launch.flags import serve_config
+from router.launch.secrets import api_key
 from router.protocol import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
@@ -90,33 +92,32 @@ def test_encode_stops_at_the_token_limit(tiny_model):
     assert (err.value.num_tokens, err.value.limit) == (len(ids), len(ids) - 1)
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_edge_args(p)
-    return p.parse_args(list(argv))
-
-
 def test_security_api_key_file_env_and_a_warning_for_the_flag(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
     key = tmp_path / "key"
     key.write_text("s3cret\n")
-    assert api_key_from_args(_args("--api-key-file", str(key))) == "s3cret"
-    assert api_key_from_args(_args()) is None
+    assert api_key(str(key), None) == "s3cret"
+    assert api_key(None, None) is None
     monkeypatch.setenv("PDSERVE_API_KEY", "from-env")
-    assert api_key_from_args(_args()) == "from-env"
+    assert api_key(None, None) == "from-env"
     with caplog.at_level(logging.WARNING, logger="pdserve"):
-        assert api_key_from_args(_args("--api-key", "k")) == "k"
+        assert api_key(None, "k") == "k"
     assert "--api-key is visible" in caplog.text and "--api-key-file" in caplog.text
     with pytest.raises(ValueError, match="not both"):
-        api_key_from_args(_args("--api-key", "k", "--api-key-file", str(key)))
+        api_key(str(key), "k")
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="is empty"):
-        api_key_from_args(_args("--api-key-file", str(tmp_path / "empty")))
+        api_key(str(tmp_path / "empty"), None)
     with pytest.raises(ValueError, match="cannot read --api-key-file"):
-        api_key_from_args(_args("--api-key-file", str(tmp_path / "missing")))
+        api_key(str(tmp_path / "missing"), None)
 
 
-def test_edge_flags_override_only_what_is_given():
-    assert edge_config(_args()) == {}
-    given = _args("--max-body-bytes", "4096", "--stream-stall-timeout", "2.5")
-    assert edge_config(given) == {"max_body_bytes": 4096, "stream_stall_timeout_s": 2.5}
+def _serve(*argv: str):
+    return serve_config(build_parser().parse_args(["serve", "--model", "m", *argv]))
+
+
+def test_edge_flags_override_only_what_is_given(monkeypatch):
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    assert _serve().router == RouterConfig("m")
+    given = _serve("--max-body-bytes", "4096", "--stream-stall-timeout", "2.5")
+    assert given.router == RouterConfig("m", max_body_bytes=4096, stream_stall_timeout_s=2.5)

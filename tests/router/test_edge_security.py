@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 import router.run
+from engine.config.router import RouterConfig
 from engine.tokenizer import Tokenizer
 from router.server import Router
-from router.service import RouterConfig
 from tests.decode_worker.inproc import stub, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.faults import DelayRpc
 
 from .edge_helpers import (
     assert_error,
@@ -31,14 +32,15 @@ from .edge_helpers import (
 )
 
 LOCAL = 100_000  # local_prefill_tokens: every prompt is prefilled on the decode worker
-PREFILL_DELAY_S = 60.0  # the prefill worker sleeps this long before each prefill
+PREFILL_DELAY_S = 60.0  # each prefill waits this long first (a test hook)
 
 
 @pytest.fixture(scope="module")
 def workers(tiny_model):
     model = tiny_model("llama")
     decode = start("decode", model, worker_id="edge-d")
-    prefill = start("prefill", model, worker_id="edge-p", fault_delay_s=PREFILL_DELAY_S)
+    slow = [DelayRpc("Prefill", PREFILL_DELAY_S)]
+    prefill = start("prefill", model, worker_id="edge-p", interceptors=slow)
     stubs = [stub(w) for w in (decode, prefill)]
     yield {"model": model, "decode": decode, "prefill": prefill, "stubs": [s for s, _ in stubs]}
     for _, channel in stubs:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
+from router.job import Job
 from router.metrics import Metrics
 from router.policy import CostPolicy, NoWorkerError, RouteDecision, RouteRequest
-from router.run import Job
-from router.service import RouterConfig, RouterService
+from router.service import RouterService
+from router.state.base import WorkerLoad, WorkerRecord
+from router.state.memory import MemoryClusterState
 from router.workers import Registry
 from tests.engine.hash_spec import PINNED_100_TO_149_BS16, spec_chain
 
@@ -63,7 +67,7 @@ def test_router_hashes_equal_the_engine_prefix_cache(state, tiny_model):
     model = str(tiny_model("llama"))
     config, tokenizer = RouterConfig(model, "m"), Tokenizer.from_dir(model)
     service = RouterService(config, state, registry, policy, Metrics(), tokenizer)
-    decision = service.route(Job("cmpl-1", tokens, SamplingParams(), []))
+    decision = asyncio.run(service.route(Job("cmpl-1", tokens, SamplingParams(), [])))
     assert [r.block_hashes for r in policy.seen] == [PINNED_100_TO_149_BS16]
     assert (decision.decode.worker_id, decision.cached_blocks) == ("d1", 3)
 

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 
+from engine.config import StateConfig
 from engine.kv_cache.layout import KVLayoutSpec
-from router.cluster import WorkerLoad, WorkerRecord
 from router.metrics import Metrics
-from router.publisher import LayoutRefused, WorkerPublisher
-from router.redis_state import RedisClusterState
+from router.state.base import WorkerLoad, WorkerRecord
+from router.state.publisher import LayoutRefused, WorkerPublisher
+from router.state.redis import RedisClusterState
 from router.workers import Registry
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
@@ -44,7 +45,8 @@ def server():
 
 
 def publisher(server, fake, record=REC, prefix="p", ttl_s: float = 1.0) -> WorkerPublisher:
-    return WorkerPublisher(server.url, record, fake.snapshot, interval_s=0.05, heartbeat_ttl_s=ttl_s, prefix=prefix)  # fmt: skip
+    state = StateConfig(server.url, heartbeat_ttl_s=ttl_s, prefix=prefix)
+    return WorkerPublisher(state, record, fake.snapshot, interval_s=0.05)
 
 
 def test_publishes_registration_load_and_events(server):

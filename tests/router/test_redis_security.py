@@ -1,4 +1,4 @@
-"""The Redis cluster state's credentials (router/redis_conn.py) against real redis-servers
+"""The Redis cluster state's credentials (router/state/redis_conn.py) against real redis-servers
 with ``requirepass`` and TLS: the password from a file or the environment, never shown
 (``/health``'s state dict, logs, errors); and malformed ``workers`` / ``load`` entries that
 anyone with Redis access could write are skipped, not raised into every request."""
@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from router.redis_conn import ENV_PASSWORD, RedisOptions, redact_url
-from router.redis_state import RedisClusterState
+from router.state.redis import RedisClusterState
+from router.state.redis_conn import ENV_PASSWORD, RedisOptions, client_kwargs, redact_url
 from tests.redis_server import RedisServer
 from tests.router.test_redis_state import rec
 
@@ -62,11 +62,11 @@ def test_security_password_from_a_file_or_the_environment(locked, tmp_path, monk
 def test_security_password_in_url_and_file_conflict(tmp_path):
     (tmp_path / "pw").write_text("x")
     with pytest.raises(ValueError, match=r"has a password and a password file.*keep one"):
-        RedisOptions(password_file=str(tmp_path / "pw")).client_kwargs("redis://:y@h:1/0")
+        client_kwargs(RedisOptions(password_file=str(tmp_path / "pw")), "redis://:y@h:1/0")
     with pytest.raises(ValueError, match=r"need a TLS URL \(rediss://"):
-        RedisOptions(ca_file=str(tmp_path / "pw")).client_kwargs("redis://h:1/0")
+        client_kwargs(RedisOptions(ca_file=str(tmp_path / "pw")), "redis://h:1/0")
     with pytest.raises(ValueError, match="cannot read the Redis password file"):
-        RedisOptions(password_file=str(tmp_path / "missing")).client_kwargs("redis://h:1/0")
+        client_kwargs(RedisOptions(password_file=str(tmp_path / "missing")), "redis://h:1/0")
 
 
 def test_security_tls_with_a_ca_file(tmp_path):
@@ -101,7 +101,7 @@ def test_security_malformed_workers_entries_are_skipped(locked, junk, caplog, tm
     raw = locked.client()
     raw.hset(f"{prefix}:workers", "evil", junk)
     raw.hset(f"{prefix}:load", "d0", "{broken")
-    with caplog.at_level(logging.ERROR, logger="router.redis_records"):
+    with caplog.at_level(logging.ERROR, logger="router.state.records"):
         for _ in range(3):
             assert [w.worker_id for w in state.workers()] == ["d0"]
             assert state.get("d0").load.num_free_blocks == 0  # unreadable load = unknown

@@ -11,8 +11,9 @@ from dataclasses import replace
 import pytest
 
 from engine.kv_cache.layout import KVLayoutSpec
-from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
-from router.redis_state import RedisClusterState
+from router.state.base import WorkerLoad, WorkerRecord
+from router.state.memory import MemoryClusterState
+from router.state.redis import RedisClusterState
 from tests.redis_server import RedisServer
 from tests.waiting import Threads, wait_until
 

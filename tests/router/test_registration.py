@@ -6,8 +6,8 @@ import logging
 
 import httpx
 
+from engine.config.router import RouterConfig
 from router.server import Router
-from router.service import RouterConfig
 from tests.decode_worker.inproc import start, stub, wait_all_free
 
 

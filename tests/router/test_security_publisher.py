@@ -5,10 +5,14 @@ test hook) or stalls, and rejoins when a stalled loop moves again."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from decode_worker.commands import Generate
 from engine.sampling_params import SamplingParams
-from router.redis_state import RedisClusterState
+from engine.worker.sink import Sink
+from router.state.redis import RedisClusterState
 from tests.decode_worker.inproc import start
 from tests.e2e.inproc_cluster import Exits, kill_loop, stall_loop, wait_until
 from tests.redis_server import RedisServer
@@ -46,9 +50,8 @@ def test_security_stalled_loop_stops_the_heartbeat_until_it_moves(server, tiny_m
     try:
         wait_until(lambda: len(view.workers()) == 1, 10, "registered")
         release = stall_loop(worker, monkeypatch)
-        with worker.worker.loop.lock:  # queue work without waiting for the loop
-            worker.worker.engine.add_request("stuck", [5, 6, 7], SamplingParams(max_tokens=2))
-        worker.worker.loop.wake()
+        sink = Sink(asyncio.new_event_loop())  # nobody reads it: the step never ends
+        worker.worker.loop.submit(Generate("stuck", [5, 6, 7], SamplingParams(max_tokens=2), sink))
         wait_until(lambda: not view.workers(), TTL_S + 3.0, "stalled worker dropped")
         release.set()
         wait_until(lambda: len(view.workers()) == 1, 10, "rejoined")

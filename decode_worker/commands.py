@@ -1,0 +1,69 @@
+"""The decode worker's commands (answered on its engine thread, decode_worker/worker.py)
+and the states of its request table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.sampling_params import SamplingParams
+from engine.worker.sink import Sink
+from kv_transfer import KVReceiver
+from proto import worker_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Reserve blocks for a prompt whose KV comes from a prefill worker; answers
+    (ticket, cached blocks, cached tokens)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    transport: str
+    lease_s: float
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The router's first token for a reserved request: admit it once its KV is in."""
+
+    request_id: str
+    first_token: pb.Token
+    sink: Sink
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Prefill locally and decode (aggregated serving, fallbacks)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+
+
+class DecodeState(str, Enum):
+    """Where a request stands in the worker's table (the values are the ``Stats`` queue
+    names; ``releasing`` is no queue: its blocks wait for the transport to let go)."""
+
+    RESERVED = "reserved"
+    RECEIVING = "receiving"
+    READY = "ready"
+    RUNNING = "running"
+    RELEASING = "releasing"
+
+
+@dataclass
+class DecodeRequest:
+    request_id: str
+    params: SamplingParams
+    state: DecodeState
+    receiver: KVReceiver | None = None
+    sink: Sink | None = None
+    first_token: pb.Token | None = None
+    num_cached_tokens: int = 0
+    transfer_over: bool = False
+    """Its transfer's ``TransferDone`` was handled: the transport holds no block of it."""
+    since: float = field(default_factory=time.monotonic)

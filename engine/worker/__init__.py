@@ -1,0 +1,1 @@
+"""The shared worker layer both worker roles build on (README, Architecture)."""

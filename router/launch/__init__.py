@@ -1,0 +1,2 @@
+"""Process launch: the ``pdserve`` CLI, Ray and standalone workers, EP groups (README,
+Architecture)."""

@@ -1,0 +1,28 @@
+"""Test-only fault injection for real workers (production config has no fault knob): gRPC
+server interceptors passed to ``start_worker(..., interceptors=...)``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+
+class DelayRpc(grpc.aio.ServerInterceptor):
+    """Every call of ``method`` (e.g. ``"Prefill"``) waits ``delay_s`` before its handler
+    runs, as a slow or overloaded worker would (the call is accepted, nothing happens)."""
+
+    def __init__(self, method: str, delay_s: float) -> None:
+        self.method, self.delay_s = method, delay_s
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith(f"/{self.method}"):
+            return handler
+        inner = handler.unary_unary
+
+        async def delayed(request, context):
+            await asyncio.sleep(self.delay_s)
+            return await inner(request, context)
+
+        return handler._replace(unary_unary=delayed)
