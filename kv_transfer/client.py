@@ -29,7 +29,7 @@ from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTic
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pairing import sender_handshake
 from kv_transfer.plane import Backend, SenderPlane
-from kv_transfer.sender import LayerJob, SenderTransfer
+from kv_transfer.sender import EndJob, LayerJob, SenderTransfer
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class _Link:
     def __init__(self, link: ControlLink, plane: SenderPlane, epoch: int, config: TransferConfig):
         self.link, self.plane, self.epoch = link, plane, epoch
         self._config = config
-        self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[LayerJob | EndJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._transfers: dict[str, SenderTransfer] = {}
         caps = plane.capabilities  # a plane may fix the chunk size at pairing
@@ -58,8 +58,12 @@ class _Link:
         with self._lock:
             self._transfers[transfer.ticket.transfer_id] = transfer
 
-    def enqueue(self, job: LayerJob | None) -> None:
+    def enqueue(self, job: LayerJob | EndJob | None) -> None:
         self._queue.put(job)
+
+    def ended(self, transfer: SenderTransfer) -> None:
+        if self.plane.capabilities.writes_in_place:
+            self._queue.put(EndJob(transfer))
 
     def _on_frame(self, frame: pb.Frame) -> None:
         if frame.HasField("status"):
@@ -91,6 +95,9 @@ class _Link:
 
     def _write_loop(self) -> None:
         while (job := self._queue.get()) is not None:
+            if isinstance(job, EndJob):
+                self.plane.end(job.transfer.ticket.transfer_id)
+                continue
             if not job.transfer.live:
                 continue
             try:
@@ -104,8 +111,13 @@ class _Link:
         self.plane.close()
 
     def _send(self, job: LayerJob) -> None:
+        caps = self.plane.capabilities
+        if caps.writes_in_place:  # straight into the receiver's blocks (shm pool)
+            half = len(job.transfer.ticket.block_ids) * job.k[0].numel() * job.k.element_size()
+            self.plane.write_layer(self._descriptor(job, slice(None), half, 0), job)
+            return
         cpu = job.k.device.type == "cpu" and job.k.is_contiguous() and job.v.is_contiguous()
-        if self.plane.capabilities.zero_copy_send and cpu:
+        if caps.zero_copy_send and cpu:
             self._send_parts(job)
             return
         self._send_staged(job)
@@ -122,7 +134,7 @@ class _Link:
         for a in range(0, n, step):
             m = min(step, n - a)
             staging = self.plane.staging(2 * m * bb)
-            checksum = wire.Checksum()
+            checksum = wire.Checksum(self.plane.capabilities.checksum)
             for i, source in enumerate((job.k, job.v)):
                 pages = staging[i * m * bb : (i + 1) * m * bb].view(job.k.dtype)
                 pages = pages.view(m, *job.k.shape[1:])
@@ -192,6 +204,7 @@ class Client:
             enqueue=link.enqueue,
             send_abort=lambda msg: link.abort(transfer, msg),
             on_done=on_done,
+            on_terminal=link.ended,
         )
         if ticket.epoch != link.epoch:
             transfer.fail(
@@ -200,6 +213,11 @@ class Client:
             )
             return transfer
         link.add(transfer)
+        if link.plane.capabilities.writes_in_place:  # the fence first (shm_fence.py)
+            problem = link.plane.begin(ticket.transfer_id, ticket.block_ids)
+            if problem is not None:
+                transfer.abort(problem)
+                return transfer
         if not link.link.try_send(
             pb.Frame(open=pb.Open(transfer_id=ticket.transfer_id, epoch=ticket.epoch))
         ):

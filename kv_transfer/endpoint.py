@@ -99,9 +99,12 @@ class Endpoint:
             backend=self.backend.name,
         )
         ticket = auth.sign_ticket(self.args.config.secret, ticket)
+        fence = self._host.fence
         transfer = ReceiverTransfer(
-            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal, on_done
-        )
+            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal,
+            on_done, fence,
+        )  # fmt: skip
+        fence.claim(ticket.transfer_id, ids)  # before the ticket leaves: see shm_fence.py
         with self._lock:
             self._transfers[ticket.transfer_id] = transfer
         return transfer

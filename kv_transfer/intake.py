@@ -3,6 +3,8 @@
     descriptor -> sizes fit the layout?  no -> fail that transfer, skip its payload (bounded)
                -> epoch, transfer, link, layer and blocks admitted?  no -> read and drop
                -> checksum + write every chunk into the KV cache -> end_write(checksum ok)
+    written in place (shm pool: the sender already wrote the blocks, under the fence)
+               -> admitted? no -> drop (nothing to read) -> [checksum the blocks] -> end_write
 
 Whatever is wrong with one descriptor fails (or drops) that transfer only and leaves the
 link in sync for the other transfers on it; only a payload that cannot be skipped (larger
@@ -49,6 +51,9 @@ class PageIntake:
         problem = self._size_problem(desc)
         if problem is not None:
             self._discard(link, plane, desc, problem)
+            return
+        if desc.written_in_place:
+            self._in_place(link, plane, desc)
             return
         n = len(desc.block_ids)
         plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
@@ -106,11 +111,37 @@ class PageIntake:
         self._on_drop(2 * len(desc.block_ids), total)
         logger.warning("skipped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, problem)
 
+    def _in_place(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
+        """The sender wrote the pages into the blocks itself (shm pool); count the layer."""
+        transfer = self._find(desc.transfer_id)
+        why = self._epoch_problem(desc.epoch, desc.transfer_id)
+        if why is None and transfer is None:
+            why = "unknown or finished transfer"
+        if why is None and not (plane.capabilities.writes_in_place and plane.in_place_ok()):
+            why = "pages written in place by a sender that was not handed the pool"
+            transfer.fail_from(link, why)
+        if why is None:
+            why = transfer.begin_write(desc, link)
+        if why is not None:
+            logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
+            self._on_drop(2 * len(desc.block_ids), desc.k_bytes + desc.v_bytes)
+            return
+        ok = False
+        try:
+            checksum = wire.Checksum(plane.capabilities.checksum)
+            if checksum.kind != "none":
+                for kv in (0, 1):
+                    for view in self._writers[desc.layer][kv].checksum_views(desc.block_ids):
+                        checksum.update(view)
+            ok = checksum.value() == _expected_checksum(plane, desc)
+        finally:
+            transfer.end_write(desc, ok)
+
     def _receive_chunks(
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
     ) -> bool:
         """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
-        checksum = wire.Checksum()
+        checksum = wire.Checksum(plane.capabilities.checksum)
         writers = self._writers[desc.layer]
         for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
             checksum.update(chunk)
@@ -122,7 +153,7 @@ class PageIntake:
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
     ) -> bool:
         """Receive each chunk straight into its destination blocks, then checksum them."""
-        checksum = wire.Checksum()
+        checksum = wire.Checksum(plane.capabilities.checksum)
         writers = self._writers[desc.layer]
         for kv, a, b in plan:
             views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None

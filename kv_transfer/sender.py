@@ -34,6 +34,14 @@ class LayerJob:
     src_block_ids: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class EndJob:
+    """A transfer ended: behind its layers in the send queue, so a plane that writes in
+    place lets go of its blocks only after its last write."""
+
+    transfer: SenderTransfer
+
+
 class SenderTransfer:
     """One outgoing transfer; thread-safe."""
 
@@ -46,9 +54,11 @@ class SenderTransfer:
         enqueue: Callable[[LayerJob | None], None],
         send_abort: Callable[[pb.Abort], None],
         on_done: OnDone | None = None,
+        on_terminal: Callable[[SenderTransfer], None] | None = None,
     ):
         self.ticket = ticket
         self._on_done = on_done
+        self._on_terminal = on_terminal
         self._num_layers = num_layers
         self._page_shape = (len(ticket.block_ids), *block_shape)
         self._block_shape = tuple(block_shape)
@@ -115,6 +125,8 @@ class SenderTransfer:
         return True
 
     def _done(self, state: TransferState) -> None:
+        if self._on_terminal is not None:
+            self._on_terminal(self)
         report_done(self._on_done, self.ticket.transfer_id, state)
 
     def on_status(self, status: pb.Status) -> None:

@@ -20,6 +20,7 @@ import torch
 import xxhash
 from google.protobuf.message import DecodeError
 
+from engine.kernels import cpu_kv_copy
 from engine.kv_cache.spec_pb import spec_from_pb, spec_to_pb  # noqa: F401 (the handshake uses them)
 from kv_transfer.base import TransferTicket
 from proto import kv_transfer_pb2 as pb
@@ -79,20 +80,37 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-class Checksum:
-    """Streaming xxh3-64 over a layer's K bytes then V bytes."""
+CHECKSUMS = ("xxh3", "crc32c", "none")
+"""What a plane may check pages with (``Capabilities.checksum``)."""
 
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
+
+class Checksum:
+    """Streaming checksum over a layer's K bytes then V bytes: xxh3-64 (the default),
+    hardware CRC32C (engine/kernels/csrc/kv_copy_cpu.c) or none (always 0)."""
+
+    def __init__(self, kind: str = "xxh3") -> None:
+        if kind not in CHECKSUMS:
+            raise ValueError(f"unknown checksum {kind!r}; choose one of {CHECKSUMS}")
+        self.kind = kind
+        self._h = xxhash.xxh3_64() if kind == "xxh3" else None
+        self._crc = 0
+        if kind == "crc32c" and not cpu_kv_copy.available():
+            raise ValueError("checksum crc32c needs the CPU kernels (a C compiler); use xxh3")
 
     def update(self, data: torch.Tensor | memoryview) -> None:
+        if self.kind == "none":
+            return
         if isinstance(data, torch.Tensor):
-            # xxh3 runs on the host: device pages (NCCL path) are hashed from a host copy.
+            # Hashing runs on the host: device pages are hashed from a host copy (which is
+            # why NCCL checks none).
             data = byte_view(data if data.device.type == "cpu" else data.cpu())
-        self._h.update(data)
+        if self._h is not None:
+            self._h.update(data)
+        else:
+            self._crc = cpu_kv_copy.crc32c(data, self._crc)
 
     def value(self) -> int:
-        return self._h.intdigest()
+        return self._h.intdigest() if self._h is not None else self._crc
 
 
 def chunk_plan(num_blocks: int, block_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from kv_transfer.backends.buffers import PingPong
 from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
+from kv_transfer.plane import NO_FENCE, Backend, Capabilities, ReceiverPlane, checksum_kind
 from kv_transfer.wire import payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
@@ -110,9 +110,9 @@ class _Poster:
 class DistSender:
     """Sends each chunk as one message of at most ``chunk_bytes`` (the receiver's size)."""
 
-    def __init__(self, link: ControlLink, group, device: str, msg_bytes: int):
+    def __init__(self, link: ControlLink, group, device: str, msg_bytes: int, checksum: str):
         self._link = link
-        self.capabilities = Capabilities(chunk_bytes=msg_bytes)
+        self.capabilities = Capabilities(chunk_bytes=msg_bytes, checksum=checksum)
         """The message size is fixed by the receiver at pairing; it overrides
         TransferConfig.chunk_bytes."""
         self._buffers = PingPong(device)
@@ -143,10 +143,9 @@ class DistReceiver:
     padded.
     """
 
-    capabilities = BASIC
-
-    def __init__(self, group, device: str, msg_bytes: int, ring: int):
+    def __init__(self, group, device: str, msg_bytes: int, ring: int, checksum: str):
         self._group, self._msg = group, msg_bytes
+        self.capabilities = Capabilities(checksum=checksum)
         self._slots: collections.deque = collections.deque()
         for _ in range(ring):
             self._post(torch.empty(msg_bytes, dtype=torch.uint8, device=device))
@@ -179,10 +178,16 @@ class DistReceiver:
 class DistHost:
     """Hosts the TCPStore every pair of this endpoint rendezvous through."""
 
+    fence = NO_FENCE
+
     def __init__(self, args: EndpointArgs):
         config = self._config = args.config
         on_cuda = args.kv_caches[0][0].is_cuda
         self._device = config.plane.get("device") or ("cuda" if on_cuda else "cpu")
+        # NCCL moves device memory over NVLink / InfiniBand, whose links check every
+        # packet, and hashing device pages would copy them to the host; gloo crosses a
+        # TCP wire (bench/RESULTS.md, "Integrity").
+        self._checksum = checksum_kind(config, "none" if self._device == "cuda" else "xxh3")
         self._timeout = timedelta(seconds=config.peer_timeout_s)
         self._store = dist.TCPStore(
             config.host,
@@ -206,10 +211,12 @@ class DistHost:
             "key": key,
             "device": device,
             "msg_bytes": str(msg),
+            "checksum": self._checksum,
         }
         return params, lambda: DistReceiver(
-            _group(self._store, key, 0, device, self._timeout, self._config.host), device, msg, ring
-        )
+            _group(self._store, key, 0, device, self._timeout, self._config.host),
+            device, msg, ring, self._checksum,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._store = None
@@ -225,7 +232,8 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
     )
     timeout = timedelta(seconds=config.peer_timeout_s)
     group = _group(store, params["key"], 1, params["device"], timeout, config.host)
-    return DistSender(link, group, params["device"], int(params["msg_bytes"]))
+    checksum = params.get("checksum", "xxh3")
+    return DistSender(link, group, params["device"], int(params["msg_bytes"]), checksum)
 
 
 BACKEND = Backend(name="torch_dist", host=DistHost, connect=_connect)

@@ -35,7 +35,7 @@ import torch
 from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
+from kv_transfer.plane import BASIC, NO_FENCE, Backend, Capabilities, ReceiverPlane
 from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
@@ -167,6 +167,8 @@ class UcxReceiver:
 
 class UcxHost:
     """One ucxx listener per endpoint; binds incoming UCX endpoints to links by token."""
+
+    fence = NO_FENCE
 
     def __init__(self, config: TransferConfig):
         self._config = config

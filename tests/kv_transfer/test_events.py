@@ -81,7 +81,11 @@ def test_planes_declare_their_capabilities(make_pair):
         assert caps == want[pair.backend]
     elif pair.backend == "shm":
         assert caps.same_host_only and caps.max_payload_bytes == 1024
+        # in place into a shared pool (one copy per byte), else through regions; no
+        # checksum within one host's memory
+        assert caps.writes_in_place == (pair.variant == "shm") and caps.checksum == "none"
     else:
         assert caps.chunk_bytes == 512  # torch_dist: fixed at pairing (the config's here)
+        assert caps.checksum == "xxh3"  # gloo crosses a TCP wire
     tx.abort("done looking")
     wait_until(lambda: rx.poll().terminal)
