@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.shared_pool import SharedKVPool
 from kv_transfer import TransferState, backend_names, make_client, make_endpoint
 
 logger = logging.getLogger("bench.kv_transfer")
@@ -45,6 +46,10 @@ SPEC = KVLayoutSpec.from_layout(LAYOUT, "llama-8b-shaped")
 NBLOCKS = LAYOUT.num_blocks_for(TOKENS)
 NBYTES = 2 * LAYOUT.num_layers * NBLOCKS * LAYOUT.block_bytes
 LAYER_BYTES = NBYTES // LAYOUT.num_layers
+
+
+VARIANTS = {"shm-regions": "shm"}
+"""Measured variants of a backend -> its name."""
 
 
 def scattered(seed: int) -> list[int]:
@@ -71,13 +76,13 @@ class SenderAgent:
     def kv(self, backend: str, ticket) -> float:
         client = self.clients.setdefault(backend, make_client(backend, SPEC))
         src_ids = scattered(seed=1)
-        tx = client.open(ticket)
+        ended = threading.Event()  # on_done: the worker loops are event-driven too
+        tx = client.open(ticket, on_done=lambda tid, state: ended.set())
         start = time.perf_counter()
         for layer, (k, v) in enumerate(self.src):
             tx.send_layer(layer, k, v, src_block_ids=src_ids)
         tx.finish()
-        while not tx.poll().terminal:
-            time.sleep(0.001)  # a worker loop polling at 1 kHz
+        ended.wait(600)
         if tx.poll() is not TransferState.SUCCESS:
             raise RuntimeError(f"{backend} transfer failed: {tx.error}")
         return time.perf_counter() - start
@@ -159,6 +164,7 @@ class Bench:
         self.child = ctx.Process(target=agent_main, args=(self.commands, self.results), daemon=True)
         self.child.start()
         self.dst = LAYOUT.allocate()
+        self.pool = SharedKVPool.create(LAYOUT)  # shm writes in place into it
         # Ceilings receive into one pre-faulted buffer, as the KV path writes resident caches.
         self.sink = torch.ones(NBYTES, dtype=torch.uint8)
         if (msg := self.results.get(timeout=300)) != "ready":
@@ -171,9 +177,13 @@ class Bench:
             raise RuntimeError(f"{backend} {method}: {result}")
         return result
 
-    def runs_of(self, backend: str) -> tuple[list[float], list[float]]:
-        """Alternate KV runs and ceiling runs, so both see the same background load."""
-        endpoint = make_endpoint(backend, LAYOUT, self.dst, SPEC, lambda ids: None)
+    def runs_of(self, variant: str) -> tuple[list[float], list[float]]:
+        """Alternate KV runs and ceiling runs, so both see the same background load.
+        ``shm`` receives into a shared KV pool (written in place, as a decode worker's),
+        ``shm-regions`` into a private cache (through shared regions)."""
+        backend = VARIANTS.get(variant, variant)
+        dst = self.pool.caches if variant == "shm" else self.dst
+        endpoint = make_endpoint(backend, LAYOUT, dst, SPEC, lambda ids: None)
         ceiling = getattr(self, f"_ceiling_{backend}")
         try:
             self._kv(endpoint, backend)  # pairs and warms up
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only progress and the JSON line")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--backends", default=",".join(backend_names()))
+    parser.add_argument("--backends", default=",".join([*backend_names(), *VARIANTS]))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)

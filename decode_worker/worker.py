@@ -53,6 +53,16 @@ ABORTED, INTERNAL = grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL
 S = DecodeState
 
 
+def prepare(config: WorkerConfig) -> WorkerConfig:
+    """Serving shm: the KV cache in shared memory, so a prefill worker on this host writes
+    each layer straight into the reserved blocks (kv_transfer/backends/shm_pool.py)."""
+    cache = config.engine.cache
+    if "shm" not in config.kv_transports or cache.shared_memory:
+        return config
+    engine = replace(config.engine, cache=replace(cache, shared_memory=True))
+    return replace(config, engine=engine)
+
+
 def _transport_frees_nothing(block_ids: list[int]) -> None:
     """The engine thread frees a failed transfer's blocks on its ``TransferDone``."""
 
@@ -82,6 +92,8 @@ class DecodeWorker:
         self.loop.stop()
         for endpoint in self.endpoints.values():
             endpoint.close()
+        if self.engine.kv_pool is not None:
+            self.engine.kv_pool.close()
 
     def kv_transports(self) -> list[str]:
         return sorted(self.endpoints)

@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.config.engine import resolve_device
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.shared_pool import SharedKVPool
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
@@ -60,9 +61,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.ep_size)
         self.backend = get_backend(config.attention_backend, config.device)
+        self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
+        """The KV cache in shared memory (``cache.shared_memory``), else ``None``."""
         self.runner = ModelRunner(
             self.model,
-            self.layout.allocate(self.device),
+            self.kv_pool.caches if self.kv_pool is not None else self.layout.allocate(self.device),
             self.backend,
             self.layout.block_size,
             self.device,

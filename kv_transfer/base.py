@@ -161,7 +161,8 @@ class KVEndpoint(Protocol):
         """Counters: ``dropped_pages`` / ``dropped_bytes`` (late, stale or malformed pages,
         never written), ``succeeded``, ``failed``, ``refused_pairings`` (handshakes refused:
         layout, backend, secret, deadline, malformed), ``refused_connections`` (sockets
-        closed unread: too many pending pairings), ``active``."""
+        closed unread: too many pending pairings), ``in_place_pages`` (pages a same-host
+        sender wrote straight into the blocks: shm into a shared pool), ``active``."""
 
     def close(self) -> None:
         """Fail open transfers (freeing their blocks) and stop serving."""

@@ -40,12 +40,14 @@ class PageIntake:
         find: Callable[[str], ReceiverTransfer | None],
         epoch_problem: Callable[[int, str], str | None],
         on_drop: Callable[[int, int], None],
+        on_in_place: Callable[[int], None] = lambda pages: None,
     ):
         self._writers = [(PageWriter(k), PageWriter(v)) for k, v in kv_caches]
         self._direct_ok = self._writers[0][0].block_views([]) is not None
         self._block_bytes = layout.block_bytes
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
+        self._on_in_place = on_in_place
 
     def receive(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
         problem = self._size_problem(desc)
@@ -136,6 +138,7 @@ class PageIntake:
             ok = checksum.value() == _expected_checksum(plane, desc)
         finally:
             transfer.end_write(desc, ok)
+        self._on_in_place(2 * len(desc.block_ids))
 
     def _receive_chunks(
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks

@@ -273,7 +273,11 @@ class ShmHost:
         if grants is not None:
             token = grants.offer(lambda: setattr(receiver, "granted", True))
             receiver.withdraw = lambda: grants.withdraw(token)
-            params |= grants.params(token)
+            try:
+                params |= grants.params(token)
+            except (RuntimeError, OSError) as exc:  # e.g. CUDA IPC refused: use regions
+                logger.warning("shm: cannot share the KV pool (%s); regions only", exc)
+                receiver.withdraw()
         return params, lambda: receiver
 
     def close(self) -> None:

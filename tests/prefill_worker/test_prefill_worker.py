@@ -57,10 +57,15 @@ def disagg(decode, prefill, rid, prompt, transport="tcp", lease_s=10.0):
 def test_chunked_prefill_streams_kv_and_decode_equals_hf(pair, tiny_model, transport):
     decode, prefill, _ = pair
     prompts = make_prompts([45, 7], seed=31 if transport == "tcp" else 32)
+    in_place = lambda: decode.Stats(pb.StatsRequest()).transfer["shm.in_place_pages"]  # noqa: E731
+    before = in_place()
     got = [
         disagg(decode, prefill, f"{transport}{i}", p, transport)[0] for i, p in enumerate(prompts)
     ]
     assert got == hf_greedy(tiny_model("llama"), prompts, 12)
+    # shm: the decode worker's KV cache is in shared memory and the prefill worker wrote
+    # every page straight into it (one copy per byte); tcp never writes in place
+    assert (in_place() > before) == (transport == "shm")
 
 
 def test_concurrent_prefills_are_batched(pair, tiny_model):
