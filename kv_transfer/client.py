@@ -176,6 +176,7 @@ class _Link:
             v_bytes=half_bytes,
             checksum=checksum,
             chunk_bytes=self._chunk_bytes,
+            sender_delay_us=job.delay_us(),
         )
 
 

@@ -20,7 +20,14 @@ import time
 from collections.abc import Callable
 
 from kv_transfer import wire
-from kv_transfer.base import FreeBlocks, OnDone, TransferState, TransferTicket, report_done
+from kv_transfer.base import (
+    FreeBlocks,
+    OnDone,
+    TransferState,
+    TransferTicket,
+    TransferTimings,
+    report_done,
+)
 from kv_transfer.link import ControlLink
 from kv_transfer.plane import NO_FENCE, Fence
 from proto import kv_transfer_pb2 as pb
@@ -54,6 +61,10 @@ class ReceiverTransfer:
         self._writers = 0
         self._freed = False
         self._link: ControlLink | None = None
+        self._first_at: float | None = None
+        self._last = (0.0, 0.0)  # (begin_write time, sender delay) of the latest descriptor
+        self.timings: TransferTimings | None = None
+        """Set with SUCCESS (``TransferTimings``)."""
         self._deadline = time.monotonic() + max(0.0, ticket.lease_deadline - time.time())
 
     # -- KVReceiver -------------------------------------------------------------
@@ -102,6 +113,9 @@ class ReceiverTransfer:
             problem = self._pages_problem(desc.layer, desc.block_ids)
             if problem is None:
                 self._writers += 1
+                now = time.monotonic()
+                self._first_at = self._first_at or now
+                self._last = (now, desc.sender_delay_us / 1e6)  # one link: in order
                 return None
         self.fail(problem, notify_sender=True)
         return problem
@@ -148,6 +162,8 @@ class ReceiverTransfer:
                 return
             self._arrived.append(last_layer)
             self._state = TransferState.SUCCESS
+            now, (began, delay) = time.monotonic(), self._last
+            self.timings = TransferTimings(now - (self._first_at or now), delay + now - began)
         self._notify(pb.Status.SUCCESS, "")
         self._on_terminal(self)
         self._done(TransferState.SUCCESS)

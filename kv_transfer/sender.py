@@ -14,8 +14,9 @@ is never blocked by the network.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +33,11 @@ class LayerJob:
     k: torch.Tensor
     v: torch.Tensor
     src_block_ids: torch.Tensor | None
+    queued_at: float = field(default_factory=time.monotonic)
+    """When ``send_layer`` queued it (``delay_us``: the descriptor's ``sender_delay_us``)."""
+
+    def delay_us(self) -> int:
+        return min(int(1e6 * (time.monotonic() - self.queued_at)), (1 << 32) - 1)
 
 
 @dataclass(frozen=True)

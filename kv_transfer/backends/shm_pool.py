@@ -181,6 +181,7 @@ class PoolWriter:
             done.add(job.layer)
             if len(done) == len(self.pool.caches):
                 self.end(tid)  # before the last descriptor: the receiver reclaims at once
+        desc.sender_delay_us = job.delay_us()  # the copy included
         self._link.send(pb.Frame(pages=desc))
 
     def _copy(self, job: LayerJob, blocks: tuple[int, ...]) -> int:
