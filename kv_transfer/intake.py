@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from engine.kv_cache.layout import KVLayout
-from kv_transfer import wire
+from kv_transfer import messages, wire
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pages import PageWriter
 from kv_transfer.plane import BadDescriptor, ReceiverPlane
@@ -57,15 +57,20 @@ class PageIntake:
         if desc.written_in_place:
             self._in_place(link, plane, desc)
             return
-        n = len(desc.block_ids)
-        plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
-        chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
+        plan = wire.desc_plan(desc, self._block_bytes)
+        sizes = [(b - a) * self._block_bytes for _, a, b in plan]
         transfer = self._find(desc.transfer_id)
         why = self._epoch_problem(desc.epoch, desc.transfer_id)
         if why is None:
             why = "unknown or finished transfer" if transfer is None else None
         if why is None:
             why = transfer.begin_write(desc, link)
+        targets = None
+        if plane.capabilities.run_messages:  # (scratch for a dropped one: the plane's)
+            targets = self._targets(desc, plan) if why is None else [None] * len(plan)
+        chunks = (
+            plane.chunks(desc, sizes) if targets is None else plane.chunks(desc, sizes, targets)
+        )
         if why is not None:
             self._drop(plane, desc, chunks, why)
             return
@@ -75,7 +80,7 @@ class PageIntake:
                 chunks.close()
                 ok = self._receive_direct(transfer, desc, plan, plane)
             else:
-                ok = self._receive_chunks(transfer, desc, plan, plane, chunks)
+                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, targets)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -87,7 +92,7 @@ class PageIntake:
     def _size_problem(self, desc: pb.PageDescriptor) -> str | None:
         n, bb = len(desc.block_ids), self._block_bytes
         if n and desc.k_bytes == desc.v_bytes == n * bb:
-            return None
+            return wire.plan_problem(desc)
         return (
             f"descriptor for layer {desc.layer} announces {desc.k_bytes}+{desc.v_bytes} bytes "
             f"for {n} blocks of {bb} bytes (expected {n * bb}+{n * bb})"
@@ -141,16 +146,29 @@ class PageIntake:
         self._on_in_place(2 * len(desc.block_ids))
 
     def _receive_chunks(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, targets
     ) -> bool:
-        """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
+        """Checksum and scatter every chunk (while it is hot in cache); a chunk received
+        straight into its blocks (``targets``) is only checksummed. True if it matched."""
         checksum = wire.Checksum(plane.capabilities.checksum)
         writers = self._writers[desc.layer]
-        for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
+        targets = targets or [None] * len(plan)
+        for chunk, (kv, a, b), target in zip(chunks, plan, targets, strict=True):
             checksum.update(chunk)
-            if transfer.writable():
+            if target is None and transfer.writable():
                 writers[kv].write(desc.block_ids[a:b], chunk)
         return checksum.value() == _expected_checksum(plane, desc)
+
+    def _targets(self, desc: pb.PageDescriptor, plan) -> list[torch.Tensor | None]:
+        """Where each message may land straight in the cache: its blocks are consecutive
+        (messages.py), in a contiguous cache."""
+        writers, ids = self._writers[desc.layer], desc.block_ids
+        out = []
+        for kv, a, b in plan:
+            cache = writers[kv].cache
+            ok = cache.is_contiguous() and messages.consecutive(ids[a:b])
+            out.append(messages.run_view(cache, ids[a:b]) if ok else None)
+        return out
 
     def _receive_direct(
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane

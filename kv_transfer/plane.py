@@ -21,6 +21,10 @@ when it is paired (the client and the endpoint read it, never probe for methods)
   the sender copies each layer straight into the receiver's destination blocks, in a pool
   both processes map (shm with a shared KV pool), and the descriptor only says it is done;
   the receiver's host guards those writes with a fence (shm_fence.py);
+- ``run_messages`` (receiver ``chunks(desc, sizes, targets)``, sender
+  ``send_messages(desc, parts)``): one message per run of blocks consecutive on both sides,
+  straight from and into the caches (kv_transfer/messages.py), short runs through
+  staging (torch_dist, ucx);
 - ``checksum``: ``xxh3``, ``crc32c`` or ``none``, fixed by the receiver at pairing (plane
   option ``checksum`` overrides a backend's default): xxh3 where bytes cross a wire (tcp,
   ucx, gloo), none within one host's memory (shm) and on NCCL (bench/RESULTS.md, "Integrity").
@@ -60,6 +64,9 @@ class Capabilities:
     default_chunk_bytes: int = 1 << 20
     same_host_only: bool = False
     writes_in_place: bool = False
+    run_messages: bool = False
+    run_min_bytes: int = 256 << 10
+    """With ``run_messages``: shorter runs are staged (plane option ``run_min_bytes``)."""
     checksum: str = "xxh3"
 
 

@@ -130,10 +130,29 @@ def layer_plan(num_blocks: int, block_bytes: int, chunk_bytes: int) -> list[tupl
     return [(kv, a, b) for kv in (0, 1) for a, b in step]
 
 
+def desc_plan(desc, block_bytes: int) -> list[tuple[int, int, int]]:
+    """``(kv, start, stop)`` messages of a descriptor's payload: its ``message_blocks``
+    (kv_transfer/messages.py) when it names them, else chunks of ``chunk_bytes``."""
+    if not desc.message_blocks:
+        return layer_plan(len(desc.block_ids), block_bytes, desc.chunk_bytes)
+    spans, a = [], 0
+    for m in desc.message_blocks:
+        spans.append((a, a + m))
+        a += m
+    return [(kv, a, b) for kv in (0, 1) for a, b in spans]
+
+
+def plan_problem(desc) -> str | None:
+    """Why a descriptor's ``message_blocks`` cannot describe its blocks, if they cannot."""
+    m = desc.message_blocks
+    if m and (sum(m) != len(desc.block_ids) or min(m) == 0):
+        return f"message_blocks sum to {sum(m)} (least {min(m)}), not its {len(desc.block_ids)} blocks"  # fmt: skip
+    return None
+
+
 def payload_sizes(desc, block_bytes: int) -> list[int]:
     """Byte size of every chunk of a descriptor's payload, in order."""
-    plan = layer_plan(len(desc.block_ids), block_bytes, desc.chunk_bytes)
-    return [(b - a) * block_bytes for _, a, b in plan]
+    return [(b - a) * block_bytes for _, a, b in desc_plan(desc, block_bytes)]
 
 
 def skippable_sizes(desc, max_message: int) -> list[int]:
@@ -145,7 +164,7 @@ def skippable_sizes(desc, max_message: int) -> list[int]:
     ``max_message`` (the receiver will not allocate it).
     """
     n = len(desc.block_ids)
-    if n == 0 or desc.k_bytes < n or desc.checksum_in_trailer:
+    if n == 0 or desc.k_bytes < n or desc.checksum_in_trailer or plan_problem(desc):
         raise FrameError(f"a descriptor for {n} blocks of {desc.k_bytes} bytes cannot be skipped")
     sizes = payload_sizes(desc, desc.k_bytes // n)
     if max(sizes) > max_message:

@@ -29,10 +29,11 @@ FAST = TransferConfig(
     peer_timeout_s=30.0,
     reap_interval_s=0.02,
     chunk_bytes=512,
-    plane={"shm_region_bytes": "1024", "shm_regions": "2"},
+    plane={"shm_region_bytes": "1024", "shm_regions": "2", "run_min_bytes": "512"},
 )
 """Small chunks and shm regions, so even tiny test layers go through several data-path
-messages and the shm backend splits every layer into several descriptors. The peer
+messages and the shm backend splits every layer into several descriptors; runs of two
+blocks already go straight from and into the caches (torch_dist, ucx: messages.py). The peer
 timeout is long: on a busy 2-core machine a heartbeat thread can be starved for seconds,
 and a healthy transfer must not fail for it (the dead-peer tests use ``DEATH``)."""
 DEATH = replace(FAST, peer_timeout_s=TransferConfig.peer_timeout_s)

@@ -75,7 +75,7 @@ def test_planes_declare_their_capabilities(make_pair):
     assert isinstance(caps, Capabilities)
     want = {
         "tcp": Capabilities(zero_copy_send=True),
-        "ucx": Capabilities(default_chunk_bytes=4 << 20),
+        "ucx": Capabilities(default_chunk_bytes=4 << 20, run_messages=True, run_min_bytes=512),
     }
     if pair.backend in want:
         assert caps == want[pair.backend]
@@ -87,6 +87,7 @@ def test_planes_declare_their_capabilities(make_pair):
     else:
         assert caps.chunk_bytes == 512  # torch_dist: fixed at pairing (the config's here)
         assert caps.checksum == "xxh3"  # gloo crosses a TCP wire
+        assert caps.run_messages and caps.run_min_bytes == 512
     tx.abort("done looking")
     wait_until(lambda: rx.poll().terminal)
 
