@@ -1,11 +1,13 @@
 """KV transfer bandwidth: each backend vs the raw ceiling of its path, two processes.
 
-    python -m bench.kv_transfer [--json] [--runs 5] [--backends tcp,shm,...]
+    python -m bench.kv_transfer [--json] [--runs 5] [--backends tcp,shm,...] [--layout scattered]
 
 The parent process is the decode side (a receiver endpoint); a spawned child is the
 prefill side. Per run the child moves the KV of a 2048-token prompt of a Llama-8B-shaped
 layout (32 layers, 8 kv heads, head dim 128, bf16, block size 16 -> 256 MiB) layer by
-layer, gathering from scattered source blocks into scattered destination blocks, and
+layer, from scattered source blocks into scattered destination blocks (``--layout
+scattered``, the default: random 128 of 256 on each side; ``runs``: consecutive blocks on
+both sides, as a fresh worker's block pool hands them out), and
 times first ``send_layer`` -> SUCCESS. The ceiling moves the same bytes on the same path
 with nothing else, from one contiguous 256 MiB buffer into another: one memcpy (shm), a
 raw socket stream (tcp), one raw ucxx send (ucx), one raw gloo send/recv (torch_dist).
@@ -52,7 +54,15 @@ VARIANTS = {"shm-regions": "shm"}
 """Measured variants of a backend -> its name."""
 
 
-def scattered(seed: int) -> list[int]:
+LAYOUTS = ("scattered", "runs")
+
+
+def block_ids(layout: str, seed: int) -> list[int]:
+    """The transfer's blocks on one side: random (``scattered``) or consecutive (``runs``,
+    at an offset that differs per side)."""
+    if layout == "runs":
+        start = seed * 37 % (LAYOUT.num_blocks - NBLOCKS)
+        return list(range(start, start + NBLOCKS))
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(LAYOUT.num_blocks, generator=g)[:NBLOCKS].tolist()
 
@@ -73,9 +83,10 @@ class SenderAgent:
         ]
         self.clients: dict[str, object] = {}
 
-    def kv(self, backend: str, ticket) -> float:
+    def kv(self, backend: str, arg) -> float:
+        ticket, layout = arg
         client = self.clients.setdefault(backend, make_client(backend, SPEC))
-        src_ids = scattered(seed=1)
+        src_ids = block_ids(layout, seed=1)
         ended = threading.Event()  # on_done: the worker loops are event-driven too
         tx = client.open(ticket, on_done=lambda tid, state: ended.set())
         start = time.perf_counter()
@@ -157,8 +168,8 @@ def agent_main(commands, results) -> None:
 
 # -- decode side (parent) ------------------------------------------------------------------
 class Bench:
-    def __init__(self, runs: int):
-        self.runs = runs
+    def __init__(self, runs: int, layout: str = "scattered"):
+        self.runs, self.layout = runs, layout
         ctx = mp.get_context("spawn")
         self.commands, self.results = ctx.Queue(), ctx.Queue()
         self.child = ctx.Process(target=agent_main, args=(self.commands, self.results), daemon=True)
@@ -193,8 +204,8 @@ class Bench:
         return [kv for kv, _ in pairs], [c for _, c in pairs]
 
     def _kv(self, endpoint, backend: str) -> float:
-        rx = endpoint.expect(scattered(seed=2), lease_s=120)
-        took = self.ask("kv", backend, rx.ticket)
+        rx = endpoint.expect(block_ids(self.layout, seed=2), lease_s=120)
+        took = self.ask("kv", backend, (rx.ticket, self.layout))
         if rx.poll() is not TransferState.SUCCESS:
             raise RuntimeError(f"{backend}: receiver ended {rx.poll()}: {rx.error}")
         return took
@@ -285,10 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print only progress and the JSON line")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--backends", default=",".join([*backend_names(), *VARIANTS]))
+    parser.add_argument("--layout", choices=LAYOUTS, default="scattered")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    bench = Bench(args.runs)
+    bench = Bench(args.runs, args.layout)
     report = {}
     try:
         for backend in args.backends.split(","):
@@ -302,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
     finally:
         bench.close()
-    print(json.dumps({"bytes": NBYTES, "tokens": TOKENS, "runs": args.runs, "backends": report}))
+    out = {"bytes": NBYTES, "tokens": TOKENS, "runs": args.runs, "layout": args.layout}
+    print(json.dumps({**out, "load_average": os.getloadavg(), "backends": report}))
 
 
 if __name__ == "__main__":
