@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint format clean redis
+.PHONY: setup serve test fuzz lint format clean redis
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ redis:
 
 test: setup redis
 	$(BIN)/python -m pytest -q
+
+# The fuzz suite alone with long example budgets and random seeds (tests/fuzzing.py).
+fuzz: setup redis
+	PDSERVE_FUZZ=long $(BIN)/python -m pytest -q -k fuzz --timeout 3600
 
 lint: setup
 	$(BIN)/ruff check .

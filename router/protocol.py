@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.sampling_params import (
+    MAX_LOGPROBS,
     MAX_SEED,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
@@ -29,7 +30,6 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 512
 """Characters per stop string: a stream holds back this many - 1 characters, so a longer
 one would turn streaming into one final chunk."""
-MAX_LOGPROBS = 20
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
