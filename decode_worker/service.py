@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +17,10 @@ from proto import worker_pb2_grpc as rpc
 from proto.convert import params_from_pb
 
 logger = logging.getLogger(__name__)
+
+MAX_LEASE_S = 3600.0
+"""Longest lease a Reserve may ask for: the blocks of a transfer that never comes are
+free again by then (an infinite lease would hold them for good)."""
 
 
 async def in_thread(fn, *args):
@@ -60,7 +65,13 @@ class DecodeServicer(rpc.DecodeServiceServicer):
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         spec = request.request
         params = await call_worker(context, params_from_pb, spec.params)
-        lease = request.lease_s or 30.0
+        lease = request.lease_s or self.worker.config.lease_s
+        if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_S):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"lease_s must be in (0, {MAX_LEASE_S}] seconds (0 = this worker's default "
+                f"{self.worker.config.lease_s}), got {lease}",
+            )
         ticket, blocks, tokens = await call_worker(
             context,
             self.worker.reserve,
