@@ -3,6 +3,8 @@
 route      policy -> (decode D, prefill P | local, reason)     counted in metrics
 remote:    D.Reserve -> P.Prefill (first token) -> D.Decode stream
            any failure before the first token -> abort on P and D, local fallback
+           (reason: prefill_timeout, transfer_failed, layout_mismatch, ticket_refused,
+           prefill_failed), except INTERNAL: the request itself failed -> 502, final
 local:     D.Generate stream
 D down     unreachable before any token (Reserve, or Generate's first chunk): marked
            unhealthy (for every router, with a shared state), routed once more
@@ -29,6 +31,7 @@ from router.cluster import WorkerRecord
 from router.detok import TextStream
 from router.policy import RouteDecision
 from router.protocol import ApiError
+from router.run_errors import FALLBACKS, SHIELD_ERRORS, DecodeDown, Fallback, worker_failed
 
 if TYPE_CHECKING:
     from router.service import RouterService
@@ -56,24 +59,6 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-
-
-class _Fallback(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _DecodeDown(Exception):
-    """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details, for the
-    log (clients get only the worker id: details name internal addresses)."""
-
-    def __init__(self, worker_id: str, details: str | None) -> None:
-        super().__init__(f"decode worker {worker_id} unreachable: {details}")
-        self.worker_id = worker_id
-
-
-_SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
 
 class RequestRun:
@@ -148,7 +133,7 @@ class RequestRun:
                     sent = True
                     yield chunk
                 return
-            except _DecodeDown as down:
+            except DecodeDown as down:
                 if sent or attempt == 2:
                     rid = self.job.request_id
                     logger.warning("request %s: %s", rid, down)
@@ -164,7 +149,7 @@ class RequestRun:
         if decision.path == "remote":
             try:
                 first = await self._remote_prefill(decision)
-            except _Fallback as fb:
+            except Fallback as fb:
                 svc.metrics.route("local", fb.reason)
                 logger.warning("request %s: remote prefill failed (%s)", self.job.request_id, fb)
             else:
@@ -204,8 +189,8 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 svc.state.mark_unhealthy(d.worker_id, d.epoch)
-                raise _DecodeDown(d.worker_id, exc.details()) from None
-            raise _Fallback("reserve_failed") from exc
+                raise DecodeDown(d.worker_id, exc.details()) from None
+            raise Fallback("reserve_failed") from exc
         self._track(p, rid)
         req = pb.PrefillRequest(
             request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks
@@ -215,15 +200,14 @@ class RequestRun:
         except grpc.aio.AioRpcError as exc:
             await self._abort_all()
             self._raise_bad_input(exc)
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if exc.code() == grpc.StatusCode.INTERNAL:
+                # The request itself failed (e.g. non-finite logits): it would fail the same
+                # way on D, so it is final rather than computed a second time.
+                svc.metrics.route("remote", decision.reason)
+                raise worker_failed(p, rid, exc) from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 svc.state.mark_unhealthy(p.worker_id, p.epoch)
-            reason = {
-                grpc.StatusCode.DEADLINE_EXCEEDED: "prefill_timeout",
-                grpc.StatusCode.ABORTED: "transfer_failed",
-                grpc.StatusCode.FAILED_PRECONDITION: "layout_mismatch",
-            }.get(code, "prefill_failed")
-            raise _Fallback(f"{reason}") from exc
+            raise Fallback(FALLBACKS.get(exc.code(), "prefill_failed")) from exc
         self._done(p, rid)
         svc.state.record_prefix(d.worker_id, hash_blocks(self.job.prompt, d.layout.block_size))
         svc.metrics.kv_bytes.inc(pre.transfer_bytes)
@@ -266,9 +250,8 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.svc.state.mark_unhealthy(d.worker_id, d.epoch)
-                raise _DecodeDown(d.worker_id, exc.details()) from None
-            logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
-            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}); the router's log has the details", "server_error") from None  # fmt: skip
+                raise DecodeDown(d.worker_id, exc.details()) from None
+            raise worker_failed(d, rid, exc) from None
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -281,7 +264,7 @@ class RequestRun:
             if client is not None:
                 calls.append(client.stub(role).Abort(pb.AbortRequest(request_id=rid), timeout=5.0))
         for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, _SHIELD_ERRORS):
+            if isinstance(result, BaseException) and not isinstance(result, SHIELD_ERRORS):
                 logger.warning("abort failed: %r", result)
 
     async def cleanup(self) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import httpx
 
 from decode_worker.runtime import WorkerConfig
 from decode_worker.server import RunningWorker, start_worker
 from engine.config import CacheConfig, EngineConfig
+from engine.grpc_auth import call_metadata
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from router.server import RouterThread
@@ -34,11 +36,15 @@ def _poll(predicate, timeout: float, what: str) -> None:
 
 
 def _stats(workers: list[RunningWorker]) -> list[pb.StatsResponse]:
+    """Every worker's Stats (authenticated with the worker's own secret, if it has one)."""
     out = []
     for w in workers:
-        cls = rpc.DecodeServiceStub if w.config.role == "decode" else rpc.PrefillServiceStub
-        with __import__("grpc").insecure_channel(w.address) as channel:
-            out.append(cls(channel).Stats(pb.StatsRequest(), timeout=5))
+        decode = w.config.role == "decode"
+        cls = rpc.DecodeServiceStub if decode else rpc.PrefillServiceStub
+        method = f"/pdserve.worker.{'Decode' if decode else 'Prefill'}Service/Stats"
+        with grpc.insecure_channel(w.address) as channel:
+            md = call_metadata(w.config.secret, method)
+            out.append(cls(channel).Stats(pb.StatsRequest(), timeout=5, metadata=md))
     return out
 
 
