@@ -112,7 +112,7 @@ def still_serving(workers, tiny_model):
     assert tokens(d.Generate(spec("fz-after", prompt))) == hf_greedy(tiny_model("llama"), [prompt], 12)[0]  # fmt: skip
 
 
-@budget(60)
+@budget(100)
 @given(SPECS)
 def test_fuzz_generate_any_request_spec(workers, msg):
     d, _ = workers
@@ -143,7 +143,7 @@ def alter(draw, ticket: pb.TransferTicket) -> pb.TransferTicket:
     return out
 
 
-@budget(60)
+@budget(100)
 @given(st.data())
 def test_fuzz_disaggregated_calls(workers, data):
     d, p = workers

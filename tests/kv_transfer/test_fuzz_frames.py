@@ -101,7 +101,7 @@ def test_fuzz_endpoint_closes_hostile_sockets_and_keeps_pairing(served, caplog):
     before = endpoint.stats()["refused_pairings"]
     sent = []
 
-    @budget(40)
+    @budget(80)
     @given(STREAMS)
     def hostile_peer(data):
         sock = connect(endpoint.address)

@@ -108,7 +108,7 @@ def test_fuzz_paired_sender_cannot_break_the_endpoint(served, caplog, monkeypatc
     monkeypatch.setattr(buffers.GrowBuffer, "get", get)
     client.connect(endpoint.address)  # an honest sender's link, paired beforehand
 
-    @budget(40)
+    @budget(100)
     @given(st.data())
     def paired_peer(data):
         ids = pool.allocate(data.draw(st.integers(1, 4)))

@@ -85,7 +85,7 @@ def fuzzed_schema() -> schemathesis.BaseSchema:
     schema = schemathesis.openapi.from_dict(doc, config=schemathesis.Config(seed=None if LONG else 0))  # fmt: skip
     schema.config.generation.update(
         modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-        max_examples=examples(30),
+        max_examples=examples(50),
         deterministic=not LONG,
         database=None if LONG else "none",
     )
