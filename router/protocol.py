@@ -71,7 +71,7 @@ PROMPT_SCHEMA = WithJsonSchema(
                 "items": {"type": "string", "minLength": 1},
                 "minItems": 1,
                 "maxItems": 1,
-            },  # fmt: skip
+            },
             {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 1},
         ],
         "description": "text or token ids; a list holds one prompt (no batches)",
