@@ -3,7 +3,7 @@ then writes any sequence of frames (descriptors aimed at a real transfer, with p
 and trailers of any size, and every other frame kind) and bytes. Whatever it sends, the
 endpoint never crashes a reader thread, never allocates a data-path buffer larger than
 one layer of its cache (or its 1 MiB skip buffer), frees the transfer's blocks once it
-fails, and keeps serving other senders HF... bit-exact (``round_trip``)."""
+fails, and keeps serving other senders bit-exact (``round_trip``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Schemathesis against the router's own OpenAPI schema, fetched from ``/openapi.json`` of
-a real router (real HTTP) in front of real in-process workers (1 prefill + 1 decode over
-gRPC, KV over tcp, the tiny Llama): every operation, with schema-valid, boundary
-(schemathesis' coverage phase) and schema-violating (negative) data.
+"""Schemathesis against the router's own OpenAPI schema (``app.openapi()``, the document
+``/openapi.json`` serves: ``test_fuzz_openapi_schema_is_the_served_one`` checks they are
+equal), sent to a real router (real HTTP) in front of real in-process workers (1 prefill
++ 1 decode over gRPC, KV over tcp, the tiny Llama): every operation, with schema-valid,
+boundary (schemathesis' coverage phase) and schema-violating (negative) data.
 
 Checked on every response: never a 5xx but a documented 503/504 for load, an answer
 within the call's deadline (no hang), a status and content type the schema documents,
