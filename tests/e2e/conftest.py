@@ -32,7 +32,10 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    start_ray(None, "127.0.0.2", num_cpus=8)
+    # Logical CPUs (one per worker actor), not cores. Session clusters stay up until the
+    # end, tests/bench imports these fixtures and so keeps a cluster of its own, and with
+    # 8 the full suite had no CPU left for test_security_ray's 3 actors (setup timed out).
+    start_ray(None, "127.0.0.2", num_cpus=32)
     yield
     ray.shutdown()
 
