@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
+
+import grpc
 
 from decode_worker.commands import Decode, Generate, Reserve
 from decode_worker.worker import DecodeWorker
-from engine.config import LEASE_S
 from engine.worker.convert import params_from_pb
 from engine.worker.errors import WorkerError
 from engine.worker.service import abort_of, ask, call_worker, stream_sink
 from engine.worker.sink import Sink
 from proto import worker_pb2 as pb
+
+MAX_LEASE_S = 3600.0
+"""Longest lease a Reserve may ask for: the blocks of a transfer that never comes are
+free again by then (an infinite lease would hold them for good)."""
 
 
 class DecodeService:
@@ -28,7 +34,13 @@ class DecodeService:
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         spec = request.request
         params = await call_worker(context, params_from_pb, spec.params)
-        prompt, lease = list(spec.prompt_token_ids), request.lease_s or LEASE_S
+        prompt, lease = list(spec.prompt_token_ids), request.lease_s or self.worker.config.lease_s
+        if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_S):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"lease_s must be in (0, {MAX_LEASE_S}] seconds (0 = this worker's default "
+                f"{self.worker.config.lease_s}), got {lease}",
+            )
         cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease)
         try:
             ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)

@@ -45,6 +45,7 @@ class PageIntake:
         self._writers = [(PageWriter(k), PageWriter(v)) for k, v in kv_caches]
         self._direct_ok = self._writers[0][0].block_views([]) is not None
         self._block_bytes = layout.block_bytes
+        self._num_blocks = layout.num_blocks
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
         self._on_in_place = on_in_place
@@ -91,6 +92,10 @@ class PageIntake:
 
     def _size_problem(self, desc: pb.PageDescriptor) -> str | None:
         n, bb = len(desc.block_ids), self._block_bytes
+        if n > self._num_blocks:
+            # Its chunks would be buffered before any block id is checked: refused here,
+            # a peer cannot make this endpoint allocate more than one layer of its cache.
+            return f"descriptor for layer {desc.layer} names {n} blocks; this cache has {self._num_blocks}"  # fmt: skip
         if n and desc.k_bytes == desc.v_bytes == n * bb:
             return wire.plan_problem(desc)
         return (

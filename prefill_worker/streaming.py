@@ -5,6 +5,7 @@ its ticket names as soon as both exist -- the layer computed, the ticket attache
                                               no  -> job.computed (the KV stays in this
                                                      worker's blocks until the job ends)
     ticket attached         every layer in job.computed -> send_layer, in order
+    first token sampled     the last layer, held back until then (prefill_worker/worker.py)
     every layer sent        finish()
 
 Everything here runs on the engine thread (the hook runs inside the batch's forward).
@@ -41,7 +42,7 @@ def layer_computed(
     """The final chunk's ``layer`` is in this worker's cache: send it if the ticket is here."""
     job.block_ids = block_ids
     job.computed.append(layer)
-    if job.sender is not None:
+    if job.sender is not None and _ready(job, layer, num_layers):
         _send(job, layer, caches[layer], num_layers)
 
 
@@ -49,7 +50,24 @@ def attach(job: Job, sender: KVSender, num_cached: int, caches, num_layers: int)
     """The ticket arrived: send what is computed already; the hook sends the rest."""
     job.sender, job.num_cached_blocks = sender, num_cached
     for layer in job.computed:
-        _send(job, layer, caches[layer], num_layers)
+        if _ready(job, layer, num_layers):
+            _send(job, layer, caches[layer], num_layers)
+
+
+def first_sampled(job: Job, caches, num_layers: int) -> None:
+    """The first token is sampled (``job.first``): the held last layer may go."""
+    last = num_layers - 1
+    if job.sender is None:
+        return  # attach sends it with the others
+    if last in job.computed:
+        _send(job, last, caches[last], num_layers)
+    else:
+        job.sender.abort("prefill finished without computing its last layer")
+
+
+def _ready(job: Job, layer: int, num_layers: int) -> bool:
+    """The last layer completes D's transfer, so it waits for a good first token."""
+    return layer < num_layers - 1 or job.first is not None
 
 
 def _send(job: Job, layer: int, cache: tuple[torch.Tensor, torch.Tensor], num_layers: int) -> None:

@@ -17,6 +17,10 @@ transfer failed, which wakes the loop. Blocks are released only once the sender 
 SUCCESS or FAILED, so pages are never overwritten while being sent. The reply does not
 wait for the transfer: a transfer that fails after it is the decode worker's to report
 (its Decode stream fails and the router continues the request there).
+The last layer is held back until the first token is sampled: the decode side's transfer
+completes only with it, so a request whose first token fails (non-finite logits) aborts a
+transfer that D has not completed, and D frees the reservation at once instead of holding
+a "successful" one until the router's Abort or the lease.
 
 A prefill that fails alone (non-finite logits, an exception while sending its layers or
 handling its output) aborts its KV stream, so the decode worker frees the reservation,
@@ -257,6 +261,7 @@ class PrefillWorker:
         if state is TransferState.FAILED:  # known lost: D holds nothing to decode from
             self._finish(job, WorkerError(ABORTED, self._why(job)))
             return
+        streaming.first_sampled(job, self.engine.kv_caches, self._layers)
         job.replied = True
         job.reply(self._response(job))  # the first token goes now (TTFT), the KV may follow
         if state is TransferState.SUCCESS:

@@ -28,9 +28,9 @@ from typing import Protocol
 import grpc
 
 from proto import worker_pb2 as pb
-from router.failures import DecodeDown, Fallback, TransferLost
 from router.job import Job, RouterService
 from router.policy import RouteDecision, RouteReason
+from router.run_errors import FALLBACKS, DecodeDown, Fallback, TransferLost
 from router.state.base import WorkerRecord
 
 
@@ -49,13 +49,7 @@ class Run(Protocol):
 
     def raise_bad_input(self, exc: grpc.aio.AioRpcError) -> None: ...
 
-    async def prefill_failed(self, p: WorkerRecord, exc: grpc.aio.AioRpcError) -> None: ...
-
-
-_ATTACH_REASONS = {
-    grpc.StatusCode.FAILED_PRECONDITION: RouteReason.LAYOUT_MISMATCH,
-    grpc.StatusCode.DEADLINE_EXCEEDED: RouteReason.PREFILL_TIMEOUT,
-}
+    async def prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None: ...
 
 
 async def _cancelled(task: asyncio.Future) -> None:
@@ -69,7 +63,7 @@ class RemotePrefill:
 
     def __init__(self, run: Run, decision: RouteDecision) -> None:
         self.run, self.svc = run, run.svc
-        self.d, self.p = decision.decode, decision.prefill
+        self.decision, self.d, self.p = decision, decision.decode, decision.prefill
         self.rid = run.job.request_id
         self.transport = self.svc.transport(self.p, self.d)
         self._bind: asyncio.Future | None = None
@@ -142,7 +136,7 @@ class RemotePrefill:
             await client.prefill.AttachTicket(req, timeout=self.svc.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
             await self.run.abort_all()
-            raise Fallback(_ATTACH_REASONS.get(exc.code(), RouteReason.PREFILL_FAILED)) from exc
+            raise Fallback(FALLBACKS.get(exc.code(), RouteReason.PREFILL_FAILED)) from exc
 
     async def _prefill(self, res: pb.ReserveResponse | None) -> pb.PrefillResponse:
         if res is None:
@@ -153,5 +147,5 @@ class RemotePrefill:
         try:
             return await client.prefill.Prefill(req, timeout=self.svc.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            await self.run.prefill_failed(self.p, exc)
+            await self.run.prefill_failed(self.decision, exc)
             raise  # prefill_failed always raises

@@ -8,6 +8,8 @@ remote:    router/remote.py: D.Reserve and P.Prefill at once, the ticket to P wh
            any failure before the first token -> abort on P and D, local fallback
            the KV lost after it (reservation or ticket refused, transfer failed)
                  -> D continues from the first token (Generate of prompt + first token)
+           (reason: prefill_timeout, transfer_failed, layout_mismatch, ticket_refused,
+           prefill_failed), except INTERNAL: the request itself failed -> 502, final
 local:     D.Generate stream
 D down     unreachable before any token (Reserve, or Generate's first chunk): marked
            unhealthy (for every router, with a shared state), routed once more
@@ -29,17 +31,23 @@ from engine.kv_cache.hashing import hash_blocks
 from engine.worker.convert import params_to_pb
 from proto import worker_pb2 as pb
 from router.detok import TextStream
-from router.failures import DecodeDown, Fallback, TransferLost, public_reason
 from router.job import Job, Output, RouterService
-from router.policy import RoutePath, RouteReason
+from router.policy import RouteDecision, RoutePath, RouteReason
 from router.protocol import ApiError
 from router.remote import RemotePrefill
+from router.run_errors import (
+    FALLBACKS,
+    SHIELD_ERRORS,
+    DecodeDown,
+    Fallback,
+    TransferLost,
+    public_reason,
+    worker_failed,
+)
 from router.state.base import WorkerRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestRun", "public_reason"]
-_SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 _LOST = (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND)
 """What D's Decode answers when the KV never came (transfer failed, lease over)."""
 
@@ -179,19 +187,19 @@ class RequestRun:
     def done(self, worker: WorkerRecord, rid: str) -> None:
         self.to_abort = [t for t in self.to_abort if (t[0], t[2]) != (worker.worker_id, rid)]
 
-    async def prefill_failed(self, p: WorkerRecord, exc: grpc.aio.AioRpcError) -> None:
-        """Abort on both workers, then fall back to local prefill (or a 400 for bad input)."""
+    async def prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None:
+        """Abort on both workers, then fall back to local prefill (or a 400 for bad input).
+        INTERNAL is the request's own failure (e.g. non-finite logits): it would fail the
+        same way on D, so it is final (a 502 naming the reason), not computed twice."""
         await self.abort_all()
         self.raise_bad_input(exc)
-        code = exc.code()
+        p, code = decision.prefill, exc.code()
+        if code == grpc.StatusCode.INTERNAL:
+            self.svc.metrics.route(RoutePath.REMOTE, decision.reason)
+            raise worker_failed(p, self.job.request_id, exc) from None
         if code == grpc.StatusCode.UNAVAILABLE:
             await self.svc.io(self.svc.state.mark_unhealthy, p.worker_id, p.epoch)
-        reason = {
-            grpc.StatusCode.DEADLINE_EXCEEDED: RouteReason.PREFILL_TIMEOUT,
-            grpc.StatusCode.ABORTED: RouteReason.TRANSFER_FAILED,
-            grpc.StatusCode.FAILED_PRECONDITION: RouteReason.LAYOUT_MISMATCH,
-        }.get(code, RouteReason.PREFILL_FAILED)
-        raise Fallback(reason) from exc
+        raise Fallback(FALLBACKS.get(code, RouteReason.PREFILL_FAILED)) from exc
 
     def _record_prefix(self, d: WorkerRecord) -> None:
         """D will hold the prompt's blocks (in the background: not on the request's path)."""
@@ -271,8 +279,7 @@ class RequestRun:
                 raise DecodeDown(d.worker_id, exc.details()) from None
             if lost_ok and not got and exc.code() in _LOST:
                 raise TransferLost(exc.details()) from None
-            logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
-            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}): {public_reason(exc.details())}", "server_error") from None  # fmt: skip
+            raise worker_failed(d, rid, exc) from None
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -285,7 +292,7 @@ class RequestRun:
             if client is not None:
                 calls.append(client.stub(role).Abort(pb.AbortRequest(request_id=rid), timeout=5.0))
         for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, _SHIELD_ERRORS):
+            if isinstance(result, BaseException) and not isinstance(result, SHIELD_ERRORS):
                 logger.warning("abort failed: %r", result)
 
     async def cleanup(self) -> None:
