@@ -7,7 +7,8 @@ P, the ticket between them and the first token.
     serial:
         D.Reserve ──> P.Prefill(ticket) ──> first token
 
-    bind fails before the first token  -> abort P and D, Fallback (prefill on D)
+    bind fails before the first token  -> abort P and D, Fallback (prefill on D); if P
+                                          says the prefill already ended, its reply decides
     bind fails after it                -> TransferLost: D continues from the first token
     prefill fails                      -> abort P and D, Fallback (or 400 for bad input)
 
@@ -58,6 +59,12 @@ async def _cancelled(task: asyncio.Future) -> None:
         await task
 
 
+def _prefill_ended(exc: BaseException) -> bool:
+    """P refused the ticket because the prefill already ended (it failed first)."""
+    cause = exc.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.NOT_FOUND
+
+
 class RemotePrefill:
     """One attempt's remote prefill (see the module docstring)."""
 
@@ -89,6 +96,8 @@ class RemotePrefill:
         prefill = asyncio.ensure_future(self._prefill(None))
         await asyncio.wait({prefill, bind}, return_when=asyncio.FIRST_COMPLETED)
         if bind.done() and bind.exception() is not None:  # before the first token
+            if _prefill_ended(bind.exception()):
+                return await prefill  # P's own reply says why (INTERNAL: final, no fallback)
             await _cancelled(prefill)
             raise bind.exception()
         try:
@@ -103,7 +112,9 @@ class RemotePrefill:
         try:
             await self._bind
         except Fallback as exc:
-            raise TransferLost(f"no KV for request {self.rid}: {exc.reason.value}") from exc
+            raise TransferLost(
+                f"no KV for request {self.rid}: {exc.reason.value}", exc.reason
+            ) from exc
         self.run.done(self.p, self.rid)  # P holds the ticket: D's abort now reaches it too
 
     async def _reserve_and_attach(self) -> pb.ReserveResponse:

@@ -171,7 +171,7 @@ class RequestRun:
                 yield chunk
         except TransferLost as lost:
             logger.warning("request %s: %s; continuing on %s", rid, lost, d.worker_id)
-            self.svc.metrics.route(RoutePath.LOCAL, RouteReason.TRANSFER_FAILED)
+            self.svc.metrics.route(RoutePath.LOCAL, lost.reason)  # after a remote first token
             async for chunk in self._continue_locally(d, first):
                 yield chunk
 

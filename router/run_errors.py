@@ -29,6 +29,10 @@ class TransferLost(Exception):
     """After the first token: the decode worker will not get the prompt's KV (reservation
     refused, ticket refused, transfer failed); it continues the request itself."""
 
+    def __init__(self, message: str, reason: RouteReason = RouteReason.TRANSFER_FAILED) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 class DecodeDown(Exception):
     """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details, for the

@@ -94,7 +94,8 @@ def test_equal_to_hf_and_every_hop_is_measured(cluster, tiny_model, mode, transp
 
 def test_first_token_reaches_the_client_before_the_reservation(cluster, tiny_model):
     """D's Reserve is held until this client has the first token, then refused: the
-    request continues on D from that token (no KV came), equal to HF."""
+    request continues on D from that token (no KV came), equal to HF, counted as a
+    local reserve_failed route like a refusal before the first token."""
     first_seen = threading.Event()
     refuse = FailRpc("Reserve", grpc.StatusCode.RESOURCE_EXHAUSTED, after=first_seen)
     rt = cluster(d_faults=[refuse], kv_transport="tcp")
@@ -102,7 +103,7 @@ def test_first_token_reaches_the_client_before_the_reservation(cluster, tiny_mod
     ids = stream_ids(rt, prompt, on_first=first_seen.set)
     assert first_seen.is_set()
     assert ids == hf_greedy(tiny_model("llama"), [prompt], 8)[0]
-    assert metric(rt, "pdserve_routing_decisions_total", path="local", reason="transfer_failed") == 1  # fmt: skip
+    assert metric(rt, "pdserve_routing_decisions_total", path="local", reason="reserve_failed") == 1  # fmt: skip
 
 
 def test_kv_lost_after_the_first_token_continues_on_decode(cluster, tiny_model):
