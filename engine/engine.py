@@ -22,6 +22,7 @@ import torch
 
 from engine.attention import get_backend
 from engine.config import EngineConfig
+from engine.grammar import GrammarBackend, GrammarError
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
@@ -57,6 +58,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.ep_size)
         self.backend = get_backend(config.attention_backend, config.device)
+        self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
+        """Structured output: compiled grammars (thread-safe; see :meth:`prepare`)."""
         self.runner = ModelRunner(
             self.model,
             self.layout.allocate(self.device),
@@ -65,6 +68,8 @@ class LLMEngine:
             self.device,
             config.seed,
             self.ep,
+            vocab_size=self.spec.vocab_size,
+            grammars=self.grammars,
         )
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
@@ -139,12 +144,26 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_prompt(prompt, self.spec.vocab_size, self.max_model_len)
         check_params(params, self.spec.vocab_size)
+        self.prepare(params)
         need = self.layout.num_blocks_for(len(prompt) + 1)
         if need > self.layout.num_blocks:
             raise ValueError(
                 f"prompt needs {need} KV blocks but the pool has {self.layout.num_blocks}; "
                 "raise --num-kv-blocks or shorten the prompt"
             )
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar into the cache (``ValueError`` if it cannot be).
+
+        Thread-safe and GIL-free while compiling: a worker calls it from its request
+        thread before taking the engine lock, so a new schema never stalls the batch;
+        ``add_request`` and ``reserve`` then find it compiled."""
+        try:
+            self.grammars.prepare(params.structured)
+        except GrammarError:
+            raise
+        except Exception as exc:  # the library's own errors are the request's problem
+            raise GrammarError(f"structured output: {exc}") from None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request at any point (waiting, running, reserved or prefilled) and free
@@ -177,9 +196,9 @@ class LLMEngine:
         hook = self._layer_hook(items)
         if self.ep is not None:
             hook = self._ep_broadcast(so, items, hook)
-        sampled = self.runner.execute(so, hook)
+        result = self.runner.execute(so, hook)
         self.prefill_rate.observe(so, time.perf_counter() - t0)
-        return self.scheduler.update(so, sampled)
+        return self.scheduler.update(so, result.sampled, result.prompt_logprobs)
 
     def _ep_broadcast(
         self, so: SchedulerOutput, items: list[LayerKV], hook: Callable[[int], None] | None
