@@ -153,12 +153,11 @@ class GrammarBackend:
 def fill_masks(backend: GrammarBackend, matchers: list) -> torch.Tensor:
     """int32 bitmask ``[len(matchers), ceil(V / 32)]`` (bit ``t % 32`` of word ``t // 32``
     set = token ``t`` allowed) of every matcher's next step; drops the GIL."""
-    import llguidance.torch as lt
-
-    bitmask = lt.allocate_token_bitmask(len(matchers), backend.vocab_size)
-    lt.fill_next_token_bitmask_par(
-        backend.executor, [(m, i) for i, m in enumerate(matchers)], bitmask
-    )
+    # llguidance.torch wraps the same call but imports torch.compile machinery.
+    words = -(-backend.vocab_size // 32)
+    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    pairs = [(m, i) for i, m in enumerate(matchers)]
+    backend.executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(matchers))
     return bitmask
 
 
