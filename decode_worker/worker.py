@@ -64,6 +64,8 @@ class _Request:
     first_token: pb.Token | None = None
     num_cached_tokens: int = 0
     since: float = field(default_factory=time.monotonic)
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""
 
 
 class DecodeWorker:
@@ -116,6 +118,7 @@ class DecodeWorker:
                 f"kv transport {transport!r} is not served by {self.config.name}; "
                 f"it serves {sorted(self.endpoints)}",
             )
+        self.engine.prepare(params)  # compile a new grammar outside the lock
         with self.loop.lock:
             try:
                 res = self.engine.reserve(rid, prompt, params)
@@ -160,6 +163,7 @@ class DecodeWorker:
     def generate(self, rid: str, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
         """Prefill locally and decode."""
         self.loop.check_serving()
+        self.engine.prepare(params)  # compile a new grammar outside the lock
         with self.loop.lock:
             if rid in self._reqs:
                 raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
@@ -167,7 +171,8 @@ class DecodeWorker:
                 self.engine.add_request(rid, prompt, params)
             except ValueError as exc:
                 raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            self._reqs[rid] = _Request(rid, params, "running", sink=sink)
+            scored = prompt if params.prompt_logprobs is not None else []
+            self._reqs[rid] = _Request(rid, params, "running", sink=sink, prompt=scored)
         self.loop.wake()
 
     def abort(self, rid: str) -> bool:
@@ -306,7 +311,7 @@ class DecodeWorker:
         if out.error is not None:
             self._fail_request(out.request_id, out.error)
             return
-        chunk = chunk_from_output(out, req.params.logprobs)
+        chunk = chunk_from_output(out, req.params.logprobs, req.prompt, req.params.prompt_logprobs)
         if req.receiver is not None:
             chunk.num_cached_tokens = req.num_cached_tokens
         if out.finished:

@@ -11,7 +11,7 @@ and the engine thread finds the grammar in the cache.
 Per step the sampler asks :func:`fill_masks` for the bitmask of every grammar row (one
 batched, multi-threaded llguidance call that drops the GIL: the model runner starts it
 before the forward pass and waits for it after) and the sampled token is consumed into
-each row's matcher. JSON is compact (no free whitespace): a model cannot pad its output
+each row's matcher. JSON is written as json.dumps writes it (no free whitespace): a model cannot pad its output
 with endless blanks, and the output is still valid JSON.
 """
 
@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 512
 """Compiled grammars kept (LRU); a compiled grammar is small (lexer states, no masks)."""
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""One space after `,` and `:` (as json.dumps writes, and most models were trained on),
+none elsewhere."""
 MASK_THREADS = 2
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -38,7 +38,7 @@ from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVClient, KVSender, TransferConfig, TransferState, make_client
 from proto import worker_pb2 as pb
-from proto.convert import token_to_pb
+from proto.convert import prompt_logprobs_to_pb, token_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class _Job:
     first: RequestOutput | None = None
     sent_layers: int = 0
     t_first_layer: float = 0.0
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""
 
 
 class PrefillWorker:
@@ -123,13 +125,16 @@ class PrefillWorker:
                 f"ticket has {len(sender.ticket.block_ids)} blocks but a {len(prompt)}-token "
                 f"prompt with {num_cached_blocks} cached blocks needs {need} (block_size={bs})",
             )
-        with self.loop.lock:
-            try:
+        try:
+            self.engine.prepare(params)  # compile a new grammar outside the lock
+            with self.loop.lock:
                 self.engine.add_request(rid, prompt, params, prefill_only=True)
-            except ValueError as exc:
-                sender.abort(f"prefill refused: {exc}")
-                raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            self._jobs[rid] = _Job(rid, params, len(prompt), sender, num_cached_blocks, reply)
+                job = _Job(rid, params, len(prompt), sender, num_cached_blocks, reply)
+                job.prompt = prompt if params.prompt_logprobs is not None else []
+                self._jobs[rid] = job
+        except ValueError as exc:
+            sender.abort(f"prefill refused: {exc}")
+            raise WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.loop.wake()
 
     def abort(self, rid: str) -> bool:
@@ -254,4 +259,7 @@ class PrefillWorker:
             num_cached_tokens=out.num_cached_tokens,
             transfer_bytes=2 * n * self._block_bytes * self.engine.layout.num_layers,
             transfer_seconds=time.monotonic() - job.t_first_layer,
+            prompt_logprobs=prompt_logprobs_to_pb(
+                job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
+            ),
         )
