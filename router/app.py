@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import Shaper
 from router.middleware import BodyLimit
-from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from router.protocol import (
+    UNSUPPORTED,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from router.service import RouterService
 from router.streaming import EventStream, chain, collect, first_output, until
 
@@ -42,11 +49,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = param or (loc[0] if loc and not loc[0].isdigit() else None)  # not a JSON offset
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = _unsupported(loc)
         value = err.get("input")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "got" not in msg:
             msg += f", got {_shown(value)}"  # a number; never a whole body echoed back
         parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
+
+
+def _unsupported(loc: list[str]) -> str:
+    name = loc[-1] if loc else "?"
+    hint = UNSUPPORTED.get(name) if len(loc) == 1 else None
+    return (
+        f"unsupported field `{name[:64]}`"
+        + (f": {hint}" if hint else "")
+        + "; pdserve refuses fields it would not honour (see the README's list of request fields)"
+    )
 
 
 def _shown(value: int | float) -> str:
