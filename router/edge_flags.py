@@ -40,6 +40,17 @@ def add_edge_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    """OpenAI API behaviour of the served model."""
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json"],
+        help="the model's tool-call format: parse tool_calls out of chat output and enforce "
+        "tool_choice required/named in it (as vLLM's flag); unset refuses tools",
+    )
+
+
 def edge_config(args: argparse.Namespace) -> dict:
     """RouterConfig fields of the edge flags that were given."""
     given = {
@@ -47,6 +58,7 @@ def edge_config(args: argparse.Namespace) -> dict:
         "max_prompt_chars": args.max_prompt_chars,
         "stream_stall_timeout_s": args.stream_stall_timeout,
         "graceful_shutdown_s": args.graceful_shutdown_timeout,
+        "tool_call_parser": getattr(args, "tool_call_parser", None),
     }
     return {k: v for k, v in given.items() if v is not None}
 

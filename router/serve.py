@@ -18,7 +18,7 @@ from router.cli_security import (
     secret_file,
     warn_password_in_url,
 )
-from router.edge_flags import add_edge_args, api_key_from_args, edge_config
+from router.edge_flags import add_api_args, add_edge_args, api_key_from_args, edge_config
 from router.ep_launch import start_local_ep_group
 from router.launcher import RayWorkers, WorkerSettings, start_ray
 from router.redis_conn import redact_url
@@ -95,6 +95,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     p.add_argument("--max-inflight", type=int, default=256, help="429 above this")
     add_edge_args(p)
+    add_api_args(p)
     add_security_args(p)
 
 
