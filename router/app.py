@@ -29,6 +29,7 @@ from router.protocol import (
     ModelCard,
     ModelList,
 )
+from router.protocol_chat import FieldError
 from router.service import RouterService
 from router.streaming import EventStream, chain, collect, first_output, until
 from router.tokenize_routes import tokenize_routes
@@ -49,6 +50,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc = [cause.param]
         param = param or (loc[0] if loc and not loc[0].isdigit() else None)  # not a JSON offset
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":

@@ -36,6 +36,7 @@ from engine.sampling_params import (
 from router.protocol_chat import (
     MAX_TOOLS,
     ChatMessage,
+    FieldError,
     ResponseFormat,
     StructuredOutputs,
     Tool,
@@ -189,11 +190,12 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _echo_and_best_of(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens=0 is only allowed with echo (to score the prompt)")
+            raise FieldError("max_tokens", "max_tokens=0 is only allowed with echo (to score the prompt)")  # fmt: skip
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(
+            raise FieldError(
+                "best_of",
                 f"best_of={self.best_of} is not supported (only best_of equal to n={self.n}): "
-                "request n choices and rank them yourself"
+                "request n choices and rank them yourself",
             )
         return self
 
@@ -231,12 +233,12 @@ class ChatCompletionRequest(_Sampling):
     def _tools(self) -> ChatCompletionRequest:
         names = [t.function.name for t in self.tools or ()]
         if len(set(names)) != len(names):
-            raise ValueError("tools: every function needs a distinct name")
+            raise FieldError("tools", "tools: every function needs a distinct name")
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not names:
-            raise ValueError(f"tool_choice={_choice_name(choice)} needs tools")
+            raise FieldError("tool_choice", f"tool_choice={_choice_name(choice)} needs tools")
         if not isinstance(choice, str) and choice is not None and choice.function.name not in names:  # fmt: skip
-            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not in tools {names}")  # fmt: skip
+            raise FieldError("tool_choice", f"tool_choice names function {choice.function.name!r}, which is not in tools {names}")  # fmt: skip
         return self
 
     @property

@@ -20,6 +20,14 @@ MAX_TOOLS = 128
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
+class FieldError(ValueError):
+    """A check across fields that names the one to fix (the 400's ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
