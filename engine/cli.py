@@ -33,7 +33,23 @@ def ensure_demo_model() -> Path:
     if not (path / "config.json").is_file():
         logging.getLogger("pdserve").info("building the tiny demo model in %s", path)
         make_tiny_model(DEMO_ARCH, path)
+    else:
+        refresh_chat_template(path)
     return path
+
+
+def refresh_chat_template(path: Path) -> None:
+    """A demo model built by an older pdserve gets the current chat template (it renders
+    tools now); weights and tokenizer are unchanged."""
+    import json
+
+    from engine.chat_templates import TEMPLATES
+
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("chat_template") != TEMPLATES["hermes"]:
+        cfg["chat_template"] = TEMPLATES["hermes"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _configure_threads() -> None:

@@ -14,6 +14,7 @@ field and the problem.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from concurrent.futures import Executor
 
@@ -26,12 +27,23 @@ from router.tools.formats import ToolFormat
 
 
 def _schema_text(schema, param: str) -> str:
+    text = json.dumps(schema)
+    why = _schema_problem(text)
+    if why is not None:
+        raise ApiError(400, f"{param} is not a valid JSON Schema: {why}", param=param.split(".")[0])  # fmt: skip
+    return text
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_problem(text: str) -> str | None:
+    """Why the schema (JSON text) is not a valid JSON Schema; cached: clients resend the
+    same few schemas, and checking one costs about a millisecond."""
+    schema = json.loads(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise ApiError(400, f"{param} is not a valid JSON Schema: {exc.message} (at {where})", param=param.split(".")[0]) from None  # fmt: skip
-    return json.dumps(schema)
+        return f"{exc.message} (at {'/'.join(str(p) for p in exc.path) or '(root)'})"
+    return None
 
 
 def from_response_format(body: ChatCompletionRequest) -> StructuredOutput | None:
