@@ -9,6 +9,7 @@ from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 from router.cluster import MemoryClusterState, WorkerLoad, WorkerRecord
 from router.metrics import Metrics
 from router.policy import CostPolicy, NoWorkerError, RouteDecision, RouteRequest
@@ -48,7 +49,7 @@ class Recording(CostPolicy):
         return super().route(request, state)
 
 
-def test_router_hashes_equal_the_engine_prefix_cache(state):
+def test_router_hashes_equal_the_engine_prefix_cache(state, tiny_model):
     """The router's request hashes and the engine's prefix-cache hashes both equal the spec
     (an independent re-implementation) and a pinned vector; so the router finds the blocks
     the engine reported."""
@@ -59,7 +60,10 @@ def test_router_hashes_equal_the_engine_prefix_cache(state):
     state.apply_block_events("d1", stored=engine_hashes, evicted=[])  # d1's own events
     policy, registry = Recording(), Registry(state, Metrics())
     registry.layout = SPEC
-    service = RouterService(RouterConfig("unused", "m"), state, registry, policy, Metrics(), None)
+    model = str(tiny_model("llama"))
+    service = RouterService(
+        RouterConfig(model, "m"), state, registry, policy, Metrics(), Tokenizer.from_dir(model)
+    )
     decision = service.route(Job("cmpl-1", tokens, SamplingParams(), []))
     assert [r.block_hashes for r in policy.seen] == [PINNED_100_TO_149_BS16]
     assert (decision.decode.worker_id, decision.cached_blocks) == ("d1", 3)
