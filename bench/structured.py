@@ -122,6 +122,7 @@ def bodies(n: int, max_tokens: int) -> list[dict]:
 
 async def one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
     times, text, ids = [], "", []
+    sent = time.perf_counter()
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -133,7 +134,8 @@ async def one(http: httpx.AsyncClient, url: str, body: dict) -> dict:
                 ids += choice["token_ids"]
             text += choice["delta"].get("content") or ""
     tpot = (times[-1] - times[0]) / (len(ids) - 1) if len(ids) > 1 else None
-    return {"text": text, "tokens": len(ids), "tpot": tpot, "end": times[-1] if times else None}
+    ttft = times[0] - sent if times else None
+    return {"text": text, "tokens": len(ids), "tpot": tpot, "ttft": ttft, "end": times[-1] if times else None}  # fmt: skip
 
 
 async def batch(url: str, reqs: list[dict]) -> dict:
@@ -148,6 +150,7 @@ async def batch(url: str, reqs: list[dict]) -> dict:
         "tok_s": sum(r["tokens"] for r in res) / wall,
         "tpot_ms_median": 1e3 * statistics.median(tpots),
         "tpot_ms_p90": 1e3 * tpots[int(0.9 * (len(tpots) - 1))],
+        "ttft_ms_median": 1e3 * statistics.median(r["ttft"] for r in res if r["ttft"] is not None),
     }
 
 
@@ -218,6 +221,35 @@ def summary(rounds: list[dict], args: argparse.Namespace) -> dict:
     }
 
 
+def engine_ab(args: argparse.Namespace) -> dict:
+    """The same A/B in one process on the engine alone (no HTTP, no workers): what the
+    grammar costs the batch itself. Alternating runs, minimum and median wall time."""
+    from engine import LLM, SamplingParams
+    from engine.cli import ensure_demo_model
+    from engine.sampling_params import StructuredOutput
+
+    llm = LLM(args.model or ensure_demo_model())
+    prompts = [[5 + i % 50, 6, 7, 8, 9, 10] for i in range(args.num_requests)]
+    so = [StructuredOutput("json", json.dumps(SCHEMAS[i % len(SCHEMAS)])) for i in range(len(prompts))]  # fmt: skip
+    sp = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i, structured=s) for i, s in enumerate(so)]  # fmt: skip
+    lens = [len(o.token_ids) for o in llm.generate(prompts, sp)]
+    free = [SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=1.0, seed=i) for i, n in enumerate(lens)]  # fmt: skip
+    times: dict[str, list[float]] = {"constrained": [], "unconstrained": []}
+    for _ in range(2 * args.rounds + 1):
+        for kind, params in (("constrained", sp), ("unconstrained", free)):
+            t0 = time.perf_counter()
+            llm.generate(prompts, params)
+            times[kind].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "engine_tokens": sum(lens),
+        "engine_ratio_best": round(best["unconstrained"] / best["constrained"], 3),
+        "engine_ratio_median": round(
+            statistics.median(times["unconstrained"]) / statistics.median(times["constrained"]), 3
+        ),  # fmt: skip
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint dir (default: the tiny demo model)")
@@ -228,6 +260,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--engine", action="store_true", help="also the in-process engine A/B")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -238,6 +271,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    if args.engine:
+        out |= engine_ab(args)
     print(json.dumps(out, indent=None if args.json else 2))
 
 

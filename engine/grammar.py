@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -34,7 +35,9 @@ CACHE_SIZE = 512
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """One space after `,` and `:` (as json.dumps writes, and most models were trained on),
 none elsewhere."""
-MASK_THREADS = 2
+MASK_THREADS_MAX = 4
+"""llguidance threads filling one step's masks: half the cores, 1 to 4 (the other half
+runs the model step they overlap with, on CPU)."""
 SLICED_VOCAB = 4096
 """llguidance's token "slices" speed masks up for large vocabularies (measured: -20 to
 -40% per step at 32k-128k tokens) and slow them down for small ones (+200% at 512)."""
@@ -155,7 +158,8 @@ class GrammarBackend:
 
         with self._lock:
             if self._executor is None:
-                self._executor = llguidance.LLExecutor(MASK_THREADS)
+                threads = max(1, min(MASK_THREADS_MAX, (os.cpu_count() or 2) // 2))
+                self._executor = llguidance.LLExecutor(threads)
             return self._executor
 
 
