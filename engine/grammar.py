@@ -143,11 +143,8 @@ class GrammarBackend:
         import llguidance
 
         text = grammar_text(so)
-        tok = self.tokenizer
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, tok)
-        if is_error:
-            raise GrammarError(f"the {so.kind} spec cannot be compiled: {messages[0]}")
-        matcher = llguidance.LLMatcher(tok, text, log_level=0)
+        # The constructor never raises: a grammar it cannot build leaves it in error.
+        matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"the {so.kind} spec cannot be compiled: {matcher.get_error()}")
         return matcher
