@@ -149,3 +149,20 @@ def test_structured_bad_specs_are_400_naming_the_field(routers, body, param, nee
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"], err
+
+
+def test_structured_local_prefill_and_fallback_keep_the_grammar(llama):
+    """Conditional disaggregation (prefill on the decode worker) and the local fallback
+    after a remote prefill timed out run the whole grammar on the decode worker."""
+    from tests.e2e.test_parity import routed
+
+    local = llama.router("tcp", local_prefill_tokens=10_000)
+    text, reason = _chat(local, "nested_address", False, temperature=0)
+    jsonschema.validate(json.loads(text), SCHEMAS["nested_address"])
+    assert reason == "stop" and routed(local, "local", "short_prompt") == 1
+    hurried = llama.router("tcp", prefill_timeout_s=0.001)
+    for name in ("deep", "any_of"):
+        text, reason = _chat(hurried, name, True, temperature=0)
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+    assert routed(hurried, "local", "prefill_timeout") == 2
