@@ -110,7 +110,7 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, out: list[tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            scored = req.sampling_params.prompt_logprobs is not None
+            scored = req.sampling_params.prompt_logprobs is not None and not req.prompt_logprobs_done  # fmt: skip
             # A prefix hit computes no logits, so a prompt to be scored is computed whole,
             # on the EP leader (which has the hidden rows it scores).
             prefix = PrefixHit([], 0) if scored else self.kv.find_prefix(req)

@@ -38,7 +38,10 @@ def openai_fields(module) -> set[str]:
 
 @pytest.fixture(scope="module")
 def rt(clusters):
-    return clusters("llama").router("tcp", tool_call_parser="hermes")
+    llama = clusters("llama")
+    made = llama.router("tcp", tool_call_parser="hermes")
+    yield made
+    llama.release(made)
 
 
 def post(rt, path: str, body: dict) -> httpx.Response:

@@ -21,7 +21,9 @@ def llama(clusters):
 
 @pytest.fixture(scope="module")
 def routers(llama):
-    return {mode: llama.router(mode) for mode in MODES}
+    made = {mode: llama.router(mode) for mode in MODES}
+    yield made
+    llama.release(*made.values())
 
 
 def _api_kw(case: dict) -> dict:

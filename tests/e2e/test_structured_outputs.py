@@ -27,7 +27,9 @@ def llama(clusters):
 
 @pytest.fixture(scope="module")
 def routers(llama):
-    return {mode: llama.router(mode) for mode in MODES}
+    made = {mode: llama.router(mode) for mode in MODES}
+    yield made
+    llama.release(*made.values())
 
 
 def _response_format(name: str) -> dict:
@@ -157,12 +159,15 @@ def test_structured_local_prefill_and_fallback_keep_the_grammar(llama):
     from tests.e2e.test_parity import routed
 
     local = llama.router("tcp", local_prefill_tokens=10_000)
-    text, reason = _chat(local, "nested_address", False, temperature=0)
-    jsonschema.validate(json.loads(text), SCHEMAS["nested_address"])
-    assert reason == "stop" and routed(local, "local", "short_prompt") == 1
     hurried = llama.router("tcp", prefill_timeout_s=0.001)
-    for name in ("deep", "any_of"):
-        text, reason = _chat(hurried, name, True, temperature=0)
-        assert reason == "stop", text
-        jsonschema.validate(json.loads(text), SCHEMAS[name])
-    assert routed(hurried, "local", "prefill_timeout") == 2
+    try:
+        text, reason = _chat(local, "nested_address", False, temperature=0)
+        jsonschema.validate(json.loads(text), SCHEMAS["nested_address"])
+        assert reason == "stop" and routed(local, "local", "short_prompt") == 1
+        for name in ("deep", "any_of"):
+            text, reason = _chat(hurried, name, True, temperature=0)
+            assert reason == "stop", text
+            jsonschema.validate(json.loads(text), SCHEMAS[name])
+        assert routed(hurried, "local", "prefill_timeout") == 2
+    finally:
+        llama.release(local, hurried)

@@ -13,7 +13,10 @@ from .conftest import MODEL_NAME, client
 
 @pytest.fixture(scope="module")
 def rt(clusters):
-    return clusters("llama").router("tcp")
+    llama = clusters("llama")
+    made = llama.router("tcp")
+    yield made
+    llama.release(made)
 
 
 def post(rt, path: str, body: dict) -> httpx.Response:

@@ -53,11 +53,13 @@ def llama(clusters):
 
 @pytest.fixture(scope="module")
 def routers(llama):
-    return {
+    made = {
         (fmt, mode): llama.router(mode, tool_call_parser=fmt)
         for fmt in ("hermes", "llama3_json")
         for mode in ("aggregated", "tcp", "shm")
     }
+    yield made
+    llama.release(*made.values())
 
 
 def _check_calls(calls, names: set[str]) -> None:
@@ -172,9 +174,12 @@ def test_bad_tool_requests_are_400_naming_the_field(routers, body, param, needle
 
 def test_tools_without_a_parser_are_refused_unless_tool_choice_none(llama):
     rt = llama.router("aggregated")
-    body = {"model": MODEL_NAME, "messages": HISTORY, "tools": TOOLS, "max_tokens": 4}
-    r = httpx.post(rt.url + "/v1/chat/completions", json=body, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
-    assert "--tool-call-parser" in r.json()["error"]["message"]
-    ok = httpx.post(rt.url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=30)  # fmt: skip
-    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+    try:
+        body = {"model": MODEL_NAME, "messages": HISTORY, "tools": TOOLS, "max_tokens": 4}
+        r = httpx.post(rt.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+        assert "--tool-call-parser" in r.json()["error"]["message"]
+        ok = httpx.post(rt.url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=30)  # fmt: skip
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+    finally:
+        llama.release(rt)
