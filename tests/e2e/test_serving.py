@@ -149,9 +149,9 @@ def test_logprobs_seed_and_usage(rt, tiny_model):
     [
         ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
         ({"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
-        ({"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400, "only n=1"),
+        ({"model": MODEL_NAME, "prompt": "hi", "n": 17}, 400, "less than or equal to 16"),
         ({"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-        ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "only allowed with echo"),
         ({"model": MODEL_NAME, "prompt": "hi", "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens"),
         ({"model": MODEL_NAME, "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
         ({"model": MODEL_NAME}, 400, "prompt"),

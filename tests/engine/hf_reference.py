@@ -77,3 +77,32 @@ def hf_next_logits(
     model = _hf_model(str(model_dir), dtype, device)
     with torch.inference_mode():
         return model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+
+
+def hf_greedy_with(
+    model_dir: str | Path, prompt: list[int], max_new_tokens: int, processors: list
+) -> list[int]:
+    """HF ``generate()`` greedy (EOS ignored) with ``processors`` (``LogitsProcessor``s,
+    applied in order) as the only logits processing."""
+    from transformers import LogitsProcessorList
+
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList(processors),
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_prompt_logprobs(model_dir: str | Path, prompt: list[int]) -> torch.Tensor:
+    """float32 log-softmax ``[len(prompt) - 1, vocab]``: row ``i`` scores token ``i + 1``."""
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
