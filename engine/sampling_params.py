@@ -27,6 +27,9 @@ MAX_LOGPROBS = 20
 """Most top alternatives per token (as OpenAI's ``top_logprobs``)."""
 MAX_PENALTY = 2.0
 """presence_penalty / frequency_penalty lie in [-2, 2] (the OpenAI API's range)."""
+MIN_REPETITION_PENALTY = 0.01
+"""Smallest repetition penalty: it divides positive logits as a temperature does, and
+below this (e.g. 5e-324, found by the OpenAPI fuzzer) they overflow float32."""
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 100.0
 """A bias lies in [-100, 100] (OpenAI): enough to forbid (-100) or force (+100) a token."""
@@ -217,8 +220,8 @@ def _check_controls(p: SamplingParams) -> list[str]:
         if not _is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
             errors.append(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {_shown(v)}")
     rp = p.repetition_penalty
-    if not _is_real(rp) or not 0 < rp <= MAX_REPETITION_PENALTY:
-        errors.append(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {_shown(rp)}")  # fmt: skip
+    if not _is_real(rp) or not MIN_REPETITION_PENALTY <= rp <= MAX_REPETITION_PENALTY:
+        errors.append(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], got {_shown(rp)}")  # fmt: skip
     if not _is_real(p.min_p) or not 0.0 <= p.min_p <= 1.0:
         errors.append(f"min_p must be in [0, 1], got {_shown(p.min_p)}")
     errors.append(_optional_int("prompt_logprobs", p.prompt_logprobs, 0, MAX_LOGPROBS))

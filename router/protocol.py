@@ -32,6 +32,7 @@ from engine.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
     MAX_TOKEN_ID,
+    MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
 )
 from router.protocol_chat import (
@@ -113,7 +114,7 @@ class _Sampling(BaseModel):
     """Accepted and unused (OpenAI abuse monitoring)."""
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # fmt: skip
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # fmt: skip
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     logit_bias: Annotated[dict[str, float] | None, LOGIT_BIAS_SCHEMA] = None
     structured_outputs: StructuredOutputs | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -161,9 +161,9 @@ class StructuredOutputs(Strict):
     """vLLM's ``structured_outputs`` extension: exactly one of its constraints."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)
-    choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
-    grammar: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)
+    regex: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1, max_length=1024)  # fmt: skip
+    grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     json_object: bool | None = None
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)

@@ -53,7 +53,7 @@ def from_response_format(body: ChatCompletionRequest) -> StructuredOutput | None
     if rf.type == "json_object":
         return StructuredOutput("json_object")
     schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
-    return StructuredOutput("json", _schema_text(schema, "response_format.json_schema.schema"))
+    return _constraint("json", _schema_text(schema, "response_format.json_schema.schema"), "response_format")  # fmt: skip
 
 
 def from_structured_outputs(body) -> StructuredOutput | None:
@@ -67,14 +67,23 @@ def from_structured_outputs(body) -> StructuredOutput | None:
                 schema = json.loads(schema)
             except ValueError as exc:
                 raise ApiError(400, f"structured_outputs.json is not JSON: {exc}", param="structured_outputs") from None  # fmt: skip
-        return StructuredOutput("json", _schema_text(schema, "structured_outputs.json"))
+        return _constraint("json", _schema_text(schema, "structured_outputs.json"))
     if so.regex is not None:
-        return StructuredOutput("regex", so.regex)
+        return _constraint("regex", so.regex)
     if so.choice is not None:
-        return StructuredOutput("choice", json.dumps(so.choice))
+        return _constraint("choice", json.dumps(so.choice))
     if so.grammar is not None:
-        return StructuredOutput("grammar", so.grammar)
+        return _constraint("grammar", so.grammar)
     return StructuredOutput("json_object")
+
+
+def _constraint(kind: str, spec: str, param: str = "structured_outputs") -> StructuredOutput:
+    if len(spec) > MAX_GRAMMAR_CHARS:
+        raise ApiError(400, f"{param}: the constraint is {len(spec)} characters; the limit is {MAX_GRAMMAR_CHARS}", param=param)  # fmt: skip
+    try:
+        return StructuredOutput(kind, spec)
+    except ValueError as exc:  # e.g. an empty regex
+        raise ApiError(400, f"{param}: {exc}", param=param) from None
 
 
 def from_tool_choice(body: ChatCompletionRequest, fmt: ToolFormat | None) -> StructuredOutput | None:  # fmt: skip
@@ -85,9 +94,9 @@ def from_tool_choice(body: ChatCompletionRequest, fmt: ToolFormat | None) -> Str
     if choice in ("none", "auto"):
         return None
     if isinstance(choice, str):  # required: any tool, one or more calls
-        return StructuredOutput("grammar", fmt.grammar(tools, body.parallel_tool_calls))
+        return _constraint("grammar", fmt.grammar(tools, body.parallel_tool_calls), "tools")
     name = choice.function.name
-    return StructuredOutput("grammar", fmt.grammar({name: tools[name]}, parallel=False))
+    return _constraint("grammar", fmt.grammar({name: tools[name]}, parallel=False), "tools")
 
 
 def resolve(
@@ -106,9 +115,9 @@ def resolve(
             f"{given[0][0]} and {given[1][0]} both constrain the output; give only one",
             param=given[1][0],
         )
-    param, so = given[0] if given else (None, None)
-    if so is not None and len(so.spec) > MAX_GRAMMAR_CHARS:
-        raise ApiError(400, f"{param}: the constraint is {len(so.spec)} characters; the limit is {MAX_GRAMMAR_CHARS}", param=param)  # fmt: skip
+    if not given:
+        return None, None
+    param, so = given[0]
     return so, param
 
 

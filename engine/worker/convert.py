@@ -62,7 +62,10 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
 def _structured(msg: pb.SamplingParams) -> StructuredOutput | None:
     if not msg.HasField("structured"):
         return None
-    return StructuredOutput(msg.structured.kind, msg.structured.spec)
+    try:
+        return StructuredOutput(msg.structured.kind, msg.structured.spec)
+    except ValueError as exc:  # one message for every bad field of the params
+        raise ValueError(f"invalid sampling params: {exc}") from None
 
 
 def token_to_pb(token_id: int, logprobs: dict[int, float] | None, num_top: int | None) -> pb.Token:

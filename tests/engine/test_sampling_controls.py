@@ -170,7 +170,9 @@ def test_bad_controls_refused_with_the_field_named(llm):
     for kw, needle in [
         (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
         (dict(frequency_penalty=float("nan")), "frequency_penalty"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be in (0, 10]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be in [0.01, 10]"),
+        # Regression (the OpenAPI fuzzer): 5e-324 divided the logits to inf, a 502.
+        (dict(repetition_penalty=5e-324), "repetition_penalty must be in [0.01, 10]"),
         (dict(min_p=1.5), "min_p must be in [0, 1]"),
         (dict(logit_bias=((5, 101.0),)), "logit_bias values must be in [-100, 100]"),
         (dict(prompt_logprobs=21), "prompt_logprobs must be in [0, 20]"),
