@@ -9,21 +9,9 @@ import pytest
 from tests.engine.hf_reference import hf_greedy, hf_prompt_logprobs, make_prompts
 from tests.engine.test_sampling_controls import CASES, N, reference
 
-from .conftest import MODEL_NAME, client
+from .conftest import API_MODES, MODEL_NAME, client
 
-MODES = ("aggregated", "tcp", "shm")
-
-
-@pytest.fixture(scope="module")
-def llama(clusters):
-    return clusters("llama")
-
-
-@pytest.fixture(scope="module")
-def routers(llama):
-    made = {mode: llama.router(mode) for mode in MODES}
-    yield made
-    llama.release(*made.values())
+MODES = API_MODES
 
 
 def _api_kw(case: dict) -> dict:
@@ -41,10 +29,10 @@ def _api_kw(case: dict) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["aggregated", "tcp"])
-def test_penalties_and_logit_bias_equal_hf_processors(routers, tiny_model, mode):
+def test_penalties_and_logit_bias_equal_hf_processors(mode_routers, tiny_model, mode):
     d = tiny_model("llama")
     prompt = make_prompts([19], seed=67)[0]  # whose greedy output every case changes
-    c = client(routers[mode])
+    c = client(mode_routers[mode])
     for name in ("all", "repetition", "presence", "frequency", "bias"):
         case = CASES[name]
         for stream in (False, True):
@@ -56,9 +44,9 @@ def test_penalties_and_logit_bias_equal_hf_processors(routers, tiny_model, mode)
             assert ids == reference(d, prompt, **case), (mode, name, stream)
 
 
-def test_min_p_one_is_greedy(routers, tiny_model):
+def test_min_p_one_is_greedy(mode_routers, tiny_model):
     prompt = make_prompts([14], seed=81)[0]
-    r = client(routers["tcp"]).completions.create(
+    r = client(mode_routers["tcp"]).completions.create(
         model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=1.0, seed=5,
         extra_body={"min_p": 1.0, "ignore_eos": True, "return_token_ids": True},
     )  # fmt: skip
@@ -66,8 +54,8 @@ def test_min_p_one_is_greedy(routers, tiny_model):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_n3_one_prefill_shared_in_the_kv_cache(routers, tiny_model, mode):
-    c = client(routers[mode])
+def test_n3_one_prefill_shared_in_the_kv_cache(mode_routers, tiny_model, mode):
+    c = client(mode_routers[mode])
     prompt = make_prompts([40], seed=82 + MODES.index(mode))[0]  # new to every cache
     kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=8, extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
     greedy = c.completions.create(n=3, temperature=0, **kw)
@@ -90,11 +78,11 @@ def test_n3_one_prefill_shared_in_the_kv_cache(routers, tiny_model, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_echo_prompt_logprobs_equal_hf_log_softmax(routers, tiny_model, mode):
+def test_echo_prompt_logprobs_equal_hf_log_softmax(mode_routers, tiny_model, mode):
     d = tiny_model("llama")
     prompt = make_prompts([23], seed=90)[0]
     ref = hf_prompt_logprobs(d, prompt)
-    c = client(routers[mode])
+    c = client(mode_routers[mode])
     for max_tokens, stream in ((0, False), (3, False), (3, True)):
         kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2)  # fmt: skip
         if stream:

@@ -14,22 +14,15 @@ import pytest
 
 from tests.e2e.schemas import SCHEMAS
 
-from .conftest import MODEL_NAME, client
+from .conftest import API_MODES, MODEL_NAME, client, completion_text
 
-MODES = ("aggregated", "tcp", "shm")
+MODES = API_MODES
 MESSAGES = [{"role": "user", "content": "Reply in JSON."}]
 
 
 @pytest.fixture(scope="module")
 def llama(clusters):
     return clusters("llama")
-
-
-@pytest.fixture(scope="module")
-def routers(llama):
-    made = {mode: llama.router(mode) for mode in MODES}
-    yield made
-    llama.release(*made.values())
 
 
 def _response_format(name: str) -> dict:
@@ -48,8 +41,8 @@ def _chat(rt, name: str, stream: bool, **kw) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_structured_json_schema_every_schema_validates(routers, mode):
-    free = client(routers[mode]).chat.completions.create(
+def test_structured_json_schema_every_schema_validates(mode_routers, mode):
+    free = client(mode_routers[mode]).chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=30, temperature=0
     )
     with pytest.raises(ValueError):
@@ -57,31 +50,33 @@ def test_structured_json_schema_every_schema_validates(routers, mode):
     for name, schema in SCHEMAS.items():
         texts = set()
         for stream in (False, True):
-            text, reason = _chat(routers[mode], name, stream, temperature=0)
+            text, reason = _chat(mode_routers[mode], name, stream, temperature=0)
             assert reason == "stop", (name, stream, text)
             jsonschema.validate(json.loads(text), schema)
             texts.add(text)
         assert len(texts) == 1, (name, texts)  # greedy: streamed == whole
 
 
-def test_structured_sampled_outputs_validate_in_every_mode(routers):
+def test_structured_sampled_outputs_validate_in_every_mode(mode_routers):
     for mode in MODES:
         for seed in range(3):
             for name in ("nested_address", "any_of", "array_of_objects"):
-                text, reason = _chat(routers[mode], name, seed % 2 == 1, temperature=1.0, seed=seed)
+                text, reason = _chat(
+                    mode_routers[mode], name, seed % 2 == 1, temperature=1.0, seed=seed
+                )
                 assert reason == "stop", (mode, name, text)
                 jsonschema.validate(json.loads(text), SCHEMAS[name])
 
 
-def test_structured_same_output_aggregated_and_disaggregated(routers):
+def test_structured_same_output_aggregated_and_disaggregated(mode_routers):
     for name in ("person", "deep", "pattern_code"):
-        outs = {mode: _chat(routers[mode], name, False, temperature=0)[0] for mode in MODES}
+        outs = {mode: _chat(mode_routers[mode], name, False, temperature=0)[0] for mode in MODES}
         assert len(set(outs.values())) == 1, outs
 
 
-def test_structured_json_object_and_completions_extension(routers):
+def test_structured_json_object_and_completions_extension(mode_routers):
     for mode in ("aggregated", "tcp"):
-        c = client(routers[mode])
+        c = client(mode_routers[mode])
         r = c.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=200,
             temperature=0, response_format={"type": "json_object"},
@@ -107,18 +102,12 @@ def test_structured_json_object_and_completions_extension(routers):
                     model=MODEL_NAME, prompt="Answer:", max_tokens=60, temperature=0.7, seed=4
                 )
                 kw["extra_body"] = {"structured_outputs": {kind: spec}}
-                if stream:
-                    chunks = list(c.completions.create(stream=True, **kw))
-                    text = "".join(ch.choices[0].text for ch in chunks)
-                    reason = chunks[-1].choices[0].finish_reason
-                else:
-                    choice = c.completions.create(**kw).choices[0]
-                    text, reason = choice.text, choice.finish_reason
+                text, reason = completion_text(c, stream, **kw)
                 assert reason == "stop" and ok(text), (mode, kind, stream, text)
 
 
-def test_structured_n3_choices_all_validate(routers):
-    r = client(routers["tcp"]).chat.completions.create(
+def test_structured_n3_choices_all_validate(mode_routers):
+    r = client(mode_routers["tcp"]).chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=200, temperature=1.0, seed=11, n=3,
         response_format=_response_format("nested_address"),
     )  # fmt: skip
@@ -145,9 +134,9 @@ def test_structured_n3_choices_all_validate(routers):
         ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
     ],
 )  # fmt: skip
-def test_structured_bad_specs_are_400_naming_the_field(routers, body, param, needle):
+def test_structured_bad_specs_are_400_naming_the_field(mode_routers, body, param, needle):
     payload = {"model": MODEL_NAME, "messages": MESSAGES, **body}
-    r = httpx.post(routers["tcp"].url + "/v1/chat/completions", json=payload, timeout=30)
+    r = httpx.post(mode_routers["tcp"].url + "/v1/chat/completions", json=payload, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"], err

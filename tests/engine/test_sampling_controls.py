@@ -58,16 +58,6 @@ def params(**kw) -> SamplingParams:
     )
 
 
-@pytest.fixture(scope="module")
-def d(tiny_model):
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def llm(d):
-    return LLM(d)
-
-
 CASES = {
     "repetition": dict(rep=1.8),
     "repetition_below_one": dict(rep=0.6),
@@ -89,68 +79,71 @@ def _engine_kw(case: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_controls_equal_hf_logits_processors(llm, d, name):
+def test_controls_equal_hf_logits_processors(llama_llm, llama_dir, name):
     case = CASES[name]
     prompt = make_prompts([19], seed=67)[0]  # one whose greedy output every case changes
-    want = reference(d, prompt, **case)
-    assert want != hf_greedy(d, [prompt], N)[0], "the case must change the greedy output"
-    got = llm.generate([prompt], params(**_engine_kw(case)))[0].token_ids
+    want = reference(llama_dir, prompt, **case)
+    assert want != hf_greedy(llama_dir, [prompt], N)[0], "the case must change the greedy output"
+    got = llama_llm.generate([prompt], params(**_engine_kw(case)))[0].token_ids
     assert got == want
-    assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
+    assert llama_llm.engine.num_free_blocks == llama_llm.engine.layout.num_blocks
 
 
-def test_controls_stay_in_their_row_of_a_batch(llm, d):
+def test_controls_stay_in_their_row_of_a_batch(llama_llm, llama_dir):
     prompts = make_prompts([12, 30, 7, 21], seed=62)
     cases = [CASES["all"], {}, CASES["frequency"], CASES["bias"]]
     plist = [params(**_engine_kw(c)) for c in cases]
-    got = [o.token_ids for o in llm.generate(prompts, plist)]
-    assert got == [reference(d, p, **c) for p, c in zip(prompts, cases, strict=True)]
-    llm.generate([[5, 6]], SamplingParams(max_tokens=1))  # its step drops the finished' state
-    assert len(llm.engine.runner.sampler_states) == 0
+    got = [o.token_ids for o in llama_llm.generate(prompts, plist)]
+    assert got == [reference(llama_dir, p, **c) for p, c in zip(prompts, cases, strict=True)]
+    llama_llm.generate([[5, 6]], SamplingParams(max_tokens=1))  # its step drops the finished' state
+    assert len(llama_llm.engine.runner.sampler_states) == 0
 
 
-def test_controls_survive_chunked_prefill_and_preemption(d):
+def test_controls_survive_chunked_prefill_and_preemption(llama_dir):
     # 6 blocks of 16 tokens for three 30-token requests growing to 54: preemption happens.
-    small = LLM(d, num_kv_blocks=8, max_num_batched_tokens=16)
+    small = LLM(llama_dir, num_kv_blocks=8, max_num_batched_tokens=16)
     prompts = make_prompts([30, 30, 30], seed=63)
     case = CASES["all"]
     got = [o.token_ids for o in small.generate(prompts, params(**_engine_kw(case)))]
     assert small.engine.scheduler.num_preemptions > 0
-    assert got == [reference(d, p, **case) for p in prompts]
+    assert got == [reference(llama_dir, p, **case) for p in prompts]
 
 
-def test_logit_bias_plus_100_forces_a_token(llm):
-    out = llm.generate([[5, 6, 7]], params(bias={123: 100.0}))[0]
+def test_logit_bias_plus_100_forces_a_token(llama_llm):
+    out = llama_llm.generate([[5, 6, 7]], params(bias={123: 100.0}))[0]
     assert out.token_ids == [123] * N
 
 
-def test_min_p_one_is_greedy_and_min_p_bounds_every_draw(llm, d):
+def test_min_p_one_is_greedy_and_min_p_bounds_every_draw(llama_llm, llama_dir):
     prompt = make_prompts([15], seed=64)[0]
     hot = dict(max_tokens=16, temperature=1.5, ignore_eos=True)
-    ones = llm.generate([prompt], SamplingParams(min_p=1.0, seed=3, **hot))[0].token_ids
-    assert ones == hf_greedy(d, [prompt], 16)[0]
+    ones = llama_llm.generate([prompt], SamplingParams(min_p=1.0, seed=3, **hot))[0].token_ids
+    assert ones == hf_greedy(llama_dir, [prompt], 16)[0]
     min_p = 0.3
 
     def violations(tokens: list[int]) -> int:
         bad = 0
         for i, t in enumerate(tokens):
-            probs = torch.softmax(hf_next_logits(d, prompt + tokens[:i]) / 1.5, dim=-1)
+            probs = torch.softmax(hf_next_logits(llama_dir, prompt + tokens[:i]) / 1.5, dim=-1)
             bad += bool(probs[t] < min_p * probs.max() - 1e-6)
         return bad
 
     for seed in range(4):
-        got = llm.generate([prompt], SamplingParams(min_p=min_p, seed=seed, **hot))[0].token_ids
+        sp = SamplingParams(min_p=min_p, seed=seed, **hot)
+        got = llama_llm.generate([prompt], sp)[0].token_ids
         assert violations(got) == 0
     # Without min_p the same draws break the bound: the check above can fail.
-    free = [llm.generate([prompt], SamplingParams(seed=s, **hot))[0].token_ids for s in range(4)]
+    free = [
+        llama_llm.generate([prompt], SamplingParams(seed=s, **hot))[0].token_ids for s in range(4)
+    ]
     assert sum(violations(t) for t in free) > 0
 
 
 @pytest.mark.parametrize("chunk", [2048, 8])
-def test_prompt_logprobs_equal_hf_log_softmax(d, chunk):
-    llm = LLM(d, max_num_batched_tokens=chunk)
+def test_prompt_logprobs_equal_hf_log_softmax(llama_dir, chunk):
+    llm = LLM(llama_dir, max_num_batched_tokens=chunk)
     prompt = make_prompts([37], seed=65)[0]
-    ref = hf_prompt_logprobs(d, prompt)
+    ref = hf_prompt_logprobs(llama_dir, prompt)
     sp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
     for _ in range(2):  # the second run's prefix is cached: it must be scored anyway
         out = llm.generate([prompt], sp)[0]
@@ -166,7 +159,7 @@ def test_prompt_logprobs_equal_hf_log_softmax(d, chunk):
     assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
 
 
-def test_bad_controls_refused_with_the_field_named(llm):
+def test_bad_controls_refused_with_the_field_named(llama_llm):
     for kw, needle in [
         (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
         (dict(frequency_penalty=float("nan")), "frequency_penalty"),
@@ -180,5 +173,5 @@ def test_bad_controls_refused_with_the_field_named(llm):
         with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(")):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match=r"logit_bias names token id 600"):
-        llm.engine.add_request("bad-bias", [5, 6], SamplingParams(logit_bias=((600, 1.0),)))
-    assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
+        llama_llm.engine.add_request("bad-bias", [5, 6], SamplingParams(logit_bias=((600, 1.0),)))
+    assert llama_llm.engine.num_free_blocks == llama_llm.engine.layout.num_blocks

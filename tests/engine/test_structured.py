@@ -38,31 +38,21 @@ def json_params(**kw) -> SamplingParams:
     return SamplingParams(max_tokens=kw.pop("max_tokens", 160), structured=so, **kw)
 
 
-@pytest.fixture(scope="module")
-def d(tiny_model):
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def llm(d):
-    return LLM(d)
-
-
-def test_json_schema_output_validates_greedy_and_sampled(llm):
+def test_json_schema_output_validates_greedy_and_sampled(llama_llm):
     prompts = make_prompts([5, 17, 33], seed=71)
-    free = llm.generate(prompts[:1], SamplingParams(max_tokens=40, temperature=0.0))[0]
+    free = llama_llm.generate(prompts[:1], SamplingParams(max_tokens=40, temperature=0.0))[0]
     with pytest.raises(ValueError):
         json.loads(free.text)  # without the mask: noise
-    outs = llm.generate(prompts, json_params(temperature=0.0))
-    outs += llm.generate(prompts, [json_params(temperature=1.0, seed=s) for s in range(3)])
+    outs = llama_llm.generate(prompts, json_params(temperature=0.0))
+    outs += llama_llm.generate(prompts, [json_params(temperature=1.0, seed=s) for s in range(3)])
     for out in outs:
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), SCHEMA)
-        assert out.token_ids[-1] in llm.engine.spec.eos_token_ids
-    assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
+        assert out.token_ids[-1] in llama_llm.engine.spec.eos_token_ids
+    assert llama_llm.engine.num_free_blocks == llama_llm.engine.layout.num_blocks
 
 
-def test_regex_choice_and_json_object(llm):
+def test_regex_choice_and_json_object(llama_llm):
     prompt = make_prompts([9], seed=72)[0]
     kinds = {
         "regex": (r"[a-z]{2,4}-[0-9]{3}", lambda t: re.fullmatch(r"[a-z]{2,4}-[0-9]{3}", t)),
@@ -80,15 +70,15 @@ def test_regex_choice_and_json_object(llm):
             so = StructuredOutput(kind, spec)
             sp = SamplingParams(max_tokens=200, temperature=temp, seed=seed, structured=so)
             free_prompt = [43, 411, 252, 92, 296, 249]  # closes a 50-token object greedily
-            out = llm.generate([prompt if seed is not None else free_prompt], sp)[0]
+            out = llama_llm.generate([prompt if seed is not None else free_prompt], sp)[0]
             assert out.finish_reason == "stop" and ok(out.text), (kind, out.text)
 
 
-def test_grammar_compiled_once_per_spec(llm):
-    before = llm.engine.grammars.num_compiled
-    llm.generate(make_prompts([6, 7], seed=73), json_params(max_tokens=8))
-    llm.generate(make_prompts([8], seed=74), json_params(max_tokens=8))
-    assert llm.engine.grammars.num_compiled - before <= 1  # SCHEMA may be cached already
+def test_grammar_compiled_once_per_spec(llama_llm):
+    before = llama_llm.engine.grammars.num_compiled
+    llama_llm.generate(make_prompts([6, 7], seed=73), json_params(max_tokens=8))
+    llama_llm.generate(make_prompts([8], seed=74), json_params(max_tokens=8))
+    assert llama_llm.engine.grammars.num_compiled - before <= 1  # SCHEMA may be cached already
 
 
 @pytest.mark.parametrize(
@@ -101,26 +91,26 @@ def test_grammar_compiled_once_per_spec(llm):
         ("grammar", "start: nothing_defined", "unknown name"),
     ],
 )
-def test_bad_specs_refused_before_the_batch(llm, kind, spec, needle):
+def test_bad_specs_refused_before_the_batch(llama_llm, kind, spec, needle):
     sp = SamplingParams(structured=StructuredOutput(kind, spec))
     with pytest.raises(GrammarError, match=re.escape(needle)):
-        llm.engine.add_request(f"bad-{kind}", [5, 6, 7], sp)
+        llama_llm.engine.add_request(f"bad-{kind}", [5, 6, 7], sp)
     with pytest.raises(GrammarError):
-        llm.engine.reserve(f"bad-r-{kind}", [5, 6, 7], sp)
-    assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
-    assert not llm.engine.has_unfinished_requests()
+        llama_llm.engine.reserve(f"bad-r-{kind}", [5, 6, 7], sp)
+    assert llama_llm.engine.num_free_blocks == llama_llm.engine.layout.num_blocks
+    assert not llama_llm.engine.has_unfinished_requests()
 
 
-def test_disaggregated_first_token_under_grammar_decode_continues(d):
+def test_disaggregated_first_token_under_grammar_decode_continues(llama_dir):
     prompts = make_prompts([20, 37], seed=75)
     params = json_params(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5)
-    agg = [o.token_ids for o in LLM(d).generate(prompts, params)]
-    prefill = LLM(d, max_num_batched_tokens=16).engine
-    decode = LLM(d).engine
+    agg = [o.token_ids for o in LLM(llama_dir).generate(prompts, params)]
+    prefill = LLM(llama_dir, max_num_batched_tokens=16).engine
+    decode = LLM(llama_dir).engine
     got, _ = _disagg(prefill, decode, prompts, params)
     assert got == agg
     for ids in got:
-        jsonschema.validate(json.loads(_text(d, ids)), SCHEMA)
+        jsonschema.validate(json.loads(_text(llama_dir, ids)), SCHEMA)
 
 
 def _text(d, ids) -> str:
@@ -129,8 +119,8 @@ def _text(d, ids) -> str:
     return Tokenizer.from_dir(d).decode(ids)
 
 
-def test_grammar_row_with_nothing_allowed_fails_alone(d):
-    backend = GrammarBackend(d, 512, (0,))
+def test_grammar_row_with_nothing_allowed_fails_alone(llama_dir):
+    backend = GrammarBackend(llama_dir, 512, (0,))
     so = StructuredOutput("choice", json.dumps(["ab"]))
     matcher = backend.matcher(so)
     allowed = fill_masks(backend, [matcher])
