@@ -67,3 +67,5 @@ class DecodeRequest:
     transfer_over: bool = False
     """Its transfer's ``TransferDone`` was handled: the transport holds no block of it."""
     since: float = field(default_factory=time.monotonic)
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

@@ -4,7 +4,7 @@ and the states of its job table."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -56,3 +56,5 @@ class Job:
     held: tuple[int, LayerKV, tuple[torch.Tensor, torch.Tensor]] | None = None
     """The last layer's ``_send_layer`` arguments, sent once the first token is sampled
     (prefill_worker/worker.py's module docstring)."""
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

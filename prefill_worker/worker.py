@@ -43,7 +43,7 @@ from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.security import ClusterSecret
 from engine.worker.commands import Abort, TransferDone
-from engine.worker.convert import token_to_pb
+from engine.worker.convert import prompt_logprobs_to_pb, token_to_pb
 from engine.worker.errors import WorkerError
 from engine.worker.loop import EngineLoop
 from engine.worker.snapshot import RoleLoad
@@ -130,6 +130,7 @@ class PrefillWorker:
         rid = cmd.request_id
         self.engine.add_request(rid, cmd.prompt, cmd.params, prefill_only=True)
         job = Job(rid, cmd.params, len(cmd.prompt), cmd.sender, cmd.num_cached_blocks, cmd.reply)
+        job.prompt = cmd.prompt if cmd.params.prompt_logprobs is not None else []
         self._jobs[rid] = job
         if cmd.sender.poll() is TransferState.FAILED:  # its TransferDone came before the job
             self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
@@ -267,4 +268,7 @@ class PrefillWorker:
             num_cached_tokens=out.num_cached_tokens,
             transfer_bytes=2 * n * self._block_bytes * self.engine.layout.num_layers,
             transfer_seconds=time.monotonic() - job.t_first_layer,
+            prompt_logprobs=prompt_logprobs_to_pb(
+                job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
+            ),
         )

@@ -61,6 +61,8 @@ class RequestRun:
         self.num_output = 0
         self._call = None
         self._reserved: str | None = None
+        self.prompt_logprobs: list[pb.Token] | None = None
+        """From the prefill worker (or the first chunk of a local prefill)."""
 
     # -- token streams ------------------------------------------------------------------
 
@@ -70,6 +72,12 @@ class RequestRun:
         last = None
         user_stops = set(job.params.stop_token_ids)
         async for chunk in self._chunks():
+            if chunk.prompt_logprobs and self.prompt_logprobs is None:
+                self.prompt_logprobs = list(chunk.prompt_logprobs)
+            if job.discard_output and (chunk.tokens or chunk.finished):
+                self.finish_reason = "length"
+                yield self._out("", [], [], "length")
+                return
             now = time.monotonic()
             ids = [t.token_id for t in chunk.tokens]
             for _ in ids:
@@ -100,10 +108,12 @@ class RequestRun:
             self.svc.metrics.e2e.observe(time.monotonic() - self.job.arrival)
             self.svc.metrics.prompt_tokens.inc(self.num_prompt_tokens)
             self.svc.metrics.generation_tokens.inc(self.num_output)
-        return Output(
+        out = Output(
             text, list(ids), list(tokens), reason, self.num_prompt_tokens, self.num_output,
-            self.cached_tokens,
+            self.cached_tokens, self.prompt_logprobs,
         )  # fmt: skip
+        self.prompt_logprobs = None  # on the first output only
+        return out
 
     async def _chunks(self) -> AsyncIterator[pb.TokenChunk]:
         for attempt in (1, 2):
@@ -185,6 +195,8 @@ class RequestRun:
         svc.metrics.kv_seconds.inc(max(0.0, pre.transfer_seconds))
         svc.policy.observe_transfer(p.worker_id, d.worker_id, pre.transfer_bytes, pre.transfer_seconds)  # fmt: skip
         self.cached_tokens = pre.num_cached_tokens
+        if pre.prompt_logprobs:
+            self.prompt_logprobs = list(pre.prompt_logprobs)
         self._call = reg.client(d).decode.Decode(
             pb.DecodeRequest(request_id=rid, first_token=pre.first_token)
         )
