@@ -74,3 +74,5 @@ class DecodeRequest:
     report: pb.TransferReport | None = None
     """How its KV arrived, for the first chunk of its stream."""
     since: float = field(default_factory=time.monotonic)
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

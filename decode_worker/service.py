@@ -1,6 +1,7 @@
 """The decode worker's own rpcs (Reserve, Decode, Generate): thin adapters from
-worker.proto to commands on its engine thread. Abort, Health, Info and Stats are the
-shared layer's (engine/worker/service.py)."""
+worker.proto to commands on its engine thread (a request's grammar compiled first, off
+that thread: engine/worker/service.py). Abort, Health, Info and Stats are the shared
+layer's (engine/worker/service.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from decode_worker.commands import Decode, Generate, Reserve
 from decode_worker.worker import DecodeWorker
 from engine.worker.convert import params_from_pb
 from engine.worker.errors import WorkerError
-from engine.worker.service import abort_of, ask, call_worker, stream_sink
+from engine.worker.service import abort_of, ask, call_worker, compile_grammar, stream_sink
 from engine.worker.sink import Sink
 from proto import worker_pb2 as pb
 
@@ -41,6 +42,7 @@ class DecodeService:
                 f"lease_s must be in (0, {MAX_LEASE_S}] seconds (0 = this worker's default "
                 f"{self.worker.config.lease_s}), got {lease}",
             )
+        await compile_grammar(context, self.worker.engine.grammars, params)
         cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease)
         try:
             ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)
@@ -61,6 +63,7 @@ class DecodeService:
         sink = Sink(asyncio.get_running_loop())
         params = await call_worker(context, params_from_pb, request.params)
         rid, prompt = request.request_id, list(request.prompt_token_ids)
+        await compile_grammar(context, self.worker.engine.grammars, params)
         await ask(context, self.worker.loop, Generate(rid, prompt, params, sink))
         async for chunk in stream_sink(sink, abort_of(self.worker.loop, rid), context):
             yield chunk

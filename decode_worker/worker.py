@@ -154,7 +154,8 @@ class DecodeWorker:
         if rid in self._reqs:
             raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
         self.engine.add_request(rid, cmd.prompt, cmd.params)  # ValueError: bad input
-        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RUNNING, sink=cmd.sink)
+        scored = cmd.prompt if cmd.params.prompt_logprobs is not None else []
+        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RUNNING, sink=cmd.sink, prompt=scored)
 
     def _abort(self, cmd: Abort) -> bool:
         """Stop the request wherever it is and free its blocks; False if unknown."""
@@ -284,7 +285,7 @@ class DecodeWorker:
         if out.error is not None:
             self._fail_request(out.request_id, out.error)
             return
-        chunk = chunk_from_output(out, req.params.logprobs)
+        chunk = chunk_from_output(out, req.params.logprobs, req.prompt, req.params.prompt_logprobs)
         if req.receiver is not None:
             chunk.num_cached_tokens = req.num_cached_tokens
         if req.report is not None:  # the first chunk of a Decode stream

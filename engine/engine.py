@@ -24,6 +24,7 @@ import torch
 from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.config.engine import resolve_device
+from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.shared_pool import SharedKVPool
@@ -61,17 +62,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.ep_size)
         self.backend = get_backend(config.attention_backend, config.device)
+        self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
+        """Compiled structured-output grammars; thread-safe (engine/worker/service.py)."""
         self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
         """The KV cache in shared memory (``cache.shared_memory``), else ``None``."""
-        self.runner = ModelRunner(
-            self.model,
-            self.kv_pool.caches if self.kv_pool is not None else self.layout.allocate(self.device),
-            self.backend,
-            self.layout.block_size,
-            self.device,
-            config.seed,
-            self.ep,
-        )
+        self.runner = self._runner(config)
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
         self._kv_streamed: set[str] = set()
@@ -79,14 +74,21 @@ class LLMEngine:
         """EP leader: home rank -> blocks that arrived by transfer, to send it next step."""
         self.prefill_rate = PrefillRate()
         """Measured prompt tokens per second (the router predicts TTFT with it)."""
+        layout = self.layout
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
-            self.spec.architecture,
-            self.layout.num_blocks,
-            self.layout.block_size,
-            self.max_model_len,
+            self.spec.architecture, layout.num_blocks, layout.block_size, self.max_model_len,
             self.backend.name,
-        )
+        )  # fmt: skip
+
+    def _runner(self, config: EngineConfig) -> ModelRunner:
+        pool = self.kv_pool
+        caches = pool.caches if pool is not None else self.layout.allocate(self.device)
+        block_size = self.layout.block_size
+        return ModelRunner(
+            self.model, caches, self.backend, block_size, self.device, config.seed, self.ep,
+            vocab_size=self.spec.vocab_size, grammars=self.grammars,
+        )  # fmt: skip
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_prompt(prompt, self.spec.vocab_size, self.max_model_len)
         check_params(params, self.spec.vocab_size)
+        self.grammars.prepare(params.structured)  # a worker's handler compiled it already
         need = self.layout.num_blocks_for(len(prompt) + 1)
         if need > self.layout.num_blocks:
             raise ValueError(
@@ -183,9 +186,9 @@ class LLMEngine:
         hook = self._layer_hook(items)
         if self.ep is not None:
             hook = self._ep_broadcast(so, items, hook)
-        sampled = self.runner.execute(so, hook)
+        result = self.runner.execute(so, hook)
         self.prefill_rate.observe(so, time.perf_counter() - t0)
-        return self.scheduler.update(so, sampled)
+        return self.scheduler.update(so, result.sampled, result.prompt_logprobs)
 
     def _ep_broadcast(
         self, so: SchedulerOutput, items: list[LayerKV], hook: Callable[[int], None] | None

@@ -14,13 +14,16 @@ from collections.abc import Callable
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import slot_mapping
 from engine.layers.moe import SparseMoE
 from engine.models.llama import CausalLM
 from engine.parallel.ep import ExpertParallelGroup, gather_to_leader
 from engine.parallel.expert_load import ExpertCountSync
+from engine.prompt_logprobs import score_prompts
 from engine.sampler import sample
-from engine.scheduler_output import SampledToken, ScheduledSequence, SchedulerOutput
+from engine.sampler_state import SamplerStates
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
 
 LayerHook = Callable[[int], None]
 
@@ -69,7 +72,11 @@ class ModelRunner:
         device: torch.device,
         seed: int = 0,
         ep: ExpertParallelGroup | None = None,
+        vocab_size: int | None = None,
+        grammars: GrammarBackend | None = None,
     ) -> None:
+        """``vocab_size`` (logits width) and ``grammars`` serve the sampler's per-request
+        state: penalties and structured output."""
         self.model = model
         self.ep = ep
         self.expert_sync = ExpertCountSync(model, ep) if ep is not None else None
@@ -79,39 +86,48 @@ class ModelRunner:
         self.device = device
         self.seed = seed
         self._generator = torch.Generator(device="cpu" if device.type == "cpu" else device)
+        self.sampler_states = SamplerStates(vocab_size or 0, device, grammars)
 
     @torch.inference_mode()
-    def execute(
-        self, so: SchedulerOutput, after_layer: LayerHook | None = None
-    ) -> dict[str, SampledToken]:
-        """Run the step; return a token for every sequence with ``sample=True``."""
+    def execute(self, so: SchedulerOutput, after_layer: LayerHook | None = None) -> StepResult:
+        """Run the step: a token for every sequence with ``sample=True``, and the prompt
+        logprobs the step's sequences asked for."""
+        self.sampler_states.drop(so.finished_request_ids)
         if so.is_empty:
-            return {}
+            return StepResult({})
         local = so if self.ep is None else home_step(so, self.ep.rank)
-        sampling = [s for s in local.sequences if s.sample]
-        rows = self._forward(local, after_layer)
+        leader = self.ep is None or self.ep.is_leader
+        by_rank = sampling_by_rank(so, self.ep.size) if self.ep is not None else None
+        if by_rank is None:
+            sampling = [s for s in local.sequences if s.sample]
+        else:
+            sampling = [s for seqs in by_rank for s in seqs]
+        # Grammar masks are filled on a helper thread while the model runs.
+        controls = self.sampler_states.begin(sampling) if leader and sampling else None
+        rows, prompt_lps = self._forward(local, after_layer)
         if self.ep is not None:
-            by_rank = sampling_by_rank(so, self.ep.size)
             rows = gather_to_leader(rows, [len(seqs) for seqs in by_rank], self.ep)
             self.expert_sync.step()
-            if not self.ep.is_leader:
-                return {}
-            sampling = [s for seqs in by_rank for s in seqs]
+            if not leader:
+                return StepResult({})
         if not sampling:
-            return {}
+            return StepResult({}, prompt_lps)
         tokens = sample(
             self.model.compute_logits(rows),
             [s.sampling_params for s in sampling],
             [self._row_seed(s) for s in sampling],
             [s.suppress_token_ids for s in sampling],
             self._generator,
+            controls,
         )
-        return {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
+        tokens = self.sampler_states.commit(sampling, tokens)
+        return StepResult({s.request_id: t for s, t in zip(sampling, tokens, strict=True)}, prompt_lps)  # fmt: skip
 
-    def _forward(self, so: SchedulerOutput, after_layer: LayerHook | None) -> torch.Tensor:
-        """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample."""
+    def _forward(self, so: SchedulerOutput, after_layer: LayerHook | None):
+        """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample, and
+        the prompt logprobs of the sequences that ask for them."""
         if so.is_empty:
-            return self._idle_forward(after_layer)
+            return self._idle_forward(after_layer), {}
         input_ids = torch.tensor(
             [t for s in so.sequences for t in s.token_ids], dtype=torch.int64, device=self.device
         )
@@ -124,7 +140,11 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, after_layer)
         last = meta.query_start_loc[1:].long() - 1
         rows = torch.tensor([i for i, s in enumerate(so.sequences) if s.sample], dtype=torch.int64)
-        return hidden[last[rows.to(self.device)]]
+        prompt_lps = {}
+        if any(s.prompt_logprobs is not None for s in so.sequences):
+            starts = meta.query_start_loc.tolist()
+            prompt_lps = score_prompts(hidden, starts, so.sequences, self.model.compute_logits)
+        return hidden[last[rows.to(self.device)]], prompt_lps
 
     def _idle_forward(self, after_layer: LayerHook | None) -> torch.Tensor:
         """EP rank with no sequences this step: zero rows through every MoE layer's

@@ -74,3 +74,5 @@ class Job:
     started_at: float | None = None
     """Its first scheduled step (the layer hook saw it)."""
     sampled_at: float = 0.0
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

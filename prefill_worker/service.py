@@ -1,5 +1,6 @@
 """The prefill worker's own rpcs (Prefill, AttachTicket): thin adapters from worker.proto to
-commands on its engine thread. Abort, Health, Info and Stats are the shared layer's
+commands on its engine thread (a request's grammar compiled first, off that thread:
+engine/worker/service.py). Abort, Health, Info and Stats are the shared layer's
 (engine/worker/service.py)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import grpc
 from engine.worker.commands import Abort
 from engine.worker.convert import params_from_pb
 from engine.worker.errors import WorkerError
-from engine.worker.service import call_worker
+from engine.worker.service import call_worker, compile_grammar
 from kv_transfer import HandshakeError, KVSender, TicketRefused, TransferState
 from kv_transfer.wire import ticket_from_pb
 from prefill_worker.commands import AttachTicket, Prefill
@@ -47,6 +48,7 @@ class PrefillService:
         rid, prompt = spec.request_id, list(spec.prompt_token_ids)
         params = await call_worker(context, params_from_pb, spec.params)
         await call_worker(context, loop.check_serving)  # before connecting to D
+        await compile_grammar(context, self.worker.engine.grammars, params)
         sender = None
         if not request.ticket_follows:
             sender = await call_worker(context, self._open, rid, request.ticket, thread=True)

@@ -44,7 +44,7 @@ from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.security import ClusterSecret
 from engine.worker.commands import Abort, TransferDone
-from engine.worker.convert import token_to_pb
+from engine.worker.convert import prompt_logprobs_to_pb, token_to_pb
 from engine.worker.errors import WorkerError
 from engine.worker.loop import EngineLoop
 from engine.worker.snapshot import RoleLoad
@@ -136,6 +136,7 @@ class PrefillWorker:
         deadline = cmd.received_at + self.config.lease_s
         job = Job(rid, cmd.params, len(cmd.prompt), cmd.reply, deadline, cmd.received_at)
         job.sender, job.num_cached_blocks = cmd.sender, cmd.num_cached_blocks
+        job.prompt = cmd.prompt if cmd.params.prompt_logprobs is not None else []
         self._jobs[rid] = job
         early = self._tickets.take(rid)
         if early is not None:
@@ -303,4 +304,7 @@ class PrefillWorker:
             transfer_bytes=2 * n * self._block_bytes * self._layers,
             queue_seconds=started - job.received_at,
             compute_seconds=job.sampled_at - started,
+            prompt_logprobs=prompt_logprobs_to_pb(
+                job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
+            ),
         )

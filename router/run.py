@@ -74,6 +74,8 @@ class RequestRun:
         self._reserved: str | None = None
         self._remote_p: str | None = None
         """The prefill worker of the remote attempt (its pair's bandwidth estimate)."""
+        self.prompt_logprobs: list[pb.Token] | None = None
+        """From the prefill worker (or the first chunk of a local prefill)."""
 
     # -- token streams ------------------------------------------------------------------
 
@@ -83,6 +85,12 @@ class RequestRun:
         last = None
         user_stops = set(job.params.stop_token_ids)
         async for chunk in self._chunks():
+            if chunk.prompt_logprobs and self.prompt_logprobs is None:
+                self.prompt_logprobs = list(chunk.prompt_logprobs)
+            if job.discard_output and (chunk.tokens or chunk.finished):
+                self.finish_reason = "length"
+                yield self._out("", [], [], "length")
+                return
             now = time.monotonic()
             ids = [t.token_id for t in chunk.tokens]
             for _ in ids:
@@ -113,10 +121,12 @@ class RequestRun:
             self.svc.metrics.e2e.observe(time.monotonic() - self.job.arrival)
             self.svc.metrics.prompt_tokens.inc(self.num_prompt_tokens)
             self.svc.metrics.generation_tokens.inc(self.num_output)
-        return Output(
+        out = Output(
             text, list(ids), list(tokens), reason, self.num_prompt_tokens, self.num_output,
-            self.cached_tokens,
+            self.cached_tokens, self.prompt_logprobs,
         )  # fmt: skip
+        self.prompt_logprobs = None  # on the first output only
+        return out
 
     async def _chunks(self) -> AsyncIterator[pb.TokenChunk]:
         for attempt in (1, 2):
@@ -149,6 +159,8 @@ class RequestRun:
             else:
                 svc.metrics.route(RoutePath.REMOTE, decision.reason)
                 self.cached_tokens, self._remote_p = pre.num_cached_tokens, remote.p.worker_id
+                if pre.prompt_logprobs:
+                    self.prompt_logprobs = list(pre.prompt_logprobs)
                 yield pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)  # fmt: skip
                 async for chunk in self._after_first(remote, pre.first_token):
                     yield chunk

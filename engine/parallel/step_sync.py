@@ -60,12 +60,12 @@ def decode_step(data: bytes) -> StepMessage:
         return StepMessage(None)
     seqs = []
     for s in body["sequences"]:
-        params = s.pop("sampling_params")
-        params["stop_token_ids"] = tuple(params["stop_token_ids"])
+        params = SamplingParams.from_dict(s.pop("sampling_params"))
+        s.pop("sampler_init", None)  # followers never sample: no sampler state
         seqs.append(
             ScheduledSequence(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()},
-                sampling_params=SamplingParams(**params),
+                sampling_params=params,
             )
         )
     so = SchedulerOutput(tuple(seqs), body["num_decodes"], frozenset(body["finished"]))
