@@ -6,6 +6,7 @@ layer's (engine/worker/service.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -14,6 +15,7 @@ import grpc
 from decode_worker.commands import Decode, Generate, Reserve
 from decode_worker.worker import DecodeWorker
 from engine.worker.convert import params_from_pb
+from engine.worker.errors import WorkerError
 from engine.worker.service import abort_of, ask, call_worker, compile_grammar, stream_sink
 from engine.worker.sink import Sink
 from proto import worker_pb2 as pb
@@ -42,7 +44,12 @@ class DecodeService:
             )
         await compile_grammar(context, self.worker.engine.grammars, params)
         cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease)
-        ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)
+        try:
+            ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)
+        except asyncio.CancelledError:  # the router gave up: free what it may have reserved
+            with contextlib.suppress(WorkerError):  # a dead loop holds nothing to abort
+                await asyncio.shield(abort_of(self.worker.loop, spec.request_id)())
+            raise
         return pb.ReserveResponse(ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens)
 
     async def Decode(self, request: pb.DecodeRequest, context) -> AsyncIterator[pb.TokenChunk]:

@@ -27,6 +27,7 @@ from engine.config.engine import resolve_device
 from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.shared_pool import SharedKVPool
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
@@ -63,6 +64,8 @@ class LLMEngine:
         self.backend = get_backend(config.attention_backend, config.device)
         self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
         """Compiled structured-output grammars; thread-safe (engine/worker/service.py)."""
+        self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
+        """The KV cache in shared memory (``cache.shared_memory``), else ``None``."""
         self.runner = self._runner(config)
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
@@ -79,7 +82,9 @@ class LLMEngine:
         )  # fmt: skip
 
     def _runner(self, config: EngineConfig) -> ModelRunner:
-        caches, block_size = self.layout.allocate(self.device), self.layout.block_size
+        pool = self.kv_pool
+        caches = pool.caches if pool is not None else self.layout.allocate(self.device)
+        block_size = self.layout.block_size
         return ModelRunner(
             self.model, caches, self.backend, block_size, self.device, config.seed, self.ep,
             vocab_size=self.spec.vocab_size, grammars=self.grammars,

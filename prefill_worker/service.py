@@ -1,5 +1,5 @@
-"""The prefill worker's own rpc (Prefill): a thin adapter from worker.proto to a command on
-its engine thread (a request's grammar compiled first, off that thread:
+"""The prefill worker's own rpcs (Prefill, AttachTicket): thin adapters from worker.proto to
+commands on its engine thread (a request's grammar compiled first, off that thread:
 engine/worker/service.py). Abort, Health, Info and Stats are the shared layer's
 (engine/worker/service.py)."""
 
@@ -18,7 +18,7 @@ from engine.worker.errors import WorkerError
 from engine.worker.service import call_worker, compile_grammar
 from kv_transfer import HandshakeError, KVSender, TicketRefused, TransferState
 from kv_transfer.wire import ticket_from_pb
-from prefill_worker.commands import Prefill
+from prefill_worker.commands import AttachTicket, Prefill
 from prefill_worker.worker import PrefillWorker
 from proto import worker_pb2 as pb
 
@@ -30,7 +30,18 @@ class PrefillService:
         self.worker = worker
 
     def methods(self) -> dict[str, Callable]:
-        return {"Prefill": self.Prefill}
+        return {"Prefill": self.Prefill, "AttachTicket": self.AttachTicket}
+
+    async def AttachTicket(self, request: pb.AttachTicketRequest, context) -> pb.AttachTicketResponse:  # fmt: skip
+        rid, loop = request.request_id, self.worker.loop
+        await call_worker(context, loop.check_serving)  # before connecting to D
+        sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
+        try:
+            await asyncio.wrap_future(loop.submit(AttachTicket(rid, sender, request.num_cached_blocks)))  # fmt: skip
+        except WorkerError as exc:  # the handler aborted the sender, or none ran
+            sender.abort(str(exc))
+            await context.abort(exc.code, str(exc))
+        return pb.AttachTicketResponse()
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         spec, loop = request.request, self.worker.loop
@@ -38,7 +49,9 @@ class PrefillService:
         params = await call_worker(context, params_from_pb, spec.params)
         await call_worker(context, loop.check_serving)  # before connecting to D
         await compile_grammar(context, self.worker.engine.grammars, params)
-        sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
+        sender = None
+        if not request.ticket_follows:
+            sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
         aio = asyncio.get_running_loop()
         done: asyncio.Future = aio.create_future()
 
@@ -50,7 +63,8 @@ class PrefillService:
             await asyncio.wrap_future(loop.submit(cmd))
             result = await done
         except WorkerError as exc:  # refused: the handler aborted the sender, or none ran
-            sender.abort(str(exc))
+            if sender is not None:
+                sender.abort(str(exc))
             await context.abort(exc.code, str(exc))
         except asyncio.CancelledError:  # the router gave up (timeout or disconnect)
             with contextlib.suppress(WorkerError):  # a dead loop holds nothing to abort

@@ -11,6 +11,7 @@ from engine.config.fields import flag, runtime
 from engine.config.worker import LEASE_S
 
 KvTransport = Literal["auto", "shm", "tcp", "ucx", "torch_dist"]
+ReserveMode = Literal["overlap", "serial"]
 ToolCallParser = Literal["hermes", "llama3_json"]
 """The tool-call formats router/tools/formats.py implements (its ``FORMATS`` keys)."""
 
@@ -30,6 +31,10 @@ class RouterConfig:
     prefill_overload_factor: float = 8.0
     """Prefill on the decode worker when remote prefill's predicted TTFT exceeds this many
     times local prefill's (router/policy.py); 0 = never for that reason."""
+    reserve_mode: ReserveMode = "overlap"
+    """overlap: the prefill starts while the decode worker reserves its blocks, and the
+    ticket follows it (the reservation leaves the time to first token); serial: reserve,
+    then prefill with the ticket (bench.compare measures both)."""
     prefill_timeout_s: float = field(default=30.0, metadata=flag("--prefill-timeout"))
     """Seconds: give up on remote prefill (and fall back to local) after this long."""
     request_timeout_s: float = field(default=600.0, metadata=flag("--request-timeout"))

@@ -140,7 +140,9 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out
 
-    def _run_received(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Unweighted output of this rank's experts for rows routed here by other ranks."""
-        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        return expert_forward(rows, ones, ids[:, None], *self.expert_weights, self.expert_start)
+    def _run_received(
+        self, rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted sum of this rank's experts for rows routed here (other ranks' ids in
+        ``ids`` ``[R, k]`` are ignored)."""
+        return expert_forward(rows, weights, ids, *self.expert_weights, self.expert_start)

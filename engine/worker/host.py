@@ -80,6 +80,8 @@ def start_role(
     """Load the model, start the engine thread and serve gRPC (see the module docstring).
     ``interceptors`` run after the cluster-secret check on every call."""
     config = replace(config, host=config.host or default_host())
+    if role.prepare is not None:
+        config = role.prepare(config)
     secret = worker_secret(config)
     engine = LLMEngine(config.engine, ep)
     worker = role.worker(engine, config, secret)

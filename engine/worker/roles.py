@@ -50,6 +50,9 @@ class WorkerRole:
     service: Callable[[RoleWorker], RoleService]
     grpc_service: str
     """Its service in proto/worker.proto, e.g. ``DecodeService``."""
+    prepare: Callable[[WorkerConfig], WorkerConfig] | None = None
+    """What the role needs of its engine, applied before the engine is built (decode: a
+    KV cache in shared memory when it serves shm)."""
 
 
 _ROLES: dict[str, WorkerRole] = {}

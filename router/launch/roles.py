@@ -4,6 +4,7 @@ roles. Launch calls :func:`install` before it starts a worker."""
 from __future__ import annotations
 
 from decode_worker.service import DecodeService
+from decode_worker.setup import prepare
 from decode_worker.worker import DecodeWorker
 from engine.worker.roles import WorkerRole, register_role
 from prefill_worker.service import PrefillService
@@ -11,7 +12,7 @@ from prefill_worker.worker import PrefillWorker
 
 ROLES = (
     WorkerRole("prefill", PrefillWorker, PrefillService, "PrefillService"),
-    WorkerRole("decode", DecodeWorker, DecodeService, "DecodeService"),
+    WorkerRole("decode", DecodeWorker, DecodeService, "DecodeService", prepare),
 )
 
 
