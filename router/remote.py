@@ -92,7 +92,8 @@ class RemotePrefill:
         return pre
 
     async def _overlapped(self) -> pb.PrefillResponse:
-        self._bind = bind = asyncio.ensure_future(self._reserve_and_attach())
+        reserve = asyncio.ensure_future(self._reserve())
+        self._bind = bind = asyncio.ensure_future(self._attach_after(reserve))
         prefill = asyncio.ensure_future(self._prefill(None))
         await asyncio.wait({prefill, bind}, return_when=asyncio.FIRST_COMPLETED)
         if bind.done() and bind.exception() is not None:  # before the first token
@@ -101,10 +102,21 @@ class RemotePrefill:
             await _cancelled(prefill)
             raise bind.exception()
         try:
-            return await prefill
+            pre = await prefill
         except BaseException:
             await _cancelled(bind)
             raise
+        # D must be known reachable before the first token goes out: once the client has
+        # it, a D found down could no longer be routed around. Reserve is the short hop
+        # (it usually ends before the prefill), so this rarely waits.
+        try:
+            await asyncio.shield(reserve)
+        except Fallback:
+            pass  # D is up but refused: kv_bound reports it, D continues locally
+        except DecodeDown:
+            await _cancelled(bind)
+            raise
+        return pre
 
     async def kv_bound(self) -> None:
         """Wait until P holds the ticket; TransferLost if it never will (DecodeDown: D is
@@ -117,8 +129,8 @@ class RemotePrefill:
             ) from exc
         self.run.done(self.p, self.rid)  # P holds the ticket: D's abort now reaches it too
 
-    async def _reserve_and_attach(self) -> pb.ReserveResponse:
-        res = await self._reserve()
+    async def _attach_after(self, reserve: asyncio.Future) -> pb.ReserveResponse:
+        res = await reserve
         await self._attach(res)
         return res
 
