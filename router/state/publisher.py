@@ -143,7 +143,10 @@ class WorkerPublisher:
         )  # fmt: skip
 
     def _publish(self, load: WorkerLoad) -> None:
-        self.state.publish_load(self.record.worker_id, self.record.epoch, load)
+        if not self.state.publish_load(self.record.worker_id, self.record.epoch, load):
+            logger.warning("redis %s lost %s's registration: registering again", self.state.url, self.record.worker_id)  # fmt: skip
+            self._register(load)
+            return
         if self._stored or self._evicted:
             self.state.publish_blocks(self.record, self._stored, self._evicted)
             self._stored, self._evicted = [], []

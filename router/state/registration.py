@@ -40,12 +40,17 @@ def register(link: RedisLink, k: Keys, w: WorkerRecord, ttl_s: float) -> None:
     raise ValueError(why)
 
 
-def beat(link: RedisLink, k: Keys, worker_id: str, epoch: int, load: WorkerLoad, ttl_s: float):
-    """Renew the worker's alive TTL and publish its load (one round trip)."""
+def beat(
+    link: RedisLink, k: Keys, worker_id: str, epoch: int, load: WorkerLoad, ttl_s: float
+) -> bool:
+    """Renew the worker's alive TTL and publish its load (one round trip); ``False`` when
+    the worker is not registered there (a Redis restarted empty between two beats, too
+    quickly for any call to fail): the caller registers again."""
     pipe = link.r.pipeline()
     pipe.set(k.alive(worker_id), epoch, px=int(ttl_s * 1000))
     pipe.hset(k.load, worker_id, json.dumps(asdict(load)))
-    pipe.execute()
+    pipe.hget(k.epochs, worker_id)
+    return pipe.execute()[2] is not None
 
 
 def deregister(link: RedisLink, k: Keys, worker_id: str, epoch: int | None) -> None:
@@ -80,9 +85,10 @@ class WorkerRedis:
     def register(self, w: WorkerRecord) -> None:
         self.link.call(lambda: register(self.link, self.keys, w, self.config.heartbeat_ttl_s))
 
-    def publish_load(self, worker_id: str, epoch: int, load: WorkerLoad) -> None:
+    def publish_load(self, worker_id: str, epoch: int, load: WorkerLoad) -> bool:
+        """``False``: Redis does not know the worker (register again)."""
         ttl = self.config.heartbeat_ttl_s
-        self.link.call(lambda: beat(self.link, self.keys, worker_id, epoch, load, ttl))
+        return self.link.call(lambda: beat(self.link, self.keys, worker_id, epoch, load, ttl))
 
     def publish_blocks(self, w: WorkerRecord, stored, evicted, reset: bool = False) -> None:
         self.link.call(lambda: block_events(self.link, self.keys, w, stored, evicted, reset))

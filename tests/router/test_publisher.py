@@ -94,6 +94,21 @@ def test_redis_restart_re_registers_with_the_whole_prefix_set(server):
     pub.stop()
 
 
+def test_redis_emptied_between_two_beats_re_registers(server):
+    """A Redis restarted faster than a beat (no call ever fails) must not leave the worker
+    heartbeating with no registration: the beat finds it unknown and registers again."""
+    fake, prefix = FakeWorker(), uuid.uuid4().hex[:6]
+    pub = publisher(server, fake, prefix=prefix)
+    pub.start()
+    fake.stored = [1, 2]
+    view = RedisClusterState(server.url, prefix=prefix)
+    wait_until(lambda: view.match_prefix("d0", [1, 2]) == 2)
+    server.client().flushall()  # what an empty restart leaves, with no outage to notice
+    wait_until(lambda: view.get("d0") is not None and view.match_prefix("d0", [1, 2]) == 2)
+    assert [w.worker_id for w in view.workers()] == ["d0"]
+    pub.stop()
+
+
 def test_mismatched_layout_is_refused_atomically(server):
     prefix = uuid.uuid4().hex[:6]
     first = publisher(server, FakeWorker(), prefix=prefix)
