@@ -110,12 +110,13 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
     whatever runs ``pdserve worker``) restarts it rather than leaving it up but deaf.
     With EP the reason names the dead rank (a failed collective)."""
 
-    def on_crash(exc: BaseException) -> None:
+    def on_crash(exc: BaseException) -> str | None:
+        better = None  # the loop's own "the engine loop failed: ..." says enough
         if worker.engine.ep is not None:
             from engine.parallel.health import describe_failure
 
             dead = describe_failure(worker.engine.ep)
-            why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
+            why = better = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"  # fmt: skip
         else:
             why = (
                 f"the engine loop of {name} failed ({type(exc).__name__}: {exc}); "
@@ -125,5 +126,6 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
         logger.error("%s; exiting", why)
         # ``_exit`` is read now: a replacement installed by a test holds for this timer.
         threading.Timer(EXIT_DELAY_S, _exit, args=(1,)).start()
+        return better
 
     worker.loop.on_crash = on_crash

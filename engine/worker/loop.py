@@ -89,9 +89,10 @@ class EngineLoop:
         self.num_steps = 0
         self.failure: str | None = None
         """Why the loop ended, when an iteration raised."""
-        self.on_crash: Callable[[BaseException], None] | None = None
+        self.on_crash: Callable[[BaseException], str | None] | None = None
         """Called on the engine thread if an iteration raises (host.py: fail the streams
-        and end the process)."""
+        and end the process); a string it returns is the failure's better name (with EP,
+        the rank that died), which pending commands and ``Health`` then report."""
         self._queue: queue.SimpleQueue[tuple[Any, concurrent.futures.Future | None]]
         self._queue = queue.SimpleQueue()
         self._role: LoopRole | None = None
@@ -175,9 +176,9 @@ class EngineLoop:
             logger.exception("engine loop crashed")
             self.failure = f"the engine loop failed: {type(exc).__name__}: {exc}"
             self.alive = False
-            self._fail_pending(self.failure)
             if self.on_crash is not None:
-                self.on_crash(exc)
+                self.failure = self.on_crash(exc) or self.failure
+            self._fail_pending(self.failure)
         finally:
             self.alive = False
 
