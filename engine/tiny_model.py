@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engine.layers.weights import WeightTarget
 from engine.model_spec import parse_model_spec
 from engine.models import build_model
-from engine.models.llama import WeightTarget
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import kv_transfer_pb2 as proto_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x0epdserve.worker\x1a\x17proto/kv_transfer.proto\"\xe6\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"k\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.pdserve.worker.SamplingParams\"\x95\x01\n\x0eTransferTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x16\n\x0elease_deadline\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1a.pdserve.worker.TopLogprobB\n\n\x08_logprob\"\xad\x01\n\nTokenChunk\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.pdserve.worker.Token\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x06 \x01(\r\"e\n\x0eReserveRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.worker.RequestSpec\x12\x14\n\x0ckv_transport\x18\x02 \x01(\t\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"w\n\x0fReserveResponse\x12.\n\x06ticket\x18\x01 \x01(\x0b\x32\x1e.pdserve.worker.TransferTicket\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\"\x89\x01\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.worker.RequestSpec\x12.\n\x06ticket\x18\x02 \x01(\x0b\x32\x1e.pdserve.worker.TransferTicket\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\"\xa5\x01\n\x0fPrefillResponse\x12*\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x15.pdserve.worker.Token\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x16\n\x0etransfer_bytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"j\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x15.pdserve.worker.Token\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"s\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x12\n\nloop_alive\x18\x02 \x01(\x08\x12\x1a\n\x12seconds_since_step\x18\x03 \x01(\x01\x12\x10\n\x08has_work\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\r\n\x0bInfoRequest\"\xa9\x02\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x06layout\x18\x04 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12\x15\n\rkv_transports\x18\x0c \x03(\t\x12\x12\n\nvocab_size\x18\r \x01(\r\x12\x0f\n\x07\x65p_size\x18\x0e \x01(\r\"\x0e\n\x0cStatsRequest\"\xcc\x03\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x39\n\x06queues\x18\x03 \x03(\x0b\x32).pdserve.worker.StatsResponse.QueuesEntry\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x05 \x01(\r\x12=\n\x08transfer\x18\x06 \x03(\x0b\x32+.pdserve.worker.StatsResponse.TransferEntry\x12\x1b\n\x13stored_block_hashes\x18\x07 \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x08 \x03(\x04\x12\x15\n\rexpert_tokens\x18\t \x03(\x04\x12\x0f\n\x07\x65p_size\x18\n \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\x1a-\n\x0bQueuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a/\n\rTransferEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xf4\x02\n\x0ePrefillService\x12J\n\x07Prefill\x12\x1e.pdserve.worker.PrefillRequest\x1a\x1f.pdserve.worker.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.worker.AbortRequest\x1a\x1d.pdserve.worker.AbortResponse\x12G\n\x06Health\x12\x1d.pdserve.worker.HealthRequest\x1a\x1e.pdserve.worker.HealthResponse\x12\x41\n\x04Info\x12\x1b.pdserve.worker.InfoRequest\x1a\x1c.pdserve.worker.InfoResponse\x12\x44\n\x05Stats\x12\x1c.pdserve.worker.StatsRequest\x1a\x1d.pdserve.worker.StatsResponse2\x81\x04\n\rDecodeService\x12J\n\x07Reserve\x12\x1e.pdserve.worker.ReserveRequest\x1a\x1f.pdserve.worker.ReserveResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1d.pdserve.worker.DecodeRequest\x1a\x1a.pdserve.worker.TokenChunk0\x01\x12\x45\n\x08Generate\x12\x1b.pdserve.worker.RequestSpec\x1a\x1a.pdserve.worker.TokenChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.worker.AbortRequest\x1a\x1d.pdserve.worker.AbortResponse\x12G\n\x06Health\x12\x1d.pdserve.worker.HealthRequest\x1a\x1e.pdserve.worker.HealthResponse\x12\x41\n\x04Info\x12\x1b.pdserve.worker.InfoRequest\x1a\x1c.pdserve.worker.InfoResponse\x12\x44\n\x05Stats\x12\x1c.pdserve.worker.StatsRequest\x1a\x1d.pdserve.worker.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/worker.proto\x12\x0epdserve.worker\x1a\x17proto/kv_transfer.proto\"\xe6\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"k\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.pdserve.worker.SamplingParams\"\xde\x01\n\x0eTransferTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x16\n\x0elease_deadline\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\x0c\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\x12\x10\n\x08src_rank\x18\t \x01(\r\x12\x12\n\nhead_start\x18\n \x01(\r\x12\x10\n\x08head_end\x18\x0b \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"m\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1a.pdserve.worker.TopLogprobB\n\n\x08_logprob\"\xad\x01\n\nTokenChunk\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.pdserve.worker.Token\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x06 \x01(\r\"~\n\x0eReserveRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.worker.RequestSpec\x12\x14\n\x0ckv_transport\x18\x02 \x01(\t\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_tp_size\x18\x04 \x01(\r\"\xa6\x01\n\x0fReserveResponse\x12.\n\x06ticket\x18\x01 \x01(\x0b\x32\x1e.pdserve.worker.TransferTicket\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12-\n\x05parts\x18\x04 \x03(\x0b\x32\x1e.pdserve.worker.TransferTicket\"\xb8\x01\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.worker.RequestSpec\x12.\n\x06ticket\x18\x02 \x01(\x0b\x32\x1e.pdserve.worker.TransferTicket\x12\x19\n\x11num_cached_blocks\x18\x03 \x01(\r\x12-\n\x05parts\x18\x04 \x03(\x0b\x32\x1e.pdserve.worker.TransferTicket\"\xa5\x01\n\x0fPrefillResponse\x12*\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x15.pdserve.worker.Token\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x16\n\x0etransfer_bytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"j\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x15.pdserve.worker.Token\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"s\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x12\n\nloop_alive\x18\x02 \x01(\x08\x12\x1a\n\x12seconds_since_step\x18\x03 \x01(\x01\x12\x10\n\x08has_work\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\r\n\x0bInfoRequest\"\xba\x02\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x06layout\x18\x04 \x01(\x0b\x32\x1f.pdserve.kv_transfer.LayoutSpec\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x0b\n\x03pid\x18\n \x01(\r\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12\x15\n\rkv_transports\x18\x0c \x03(\t\x12\x12\n\nvocab_size\x18\r \x01(\r\x12\x0f\n\x07\x65p_size\x18\x0e \x01(\r\x12\x0f\n\x07tp_size\x18\x0f \x01(\r\"\x0e\n\x0cStatsRequest\"\xcc\x03\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x39\n\x06queues\x18\x03 \x03(\x0b\x32).pdserve.worker.StatsResponse.QueuesEntry\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x14\n\x0cnum_requests\x18\x05 \x01(\r\x12=\n\x08transfer\x18\x06 \x03(\x0b\x32+.pdserve.worker.StatsResponse.TransferEntry\x12\x1b\n\x13stored_block_hashes\x18\x07 \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x08 \x03(\x04\x12\x15\n\rexpert_tokens\x18\t \x03(\x04\x12\x0f\n\x07\x65p_size\x18\n \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\x1a-\n\x0bQueuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a/\n\rTransferEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xf4\x02\n\x0ePrefillService\x12J\n\x07Prefill\x12\x1e.pdserve.worker.PrefillRequest\x1a\x1f.pdserve.worker.PrefillResponse\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.worker.AbortRequest\x1a\x1d.pdserve.worker.AbortResponse\x12G\n\x06Health\x12\x1d.pdserve.worker.HealthRequest\x1a\x1e.pdserve.worker.HealthResponse\x12\x41\n\x04Info\x12\x1b.pdserve.worker.InfoRequest\x1a\x1c.pdserve.worker.InfoResponse\x12\x44\n\x05Stats\x12\x1c.pdserve.worker.StatsRequest\x1a\x1d.pdserve.worker.StatsResponse2\x81\x04\n\rDecodeService\x12J\n\x07Reserve\x12\x1e.pdserve.worker.ReserveRequest\x1a\x1f.pdserve.worker.ReserveResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1d.pdserve.worker.DecodeRequest\x1a\x1a.pdserve.worker.TokenChunk0\x01\x12\x45\n\x08Generate\x12\x1b.pdserve.worker.RequestSpec\x1a\x1a.pdserve.worker.TokenChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.worker.AbortRequest\x1a\x1d.pdserve.worker.AbortResponse\x12G\n\x06Health\x12\x1d.pdserve.worker.HealthRequest\x1a\x1e.pdserve.worker.HealthResponse\x12\x41\n\x04Info\x12\x1b.pdserve.worker.InfoRequest\x1a\x1c.pdserve.worker.InfoResponse\x12\x44\n\x05Stats\x12\x1c.pdserve.worker.StatsRequest\x1a\x1d.pdserve.worker.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,45 +41,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTSPEC']._serialized_start=296
   _globals['_REQUESTSPEC']._serialized_end=403
   _globals['_TRANSFERTICKET']._serialized_start=406
-  _globals['_TRANSFERTICKET']._serialized_end=555
-  _globals['_TOPLOGPROB']._serialized_start=557
-  _globals['_TOPLOGPROB']._serialized_end=604
-  _globals['_TOKEN']._serialized_start=606
-  _globals['_TOKEN']._serialized_end=715
-  _globals['_TOKENCHUNK']._serialized_start=718
-  _globals['_TOKENCHUNK']._serialized_end=891
-  _globals['_RESERVEREQUEST']._serialized_start=893
-  _globals['_RESERVEREQUEST']._serialized_end=994
-  _globals['_RESERVERESPONSE']._serialized_start=996
-  _globals['_RESERVERESPONSE']._serialized_end=1115
-  _globals['_PREFILLREQUEST']._serialized_start=1118
-  _globals['_PREFILLREQUEST']._serialized_end=1255
-  _globals['_PREFILLRESPONSE']._serialized_start=1258
-  _globals['_PREFILLRESPONSE']._serialized_end=1423
-  _globals['_DECODEREQUEST']._serialized_start=1425
-  _globals['_DECODEREQUEST']._serialized_end=1531
-  _globals['_ABORTREQUEST']._serialized_start=1533
-  _globals['_ABORTREQUEST']._serialized_end=1567
-  _globals['_ABORTRESPONSE']._serialized_start=1569
-  _globals['_ABORTRESPONSE']._serialized_end=1599
-  _globals['_HEALTHREQUEST']._serialized_start=1601
-  _globals['_HEALTHREQUEST']._serialized_end=1616
-  _globals['_HEALTHRESPONSE']._serialized_start=1618
-  _globals['_HEALTHRESPONSE']._serialized_end=1733
-  _globals['_INFOREQUEST']._serialized_start=1735
-  _globals['_INFOREQUEST']._serialized_end=1748
-  _globals['_INFORESPONSE']._serialized_start=1751
-  _globals['_INFORESPONSE']._serialized_end=2048
-  _globals['_STATSREQUEST']._serialized_start=2050
-  _globals['_STATSREQUEST']._serialized_end=2064
-  _globals['_STATSRESPONSE']._serialized_start=2067
-  _globals['_STATSRESPONSE']._serialized_end=2527
-  _globals['_STATSRESPONSE_QUEUESENTRY']._serialized_start=2433
-  _globals['_STATSRESPONSE_QUEUESENTRY']._serialized_end=2478
-  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_start=2480
-  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_end=2527
-  _globals['_PREFILLSERVICE']._serialized_start=2530
-  _globals['_PREFILLSERVICE']._serialized_end=2902
-  _globals['_DECODESERVICE']._serialized_start=2905
-  _globals['_DECODESERVICE']._serialized_end=3418
+  _globals['_TRANSFERTICKET']._serialized_end=628
+  _globals['_TOPLOGPROB']._serialized_start=630
+  _globals['_TOPLOGPROB']._serialized_end=677
+  _globals['_TOKEN']._serialized_start=679
+  _globals['_TOKEN']._serialized_end=788
+  _globals['_TOKENCHUNK']._serialized_start=791
+  _globals['_TOKENCHUNK']._serialized_end=964
+  _globals['_RESERVEREQUEST']._serialized_start=966
+  _globals['_RESERVEREQUEST']._serialized_end=1092
+  _globals['_RESERVERESPONSE']._serialized_start=1095
+  _globals['_RESERVERESPONSE']._serialized_end=1261
+  _globals['_PREFILLREQUEST']._serialized_start=1264
+  _globals['_PREFILLREQUEST']._serialized_end=1448
+  _globals['_PREFILLRESPONSE']._serialized_start=1451
+  _globals['_PREFILLRESPONSE']._serialized_end=1616
+  _globals['_DECODEREQUEST']._serialized_start=1618
+  _globals['_DECODEREQUEST']._serialized_end=1724
+  _globals['_ABORTREQUEST']._serialized_start=1726
+  _globals['_ABORTREQUEST']._serialized_end=1760
+  _globals['_ABORTRESPONSE']._serialized_start=1762
+  _globals['_ABORTRESPONSE']._serialized_end=1792
+  _globals['_HEALTHREQUEST']._serialized_start=1794
+  _globals['_HEALTHREQUEST']._serialized_end=1809
+  _globals['_HEALTHRESPONSE']._serialized_start=1811
+  _globals['_HEALTHRESPONSE']._serialized_end=1926
+  _globals['_INFOREQUEST']._serialized_start=1928
+  _globals['_INFOREQUEST']._serialized_end=1941
+  _globals['_INFORESPONSE']._serialized_start=1944
+  _globals['_INFORESPONSE']._serialized_end=2258
+  _globals['_STATSREQUEST']._serialized_start=2260
+  _globals['_STATSREQUEST']._serialized_end=2274
+  _globals['_STATSRESPONSE']._serialized_start=2277
+  _globals['_STATSRESPONSE']._serialized_end=2737
+  _globals['_STATSRESPONSE_QUEUESENTRY']._serialized_start=2643
+  _globals['_STATSRESPONSE_QUEUESENTRY']._serialized_end=2688
+  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_start=2690
+  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_end=2737
+  _globals['_PREFILLSERVICE']._serialized_start=2740
+  _globals['_PREFILLSERVICE']._serialized_end=3112
+  _globals['_DECODESERVICE']._serialized_start=3115
+  _globals['_DECODESERVICE']._serialized_end=3628
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,8 @@ import grpc
 
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
-from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.health import describe_failure
+from engine.parallel.state import ParallelState
 from engine.security import ENV_FILE, ClusterSecret, load_cluster_secret
 from engine.worker.grpc_server import GrpcServer, service_handler
 from engine.worker.info import default_host, worker_info
@@ -74,14 +75,15 @@ def worker_secret(config: WorkerConfig) -> ClusterSecret | None:
 def start_role(
     config: WorkerConfig,
     role: WorkerRole,
-    ep: ExpertParallelGroup | None = None,
+    parallel: ParallelState | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningWorker:
     """Load the model, start the engine thread and serve gRPC (see the module docstring).
-    ``interceptors`` run after the cluster-secret check on every call."""
+    ``parallel``: this process is rank 0 of a parallel replica (its followers run
+    elsewhere). ``interceptors`` run after the cluster-secret check on every call."""
     config = replace(config, host=config.host or default_host())
     secret = worker_secret(config)
-    engine = LLMEngine(config.engine, ep)
+    engine = LLMEngine(config.engine, parallel)
     worker = role.worker(engine, config, secret)
     _exit_on_engine_failure(worker, config.name)
     common, own = CommonService(worker), role.service(worker)
@@ -106,14 +108,14 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
     """An exception the engine could not pin on one request ended its loop: fail every
     stream with a clear error and end the process non-zero, so its supervisor (Ray, or
     whatever runs ``pdserve worker``) restarts it rather than leaving it up but deaf.
-    With EP the reason names the dead rank (a failed collective)."""
+    In a parallel replica the reason names the dead rank (a failed collective)."""
 
     def on_crash(exc: BaseException) -> None:
-        if worker.engine.ep is not None:
-            from engine.parallel.health import describe_failure
-
-            dead = describe_failure(worker.engine.ep)
-            why = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
+        parallel = worker.engine.parallel
+        if parallel.kind != "single":
+            kind = "tensor" if parallel.kind == "tp" else "expert"
+            dead = describe_failure(parallel)
+            why = f"{kind}-parallel group of {name} failed: {dead} ({exc}); the worker restarts"
         else:
             why = (
                 f"the engine loop of {name} failed ({type(exc).__name__}: {exc}); "
