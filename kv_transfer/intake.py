@@ -1,6 +1,7 @@
 """Receiving one PageDescriptor's pages on a link's reader thread (the endpoint's data side).
 
-    descriptor -> sizes fit the layout?  no -> fail that transfer, skip its payload (bounded)
+    descriptor -> sizes fit the layout (of the transfer's heads)?
+                  no -> fail that transfer, skip its payload (bounded)
                -> epoch, transfer, link, layer and blocks admitted?  no -> read and drop
                -> checksum + write every chunk into the KV cache -> end_write(checksum ok)
 
@@ -28,6 +29,16 @@ from proto import kv_transfer_pb2 as pb
 logger = logging.getLogger(__name__)
 
 
+class _Pages:
+    """Writers of one slice of the KV heads (all of them, or a TP part's)."""
+
+    def __init__(self, layout: KVLayout, kv_caches, heads: tuple[int, int] | None) -> None:
+        a, b = heads or (0, layout.num_kv_heads)
+        self.writers = [(PageWriter(k[:, :, a:b]), PageWriter(v[:, :, a:b])) for k, v in kv_caches]
+        self.direct_ok = self.writers[0][0].block_views([]) is not None  # contiguous blocks
+        self.block_bytes = layout.block_bytes * (b - a) // layout.num_kv_heads
+
+
 class PageIntake:
     """Writes received pages into the endpoint's KV caches; counts what it drops."""
 
@@ -39,21 +50,27 @@ class PageIntake:
         epoch_problem: Callable[[int, str], str | None],
         on_drop: Callable[[int, int], None],
     ):
-        self._writers = [(PageWriter(k), PageWriter(v)) for k, v in kv_caches]
-        self._direct_ok = self._writers[0][0].block_views([]) is not None
-        self._block_bytes = layout.block_bytes
+        self._layout, self._kv_caches = layout, kv_caches
+        self._pages = {None: _Pages(layout, kv_caches, None)}
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
 
+    def _pages_of(self, transfer: ReceiverTransfer | None) -> _Pages:
+        heads = transfer.local_heads if transfer is not None else None
+        if heads not in self._pages:  # one reader thread per link: a benign race at worst
+            self._pages[heads] = _Pages(self._layout, self._kv_caches, heads)
+        return self._pages[heads]
+
     def receive(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
-        problem = self._size_problem(desc)
+        transfer = self._find(desc.transfer_id)
+        pages = self._pages_of(transfer)
+        problem = self._size_problem(desc, pages.block_bytes)
         if problem is not None:
             self._discard(link, plane, desc, problem)
             return
         n = len(desc.block_ids)
-        plan = wire.layer_plan(n, self._block_bytes, desc.chunk_bytes)
-        chunks = plane.chunks(desc, [(b - a) * self._block_bytes for _, a, b in plan])
-        transfer = self._find(desc.transfer_id)
+        plan = wire.layer_plan(n, pages.block_bytes, desc.chunk_bytes)
+        chunks = plane.chunks(desc, [(b - a) * pages.block_bytes for _, a, b in plan])
         why = self._epoch_problem(desc.epoch, desc.transfer_id)
         if why is None:
             why = "unknown or finished transfer" if transfer is None else None
@@ -64,11 +81,11 @@ class PageIntake:
             return
         ok = False
         try:
-            if plane.capabilities.direct_recv and self._direct_ok:
+            if plane.capabilities.direct_recv and pages.direct_ok:
                 chunks.close()
-                ok = self._receive_direct(transfer, desc, plan, plane)
+                ok = self._receive_direct(transfer, desc, plan, plane, pages)
             else:
-                ok = self._receive_chunks(transfer, desc, plan, plane, chunks)
+                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, pages)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -77,8 +94,8 @@ class PageIntake:
         finally:
             transfer.end_write(desc, ok)
 
-    def _size_problem(self, desc: pb.PageDescriptor) -> str | None:
-        n, bb = len(desc.block_ids), self._block_bytes
+    def _size_problem(self, desc: pb.PageDescriptor, bb: int) -> str | None:
+        n = len(desc.block_ids)
         if n and desc.k_bytes == desc.v_bytes == n * bb:
             return None
         return (
@@ -107,11 +124,11 @@ class PageIntake:
         logger.warning("skipped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, problem)
 
     def _receive_chunks(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, pages
     ) -> bool:
         """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
         checksum = wire.Checksum()
-        writers = self._writers[desc.layer]
+        writers = pages.writers[desc.layer]
         for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
             checksum.update(chunk)
             if transfer.writable():
@@ -119,15 +136,15 @@ class PageIntake:
         return checksum.value() == _expected_checksum(plane, desc)
 
     def _receive_direct(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, pages
     ) -> bool:
         """Receive each chunk straight into its destination blocks, then checksum them."""
         checksum = wire.Checksum()
-        writers = self._writers[desc.layer]
+        writers = pages.writers[desc.layer]
         for kv, a, b in plan:
             views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None
             if views is None:  # failed meanwhile: read the bytes into scratch, never the cache
-                views = [byte_view(plane.scratch((b - a) * self._block_bytes))]
+                views = [byte_view(plane.scratch((b - a) * pages.block_bytes))]
             plane.recv_views(views)
             for view in views:
                 checksum.update(view)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from engine.kv_cache.layout import KVLayoutSpec
 from engine.security import ClusterSecret
-from kv_transfer import auth, wire
+from kv_transfer import auth, tp_map, wire
 from kv_transfer.base import HandshakeError
 from kv_transfer.link import ControlLink
 from kv_transfer.plane import PlaneHost, ReceiverPlane
@@ -99,8 +99,10 @@ def _check_hello(side: ReceiverSide, hello: pb.Hello) -> None:
             f"backend mismatch: prefill={hello.backend[:64]}, decode={side.backend}; "
             "start both workers with the same --kv-transport"
         )
+    theirs = wire.spec_from_pb(hello.spec)
     try:
-        side.spec.check_compatible(wire.spec_from_pb(hello.spec), ours="decode", theirs="prefill")
+        side.spec.check_compatible(theirs, ours="decode", theirs="prefill")
+        tp_map.check_pairable(side.spec, theirs, "decode", "prefill")
     except ValueError as exc:
         raise HandshakeError(str(exc)) from None
 

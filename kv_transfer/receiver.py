@@ -49,6 +49,8 @@ class ReceiverTransfer:
         self._writers = 0
         self._freed = False
         self._link: ControlLink | None = None
+        self.local_heads: tuple[int, int] | None = None
+        """The slice of this cache's KV heads the pages fill (``None``: all of them)."""
         self._deadline = time.monotonic() + max(0.0, ticket.lease_deadline - time.time())
 
     # -- KVReceiver -------------------------------------------------------------

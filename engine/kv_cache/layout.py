@@ -118,6 +118,21 @@ class KVLayout:
         ]
 
 
+def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """Global KV heads ``[start, end)`` in the cache of TP rank ``rank`` of ``tp_size``: an
+    equal split when there are at least as many heads as ranks, else one head, replicated
+    over ``tp_size / num_kv_heads`` ranks::
+
+        4 heads, TP=2:  rank 0 [0, 2)   rank 1 [2, 4)
+        1 head,  TP=2:  rank 0 [0, 1)   rank 1 [0, 1)
+    """
+    if num_kv_heads >= tp_size:
+        per = num_kv_heads // tp_size
+        return rank * per, (rank + 1) * per
+    head = rank * num_kv_heads // tp_size
+    return head, head + 1
+
+
 def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]

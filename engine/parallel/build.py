@@ -4,10 +4,11 @@ in before the weights load (each reads its own slice, engine/layers/weights.py).
 
 from __future__ import annotations
 
+from engine.kv_cache.layout import kv_head_range
 from engine.model_spec import ModelSpec
 from engine.parallel.ep_layers import apply_ep, ep_expert_range
 from engine.parallel.state import ParallelState
-from engine.parallel.tp import apply_tp, kv_head_range, shard_spec
+from engine.parallel.tp import apply_tp, shard_spec
 from engine.parallel.tp_layers import TPGroup
 
 

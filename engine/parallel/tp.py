@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from engine.kv_cache.layout import kv_head_range
 from engine.layers.attention import Attention
 from engine.layers.basic import GatedMLP, Linear
 from engine.layers.moe import SparseMoE
@@ -32,15 +33,6 @@ from engine.parallel.tp_layers import (
     VocabParallelEmbedding,
     adopt,
 )
-
-
-def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
-    """Global KV heads ``[start, end)`` that TP rank ``rank`` holds in its cache."""
-    if num_kv_heads >= tp_size:
-        per = num_kv_heads // tp_size
-        return rank * per, (rank + 1) * per
-    head = rank * num_kv_heads // tp_size
-    return head, head + 1
 
 
 def vocab_range(vocab_size: int, tp_size: int, rank: int) -> tuple[int, int]:
