@@ -27,9 +27,12 @@ class DecodeService:
         spec = request.request
         params = await call_worker(context, params_from_pb, spec.params)
         prompt, lease = list(spec.prompt_token_ids), request.lease_s or LEASE_S
-        cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease)
-        ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)
-        return pb.ReserveResponse(ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens)
+        tp = request.prefill_tp_size or 1
+        cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease, tp)
+        ticket, blocks, tokens, parts = await ask(context, self.worker.loop, cmd)
+        return pb.ReserveResponse(
+            ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens, parts=parts
+        )
 
     async def Decode(self, request: pb.DecodeRequest, context) -> AsyncIterator[pb.TokenChunk]:
         sink = Sink(asyncio.get_running_loop())

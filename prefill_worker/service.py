@@ -36,7 +36,7 @@ class PrefillService:
         rid, prompt = spec.request_id, list(spec.prompt_token_ids)
         params = await call_worker(context, params_from_pb, spec.params)
         await call_worker(context, loop.check_serving)  # before connecting to D
-        sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
+        sender = await call_worker(context, self._open, rid, request, thread=True)
         aio = asyncio.get_running_loop()
         done: asyncio.Future = aio.create_future()
 
@@ -58,10 +58,12 @@ class PrefillService:
             await context.abort(result.code, str(result))
         return result
 
-    def _open(self, rid: str, ticket: pb.TransferTicket) -> KVSender:
-        name = self.worker.config.name
+    def _open(self, rid: str, request: pb.PrefillRequest) -> KVSender:
+        name, ticket = self.worker.config.name, request.ticket
+        tickets = [ticket_from_pb(t) for t in request.parts] or [ticket_from_pb(ticket)]
+        prompt_len = len(request.request.prompt_token_ids)
         try:
-            sender = self.worker.open_sender(rid, ticket_from_pb(ticket))
+            sender = self.worker.open_sender(rid, tickets, prompt_len, request.num_cached_blocks)
         except TicketRefused as exc:  # checked before any connection is made
             logger.warning("prefill %s refused a ticket: %s", name, exc)
             raise WorkerError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
@@ -72,6 +74,8 @@ class PrefillService:
             raise WorkerError(
                 grpc.StatusCode.UNAVAILABLE, f"cannot reach KV endpoint {ticket.endpoint}: {exc}"
             ) from None
+        except ValueError as exc:  # parts for another prefill TP size
+            raise WorkerError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if sender.poll() is TransferState.FAILED:
             raise WorkerError(grpc.StatusCode.ABORTED, f"transfer refused: {sender.error}")
         return sender

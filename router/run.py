@@ -183,7 +183,10 @@ class RequestRun:
         await self._track(d, rid)
         try:
             res = await reg.client(d).decode.Reserve(
-                pb.ReserveRequest(request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s),
+                pb.ReserveRequest(
+                    request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s,
+                    prefill_tp_size=p.tp_size,
+                ),
                 timeout=5.0,
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
@@ -194,7 +197,10 @@ class RequestRun:
             raise _Fallback(RouteReason.RESERVE_FAILED) from exc
         await self._track(p, rid)
         req = pb.PrefillRequest(
-            request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks
+            request=self.spec,
+            ticket=res.ticket,
+            num_cached_blocks=res.num_cached_blocks,
+            parts=res.parts,  # TP groups: one ticket per rank-to-rank part
         )
         try:
             pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
