@@ -220,11 +220,15 @@ class DecodeWorker:
             self._fail_request(rid, f"internal error ({type(exc).__name__})")
 
     def fail_all(self, why: str) -> None:
-        """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
+        """End every stream with ``why`` (the engine cannot go on, e.g. a rank of its group
+        died) and free every block; the process then ends."""
         for req in list(self._reqs.values()):
             if req.sink is not None:
                 req.sink.put(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
+            if req.receiver is not None:
+                req.receiver.abort(why)
         self._reqs.clear()
+        self.engine.abort_all()
 
     def load(self) -> RoleLoad:
         sched = self.engine.scheduler

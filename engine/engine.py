@@ -195,6 +195,12 @@ class LLMEngine:
             return True
         return False
 
+    def abort_all(self) -> None:
+        """Abort every request, reservation and prefilled hand-off: every block is free
+        again (the engine cannot go on, e.g. a rank of its group died)."""
+        for rid in {*self.scheduler.requests, *self._reserved, *self.kv.request_ids()}:
+            self.abort(rid)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 

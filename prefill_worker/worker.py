@@ -167,6 +167,7 @@ class PrefillWorker:
             job.sender.abort(why)
             job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._jobs.clear()
+        self.engine.abort_all()
 
     def load(self) -> RoleLoad:
         sched = self.engine.scheduler

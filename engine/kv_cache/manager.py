@@ -54,6 +54,10 @@ class KVCacheManager:
     def holds(self, request_id: str) -> bool:
         return request_id in self._blocks
 
+    def request_ids(self) -> list[str]:
+        """Every request holding blocks."""
+        return list(self._blocks)
+
     def block_hashes(self, request: Request) -> list[int]:
         """Chained hashes of the request's full blocks (extended incrementally)."""
         hashes = self._hashes.setdefault(request.request_id, [])

@@ -122,7 +122,8 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
                 "the worker restarts"
             )
         worker.fail_all(why)
-        logger.error("%s; exiting", why)
+        kv = worker.engine.kv
+        logger.error("%s; %d of %d KV blocks free; exiting", why, kv.num_free_blocks, kv.num_blocks)
         # ``_exit`` is read now: a replacement installed by a test holds for this timer.
         threading.Timer(EXIT_DELAY_S, _exit, args=(1,)).start()
 
