@@ -32,7 +32,7 @@ from engine.kv_cache.layout import KVLayout, KVLayoutSpec
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.parallel.build import kv_heads
+from engine.parallel.build import describe_rank, kv_heads
 from engine.parallel.compose import make_driver, make_kv_manager
 from engine.parallel.driver import FollowerRole, run_follower
 from engine.parallel.ep import ExpertParallelGroup
@@ -64,22 +64,12 @@ class LLMEngine:
         self.heads = kv_heads(self.spec, self.parallel)
         """Global KV heads ``[start, end)`` in this rank's cache."""
         self.layout = self._layout(config, dtype)
-        cache = config.cache
-        self.kv = make_kv_manager(
-            self.parallel,
-            self.layout.num_blocks,
-            self.layout.block_size,
-            cache.enable_prefix_caching,
-        )
+        self.kv = make_kv_manager(self.parallel, self.layout, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.backend = get_backend(config.attention_backend, config.device)
+        caches = self.layout.allocate(self.device)
         self.runner = ModelRunner(
-            self.model,
-            self.layout.allocate(self.device),
-            self.backend,
-            self.layout.block_size,
-            self.device,
-            config.seed,
+            self.model, caches, self.backend, self.layout.block_size, self.device, config.seed
         )
         self.driver = make_driver(self.parallel, self.runner, self.kv)
         self.kv_layer_hook: KVLayerHook | None = None
@@ -89,20 +79,9 @@ class LLMEngine:
         """Measured prompt tokens per second (the router predicts TTFT with it)."""
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s%s",
-            self.spec.architecture,
-            self.layout.num_blocks,
-            self.layout.block_size,
-            self.max_model_len,
-            self.backend.name,
-            self._rank_note(),
-        )
-
-    def _rank_note(self) -> str:
-        p = self.parallel
-        if p.kind == "single":
-            return ""
-        heads = f", KV heads {self.heads[0]}-{self.heads[1] - 1}" if p.tp_size > 1 else ""
-        return f", {p.kind.upper()} rank {p.rank} of {p.size}{heads}"
+            self.spec.architecture, self.layout.num_blocks, self.layout.block_size,
+            self.max_model_len, self.backend.name, describe_rank(self.parallel, self.heads),
+        )  # fmt: skip
 
     # -- setup ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from kv_transfer import auth, wire
+from kv_transfer import auth, tp_map, wire
 from kv_transfer.base import EndpointArgs, HandshakeError, OnDone, TransferState, TransferTicket
 from kv_transfer.intake import PageIntake
 from kv_transfer.link import ControlLink, PeerLost
@@ -78,41 +78,29 @@ class Endpoint:
 
     # -- KVEndpoint --------------------------------------------------------------
     def expect(
-        self,
-        block_ids: Sequence[int],
-        lease_s: float,
-        on_done: OnDone | None = None,
-        heads: tuple[int, int] | None = None,
-        src_rank: int = 0,
-    ) -> ReceiverTransfer:
-        """Register a transfer into the reserved ``block_ids``; hand out ``.ticket``.
-        ``heads``: a TP part of global KV heads (this endpoint's rank holds them)."""
+        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None,
+        heads: tuple[int, int] | None = None, src_rank: int = 0,
+    ) -> ReceiverTransfer:  # fmt: skip
+        """Register a transfer into the reserved ``block_ids``; hand out ``.ticket``
+        (``heads``: a TP part's global KV heads, kv_transfer/tp_map.py)."""
         if self._stop.is_set():
             raise RuntimeError(f"endpoint {self.address} is closed")
-        ids = tuple(int(b) for b in block_ids)
+        ids, spec = tuple(int(b) for b in block_ids), self.args.spec
         bad = [b for b in ids if not 0 <= b < self.args.layout.num_blocks]
         if bad or len(set(ids)) != len(ids) or not ids:
             raise ValueError(
                 f"block_ids must be distinct ids in [0, {self.args.layout.num_blocks}), "
                 f"got {list(ids)[:8]}... ({len(ids)} ids, out of range: {bad[:8]})"
             )
-        spec = self.args.spec
         ticket = TransferTicket(
-            transfer_id=uuid.uuid4().hex,
-            endpoint=self.address,
-            block_ids=ids,
-            epoch=self.epoch,
-            lease_deadline=time.time() + lease_s,
-            backend=self.backend.name,
-            tp_rank=spec.tp_rank,
-            src_rank=src_rank,
-            heads=heads,
-        )
+            uuid.uuid4().hex, self.address, ids, self.epoch, time.time() + lease_s,
+            self.backend.name, tp_rank=spec.tp_rank, src_rank=src_rank, heads=heads,
+        )  # fmt: skip
         ticket = auth.sign_ticket(self.args.config.secret, ticket)
         transfer = ReceiverTransfer(
             ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal, on_done
         )
-        transfer.local_heads = _local_heads(spec, heads)
+        transfer.local_heads = tp_map.local_heads(spec, heads)
         with self._lock:
             self._transfers[ticket.transfer_id] = transfer
         return transfer
@@ -300,14 +288,3 @@ class Endpoint:
         for transfer in transfers:
             transfer.on_link_lost(link, reason)
         plane.close()
-
-
-def _local_heads(spec, heads: tuple[int, int] | None) -> tuple[int, int] | None:
-    """This cache's head slice a part writes (``None``: every head)."""
-    if heads is None or heads == (spec.head_start, spec.head_end):
-        return None
-    if not spec.head_start <= heads[0] < heads[1] <= spec.head_end:
-        raise ValueError(
-            f"KV heads {list(heads)} are not in this rank's [{spec.head_start}, {spec.head_end})"
-        )
-    return heads[0] - spec.head_start, heads[1] - spec.head_start

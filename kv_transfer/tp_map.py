@@ -110,3 +110,14 @@ def check_part(sender: KVLayoutSpec, receiver: KVLayoutSpec, ticket: TransferTic
                 "the one the decode worker planned for"
             )
     return None
+
+
+def local_heads(spec: KVLayoutSpec, heads: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The slice of this rank's cache heads a part writes (``None``: every head)."""
+    if heads is None or heads == (spec.head_start, spec.head_end):
+        return None
+    if not spec.head_start <= heads[0] < heads[1] <= spec.head_end:
+        raise ValueError(
+            f"KV heads {list(heads)} are not in this rank's [{spec.head_start}, {spec.head_end})"
+        )
+    return heads[0] - spec.head_start, heads[1] - spec.head_start

@@ -181,14 +181,12 @@ class RequestRun:
         reg = svc.registry
         transport = svc.transport(p, d)
         await self._track(d, rid)
+        reserve = pb.ReserveRequest(
+            request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s,
+            prefill_tp_size=p.tp_size,  # a TP group on either side: D plans rank-to-rank parts
+        )  # fmt: skip
         try:
-            res = await reg.client(d).decode.Reserve(
-                pb.ReserveRequest(
-                    request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s,
-                    prefill_tp_size=p.tp_size,
-                ),
-                timeout=5.0,
-            )  # fmt: skip
+            res = await reg.client(d).decode.Reserve(reserve, timeout=5.0)
         except grpc.aio.AioRpcError as exc:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -197,11 +195,9 @@ class RequestRun:
             raise _Fallback(RouteReason.RESERVE_FAILED) from exc
         await self._track(p, rid)
         req = pb.PrefillRequest(
-            request=self.spec,
-            ticket=res.ticket,
-            num_cached_blocks=res.num_cached_blocks,
-            parts=res.parts,  # TP groups: one ticket per rank-to-rank part
-        )
+            request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks,
+            parts=res.parts,
+        )  # fmt: skip
         try:
             pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:

@@ -37,3 +37,11 @@ def apply_parallel(model, spec: ModelSpec, parallel: ParallelState) -> None:
 def kv_heads(spec: ModelSpec, parallel: ParallelState) -> tuple[int, int]:
     """Global KV heads ``[start, end)`` in this rank's cache."""
     return kv_head_range(spec.num_kv_heads, parallel.tp_size, parallel.rank % parallel.tp_size)
+
+
+def describe_rank(parallel: ParallelState, heads: tuple[int, int]) -> str:
+    """``", TP rank 1 of 2, KV heads 2-3"`` for a log line (empty on a single rank)."""
+    if parallel.kind == "single":
+        return ""
+    note = f", {parallel.kind.upper()} rank {parallel.rank} of {parallel.size}"
+    return note + (f", KV heads {heads[0]}-{heads[1] - 1}" if parallel.tp_size > 1 else "")

@@ -3,6 +3,7 @@ the driver each step goes through (one rank: the plain ones)."""
 
 from __future__ import annotations
 
+from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.parallel.driver import LocalDriver, StepDriver, TPDriver
@@ -11,13 +12,11 @@ from engine.parallel.ep_kv import EPCacheManager
 from engine.parallel.state import ParallelState
 
 
-def make_kv_manager(
-    parallel: ParallelState, num_blocks: int, block_size: int, caching: bool
-) -> KVCacheManager:
+def make_kv_manager(parallel: ParallelState, layout: KVLayout, caching: bool) -> KVCacheManager:
     """Expert parallelism places each request's KV on a home rank (ep_kv.py)."""
     if parallel.ep_size > 1:
-        return EPCacheManager(num_blocks, block_size, caching, parallel.ep_size)
-    return KVCacheManager(num_blocks, block_size, caching)
+        return EPCacheManager(layout.num_blocks, layout.block_size, caching, parallel.ep_size)
+    return KVCacheManager(layout.num_blocks, layout.block_size, caching)
 
 
 def make_driver(parallel: ParallelState, runner: ModelRunner, kv: KVCacheManager) -> StepDriver:
