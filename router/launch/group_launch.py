@@ -26,6 +26,20 @@ def group_size(config: WorkerConfig) -> int:
     return p.tp_size * p.ep_size
 
 
+def rank_device(config: WorkerConfig, rank: int) -> str:
+    """This rank's device: ``cuda:<rank>`` when one process sees every GPU of the group
+    (``pdserve worker`` on a multi-GPU node); under Ray each rank sees its own GPU only."""
+    device = resolve_device(config.engine.device)
+    if device != "cuda":
+        return device
+    import torch
+
+    if torch.cuda.device_count() >= group_size(config):
+        torch.cuda.set_device(rank)
+        return f"cuda:{rank}"
+    return device
+
+
 def _join(config: WorkerConfig, rank: int, device: str, init_method=None, store=None):
     from engine.parallel.group import join_group
 
@@ -70,7 +84,7 @@ def follower_main(config_json: str, rank: int, init_method: str) -> None:
 
     try:
         config = from_json(WorkerConfig, config_json)
-        device = resolve_device(config.engine.device)
+        device = rank_device(config, rank)
         parallel = _join(config, rank, device, init_method=init_method)
         engine = LLMEngine(replace(config.engine, device=device), parallel)
         engine.run_follower(_role_follower(engine, config))
@@ -109,7 +123,7 @@ def start_local_group(config: WorkerConfig) -> Any:
         proc = ctx.Process(target=follower_main, args=args, daemon=True)
         proc.start()
         pids.append(proc.pid)
-    parallel = _join(config, 0, resolve_device(config.engine.device), store=store)
+    parallel = _join(config, 0, rank_device(config, 0), store=store)
     return replace(parallel, rank_pids=tuple(pids))
 
 
