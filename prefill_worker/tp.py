@@ -57,10 +57,15 @@ def _open_local(engine, client: KVClient, group: GroupSender, tickets) -> None:
         tx = senders.get(transfer_id)
         group.parts.update(transfer_id, state, tx.error if tx is not None else None)
 
-    for ticket in tickets:
-        tx = client.open(ticket, on_done=done)
-        senders[ticket.transfer_id] = tx
-        group.add_local(tx, local_heads(engine, ticket))
+    try:
+        for ticket in tickets:
+            tx = client.open(ticket, on_done=done)
+            senders[ticket.transfer_id] = tx
+            group.add_local(tx, local_heads(engine, ticket))
+    except BaseException as exc:  # refused or unreachable: the parts opened so far go too
+        for tx in senders.values():
+            tx.abort(f"another part of the transfer could not open: {exc}")
+        raise
 
 
 class TPSenders:
@@ -95,7 +100,9 @@ class TPSenders:
             try:
                 self.hub.request(rank, "kv_open", {**job, "tickets": [ticket_hex(t) for t in mine]})
             except ChannelError as exc:
-                group.abort(f"TP rank {rank} could not open its KV part: {exc}")
+                why = f"TP rank {rank} could not open its KV part: {exc}"
+                group.rank_lost(rank, why)  # it reports none of them (a sender only reads)
+                group.abort(why)
         group.parts.seal()
         return group
 
