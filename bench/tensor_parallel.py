@@ -113,10 +113,10 @@ def _rank(rank: int, size: int, port: int, model: str, args, out: str) -> None:
         steps = _decode_steps(llm, args, clock)
         per_step = clock.seconds / args.steps, clock.calls // args.steps
         llm.engine.stop_followers()
-        dist.recv(follower, 1)
+        dist.recv(follower, 1, group=parallel.control_group)
     else:
         follower = _follow_timed(llm, clock, args.steps)
-        dist.send(follower, 0)
+        dist.send(follower, 0, group=parallel.control_group)
     dev = torch.device(device)
     raw = _raw_allreduce(1 + 2 * args.layers, clock.bytes, args.steps, dev)
     if rank == 0:
