@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from engine.kv_cache.layout import head_view
 from kv_transfer.base import (
     KVReceiver,
     KVSender,
@@ -175,8 +176,9 @@ class GroupSender(_Group):
         v: torch.Tensor,
         src_block_ids: Sequence[int] | None = None,
     ) -> None:
-        for sender, (a, b) in zip(self._local, self._heads, strict=True):
-            sender.send_layer(layer, k[:, :, a:b], v[:, :, a:b], src_block_ids=src_block_ids)
+        for sender, heads in zip(self._local, self._heads, strict=True):
+            kh, vh = head_view(k, heads), head_view(v, heads)
+            sender.send_layer(layer, kh, vh, src_block_ids=src_block_ids)
 
     def finish(self) -> None:
         for sender in self._local:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.kv_cache.layout import KVLayout
+from engine.kv_cache.layout import KVLayout, head_view
 from kv_transfer import wire
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pages import PageWriter
@@ -34,7 +34,10 @@ class _Pages:
 
     def __init__(self, layout: KVLayout, kv_caches, heads: tuple[int, int] | None) -> None:
         a, b = heads or (0, layout.num_kv_heads)
-        self.writers = [(PageWriter(k[:, :, a:b]), PageWriter(v[:, :, a:b])) for k, v in kv_caches]
+        self.writers = [
+            (PageWriter(head_view(k, (a, b))), PageWriter(head_view(v, (a, b))))
+            for k, v in kv_caches
+        ]
         self.direct_ok = self.writers[0][0].block_views([]) is not None  # contiguous blocks
         self.block_bytes = layout.block_bytes * (b - a) // layout.num_kv_heads
 

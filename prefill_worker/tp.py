@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
+from engine.kv_cache.layout import head_view
 from engine.parallel.channel import ChannelError, RankHub, RankLink
 from engine.parallel.step_sync import StepMessage
 from engine.security import ClusterSecret
@@ -215,9 +216,11 @@ class PrefillFollower:
                 src = item.block_ids[job.num_cached_blocks :][
                     : len(job.senders[0].ticket.block_ids)
                 ]
-                for tx, (a, b) in zip(job.senders, job.heads, strict=True):
+                for tx, heads in zip(job.senders, job.heads, strict=True):
                     try:
-                        tx.send_layer(layer, k[:, :, a:b], v[:, :, a:b], src_block_ids=src)
+                        tx.send_layer(
+                            layer, head_view(k, heads), head_view(v, heads), src_block_ids=src
+                        )
                         if layer == last:
                             tx.finish()
                     except Exception as exc:  # this part fails alone, never the step

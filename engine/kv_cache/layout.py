@@ -133,6 +133,12 @@ def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]
     return head, head + 1
 
 
+def head_view(cache: torch.Tensor, heads: tuple[int, int]) -> torch.Tensor:
+    """One layer's K or V cache restricted to its KV heads ``[start, end)`` (a view: a TP
+    part reads or writes its heads in place within every block)."""
+    return cache[:, :, heads[0] : heads[1]]
+
+
 def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]

@@ -123,7 +123,9 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
             )
         worker.fail_all(why)
         kv = worker.engine.kv
-        logger.error("%s; exiting (%d of %d KV blocks free)", why, kv.num_free_blocks, kv.num_blocks)
+        logger.error(
+            "%s; exiting (%d of %d KV blocks free)", why, kv.num_free_blocks, kv.num_blocks
+        )
         # ``_exit`` is read now: a replacement installed by a test holds for this timer.
         threading.Timer(EXIT_DELAY_S, _exit, args=(1,)).start()
 
