@@ -8,7 +8,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-random test-gpu test-quick lint format clean redis peer bench-peer
+.PHONY: setup serve test test-random test-gpu test-quick fuzz lint format clean redis peer bench-peer
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ test-gpu: setup
 # Everything but the tests that start whole clusters from scratch, and the GPU matrix.
 test-quick: setup redis
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" -p no:randomly
+
+# The fuzz suite alone with long example budgets and random seeds (tests/fuzzing.py).
+fuzz: setup redis
+	PDSERVE_FUZZ=long $(BIN)/python -m pytest -q -k fuzz --timeout 3600
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,15 +5,23 @@ shared layer's (engine/worker/service.py)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable
+
+import grpc
 
 from decode_worker.commands import Decode, Generate, Reserve
 from decode_worker.worker import DecodeWorker
-from engine.config import LEASE_S
+from engine.model_spec import ModelSpec
+from engine.parallel.tp import check_tp
 from engine.worker.convert import params_from_pb
 from engine.worker.service import abort_of, ask, call_worker, stream_sink
 from engine.worker.sink import Sink
 from proto import worker_pb2 as pb
+
+MAX_LEASE_S = 3600.0
+"""Longest lease a Reserve may ask for: the blocks of a transfer that never comes are
+free again by then (an infinite lease would hold them for good)."""
 
 
 class DecodeService:
@@ -26,8 +34,15 @@ class DecodeService:
     async def Reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveResponse:
         spec = request.request
         params = await call_worker(context, params_from_pb, spec.params)
-        prompt, lease = list(spec.prompt_token_ids), request.lease_s or LEASE_S
+        prompt, lease = list(spec.prompt_token_ids), request.lease_s or self.worker.config.lease_s
+        if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_S):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"lease_s must be in (0, {MAX_LEASE_S}] seconds (0 = this worker's default "
+                f"{self.worker.config.lease_s}), got {lease}",
+            )
         tp = request.prefill_tp_size or 1
+        await call_worker(context, _check_prefill_tp, self.worker.engine.spec, tp)
         cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease, tp)
         ticket, blocks, tokens, parts = await ask(context, self.worker.loop, cmd)
         return pb.ReserveResponse(
@@ -48,3 +63,12 @@ class DecodeService:
         await ask(context, self.worker.loop, Generate(rid, prompt, params, sink))
         async for chunk in stream_sink(sink, abort_of(self.worker.loop, rid), context):
             yield chunk
+
+
+def _check_prefill_tp(spec: ModelSpec, tp: int) -> None:
+    """A prefill TP size this model cannot be split over is refused before any part is
+    planned (planning walks every prefill rank: an absurd size would stall the engine)."""
+    try:
+        check_tp(spec, tp)
+    except ValueError as exc:
+        raise ValueError(f"prefill_tp_size={tp} does not fit this model: {exc}") from None

@@ -33,6 +33,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> 
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing p
+        # The most likely token always stays: a top_p below float32's resolution (5e-324
+        # rounds to 0.0) would otherwise drop every token and sample from NaN.
+        drop[0] = False
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits

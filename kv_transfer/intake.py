@@ -55,6 +55,7 @@ class PageIntake:
     ):
         self._layout, self._kv_caches = layout, kv_caches
         self._pages = {None: _Pages(layout, kv_caches, None)}
+        self._num_blocks = layout.num_blocks
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
 
@@ -99,6 +100,10 @@ class PageIntake:
 
     def _size_problem(self, desc: pb.PageDescriptor, bb: int) -> str | None:
         n = len(desc.block_ids)
+        if n > self._num_blocks:
+            # Its chunks would be buffered before any block id is checked: refused here,
+            # a peer cannot make this endpoint allocate more than one layer of its cache.
+            return f"descriptor for layer {desc.layer} names {n} blocks; this cache has {self._num_blocks}"  # fmt: skip
         if n and desc.k_bytes == desc.v_bytes == n * bb:
             return None
         return (

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
+from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.worker.errors import WorkerError
@@ -50,3 +53,6 @@ class Job:
     first: RequestOutput | None = None
     sent_layers: int = 0
     t_first_layer: float = 0.0
+    held: tuple[int, LayerKV, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """The last layer's ``_send_layer`` arguments, sent once the first token is sampled
+    (prefill_worker/worker.py's module docstring)."""

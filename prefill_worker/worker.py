@@ -16,6 +16,10 @@ layer; on a request's final prefill chunk every earlier chunk's KV is already in
 cache, so the hook queues that layer's pages for the whole prompt (kv_transfer gathers
 and sends on its own thread) while the next layers compute. Blocks are released only
 once the sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
+The last layer is held back until the first token is sampled: the decode side's transfer
+completes only with it, so a request whose first token fails (non-finite logits) aborts a
+transfer that D has not completed, and D frees the reservation at once instead of holding
+a "successful" one until the router's Abort or the lease.
 
 A prefill that fails alone (non-finite logits, an exception while sending its layers or
 handling its output) aborts its KV stream, so the decode worker frees the reservation,
@@ -195,11 +199,17 @@ class PrefillWorker:
             job.state = JobState.RUNNING
             if item.end_pos < job.prompt_len:
                 continue  # not the final chunk: this layer is sent once the prompt is whole
-            try:
-                self._send_layer(job, layer, item, cache)
-            except Exception as exc:
-                logger.exception("sending layer %d of %s failed", layer, job.request_id)
-                job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")
+            if layer == self.engine.layout.num_layers - 1:
+                job.held = (layer, item, cache)  # sent by _on_outputs (module docstring)
+                continue
+            self._try_send(job, layer, item, cache)
+
+    def _try_send(self, job: Job, layer: int, item: LayerKV, cache) -> None:
+        try:
+            self._send_layer(job, layer, item, cache)
+        except Exception as exc:
+            logger.exception("sending layer %d of %s failed", layer, job.request_id)
+            job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")
 
     def _send_layer(self, job: Job, layer: int, item: LayerKV, cache) -> None:
         #  prefill block table:  [ cached on D | blocks to fill ... ]
@@ -233,6 +243,11 @@ class PrefillWorker:
             self._fail_job(job, out.error)
             return
         job.first, job.state = out, JobState.SENDING
+        held, job.held = job.held, None
+        if held is not None:
+            self._try_send(job, *held)
+        elif job.sent_layers < self.engine.layout.num_layers:
+            job.sender.abort("prefill finished without sending its last layer")
         if job.sender.poll() is TransferState.SUCCESS:  # D confirmed within the step
             self._finish(job, self._response(job))
 

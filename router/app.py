@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router import openapi
 from router.api import Shaper
 from router.middleware import BodyLimit
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -66,12 +67,14 @@ def internal_error(
 
 
 def create_app(service: RouterService, lifespan=None) -> FastAPI:
+    # /openapi.json is served (router/openapi.py); the interactive docs pages are not.
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)
     _install_error_handlers(app)
     app.include_router(probes)
     app.include_router(v1)
+    openapi.install(app)
     return app
 
 
@@ -116,7 +119,7 @@ probes = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 
 
-@probes.get("/health")
+@probes.get("/health", responses=openapi.HEALTH)
 async def health(request: Request):
     svc = _service(request)
     workers = await svc.io(svc.state.workers, None, False)  # off the loop (Redis)
@@ -141,27 +144,27 @@ async def health(request: Request):
     return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
 
-@probes.get("/metrics")
+@probes.get("/metrics", responses=openapi.METRICS)
 async def metrics(request: Request):
     svc = _service(request)
     svc.metrics.state_connected.set(1 if svc.state.health()["connected"] else 0)  # as of now
     return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@v1.get("/models")
+@v1.get("/models", responses=openapi.MODELS)
 async def models(request: Request):
     svc = _service(request)
     card = ModelCard(id=svc.config.served_model_name, max_model_len=svc.max_model_len)
     return ModelList(data=[card]).model_dump()
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses=openapi.GENERATE)
 async def completions(body: CompletionRequest, request: Request):
     job, shaper = await _service(request).completion_job(body)
     return await respond(_service(request), job, shaper, body, request)
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses=openapi.GENERATE)
 async def chat(body: ChatCompletionRequest, request: Request):
     job, shaper = await _service(request).chat_job(body)
     return await respond(_service(request), job, shaper, body, request)

@@ -52,6 +52,7 @@ class RouteReason(str, Enum):
     PREFILL_TIMEOUT = "prefill_timeout"
     TRANSFER_FAILED = "transfer_failed"
     LAYOUT_MISMATCH = "layout_mismatch"
+    TICKET_REFUSED = "ticket_refused"
     PREFILL_FAILED = "prefill_failed"
 
 

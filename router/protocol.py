@@ -7,6 +7,11 @@ Every numeric field is bounded to what the engine and worker.proto hold (the con
 engine/sampling_params.py); bounds that need the model (vocabulary, context) are in
 router/limits.py. Stop strings: at most ``MAX_STOP_STRINGS`` of at most
 ``MAX_STOP_CHARS`` characters each.
+
+The OpenAPI schema (``/openapi.json``) states every one of these bounds, so clients and
+schema-driven fuzzers (tests/router/test_fuzz_openapi.py) see them: where a validator
+below gives a clearer message than pydantic's, the field carries its bounds in a
+``WithJsonSchema`` instead.
 """
 
 from __future__ import annotations
@@ -14,9 +19,17 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from engine.sampling_params import (
+    MAX_LOGPROBS,
     MAX_SEED,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
@@ -29,29 +42,73 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 512
 """Characters per stop string: a stream holds back this many - 1 characters, so a longer
 one would turn streaming into one final chunk."""
-MAX_LOGPROBS = 20
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
+_TOKENS = {"type": "array", "items": _TOKEN_ID, "minItems": 1}
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_NULL = {"type": "null"}
+STOP_SCHEMA = WithJsonSchema(
+    {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOP_STRINGS}, _NULL]}
+)
+TEMPERATURE_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "number", "minimum": 0, "maximum": 0},
+            {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
+            _NULL,
+        ],
+        "description": f"0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+    }
+)
+PROMPT_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            _TOKENS,
+            {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1},
+                "minItems": 1,
+                "maxItems": 1,
+            },
+            {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 1},
+        ],
+        "description": "text or token ids; a list holds one prompt (no batches)",
+    }
+)
+
+
+STRICT = ConfigDict(strict=True)
+"""JSON types as the schema states them (OpenAI's API does the same): ``"max_tokens":
+"16"``, ``"stream": 1`` or ``"echo": 0`` are 400s, not silently converted."""
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    temperature: Annotated[float | None, TEMPERATURE_SCHEMA] = Field(
+        default=None, ge=0.0, le=MAX_TEMPERATURE
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stop: Annotated[str | list[str] | None, STOP_SCHEMA] = Field(
+        default=None, validate_default=True
+    )
     stop_token_ids: list[TokenId] | None = Field(
         default=None, validate_default=True, max_length=MAX_STOP_TOKEN_IDS
     )
-    n: int = 1
+    n: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1})] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -106,10 +163,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], PROMPT_SCHEMA]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: Annotated[bool, WithJsonSchema({"type": "boolean", "enum": [False]})] = False
 
     @field_validator("prompt")
     @classmethod
@@ -132,12 +189,14 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None

@@ -3,6 +3,8 @@
 route      policy -> (decode D, prefill P | local, reason)     counted in metrics
 remote:    D.Reserve -> P.Prefill (first token) -> D.Decode stream
            any failure before the first token -> abort on P and D, local fallback
+           (reason: prefill_timeout, transfer_failed, layout_mismatch, ticket_refused,
+           prefill_failed), except INTERNAL: the request itself failed -> 502, final
 local:     D.Generate stream
 D down     unreachable before any token (Reserve, or Generate's first chunk): marked
            unhealthy (for every router, with a shared state), routed once more
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -27,39 +28,17 @@ from router.detok import TextStream
 from router.job import Job, Output, RouterService
 from router.policy import RouteDecision, RoutePath, RouteReason
 from router.protocol import ApiError
+from router.run_errors import (
+    FALLBACKS,
+    SHIELD_ERRORS,
+    DecodeDown,
+    Fallback,
+    public_reason,
+    worker_failed,
+)
 from router.state.base import WorkerRecord
 
 logger = logging.getLogger(__name__)
-
-
-class _Fallback(Exception):
-    def __init__(self, reason: RouteReason) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _DecodeDown(Exception):
-    """The decode worker is unreachable (gRPC UNAVAILABLE); message: its details, for the
-    log (clients get them through :func:`public_reason`)."""
-
-    def __init__(self, worker_id: str, details: str | None) -> None:
-        super().__init__(f"decode worker {worker_id} unreachable: {details}")
-        self.worker_id, self.details = worker_id, details
-
-
-_ADDRESS = re.compile(r"(ipv[46]:)?(\[[0-9a-fA-F:.]+\]|\b\d{1,3}(\.\d{1,3}){3})(:\d{1,5})?")
-
-
-def public_reason(details: str | None, limit: int = 400) -> str:
-    """A worker's failure reason as a client may see it: internal addresses removed, bounded.
-
-    Workers describe what failed (``EP rank 1 (pid 4242) died``, ``KV transfer failed``);
-    the client needs that to know whether retrying helps, but not the cluster's addresses."""
-    text = _ADDRESS.sub("<internal>", details or "no details")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_SHIELD_ERRORS = (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)
 
 
 class RequestRun:
@@ -134,7 +113,7 @@ class RequestRun:
                     sent = True
                     yield chunk
                 return
-            except _DecodeDown as down:
+            except DecodeDown as down:
                 if sent or attempt == 2:
                     rid = self.job.request_id
                     logger.warning("request %s: %s", rid, down)
@@ -150,7 +129,7 @@ class RequestRun:
         if decision.path is RoutePath.REMOTE:
             try:
                 first = await self._remote_prefill(decision)
-            except _Fallback as fb:
+            except Fallback as fb:
                 svc.metrics.route(RoutePath.LOCAL, fb.reason)
                 logger.warning("request %s: remote prefill failed (%s)", self.job.request_id, fb)
             else:
@@ -191,8 +170,8 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 await svc.io(svc.state.mark_unhealthy, d.worker_id, d.epoch)
-                raise _DecodeDown(d.worker_id, exc.details()) from None
-            raise _Fallback(RouteReason.RESERVE_FAILED) from exc
+                raise DecodeDown(d.worker_id, exc.details()) from None
+            raise Fallback(RouteReason.RESERVE_FAILED) from exc
         await self._track(p, rid)
         req = pb.PrefillRequest(
             request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks,
@@ -201,7 +180,7 @@ class RequestRun:
         try:
             pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            await self._prefill_failed(p, exc)
+            await self._prefill_failed(decision, exc)
         self._done(p, rid)
         self._record_prefix(d)
         svc.metrics.kv_bytes.inc(pre.transfer_bytes)
@@ -213,19 +192,19 @@ class RequestRun:
         )
         return pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)
 
-    async def _prefill_failed(self, p: WorkerRecord, exc: grpc.aio.AioRpcError) -> None:
-        """Abort on both workers, then fall back to local prefill (or a 400 for bad input)."""
+    async def _prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None:
+        """Abort on both workers, then fall back to local prefill (or a 400 for bad input).
+        INTERNAL is the request's own failure (e.g. non-finite logits): it would fail the
+        same way on D, so it is final (a 502 naming the reason), not computed twice."""
         await self._abort_all()
         self._raise_bad_input(exc)
-        code = exc.code()
+        p, code = decision.prefill, exc.code()
+        if code == grpc.StatusCode.INTERNAL:
+            self.svc.metrics.route(RoutePath.REMOTE, decision.reason)
+            raise worker_failed(p, self.job.request_id, exc) from None
         if code == grpc.StatusCode.UNAVAILABLE:
             await self.svc.io(self.svc.state.mark_unhealthy, p.worker_id, p.epoch)
-        reason = {
-            grpc.StatusCode.DEADLINE_EXCEEDED: RouteReason.PREFILL_TIMEOUT,
-            grpc.StatusCode.ABORTED: RouteReason.TRANSFER_FAILED,
-            grpc.StatusCode.FAILED_PRECONDITION: RouteReason.LAYOUT_MISMATCH,
-        }.get(code, RouteReason.PREFILL_FAILED)
-        raise _Fallback(reason) from exc
+        raise Fallback(FALLBACKS.get(code, RouteReason.PREFILL_FAILED)) from exc
 
     def _record_prefix(self, d: WorkerRecord) -> None:
         """D will hold the prompt's blocks (in the background: not on the request's path)."""
@@ -263,9 +242,8 @@ class RequestRun:
             self._raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 await self.svc.io(self.svc.state.mark_unhealthy, d.worker_id, d.epoch)
-                raise _DecodeDown(d.worker_id, exc.details()) from None
-            logger.warning("request %s: decode worker %s failed: %s: %s", rid, d.worker_id, exc.code().name, exc.details())  # fmt: skip
-            raise ApiError(502, f"decode worker {d.worker_id} failed this request (request id {rid}): {public_reason(exc.details())}", "server_error") from None  # fmt: skip
+                raise DecodeDown(d.worker_id, exc.details()) from None
+            raise worker_failed(d, rid, exc) from None
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -278,7 +256,7 @@ class RequestRun:
             if client is not None:
                 calls.append(client.stub(role).Abort(pb.AbortRequest(request_id=rid), timeout=5.0))
         for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, _SHIELD_ERRORS):
+            if isinstance(result, BaseException) and not isinstance(result, SHIELD_ERRORS):
                 logger.warning("abort failed: %r", result)
 
     async def cleanup(self) -> None:

@@ -51,7 +51,10 @@ def post(rt, **body) -> httpx.Response:
 
 
 BAD = [
-    ({"stop_token_ids": [100000], "min_tokens": 1}, "token id 100000 is outside the vocabulary"),
+    (
+        {"stop_token_ids": [100000], "min_tokens": 1},
+        "token id 100000 is outside the vocabulary [0, 512)",
+    ),
     ({"top_k": 100000}, "top_k=100000 exceeds the vocabulary size 512"),
     ({"temperature": 1e-45}, "temperature"),
 ]

@@ -83,7 +83,7 @@ def test_missing_config(tmp_path):
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
         ({"top_k": 0}, r"top_k must be in \[1, 2147483647\] or None, got 0"),
         ({"max_tokens": 2, "min_tokens": 3}, r"min_tokens must be in \[0, max_tokens=2\], got 3"),
-        ({"logprobs": 50}, r"logprobs must be in \[0, 20\], got 50"),
+        ({"logprobs": 50}, r"logprobs must be in \[0, 20\] or None, got 50"),
     ],
 )
 def test_invalid_sampling_params(kwargs, message):
