@@ -4,7 +4,11 @@
     pdserve bench compare --json
 
     (a) aggregated      2 decode workers that prefill locally
-    (b) disaggregated   1 prefill + 1 decode worker, KV pages over shm
+    (b) disaggregated   1 prefill + 1 decode worker, KV pages over shm (written in place
+                        into the decode worker's shared pool); the router reserves on D
+                        while P prefills (reserve_mode overlap)
+    (b') disaggregated-serial  (b)'s workers behind a router of its own that reserves first
+                        (reserve_mode serial): calibration only, the A/B of the two designs
 
 Both clusters run at once as Ray actors (idle workers sleep), each worker pinned to its
 own core where the OS allows (every thread, ``sched_setaffinity``, at nice 0 rather than
@@ -12,9 +16,10 @@ Ray's 15); each setup has its own router process (``pdserve serve --worker ...``
 this process generates the load.
 
     calibrate   requests one at a time on each setup: low-load TTFT and TPOT. SLOs are a
-                fixed multiple of the larger of the two medians. Disaggregation's TTFT
-                overhead per KV megabyte moved is set beside 1 / the transport bandwidth
-                the router measured (its pdserve_kv_transfer_* counters).
+                fixed multiple of the larger of the (a) and (b) medians. Disaggregation's
+                TTFT overhead per KV megabyte moved is set beside 1 / the transport
+                bandwidth, and the mean of every hop the routers measured
+                (pdserve_disagg_hop_seconds) breaks the remote path down.
     sweep       per request rate, the same seeded prefill-heavy mix on (a) then (b), so
                 both see the same background load; goodput, P99 TTFT and P99 TPOT.
     report      bench/results/compare.md with plots; the last line printed is JSON with
@@ -30,17 +35,12 @@ import json
 import logging
 import os
 import random
-import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from bench.compare_cluster import MODEL_NAME, Cluster, Setup, hop_means_ms, start_clusters
 from bench.serve.client import ClientConfig
 from bench.serve.datasets import BenchRequest, random_requests
 from bench.serve.metrics import summarize
@@ -48,20 +48,24 @@ from bench.serve.runner import BenchResult, RunConfig, run
 
 logger = logging.getLogger("bench.compare")
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL_NAME = "tiny"
 TTFT_SLO_X, TPOT_SLO_X = 4.0, 3.0
 """SLO = this multiple of the larger low-load median (aggregated, disaggregated)."""
 CALIBRATION_SEGMENTS = 8
 
 
-@dataclass(frozen=True)
-class Setup:
-    name: str
-    prefill: int
-    decode: int
-
-
-SETUPS = (Setup("aggregated", 0, 2), Setup("disaggregated", 1, 1))
+SETUPS = (
+    Setup("aggregated", 0, 2),
+    Setup("disaggregated", 1, 1),
+    Setup(
+        "disaggregated-serial",
+        1,
+        1,
+        shares="disaggregated",
+        router_args=("--reserve-mode", "serial"),
+    ),  # fmt: skip
+)
+SWEPT = ("aggregated", "disaggregated")
+"""The setups of the sweep (the serial router shares the disaggregated workers)."""
 
 
 def prefill_heavy_mix(num: int, seed: int, vocab: int, long_output_share: float = 0.25):
@@ -71,109 +75,6 @@ def prefill_heavy_mix(num: int, seed: int, vocab: int, long_output_share: float 
     chatty = random_requests(num, 256, 128, 0.25, vocab, seed + 1)
     rng = random.Random(seed)
     return [c if rng.random() < long_output_share else h for h, c in zip(heavy, chatty, strict=True)]  # fmt: skip
-
-
-# -- clusters ------------------------------------------------------------------------------
-
-
-def pin(pid: int, core: int) -> bool:
-    """Pin every thread of ``pid`` to ``core`` at nice 0; False where the OS refuses.
-
-    Ray starts workers at nice 15, below the router and this load generator (nice 0), so
-    on a busy CPU box they would be starved first; the A/B gives them normal priority.
-    """
-    if not hasattr(os, "sched_setaffinity") or core >= (os.cpu_count() or 1):
-        return False
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), {core})
-            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
-    except (OSError, ValueError) as exc:
-        logger.warning("cannot pin pid %d to core %d: %s", pid, core, exc)
-        return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """One setup's Ray workers (pinned) and its router subprocess."""
-
-    def __init__(self, setup: Setup, model: str, workers) -> None:
-        self.setup, self.model, self.workers = setup, model, workers
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def launch(self, settings) -> None:
-        prefix = f"{self.setup.name}-"
-        self.workers.launch("prefill", self.setup.prefill, settings, prefix=prefix)
-        self.workers.launch("decode", self.setup.decode, settings, prefix=prefix)
-
-    def start_router(self, log_dir: Path) -> None:
-        infos = [i for w, i in self.workers.wait_ready().items() if w.startswith(self.setup.name)]
-        for core, info in enumerate(sorted(infos, key=lambda i: i["worker_id"])):
-            pinned = pin(info["pid"], core)
-            logger.info("%s: %s pid %d%s", self.setup.name, info["worker_id"], info["pid"],
-                        f" pinned to core {core}" if pinned else " (not pinned)")  # fmt: skip
-        port = free_port()
-        cmd = [sys.executable, "-m", "router.launch.cli", "--log-level", "WARNING", "serve",
-               "--model", self.model, "--served-model-name", MODEL_NAME, "--port", str(port)]  # fmt: skip
-        for info in infos:
-            cmd += ["--worker", info["address"]]
-        self.log = log_dir / f"router-{self.setup.name}.log"
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        self.expected = len(infos)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"{self.setup.name} router exited; see {self.log}")
-            try:
-                workers = httpx.get(self.url + "/health", timeout=2).json().get("workers", {})
-                if sum(w["healthy"] for w in workers.values()) == self.expected:
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.setup.name} router not ready in {timeout_s}s; see {self.log}")
-
-    def kv_counters(self) -> tuple[float, float]:
-        """(bytes, seconds) the router counted moving KV from prefill to decode."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        get = lambda name: sum(float(v) for v in re.findall(rf"^{name}_total (\S+)$", text, re.M))  # noqa: E731
-        return get("pdserve_kv_transfer_bytes"), get("pdserve_kv_transfer_seconds")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def start_clusters(model: str, log_dir: Path) -> tuple[dict[str, Cluster], object]:
-    from engine.config import EngineConfig, WorkerConfig
-    from router.launch.ray_launcher import RayWorkers, start_ray
-
-    start_ray(None, "127.0.0.2", num_cpus=8)
-    workers = RayWorkers()
-    # device auto: each worker's node resolves it; launch() sets each worker's role
-    settings = WorkerConfig("decode", EngineConfig(model, device="auto"), kv_transports=("tcp", "shm"))  # fmt: skip
-    clusters = {s.name: Cluster(s, model, workers) for s in SETUPS}
-    for c in clusters.values():
-        c.launch(settings)
-    for c in clusters.values():
-        c.start_router(log_dir)
-    for c in clusters.values():
-        c.wait_ready()
-    return clusters, workers
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -202,19 +103,20 @@ def interleaved(clusters, requests, cfg: RunConfig, segments: int) -> dict[str, 
 
 
 def calibrate(clusters: dict[str, Cluster], requests: list[BenchRequest], seed: int) -> dict:
-    """Low load (one request at a time): medians, SLOs, KV moved per request."""
+    """Low load (one request at a time): medians, SLOs, KV moved per request, hop means."""
     cfg = RunConfig(max_concurrency=1, seed=seed, warmup=2, progress=False)
-    before = {name: c.kv_counters() for name, c in clusters.items()}
+    before = {name: c.counters() for name, c in clusters.items()}
     got = interleaved(clusters, requests, cfg, segments=CALIBRATION_SEGMENTS)
     out: dict = {}
     for name, c in clusters.items():
-        s = got[name]["summary"]
-        after = c.kv_counters()
-        kv_bytes, kv_s = after[0] - before[name][0], after[1] - before[name][1]
+        s, after = got[name]["summary"], c.counters()
+        kv_bytes = after["kv_bytes"] - before[name]["kv_bytes"]
+        kv_s = after["kv_seconds"] - before[name]["kv_seconds"]
         n = s["completed"] + cfg.warmup * CALIBRATION_SEGMENTS  # warmups moved KV too
         out[name] = {"median_ttft_ms": s["median_ttft_ms"], "median_tpot_ms": s["median_tpot_ms"],
                      "kv_mb_per_request": kv_bytes / 1e6 / n,
-                     "router_kv_ms_per_mb": 1e3 * kv_s / (kv_bytes / 1e6) if kv_bytes else None}  # fmt: skip
+                     "router_kv_ms_per_mb": 1e3 * kv_s / (kv_bytes / 1e6) if kv_bytes else None,
+                     "hops_ms": hop_means_ms(before[name], after)}  # fmt: skip
     a, d = out["aggregated"], out["disaggregated"]
     out["slo_multiples"] = {"ttft": TTFT_SLO_X, "tpot": TPOT_SLO_X}
     out["slo_ms"] = {
@@ -222,7 +124,8 @@ def calibrate(clusters: dict[str, Cluster], requests: list[BenchRequest], seed: 
         "tpot": round(TPOT_SLO_X * max(a["median_tpot_ms"], d["median_tpot_ms"]), 2),
     }
     mb = d["kv_mb_per_request"]
-    out["ttft_overhead_ms_per_kv_mb"] = (d["median_ttft_ms"] - a["median_ttft_ms"]) / mb if mb else None  # fmt: skip
+    out["ttft_overhead_ms"] = {n: out[n]["median_ttft_ms"] - a["median_ttft_ms"] for n in out if n.startswith("disaggregated")}  # fmt: skip
+    out["ttft_overhead_ms_per_kv_mb"] = out["ttft_overhead_ms"]["disaggregated"] / mb if mb else None  # fmt: skip
     return out
 
 
@@ -278,17 +181,20 @@ def cmd(args: argparse.Namespace) -> int:
     start, load_before = time.monotonic(), os.getloadavg()
     logger.info("measuring the shm transport's bandwidth (bench.kv_transfer)")
     gbps = transport_gbps()
-    clusters, workers = start_clusters(model, Path(tempfile.mkdtemp(prefix="pdserve-compare-")))
+    clusters, workers = start_clusters(SETUPS, model, Path(tempfile.mkdtemp(prefix="pdserve-compare-")))  # fmt: skip
     try:
         calib = calibrate(clusters, prefill_heavy_mix(args.calibration_prompts, args.seed + 100, vocab), args.seed)  # fmt: skip
         calib["transport_gbps"] = gbps
         calib["inverse_bandwidth_ms_per_mb"] = 1.0 / gbps
+        mb = calib["disaggregated"]["kv_mb_per_request"]
+        calib["overhead_goal_ms"] = 1.2 * mb / gbps + 2.0  # issue 19: 1.2 x bytes/bandwidth + 2 ms
         logger.info("calibration: %s", json.dumps(calib))
 
         def workload(i: int) -> list[BenchRequest]:
             return prefill_heavy_mix(args.num_prompts, args.seed + 1000 * (i + 1), vocab)
 
-        runs = sweep(clusters, workload, rates, calib["slo_ms"], args.seed, args.segments)
+        swept = {n: clusters[n] for n in SWEPT}
+        runs = sweep(swept, workload, rates, calib["slo_ms"], args.seed, args.segments)
         requests = workload(0)
     finally:
         for c in clusters.values():

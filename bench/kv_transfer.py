@@ -1,11 +1,13 @@
 """KV transfer bandwidth: each backend vs the raw ceiling of its path, two processes.
 
-    python -m bench.kv_transfer [--json] [--runs 5] [--backends tcp,shm,...]
+    python -m bench.kv_transfer [--json] [--runs 5] [--backends tcp,shm,...] [--layout scattered]
 
 The parent process is the decode side (a receiver endpoint); a spawned child is the
 prefill side. Per run the child moves the KV of a 2048-token prompt of a Llama-8B-shaped
 layout (32 layers, 8 kv heads, head dim 128, bf16, block size 16 -> 256 MiB) layer by
-layer, gathering from scattered source blocks into scattered destination blocks, and
+layer, from scattered source blocks into scattered destination blocks (``--layout
+scattered``, the default: random 128 of 256 on each side; ``runs``: consecutive blocks on
+both sides, as a fresh worker's block pool hands them out), and
 times first ``send_layer`` -> SUCCESS. The ceiling moves the same bytes on the same path
 with nothing else, from one contiguous 256 MiB buffer into another: one memcpy (shm), a
 raw socket stream (tcp), one raw ucxx send (ucx), one raw gloo send/recv (torch_dist).
@@ -29,6 +31,7 @@ from datetime import timedelta
 import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.shared_pool import SharedKVPool
 from kv_transfer import TransferState, backend_names, make_client, make_endpoint
 
 logger = logging.getLogger("bench.kv_transfer")
@@ -47,7 +50,19 @@ NBYTES = 2 * LAYOUT.num_layers * NBLOCKS * LAYOUT.block_bytes
 LAYER_BYTES = NBYTES // LAYOUT.num_layers
 
 
-def scattered(seed: int) -> list[int]:
+VARIANTS = {"shm-regions": "shm"}
+"""Measured variants of a backend -> its name."""
+
+
+LAYOUTS = ("scattered", "runs")
+
+
+def block_ids(layout: str, seed: int) -> list[int]:
+    """The transfer's blocks on one side: random (``scattered``) or consecutive (``runs``,
+    at an offset that differs per side)."""
+    if layout == "runs":
+        start = seed * 37 % (LAYOUT.num_blocks - NBLOCKS)
+        return list(range(start, start + NBLOCKS))
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(LAYOUT.num_blocks, generator=g)[:NBLOCKS].tolist()
 
@@ -68,16 +83,17 @@ class SenderAgent:
         ]
         self.clients: dict[str, object] = {}
 
-    def kv(self, backend: str, ticket) -> float:
+    def kv(self, backend: str, arg) -> float:
+        ticket, layout = arg
         client = self.clients.setdefault(backend, make_client(backend, SPEC))
-        src_ids = scattered(seed=1)
-        tx = client.open(ticket)
+        src_ids = block_ids(layout, seed=1)
+        ended = threading.Event()  # on_done: the worker loops are event-driven too
+        tx = client.open(ticket, on_done=lambda tid, state: ended.set())
         start = time.perf_counter()
         for layer, (k, v) in enumerate(self.src):
             tx.send_layer(layer, k, v, src_block_ids=src_ids)
         tx.finish()
-        while not tx.poll().terminal:
-            time.sleep(0.001)  # a worker loop polling at 1 kHz
+        ended.wait(600)
         if tx.poll() is not TransferState.SUCCESS:
             raise RuntimeError(f"{backend} transfer failed: {tx.error}")
         return time.perf_counter() - start
@@ -152,13 +168,14 @@ def agent_main(commands, results) -> None:
 
 # -- decode side (parent) ------------------------------------------------------------------
 class Bench:
-    def __init__(self, runs: int):
-        self.runs = runs
+    def __init__(self, runs: int, layout: str = "scattered"):
+        self.runs, self.layout = runs, layout
         ctx = mp.get_context("spawn")
         self.commands, self.results = ctx.Queue(), ctx.Queue()
         self.child = ctx.Process(target=agent_main, args=(self.commands, self.results), daemon=True)
         self.child.start()
         self.dst = LAYOUT.allocate()
+        self.pool = SharedKVPool.create(LAYOUT)  # shm writes in place into it
         # Ceilings receive into one pre-faulted buffer, as the KV path writes resident caches.
         self.sink = torch.ones(NBYTES, dtype=torch.uint8)
         if (msg := self.results.get(timeout=300)) != "ready":
@@ -171,9 +188,13 @@ class Bench:
             raise RuntimeError(f"{backend} {method}: {result}")
         return result
 
-    def runs_of(self, backend: str) -> tuple[list[float], list[float]]:
-        """Alternate KV runs and ceiling runs, so both see the same background load."""
-        endpoint = make_endpoint(backend, LAYOUT, self.dst, SPEC, lambda ids: None)
+    def runs_of(self, variant: str) -> tuple[list[float], list[float]]:
+        """Alternate KV runs and ceiling runs, so both see the same background load.
+        ``shm`` receives into a shared KV pool (written in place, as a decode worker's),
+        ``shm-regions`` into a private cache (through shared regions)."""
+        backend = VARIANTS.get(variant, variant)
+        dst = self.pool.caches if variant == "shm" else self.dst
+        endpoint = make_endpoint(backend, LAYOUT, dst, SPEC, lambda ids: None)
         ceiling = getattr(self, f"_ceiling_{backend}")
         try:
             self._kv(endpoint, backend)  # pairs and warms up
@@ -183,8 +204,8 @@ class Bench:
         return [kv for kv, _ in pairs], [c for _, c in pairs]
 
     def _kv(self, endpoint, backend: str) -> float:
-        rx = endpoint.expect(scattered(seed=2), lease_s=120)
-        took = self.ask("kv", backend, rx.ticket)
+        rx = endpoint.expect(block_ids(self.layout, seed=2), lease_s=120)
+        took = self.ask("kv", backend, (rx.ticket, self.layout))
         if rx.poll() is not TransferState.SUCCESS:
             raise RuntimeError(f"{backend}: receiver ended {rx.poll()}: {rx.error}")
         return took
@@ -274,11 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only progress and the JSON line")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--backends", default=",".join(backend_names()))
+    parser.add_argument("--backends", default=",".join([*backend_names(), *VARIANTS]))
+    parser.add_argument("--layout", choices=LAYOUTS, default="scattered")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    bench = Bench(args.runs)
+    bench = Bench(args.runs, args.layout)
     report = {}
     try:
         for backend in args.backends.split(","):
@@ -292,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
     finally:
         bench.close()
-    print(json.dumps({"bytes": NBYTES, "tokens": TOKENS, "runs": args.runs, "backends": report}))
+    out = {"bytes": NBYTES, "tokens": TOKENS, "runs": args.runs, "layout": args.layout}
+    print(json.dumps({**out, "load_average": os.getloadavg(), "backends": report}))
 
 
 if __name__ == "__main__":

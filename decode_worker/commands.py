@@ -34,6 +34,7 @@ class Decode:
     request_id: str
     first_token: pb.Token
     sink: Sink
+    received_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -68,4 +69,12 @@ class DecodeRequest:
     num_cached_tokens: int = 0
     transfer_over: bool = False
     """Its transfer's ``TransferDone`` was handled: the transport holds no block of it."""
+    kv_at: float = 0.0
+    """When its transfer's SUCCESS was posted."""
+    decode_at: float = 0.0
+    """When its Decode call came."""
+    report: pb.TransferReport | None = None
+    """How its KV arrived, for the first chunk of its stream."""
     since: float = field(default_factory=time.monotonic)
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

@@ -1,10 +1,12 @@
 """The decode worker's own rpcs (Reserve, Decode, Generate): thin adapters from
-worker.proto to commands on its engine thread. Abort, Health, Info and Stats are the
-shared layer's (engine/worker/service.py)."""
+worker.proto to commands on its engine thread (a request's grammar compiled first, off
+that thread: engine/worker/service.py). Abort, Health, Info and Stats are the shared
+layer's (engine/worker/service.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +17,8 @@ from decode_worker.worker import DecodeWorker
 from engine.model_spec import ModelSpec
 from engine.parallel.tp import check_tp
 from engine.worker.convert import params_from_pb
-from engine.worker.service import abort_of, ask, call_worker, stream_sink
+from engine.worker.errors import WorkerError
+from engine.worker.service import abort_of, ask, call_worker, compile_grammar, stream_sink
 from engine.worker.sink import Sink
 from proto import worker_pb2 as pb
 
@@ -43,8 +46,14 @@ class DecodeService:
             )
         tp = request.prefill_tp_size or 1
         await call_worker(context, _check_prefill_tp, self.worker.engine.spec, tp)
+        await compile_grammar(context, self.worker.engine.grammars, params)
         cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease, tp)
-        ticket, blocks, tokens, parts = await ask(context, self.worker.loop, cmd)
+        try:
+            ticket, blocks, tokens, parts = await ask(context, self.worker.loop, cmd)
+        except asyncio.CancelledError:  # the router gave up: free what it may have reserved
+            with contextlib.suppress(WorkerError):  # a dead loop holds nothing to abort
+                await asyncio.shield(abort_of(self.worker.loop, spec.request_id)())
+            raise
         return pb.ReserveResponse(
             ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens, parts=parts
         )
@@ -60,6 +69,7 @@ class DecodeService:
         sink = Sink(asyncio.get_running_loop())
         params = await call_worker(context, params_from_pb, request.params)
         rid, prompt = request.request_id, list(request.prompt_token_ids)
+        await compile_grammar(context, self.worker.engine.grammars, params)
         await ask(context, self.worker.loop, Generate(rid, prompt, params, sink))
         async for chunk in stream_sink(sink, abort_of(self.worker.loop, rid), context):
             yield chunk

@@ -85,6 +85,8 @@ class DecodeWorker:
         self.loop.stop()
         for endpoint in self.endpoints.values():
             endpoint.close()
+        if self.engine.kv_pool is not None:
+            self.engine.kv_pool.close()
 
     def kv_transports(self) -> list[str]:
         return sorted(self.endpoints)
@@ -150,7 +152,7 @@ class DecodeWorker:
                 f"no reservation for request {cmd.request_id!r} on {self.config.name} "
                 "(lease expired, aborted, or already decoding)",
             )
-        req.first_token, req.sink = cmd.first_token, cmd.sink
+        req.first_token, req.sink, req.decode_at = cmd.first_token, cmd.sink, cmd.received_at
         if req.state is S.READY:
             self._guarded(req.request_id, "its admission", self._admit, req)
 
@@ -159,7 +161,8 @@ class DecodeWorker:
         if rid in self._reqs:
             raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} in use")
         self.engine.add_request(rid, cmd.prompt, cmd.params)  # ValueError: bad input
-        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RUNNING, sink=cmd.sink)
+        scored = cmd.prompt if cmd.params.prompt_logprobs is not None else []
+        self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RUNNING, sink=cmd.sink, prompt=scored)
 
     def _abort(self, cmd: Abort) -> bool:
         """Stop the request wherever it is and free its blocks; False if unknown."""
@@ -183,9 +186,10 @@ class DecodeWorker:
             why = f"KV transfer failed: {req.receiver.error}"
             self._fail_request(req.request_id, why, ABORTED)
         elif req.first_token is not None:
+            req.kv_at = ev.at
             self._guarded(req.request_id, "its admission", self._admit, req)
         else:
-            req.state, req.since = S.READY, time.monotonic()
+            req.kv_at, req.state, req.since = ev.at, S.READY, time.monotonic()
 
     # -- the table (engine thread) --------------------------------------------------------
 
@@ -260,13 +264,26 @@ class DecodeWorker:
     def _admit(self, req: DecodeRequest) -> None:
         tok = req.first_token
         out = self.engine.admit_prefilled(req.request_id, tok.token_id, token_logprobs(tok))
-        req.state = S.RUNNING
+        req.state, req.report = S.RUNNING, self._report(req)
         if out.finished:  # the first token already ended it; the router has that token
             self._reqs.pop(req.request_id, None)
             chunk = chunk_from_output(out, req.params.logprobs)
             del chunk.tokens[:]
             chunk.num_cached_tokens = req.num_cached_tokens
+            chunk.transfer.CopyFrom(req.report)
             req.sink.put(chunk)
+
+    def _report(self, req: DecodeRequest) -> pb.TransferReport:
+        """How the KV came in: the transport's timings, and the admission since both the
+        KV and the Decode call were here (an event each: no polling interval on the path)."""
+        t, lay = req.receiver.timings, self.engine.layout
+        nbytes = 2 * len(req.receiver.ticket.block_ids) * lay.block_bytes * lay.num_layers
+        return pb.TransferReport(
+            bytes=nbytes,
+            seconds=t.seconds if t else 0.0,
+            tail_seconds=t.tail_seconds if t else 0.0,
+            admission_seconds=time.monotonic() - max(req.kv_at, req.decode_at),
+        )
 
     def on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
@@ -279,9 +296,12 @@ class DecodeWorker:
         if out.error is not None:
             self._fail_request(out.request_id, out.error)
             return
-        chunk = chunk_from_output(out, req.params.logprobs)
+        chunk = chunk_from_output(out, req.params.logprobs, req.prompt, req.params.prompt_logprobs)
         if req.receiver is not None:
             chunk.num_cached_tokens = req.num_cached_tokens
+        if req.report is not None:  # the first chunk of a Decode stream
+            chunk.transfer.CopyFrom(req.report)
+            req.report = None
         if out.finished:
             self._reqs.pop(out.request_id, None)
         if req.sink is not None:

@@ -28,7 +28,9 @@ import torch
 from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.config.engine import resolve_device
+from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.shared_pool import SharedKVPool
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
@@ -67,10 +69,11 @@ class LLMEngine:
         self.kv = make_kv_manager(self.parallel, self.layout, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.backend = get_backend(config.attention_backend, config.device)
-        caches = self.layout.allocate(self.device)
-        self.runner = ModelRunner(
-            self.model, caches, self.backend, self.layout.block_size, self.device, config.seed
-        )
+        self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
+        """Compiled structured-output grammars; thread-safe (engine/worker/service.py)."""
+        self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
+        """The KV cache in shared memory (``cache.shared_memory``), else ``None``."""
+        self.runner = self._runner(config)
         self.driver = make_driver(self.parallel, self.runner, self.kv)
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
@@ -81,6 +84,15 @@ class LLMEngine:
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s%s",
             self.spec.architecture, self.layout.num_blocks, self.layout.block_size,
             self.max_model_len, self.backend.name, describe_rank(self.parallel, self.heads),
+        )  # fmt: skip
+
+    def _runner(self, config: EngineConfig) -> ModelRunner:
+        pool = self.kv_pool
+        caches = pool.caches if pool is not None else self.layout.allocate(self.device)
+        block_size = self.layout.block_size
+        return ModelRunner(
+            self.model, caches, self.backend, block_size, self.device, config.seed,
+            vocab_size=self.spec.vocab_size, grammars=self.grammars,
         )  # fmt: skip
 
     # -- setup ----------------------------------------------------------------------------
@@ -153,6 +165,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_prompt(prompt, self.spec.vocab_size, self.max_model_len)
         check_params(params, self.spec.vocab_size)
+        self.grammars.prepare(params.structured)  # a worker's handler compiled it already
         need = self.layout.num_blocks_for(len(prompt) + 1)
         if need > self.layout.num_blocks:
             raise ValueError(
@@ -196,7 +209,7 @@ class LLMEngine:
         items = self._stream_items(so)
         sampled = self.driver.execute(so, items, self._layer_hook(items))
         self.prefill_rate.observe(so, time.perf_counter() - t0)
-        return self.scheduler.update(so, sampled)
+        return self.scheduler.update(so, sampled.sampled, sampled.prompt_logprobs)
 
     def run_follower(self, role: FollowerRole | None = None) -> int:
         """Follower rank: run the leader's steps until it calls :meth:`stop_followers`;

@@ -27,6 +27,8 @@ class CompletionOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     """Why this prompt failed alone (``finish_reason == "error"``); the others are unaffected."""
+    prompt_logprobs: list[dict[int, float]] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token after the first."""
 
 
 class LLM:
@@ -90,6 +92,8 @@ class LLM:
                 done.token_ids.extend(out.new_token_ids)
                 done.logprobs.extend(out.new_logprobs)
                 done.num_cached_tokens = out.num_cached_tokens
+                if out.prompt_logprobs is not None:
+                    done.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     done.finish_reason, done.error = out.finish_reason, out.error
         if self.tokenizer is not None:

@@ -16,10 +16,13 @@ from collections.abc import Callable
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import slot_mapping
 from engine.models.llama import CausalLM
+from engine.prompt_logprobs import score_prompts
 from engine.sampler import sample
-from engine.scheduler_output import SampledToken, ScheduledSequence, SchedulerOutput
+from engine.sampler_state import SamplerStates
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
 
 LayerHook = Callable[[int], None]
 
@@ -67,7 +70,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         seed: int = 0,
+        vocab_size: int | None = None,
+        grammars: GrammarBackend | None = None,
     ) -> None:
+        """``vocab_size`` (logits width) and ``grammars`` serve the sampler's per-request
+        state: penalties and structured output."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -75,44 +82,59 @@ class ModelRunner:
         self.device = device
         self.seed = seed
         self._generator = torch.Generator(device="cpu" if device.type == "cpu" else device)
+        self.sampler_states = SamplerStates(vocab_size or 0, device, grammars)
 
     @torch.inference_mode()
-    def execute(
-        self, so: SchedulerOutput, after_layer: LayerHook | None = None
-    ) -> dict[str, SampledToken]:
-        """Run the step; return a token for every sequence with ``sample=True``."""
+    def execute(self, so: SchedulerOutput, after_layer: LayerHook | None = None) -> StepResult:
+        """Run the step: a token for every sequence with ``sample=True``, and the prompt
+        logprobs the step's sequences asked for."""
+        self.sampler_states.drop(so.finished_request_ids)
         if so.is_empty:
-            return {}
-        return self.sample([s for s in so.sequences if s.sample], self.forward(so, after_layer))
+            return StepResult({})
+        sampling = [s for s in so.sequences if s.sample]
+        controls = self.begin(sampling)
+        rows, prompt_lps = self.forward(so, after_layer)
+        return self.sample(sampling, rows, controls, prompt_lps)
+
+    def begin(self, sampling: list[ScheduledSequence]):
+        """Leader, before the forward: grammar masks for ``sampling`` are filled on a
+        helper thread while the model runs (None: nothing to fill)."""
+        return self.sampler_states.begin(sampling) if sampling else None
 
     @torch.inference_mode()
     def follow(self, so: SchedulerOutput, after_layer: LayerHook | None = None) -> None:
-        """Run the step's forward and logits without sampling (a follower rank)."""
+        """Run the step's forward and logits without sampling (a follower rank: the
+        collectives of the vocabulary-parallel LM head match the leader's)."""
         if so.is_empty:
             return
-        rows = self.forward(so, after_layer)
+        rows, _ = self.forward(so, after_layer)
         if rows.shape[0]:
             self.model.compute_logits(rows)
 
     @torch.inference_mode()
     def sample(
-        self, sampling: list[ScheduledSequence], rows: torch.Tensor
-    ) -> dict[str, SampledToken]:
+        self, sampling: list[ScheduledSequence], rows: torch.Tensor, controls=None, prompt_lps=None
+    ) -> StepResult:
         """Tokens for ``sampling`` from their final hidden ``rows`` (same order)."""
+        prompt_lps = prompt_lps or {}
         if not sampling:
-            return {}
+            return StepResult({}, prompt_lps)
         tokens = sample(
             self.model.compute_logits(rows),
             [s.sampling_params for s in sampling],
             [self._row_seed(s) for s in sampling],
             [s.suppress_token_ids for s in sampling],
             self._generator,
+            controls,
         )
-        return {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
+        tokens = self.sampler_states.commit(sampling, tokens)
+        return StepResult({s.request_id: t for s, t in zip(sampling, tokens, strict=True)}, prompt_lps)  # fmt: skip
 
     @torch.inference_mode()
-    def forward(self, so: SchedulerOutput, after_layer: LayerHook | None) -> torch.Tensor:
-        """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample."""
+    def forward(self, so: SchedulerOutput, after_layer: LayerHook | None):
+        """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample, and
+        the prompt logprobs of the sequences that ask for them (every rank scores: the
+        LM head's collectives run on all of them)."""
         input_ids = torch.tensor(
             [t for s in so.sequences for t in s.token_ids], dtype=torch.int64, device=self.device
         )
@@ -125,7 +147,11 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, after_layer)
         last = meta.query_start_loc[1:].long() - 1
         rows = torch.tensor([i for i, s in enumerate(so.sequences) if s.sample], dtype=torch.int64)
-        return hidden[last[rows.to(self.device)]]
+        prompt_lps = {}
+        if any(s.prompt_logprobs is not None for s in so.sequences):
+            starts = meta.query_start_loc.tolist()
+            prompt_lps = score_prompts(hidden, starts, so.sequences, self.model.compute_logits)
+        return hidden[last[rows.to(self.device)]], prompt_lps
 
     def _row_seed(self, s: ScheduledSequence) -> int:
         """The seed of the draw for the token at position ``start_pos + num_tokens``.

@@ -47,6 +47,10 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     """Why the request failed (status ``FINISHED_ERROR``)."""
+    sampler_initialised: bool = False
+    """The runner was handed this request's sampler state (``SamplerInit``)."""
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    """Logprobs of prompt tokens 1.. as computed so far (``params.prompt_logprobs``)."""
 
     def __post_init__(self) -> None:
         self._all_token_ids = list(self.prompt_token_ids)
@@ -61,6 +65,10 @@ class Request:
         self._all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return len(self.prompt_logprobs) >= self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:
@@ -93,3 +101,6 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     """Set when the request failed alone (``finish_reason == "error"``): a clear reason."""
+    prompt_logprobs: list[dict[int, float]] | None = None
+    """With ``params.prompt_logprobs``, on the output carrying the first token: one entry
+    per prompt token after the first (the first has no context to be scored in)."""

@@ -17,11 +17,12 @@ import logging
 from collections import deque
 
 from engine.config import SchedulerConfig
-from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.manager import KVCacheManager, PrefixHit
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.scheduler_output import (
     SampledToken,
     SampleFailure,
+    SamplerInit,
     ScheduledSequence,
     SchedulerOutput,
 )
@@ -102,7 +103,10 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, out: list[tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            prefix = self.kv.find_prefix(req)
+            scored = req.sampling_params.prompt_logprobs is not None and not req.prompt_logprobs_done  # fmt: skip
+            # A prefix hit computes no logits, so a prompt to be scored is computed whole,
+            # on the EP leader (which has the hidden rows it scores).
+            prefix = PrefixHit([], 0) if scored else self.kv.find_prefix(req)
             n = req.num_tokens - prefix.num_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 break
@@ -123,6 +127,8 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
+        if not req.prompt_logprobs_done:
+            req.prompt_logprobs.clear()  # recomputed from the start
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -144,21 +150,35 @@ class Scheduler:
         if len(req.output_token_ids) < params.min_tokens:
             eos = () if params.ignore_eos else req.eos_token_ids
             suppress = eos + params.stop_token_ids
+        sample = start + n == req.num_tokens
         return ScheduledSequence(
             request_id=req.request_id,
             token_ids=tuple(req.all_token_ids[start : start + n]),
             start_pos=start,
             block_ids=tuple(self.kv.block_ids(req.request_id)),
-            sample=start + n == req.num_tokens,
+            sample=sample,
             sampling_params=params,
             suppress_token_ids=suppress,
             stream_kv=req.prefill_only,
+            sampler_init=self._sampler_init(req) if sample else None,
+            **_prompt_scoring(req, start, n),
         )
+
+    def _sampler_init(self, req: Request) -> SamplerInit | None:
+        params = req.sampling_params
+        if not params.needs_state or req.sampler_initialised:
+            return None
+        req.sampler_initialised = True
+        prompt = tuple(req.prompt_token_ids) if params.repetition_penalty != 1.0 else ()
+        return SamplerInit(prompt, tuple(req.output_token_ids))
 
     # -- after the step -------------------------------------------------------------------
 
     def update(
-        self, output: SchedulerOutput, sampled: dict[str, SampledToken | SampleFailure]
+        self,
+        output: SchedulerOutput,
+        sampled: dict[str, SampledToken | SampleFailure],
+        prompt_logprobs: dict[str, list[dict[int, float]]] | None = None,
     ) -> list[RequestOutput]:
         """Advance computed counts, append sampled tokens, finish what has stopped.
 
@@ -169,6 +189,8 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None:  # aborted while the step ran
                 continue
+            if prompt_logprobs and seq.request_id in prompt_logprobs:
+                req.prompt_logprobs.extend(prompt_logprobs[seq.request_id])
             try:
                 out = self._update_one(req, seq, sampled)
             except Exception as exc:
@@ -211,18 +233,30 @@ class Scheduler:
         params, last = req.sampling_params, req.output_token_ids[-1]
         n = len(req.output_token_ids)
         if n >= params.min_tokens:
-            if (
-                last in req.eos_token_ids and not params.ignore_eos
-            ) or last in params.stop_token_ids:
+            # Under a grammar the mask allows EOS only once the output is complete.
+            eos_stops = not params.ignore_eos or params.structured is not None
+            if (last in req.eos_token_ids and eos_stops) or last in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED
         if n >= params.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
 
+def _prompt_scoring(req: Request, start: int, n: int) -> dict:
+    """``ScheduledSequence`` fields asking the runner to score the prompt tokens this
+    chunk predicts (engine/prompt_logprobs.py)."""
+    top = req.sampling_params.prompt_logprobs
+    end = req.num_prompt_tokens
+    if top is None or req.prompt_logprobs_done or start >= end:
+        return {}
+    return {"prompt_logprobs": top, "prompt_targets": tuple(req.prompt_token_ids[start + 1 : min(start + n + 1, end)])}  # fmt: skip
+
+
 def make_output(req: Request, num_new: int) -> RequestOutput:
     """The last ``num_new`` tokens of ``req`` as a :class:`RequestOutput`."""
     logprobs = req.output_logprobs[-num_new:] if num_new and req.output_logprobs else []
+    first = num_new and len(req.output_token_ids) == num_new
+    scored = req.sampling_params.prompt_logprobs is not None and req.prompt_logprobs_done
     return RequestOutput(
         request_id=req.request_id,
         new_token_ids=req.output_token_ids[-num_new:] if num_new else [],
@@ -233,4 +267,5 @@ def make_output(req: Request, num_new: int) -> RequestOutput:
         num_cached_tokens=req.num_cached_tokens,
         num_output_tokens=len(req.output_token_ids),
         error=req.error,
+        prompt_logprobs=list(req.prompt_logprobs) if first and scored else None,
     )

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplerInit:
+    """What the sampler needs to set up a request's state (engine/sampler_state.py) the
+    first time it samples: the prompt (repetition penalty) and the tokens it already
+    generated (penalty counts, the grammar's position)."""
+
+    prompt: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,12 @@ class ScheduledSequence:
     """Tokens that must not be sampled (EOS/stop tokens before ``min_tokens``)."""
     stream_kv: bool = False
     """Call the engine's KV layer hook for this sequence's new tokens."""
+    sampler_init: SamplerInit | None = None
+    """Set on the first sampling step of a request whose sampler keeps state."""
+    prompt_logprobs: int | None = None
+    """Return logprobs (with this many alternatives) of the prompt tokens this chunk
+    predicts: ``prompt_targets``, predicted by the chunk's first positions."""
+    prompt_targets: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +70,16 @@ class SampleFailure:
     """A row that could not be sampled (non-finite logits, ...): its request fails alone."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner hands back for one step."""
+
+    sampled: dict[str, SampledToken | SampleFailure]
+    """A token (or the reason it failed) for every sequence with ``sample=True``."""
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    """Per request: logprobs of the ``prompt_targets`` this step computed, in order."""
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 ``make_tiny_model("llama", DIR)`` writes a Hugging Face checkpoint directory that both
 this engine and ``transformers`` load: ``config.json``, ``generation_config.json``,
-``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with a ChatML chat
-template). The weights use a large initializer range so that greedy choices have wide
-margins and never hinge on float rounding between implementations.
+``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with a chat
+template that renders tools: engine/chat_templates.py). The weights use a large
+initializer range so that greedy choices have wide margins and never hinge on float
+rounding between implementations.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engine.chat_templates import TEMPLATES
 from engine.layers.weights import WeightTarget
 from engine.model_spec import parse_model_spec
 from engine.models import build_model
@@ -27,11 +29,6 @@ from engine.models import build_model
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 VOCAB_SIZE = 512
 INIT_RANGE = 1.0
 
@@ -176,10 +173,17 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
 
 
 def make_tiny_model(
-    arch: str, out_dir: str | Path, seed: int = 0, overrides: dict[str, Any] | None = None
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    chat_format: str = "hermes",
 ) -> Path:
     """Write a tiny checkpoint for ``arch`` into ``out_dir`` and return its path;
-    ``overrides`` change config fields (shapes) before the weights are drawn."""
+    ``overrides`` change config fields (shapes) before the weights are drawn;
+    ``chat_format``: its chat template, ``hermes`` (ChatML) or ``llama3``."""
+    if chat_format not in TEMPLATES:
+        raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(TEMPLATES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("building tiny %s model in %s", arch, out)
@@ -200,7 +204,7 @@ def make_tiny_model(
             "pad_token": "<|endoftext|>",
             "add_bos_token": False,
             "model_max_length": config["max_position_embeddings"],
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": TEMPLATES[chat_format],
         },
     )
     return out
@@ -225,4 +229,16 @@ def ensure_demo_model() -> Path:
     if not (path / "config.json").is_file():
         logging.getLogger("pdserve").info("building the tiny demo model in %s", path)
         make_tiny_model(DEMO_ARCH, path)
+    else:
+        refresh_chat_template(path)
     return path
+
+
+def refresh_chat_template(path: Path) -> None:
+    """A demo model built by an older pdserve gets the current chat template (it renders
+    tools now); weights and tokenizer are unchanged."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("chat_template") != TEMPLATES["hermes"]:
+        cfg["chat_template"] = TEMPLATES["hermes"]
+        _write_json(cfg_path, cfg)

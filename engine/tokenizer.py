@@ -87,11 +87,16 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` with the checkpoint's chat template."""
+        """Render ``messages`` (and ``tools``, OpenAI ``{"type": "function", "function":
+        {...}}`` dicts, as transformers passes them) with the checkpoint's chat template."""
         return self._template.render(
             messages=messages,
+            tools=tools or None,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
@@ -105,7 +110,14 @@ class Tokenizer:
             )
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:  # fmt: skip
+    """transformers' ``tojson``: plain ``json.dumps`` (Jinja's own escapes ``<``, ``>``, ``&``
+    for HTML, which would change what the model reads)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # fmt: skip
 
 
 def _raise(message: str) -> None:

@@ -20,6 +20,12 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
             f"stop_token_ids contains {bad[0]}, outside the vocabulary [0, {vocab_size}); "
             f"pass ids below {vocab_size}"
         )
+    bias = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bias:
+        raise ValueError(
+            f"logit_bias names token id {bias[0]}, outside the vocabulary [0, {vocab_size}); "
+            f"pass ids below {vocab_size}"
+        )
     if params.top_k is not None and params.top_k > vocab_size:
         raise ValueError(
             f"top_k={params.top_k} exceeds the vocabulary size {vocab_size}; "

@@ -41,6 +41,7 @@ from kv_transfer.base import (
     TransferConfig,
     TransferState,
     TransferTicket,
+    TransferTimings,
 )
 from kv_transfer.plane import backend_names, get_backend, register_backend
 
@@ -55,6 +56,7 @@ __all__ = [
     "TransferConfig",
     "TransferState",
     "TransferTicket",
+    "TransferTimings",
     "backend_names",
     "make_client",
     "make_endpoint",

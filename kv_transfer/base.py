@@ -98,6 +98,18 @@ class TransferTicket:
     ``None``: every head the receiver holds."""
 
 
+@dataclass(frozen=True)
+class TransferTimings:
+    """How a finished transfer went, on the receiver's clock (its owner reports them)."""
+
+    seconds: float
+    """From the first page arriving to SUCCESS."""
+    tail_seconds: float
+    """From the sender queuing its last layer (``send_layer``) to SUCCESS: the part of the
+    transfer the prefill's compute did not hide (the descriptor's ``sender_delay_us`` plus
+    the receiver's own time after it)."""
+
+
 @runtime_checkable
 class KVSender(Protocol):
     """Prefill side of one transfer."""
@@ -145,6 +157,10 @@ class KVReceiver(Protocol):
     def layers_arrived(self) -> list[int]:
         """Layers written and checksummed so far, in arrival order."""
 
+    @property
+    def timings(self) -> TransferTimings | None:
+        """Set once SUCCESS."""
+
     def abort(self, reason: str = "aborted by receiver") -> None:
         """Fail the transfer, free its blocks and tell the sender."""
 
@@ -175,7 +191,8 @@ class KVEndpoint(Protocol):
         """Counters: ``dropped_pages`` / ``dropped_bytes`` (late, stale or malformed pages,
         never written), ``succeeded``, ``failed``, ``refused_pairings`` (handshakes refused:
         layout, backend, secret, deadline, malformed), ``refused_connections`` (sockets
-        closed unread: too many pending pairings), ``active``."""
+        closed unread: too many pending pairings), ``in_place_pages`` (pages a same-host
+        sender wrote straight into the blocks: shm into a shared pool), ``active``."""
 
     def close(self) -> None:
         """Fail open transfers (freeing their blocks) and stop serving."""

@@ -6,8 +6,9 @@ connect(endpoint) -> Hello [Challenge / Proof] / HelloReply (pairing.py: secret,
                      and backend checked, else HandshakeError)
                   -> backend data path connected -> writer thread + reader thread
                   -> (open) Open frame; SenderTransfer registered on that link
-send_layer        -> LayerJob on the link's queue -> writer: gather + checksum into
-                     the plane's staging buffer -> descriptor + bytes
+send_layer        -> LayerJob on the link's queue -> writer: outgoing.py, as the plane
+                     can (in place / straight from the blocks / runs / staged) ->
+                     descriptor + bytes
 link lost         -> every transfer on it FAILED; the next open() pairs again
 new epoch         -> a ticket newer than the link's epoch (the receiver restarted at the
                      same address): the old link is closed, never reused; pair again
@@ -21,15 +22,13 @@ import socket
 import threading
 import uuid
 
-import torch
-
-from engine.kv_cache.layout import KVLayoutSpec, block_byte_views, dtype_from_name
-from kv_transfer import auth, tp_map, wire
+from engine.kv_cache.layout import KVLayoutSpec, dtype_from_name
+from kv_transfer import auth, outgoing, tp_map, wire
 from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pairing import sender_handshake
 from kv_transfer.plane import Backend, SenderPlane
-from kv_transfer.sender import LayerJob, SenderTransfer
+from kv_transfer.sender import EndJob, LayerJob, SenderTransfer
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class _Link:
     ):
         self.link, self.plane, self.epoch, self.peer = link, plane, epoch, peer
         self._config = config
-        self._queue: queue.SimpleQueue[LayerJob | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[LayerJob | EndJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._transfers: dict[str, SenderTransfer] = {}
         caps = plane.capabilities  # a plane may fix the chunk size at pairing
@@ -65,8 +64,12 @@ class _Link:
         with self._lock:
             self._transfers[transfer.ticket.transfer_id] = transfer
 
-    def enqueue(self, job: LayerJob | None) -> None:
+    def enqueue(self, job: LayerJob | EndJob | None) -> None:
         self._queue.put(job)
+
+    def ended(self, transfer: SenderTransfer) -> None:
+        if self.plane.capabilities.writes_in_place and outgoing.in_place(transfer.ticket):
+            self._queue.put(EndJob(transfer))
 
     def _on_frame(self, frame: pb.Frame) -> None:
         if frame.HasField("status"):
@@ -98,6 +101,9 @@ class _Link:
 
     def _write_loop(self) -> None:
         while (job := self._queue.get()) is not None:
+            if isinstance(job, EndJob):
+                self.plane.end(job.transfer.ticket.transfer_id)
+                continue
             if not job.transfer.live:
                 continue
             try:
@@ -111,67 +117,7 @@ class _Link:
         self.plane.close()
 
     def _send(self, job: LayerJob) -> None:
-        cpu = job.k.device.type == "cpu" and job.k.is_contiguous() and job.v.is_contiguous()
-        if self.plane.capabilities.zero_copy_send and cpu:
-            self._send_parts(job)
-            return
-        self._send_staged(job)
-
-    def _send_staged(self, job: LayerJob) -> None:
-        """Gather (or copy) pages into the plane's staging memory, hashing while hot.
-
-        A plane with ``max_payload_bytes`` gets the layer as several descriptors, each
-        for a slice of the ticket's blocks, so its buffers stay cache-sized.
-        """
-        n, bb = len(job.transfer.ticket.block_ids), job.k[0].numel() * job.k.element_size()
-        cap = self.plane.capabilities.max_payload_bytes or 2 * n * bb
-        step = max(1, cap // (2 * bb))
-        for a in range(0, n, step):
-            m = min(step, n - a)
-            staging = self.plane.staging(2 * m * bb)
-            checksum = wire.Checksum()
-            for i, source in enumerate((job.k, job.v)):
-                pages = staging[i * m * bb : (i + 1) * m * bb].view(job.k.dtype)
-                pages = pages.view(m, *job.k.shape[1:])
-                for c0, c1 in wire.chunk_plan(m, bb, self._chunk_bytes):
-                    if job.src_block_ids is None:
-                        pages[c0:c1].copy_(source[a + c0 : a + c1])
-                    elif source.device == pages.device:  # gather straight into staging
-                        idx = job.src_block_ids[a + c0 : a + c1]
-                        torch.index_select(source, 0, idx, out=pages[c0:c1])
-                    else:  # e.g. a CUDA cache staged in host memory for tcp/shm
-                        pages[c0:c1].copy_(
-                            source.index_select(0, job.src_block_ids[a + c0 : a + c1])
-                        )
-                    checksum.update(pages[c0:c1])
-            desc = self._descriptor(job, slice(a, a + m), m * bb, checksum.value())
-            self.plane.send(desc, staging)
-
-    def _send_parts(self, job: LayerJob) -> None:
-        """Zero-copy: send the source blocks as they lie in the cache (no staging copy)."""
-        if job.src_block_ids is None:
-            parts = [wire.byte_view(job.k), wire.byte_view(job.v)]
-        else:
-            ids = job.src_block_ids.tolist()
-            parts = block_byte_views(job.k, ids) + block_byte_views(job.v, ids)
-        nbytes = sum(p.nbytes for p in parts) // 2
-        # The plane hashes each chunk as it sends it and puts the checksum in a trailer.
-        self.plane.send_parts(self._descriptor(job, slice(None), nbytes, 0), parts)
-
-    def _descriptor(
-        self, job: LayerJob, blocks: slice, half_bytes: int, checksum: int
-    ) -> pb.PageDescriptor:
-        ticket = job.transfer.ticket
-        return pb.PageDescriptor(
-            transfer_id=ticket.transfer_id,
-            epoch=ticket.epoch,
-            layer=job.layer,
-            block_ids=ticket.block_ids[blocks],
-            k_bytes=half_bytes,
-            v_bytes=half_bytes,
-            checksum=checksum,
-            chunk_bytes=self._chunk_bytes,
-        )
+        outgoing.send_layer(self.plane, job, self._chunk_bytes)
 
 
 class Client:
@@ -200,6 +146,7 @@ class Client:
             enqueue=link.enqueue,
             send_abort=lambda msg: link.abort(transfer, msg),
             on_done=on_done,
+            on_terminal=link.ended,
         )
         problem = tp_map.check_part(self.spec, link.peer, ticket)
         if problem is not None:
@@ -212,6 +159,13 @@ class Client:
             )
             return transfer
         link.add(transfer)
+        if link.plane.capabilities.writes_in_place and outgoing.in_place(
+            ticket
+        ):  # the fence first (shm_fence.py)
+            problem = link.plane.begin(ticket.transfer_id, ticket.block_ids)
+            if problem is not None:
+                transfer.abort(problem)
+                return transfer
         if not link.link.try_send(
             pb.Frame(open=pb.Open(transfer_id=ticket.transfer_id, epoch=ticket.epoch))
         ):

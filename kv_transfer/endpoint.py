@@ -46,6 +46,7 @@ _COUNTERS = (
     "failed",
     "refused_pairings",
     "refused_connections",
+    "in_place_pages",
 )
 
 
@@ -57,8 +58,9 @@ class Endpoint:
         self.args = args
         self.epoch = args.epoch
         self._intake = PageIntake(
-            args.layout, args.kv_caches, self._find, self._epoch_problem, self._count_drop
-        )
+            args.layout, args.kv_caches, self._find, self._epoch_problem, self._count_drop,
+            lambda pages: self._count("in_place_pages", pages),
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
         self._links: set[ControlLink] = set()
@@ -97,10 +99,13 @@ class Endpoint:
             self.backend.name, tp_rank=spec.tp_rank, src_rank=src_rank, heads=heads,
         )  # fmt: skip
         ticket = auth.sign_ticket(self.args.config.secret, ticket)
+        fence = self._host.fence
         transfer = ReceiverTransfer(
-            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal, on_done
-        )
+            ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal,
+            on_done, fence,
+        )  # fmt: skip
         transfer.local_heads = tp_map.local_heads(spec, heads)
+        fence.claim(ticket.transfer_id, ids)  # before the ticket leaves: see shm_fence.py
         with self._lock:
             self._transfers[ticket.transfer_id] = transfer
         return transfer
@@ -275,6 +280,10 @@ class Endpoint:
         state = pb.Status.FAILED if error else pb.Status.WAITING
         status = pb.Status(transfer_id=msg.transfer_id, state=state, error=wire.clip(error or ""))
         link.try_send(pb.Frame(status=status))
+
+    def _count(self, name: str, n: int) -> None:
+        with self._lock:
+            self._counters[name] += n
 
     def _count_drop(self, pages: int, nbytes: int) -> None:
         with self._lock:

@@ -4,6 +4,8 @@
                   no -> fail that transfer, skip its payload (bounded)
                -> epoch, transfer, link, layer and blocks admitted?  no -> read and drop
                -> checksum + write every chunk into the KV cache -> end_write(checksum ok)
+    written in place (shm pool: the sender already wrote the blocks, under the fence)
+               -> admitted? no -> drop (nothing to read) -> [checksum the blocks] -> end_write
 
 Whatever is wrong with one descriptor fails (or drops) that transfer only and leaves the
 link in sync for the other transfers on it; only a payload that cannot be skipped (larger
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from engine.kv_cache.layout import KVLayout, head_view
-from kv_transfer import wire
+from kv_transfer import messages, wire
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pages import PageWriter
 from kv_transfer.plane import BadDescriptor, ReceiverPlane
@@ -52,12 +54,14 @@ class PageIntake:
         find: Callable[[str], ReceiverTransfer | None],
         epoch_problem: Callable[[int, str], str | None],
         on_drop: Callable[[int, int], None],
+        on_in_place: Callable[[int], None] = lambda pages: None,
     ):
         self._layout, self._kv_caches = layout, kv_caches
         self._pages = {None: _Pages(layout, kv_caches, None)}
         self._num_blocks = layout.num_blocks
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
+        self._on_in_place = on_in_place
 
     def _pages_of(self, transfer: ReceiverTransfer | None) -> _Pages:
         heads = transfer.local_heads if transfer is not None else None
@@ -72,14 +76,22 @@ class PageIntake:
         if problem is not None:
             self._discard(link, plane, desc, problem)
             return
-        n = len(desc.block_ids)
-        plan = wire.layer_plan(n, pages.block_bytes, desc.chunk_bytes)
-        chunks = plane.chunks(desc, [(b - a) * pages.block_bytes for _, a, b in plan])
+        if desc.written_in_place:
+            self._in_place(link, plane, desc)
+            return
+        plan = wire.desc_plan(desc, pages.block_bytes)
+        sizes = [(b - a) * pages.block_bytes for _, a, b in plan]
         why = self._epoch_problem(desc.epoch, desc.transfer_id)
         if why is None:
             why = "unknown or finished transfer" if transfer is None else None
         if why is None:
             why = transfer.begin_write(desc, link)
+        targets = None
+        if plane.capabilities.run_messages:  # (scratch for a dropped one: the plane's)
+            targets = self._targets(desc, plan, pages) if why is None else [None] * len(plan)
+        chunks = (
+            plane.chunks(desc, sizes) if targets is None else plane.chunks(desc, sizes, targets)
+        )
         if why is not None:
             self._drop(plane, desc, chunks, why)
             return
@@ -89,7 +101,7 @@ class PageIntake:
                 chunks.close()
                 ok = self._receive_direct(transfer, desc, plan, plane, pages)
             else:
-                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, pages)
+                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, targets, pages)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -105,7 +117,7 @@ class PageIntake:
             # a peer cannot make this endpoint allocate more than one layer of its cache.
             return f"descriptor for layer {desc.layer} names {n} blocks; this cache has {self._num_blocks}"  # fmt: skip
         if n and desc.k_bytes == desc.v_bytes == n * bb:
-            return None
+            return wire.plan_problem(desc)
         return (
             f"descriptor for layer {desc.layer} announces {desc.k_bytes}+{desc.v_bytes} bytes "
             f"for {n} blocks of {bb} bytes (expected {n * bb}+{n * bb})"
@@ -131,23 +143,63 @@ class PageIntake:
         self._on_drop(2 * len(desc.block_ids), total)
         logger.warning("skipped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, problem)
 
+    def _in_place(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
+        """The sender wrote the pages into the blocks itself (shm pool); count the layer."""
+        transfer = self._find(desc.transfer_id)
+        why = self._epoch_problem(desc.epoch, desc.transfer_id)
+        if why is None and transfer is None:
+            why = "unknown or finished transfer"
+        if why is None and not (plane.capabilities.writes_in_place and plane.in_place_ok()):
+            why = "pages written in place by a sender that was not handed the pool"
+            transfer.fail_from(link, why)
+        if why is None:
+            why = transfer.begin_write(desc, link)
+        if why is not None:
+            logger.info("dropped layer %d of transfer %s: %s", desc.layer, desc.transfer_id, why)
+            self._on_drop(2 * len(desc.block_ids), desc.k_bytes + desc.v_bytes)
+            return
+        ok = False
+        try:
+            checksum = wire.Checksum(plane.capabilities.checksum)
+            if checksum.kind != "none":
+                for kv in (0, 1):
+                    for view in self._pages[None].writers[desc.layer][kv].checksum_views(desc.block_ids):  # fmt: skip
+                        checksum.update(view)
+            ok = checksum.value() == _expected_checksum(plane, desc)
+        finally:
+            transfer.end_write(desc, ok)
+        self._on_in_place(2 * len(desc.block_ids))
+
     def _receive_chunks(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, pages
-    ) -> bool:
-        """Checksum and scatter every chunk (while it is hot in cache); True if it matched."""
-        checksum = wire.Checksum()
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, targets, pages
+    ) -> bool:  # fmt: skip
+        """Checksum and scatter every chunk (while it is hot in cache); a chunk received
+        straight into its blocks (``targets``) is only checksummed. True if it matched."""
+        checksum = wire.Checksum(plane.capabilities.checksum)
         writers = pages.writers[desc.layer]
-        for chunk, (kv, a, b) in zip(chunks, plan, strict=True):
+        targets = targets or [None] * len(plan)
+        for chunk, (kv, a, b), target in zip(chunks, plan, targets, strict=True):
             checksum.update(chunk)
-            if transfer.writable():
+            if target is None and transfer.writable():
                 writers[kv].write(desc.block_ids[a:b], chunk)
         return checksum.value() == _expected_checksum(plane, desc)
+
+    def _targets(self, desc: pb.PageDescriptor, plan, pages) -> list[torch.Tensor | None]:
+        """Where each message may land straight in the cache: its blocks are consecutive
+        (messages.py), in a contiguous cache (never a TP part's slice of the heads)."""
+        writers, ids = pages.writers[desc.layer], desc.block_ids
+        out = []
+        for kv, a, b in plan:
+            cache = writers[kv].cache
+            ok = cache.is_contiguous() and messages.consecutive(ids[a:b])
+            out.append(messages.run_view(cache, ids[a:b]) if ok else None)
+        return out
 
     def _receive_direct(
         self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, pages
     ) -> bool:
         """Receive each chunk straight into its destination blocks, then checksum them."""
-        checksum = wire.Checksum()
+        checksum = wire.Checksum(plane.capabilities.checksum)
         writers = pages.writers[desc.layer]
         for kv, a, b in plan:
             views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None

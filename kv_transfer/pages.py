@@ -24,6 +24,13 @@ class PageWriter:
         """Writable byte views of ``block_ids`` (CPU caches only), for scatter receives."""
         return block_byte_views(self.cache, block_ids)
 
+    def checksum_views(self, block_ids: Sequence[int]) -> list[memoryview | torch.Tensor]:
+        """What a checksum reads for ``block_ids``: byte views (host) or gathered pages."""
+        views = self.block_views(block_ids)
+        if views is not None:
+            return views
+        return [self.cache.index_select(0, torch.as_tensor(list(block_ids), device=self.cache.device))]  # fmt: skip
+
     def write(self, block_ids: Sequence[int], chunk: torch.Tensor) -> None:
         """Write ``chunk`` (uint8 bytes of ``len(block_ids)`` pages) into ``block_ids``."""
         pages = chunk.view(self.cache.dtype).view(len(block_ids), *self.cache.shape[1:])

@@ -16,7 +16,18 @@ when it is paired (the client and the endpoint read it, never probe for methods)
   ``default_chunk_bytes``: the size used when the config sets none (ucx: 4 MiB);
 - ``direct_recv`` (receiver ``recv_views(views)`` / ``scratch(n)`` / ``trailer(desc)``):
   page bytes land straight in the destination blocks, the trailer follows them (tcp);
-- ``same_host_only``: the data path needs both sides on one host (shm).
+- ``same_host_only``: the data path needs both sides on one host (shm);
+- ``writes_in_place`` (sender ``begin(ticket)`` / ``write_layer(job)`` / ``end(ticket)``):
+  the sender copies each layer straight into the receiver's destination blocks, in a pool
+  both processes map (shm with a shared KV pool), and the descriptor only says it is done;
+  the receiver's host guards those writes with a fence (shm_fence.py);
+- ``run_messages`` (receiver ``chunks(desc, sizes, targets)``, sender
+  ``send_messages(desc, parts)``): one message per run of blocks consecutive on both sides,
+  straight from and into the caches (kv_transfer/messages.py), short runs through
+  staging (torch_dist, ucx);
+- ``checksum``: ``xxh3``, ``crc32c`` or ``none``, fixed by the receiver at pairing (plane
+  option ``checksum`` overrides a backend's default): xxh3 where bytes cross a wire (tcp,
+  ucx, gloo), none within one host's memory (shm) and on NCCL (bench/RESULTS.md, "Integrity").
 
 A descriptor whose pages cannot be received fails its own transfer only: the plane
 raises ``BadDescriptor`` from ``chunks`` (having released what the sender must get
@@ -52,6 +63,11 @@ class Capabilities:
     chunk_bytes: int | None = None
     default_chunk_bytes: int = 1 << 20
     same_host_only: bool = False
+    writes_in_place: bool = False
+    run_messages: bool = False
+    run_min_bytes: int = 256 << 10
+    """With ``run_messages``: shorter runs are staged (plane option ``run_min_bytes``)."""
+    checksum: str = "xxh3"
 
 
 BASIC = Capabilities()
@@ -60,6 +76,43 @@ BASIC = Capabilities()
 
 class BadDescriptor(Exception):
     """This descriptor's pages cannot be received, but the link is still in sync."""
+
+
+class Fence(Protocol):
+    """Who may write a transfer's blocks from another process (shm_fence.py); the endpoint
+    claims the blocks before the ticket leaves and revokes them when the transfer ends."""
+
+    def claim(self, transfer_id: str, block_ids: Sequence[int]) -> None: ...
+
+    def revoke(self, transfer_id: str, block_ids: Sequence[int], then: Callable[[], None]) -> None:
+        """Call ``then()`` once no writer can write ``block_ids`` any more (at once, or from
+        a thread once the writer let go or died)."""
+
+
+class NoFence:
+    """Backends whose pages only the receiver's own threads write."""
+
+    def claim(self, transfer_id: str, block_ids: Sequence[int]) -> None:
+        pass
+
+    def revoke(self, transfer_id: str, block_ids: Sequence[int], then: Callable[[], None]) -> None:
+        then()
+
+
+NO_FENCE = NoFence()
+
+
+def checksum_kind(config: TransferConfig, default: str) -> str:
+    """The receiver's checksum for its planes: the ``checksum`` plane option, else
+    ``default``; refused at start when unknown."""
+    from kv_transfer.wire import CHECKSUMS
+
+    kind = config.plane.get("checksum", default)
+    if kind not in CHECKSUMS:
+        raise ValueError(
+            f"unknown checksum {kind!r} in the plane options; choose one of {CHECKSUMS}"
+        )
+    return kind
 
 
 class SenderPlane(Protocol):
@@ -100,7 +153,9 @@ class ReceiverPlane(Protocol):
 
 
 class PlaneHost(Protocol):
-    """Per-endpoint resources of a backend (a store, a listener)."""
+    """Per-endpoint resources of a backend (a store, a listener, a shared pool's fence)."""
+
+    fence: Fence
 
     def accept(
         self, link: ControlLink, hello: pb.Hello
@@ -150,6 +205,8 @@ def get_backend(name: str) -> Backend:
 
 class SimpleHost:
     """A PlaneHost for backends with no per-endpoint resources."""
+
+    fence: Fence = NO_FENCE
 
     def __init__(self, make: Callable[[ControlLink], ReceiverPlane]):
         self._make = make

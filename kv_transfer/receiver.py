@@ -5,8 +5,10 @@
     any non-terminal state -> FAILED (abort, lease expiry, checksum, dead sender)
 
 Blocks are freed exactly once, on FAILED, and only after no chunk is being written
-(``_writers == 0``), so the engine never reuses a block under an in-flight write.
-On SUCCESS the blocks belong to the admitted request and are not freed here. ``on_done``
+(``_writers == 0``) and the fence revoked them (a writer in another process, shm pool:
+shm_fence.py; at once elsewhere), so the engine never reuses a block under an in-flight
+write. SUCCESS, too, is declared only once the fence no longer lets a writer touch the
+blocks, which then belong to the admitted request and are not freed here. ``on_done``
 tells the owner once: after the last layer was written (SUCCESS), after the free (FAILED).
 """
 
@@ -18,8 +20,16 @@ import time
 from collections.abc import Callable
 
 from kv_transfer import wire
-from kv_transfer.base import FreeBlocks, OnDone, TransferState, TransferTicket, report_done
+from kv_transfer.base import (
+    FreeBlocks,
+    OnDone,
+    TransferState,
+    TransferTicket,
+    TransferTimings,
+    report_done,
+)
 from kv_transfer.link import ControlLink
+from kv_transfer.plane import NO_FENCE, Fence
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -35,8 +45,10 @@ class ReceiverTransfer:
         free_blocks: FreeBlocks,
         on_terminal: Callable[[ReceiverTransfer], None],
         on_done: OnDone | None = None,
+        fence: Fence = NO_FENCE,
     ):
         self.ticket = ticket
+        self._fence = fence
         self._on_done = on_done
         self._num_layers = num_layers
         self._free_blocks = free_blocks
@@ -51,6 +63,10 @@ class ReceiverTransfer:
         self._link: ControlLink | None = None
         self.local_heads: tuple[int, int] | None = None
         """The slice of this cache's KV heads the pages fill (``None``: all of them)."""
+        self._first_at: float | None = None
+        self._last = (0.0, 0.0)  # (begin_write time, sender delay) of the latest descriptor
+        self.timings: TransferTimings | None = None
+        """Set with SUCCESS (``TransferTimings``)."""
         self._deadline = time.monotonic() + max(0.0, ticket.lease_deadline - time.time())
 
     # -- KVReceiver -------------------------------------------------------------
@@ -99,6 +115,9 @@ class ReceiverTransfer:
             problem = self._pages_problem(desc.layer, desc.block_ids)
             if problem is None:
                 self._writers += 1
+                now = time.monotonic()
+                self._first_at = self._first_at or now
+                self._last = (now, desc.sender_delay_us / 1e6)  # one link: in order
                 return None
         self.fail(problem, notify_sender=True)
         return problem
@@ -127,17 +146,29 @@ class ReceiverTransfer:
             if checksum_ok and not self._state.terminal:
                 missing = self._missing[desc.layer]
                 missing.difference_update(desc.block_ids)
-                if not missing:
+                done = not missing and len(self._arrived) + 1 == self._num_layers
+                if not missing and not done:  # the last one is recorded with SUCCESS
                     self._arrived.append(desc.layer)
-                done = len(self._arrived) == self._num_layers
-                self._state = TransferState.SUCCESS if done else TransferState.TRANSFERRING
+                self._state = TransferState.TRANSFERRING
         if not checksum_ok:
             self.fail(f"checksum mismatch on layer {desc.layer}: pages corrupted in transit", True)
         elif done:
-            self._notify(pb.Status.SUCCESS, "")
-            self._on_terminal(self)
-            self._done(TransferState.SUCCESS)
+            succeed = lambda: self._succeed(desc.layer)  # noqa: E731
+            self._fence.revoke(self.ticket.transfer_id, self.ticket.block_ids, succeed)
         self._maybe_free()
+
+    def _succeed(self, last_layer: int) -> None:
+        """Every layer arrived and no writer can touch the blocks any more."""
+        with self._lock:
+            if self._state.terminal:  # failed meanwhile (abort during the revoke)
+                return
+            self._arrived.append(last_layer)
+            self._state = TransferState.SUCCESS
+            now, (began, delay) = time.monotonic(), self._last
+            self.timings = TransferTimings(now - (self._first_at or now), delay + now - began)
+        self._notify(pb.Status.SUCCESS, "")
+        self._on_terminal(self)
+        self._done(TransferState.SUCCESS)
 
     def expire_if_due(self, now: float) -> None:
         if not self._state.terminal and now >= self._deadline:
@@ -175,6 +206,9 @@ class ReceiverTransfer:
             if self._state is not TransferState.FAILED or self._writers or self._freed:
                 return
             self._freed = True
+        self._fence.revoke(self.ticket.transfer_id, self.ticket.block_ids, self._release)
+
+    def _release(self) -> None:
         self._free_blocks(list(self.ticket.block_ids))
         self._done(TransferState.FAILED)
 

@@ -14,8 +14,9 @@ is never blocked by the network.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +33,19 @@ class LayerJob:
     k: torch.Tensor
     v: torch.Tensor
     src_block_ids: torch.Tensor | None
+    queued_at: float = field(default_factory=time.monotonic)
+    """When ``send_layer`` queued it (``delay_us``: the descriptor's ``sender_delay_us``)."""
+
+    def delay_us(self) -> int:
+        return min(int(1e6 * (time.monotonic() - self.queued_at)), (1 << 32) - 1)
+
+
+@dataclass(frozen=True)
+class EndJob:
+    """A transfer ended: behind its layers in the send queue, so a plane that writes in
+    place lets go of its blocks only after its last write."""
+
+    transfer: SenderTransfer
 
 
 class SenderTransfer:
@@ -46,9 +60,11 @@ class SenderTransfer:
         enqueue: Callable[[LayerJob | None], None],
         send_abort: Callable[[pb.Abort], None],
         on_done: OnDone | None = None,
+        on_terminal: Callable[[SenderTransfer], None] | None = None,
     ):
         self.ticket = ticket
         self._on_done = on_done
+        self._on_terminal = on_terminal
         self._num_layers = num_layers
         self._page_shape = (len(ticket.block_ids), *block_shape)
         self._block_shape = tuple(block_shape)
@@ -115,6 +131,8 @@ class SenderTransfer:
         return True
 
     def _done(self, state: TransferState) -> None:
+        if self._on_terminal is not None:
+            self._on_terminal(self)
         report_done(self._on_done, self.ticket.transfer_id, state)
 
     def on_status(self, status: pb.Status) -> None:

@@ -20,6 +20,7 @@ import torch
 import xxhash
 from google.protobuf.message import DecodeError
 
+from engine.kernels import cpu_kv_copy
 from engine.kv_cache.spec_pb import spec_from_pb, spec_to_pb  # noqa: F401 (the handshake uses them)
 from kv_transfer.base import TransferTicket
 from proto import kv_transfer_pb2 as pb
@@ -79,20 +80,37 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-class Checksum:
-    """Streaming xxh3-64 over a layer's K bytes then V bytes."""
+CHECKSUMS = ("xxh3", "crc32c", "none")
+"""What a plane may check pages with (``Capabilities.checksum``)."""
 
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
+
+class Checksum:
+    """Streaming checksum over a layer's K bytes then V bytes: xxh3-64 (the default),
+    hardware CRC32C (engine/kernels/csrc/kv_copy_cpu.c) or none (always 0)."""
+
+    def __init__(self, kind: str = "xxh3") -> None:
+        if kind not in CHECKSUMS:
+            raise ValueError(f"unknown checksum {kind!r}; choose one of {CHECKSUMS}")
+        self.kind = kind
+        self._h = xxhash.xxh3_64() if kind == "xxh3" else None
+        self._crc = 0
+        if kind == "crc32c" and not cpu_kv_copy.available():
+            raise ValueError("checksum crc32c needs the CPU kernels (a C compiler); use xxh3")
 
     def update(self, data: torch.Tensor | memoryview) -> None:
+        if self.kind == "none":
+            return
         if isinstance(data, torch.Tensor):
-            # xxh3 runs on the host: device pages (NCCL path) are hashed from a host copy.
+            # Hashing runs on the host: device pages are hashed from a host copy (which is
+            # why NCCL checks none).
             data = byte_view(data if data.device.type == "cpu" else data.cpu())
-        self._h.update(data)
+        if self._h is not None:
+            self._h.update(data)
+        else:
+            self._crc = cpu_kv_copy.crc32c(data, self._crc)
 
     def value(self) -> int:
-        return self._h.intdigest()
+        return self._h.intdigest() if self._h is not None else self._crc
 
 
 def chunk_plan(num_blocks: int, block_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
@@ -112,10 +130,29 @@ def layer_plan(num_blocks: int, block_bytes: int, chunk_bytes: int) -> list[tupl
     return [(kv, a, b) for kv in (0, 1) for a, b in step]
 
 
+def desc_plan(desc, block_bytes: int) -> list[tuple[int, int, int]]:
+    """``(kv, start, stop)`` messages of a descriptor's payload: its ``message_blocks``
+    (kv_transfer/messages.py) when it names them, else chunks of ``chunk_bytes``."""
+    if not desc.message_blocks:
+        return layer_plan(len(desc.block_ids), block_bytes, desc.chunk_bytes)
+    spans, a = [], 0
+    for m in desc.message_blocks:
+        spans.append((a, a + m))
+        a += m
+    return [(kv, a, b) for kv in (0, 1) for a, b in spans]
+
+
+def plan_problem(desc) -> str | None:
+    """Why a descriptor's ``message_blocks`` cannot describe its blocks, if they cannot."""
+    m = desc.message_blocks
+    if m and (sum(m) != len(desc.block_ids) or min(m) == 0):
+        return f"message_blocks sum to {sum(m)} (least {min(m)}), not its {len(desc.block_ids)} blocks"  # fmt: skip
+    return None
+
+
 def payload_sizes(desc, block_bytes: int) -> list[int]:
     """Byte size of every chunk of a descriptor's payload, in order."""
-    plan = layer_plan(len(desc.block_ids), block_bytes, desc.chunk_bytes)
-    return [(b - a) * block_bytes for _, a, b in plan]
+    return [(b - a) * block_bytes for _, a, b in desc_plan(desc, block_bytes)]
 
 
 def skippable_sizes(desc, max_message: int) -> list[int]:
@@ -127,7 +164,7 @@ def skippable_sizes(desc, max_message: int) -> list[int]:
     ``max_message`` (the receiver will not allocate it).
     """
     n = len(desc.block_ids)
-    if n == 0 or desc.k_bytes < n or desc.checksum_in_trailer:
+    if n == 0 or desc.k_bytes < n or desc.checksum_in_trailer or plan_problem(desc):
         raise FrameError(f"a descriptor for {n} blocks of {desc.k_bytes} bytes cannot be skipped")
     sizes = payload_sizes(desc, desc.k_bytes // n)
     if max(sizes) > max_message:

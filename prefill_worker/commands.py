@@ -1,15 +1,13 @@
-"""The prefill worker's command (answered on its engine thread, prefill_worker/worker.py)
+"""The prefill worker's commands (answered on its engine thread, prefill_worker/worker.py)
 and the states of its job table."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
-from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.worker.errors import WorkerError
@@ -23,14 +21,26 @@ Reply = Callable[[pb.PrefillResponse | WorkerError], None]
 @dataclass(frozen=True)
 class Prefill:
     """Prefill a prompt whose KV goes to ``sender`` (already opened to the decode worker's
-    endpoint); ``reply`` gets the outcome."""
+    endpoint), or to the sender an ``AttachTicket`` brings (``sender`` None: the router
+    reserves on the decode worker meanwhile); ``reply`` gets the outcome."""
 
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    sender: KVSender
+    sender: KVSender | None
     num_cached_blocks: int
     reply: Reply
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class AttachTicket:
+    """The ticket of a ``Prefill`` sent without one, as a sender already opened to it; it
+    may come before that ``Prefill``. Answers nothing."""
+
+    request_id: str
+    sender: KVSender
+    num_cached_blocks: int
 
 
 class JobState(str, Enum):
@@ -46,13 +56,23 @@ class Job:
     request_id: str
     params: SamplingParams
     prompt_len: int
-    sender: KVSender
-    num_cached_blocks: int
     reply: Reply
+    deadline: float
+    """Without a sender by then the job is dropped (its router went away)."""
+    received_at: float
+    sender: KVSender | None = None
+    num_cached_blocks: int = 0
     state: JobState = JobState.WAITING
     first: RequestOutput | None = None
+    """The sampled first token, once prefilled (the reply left then)."""
+    replied: bool = False
+    block_ids: tuple[int, ...] = ()
+    """This worker's block table of the request (from the KV layer hook)."""
+    computed: list[int] = field(default_factory=list)
+    """Layers whose KV is complete here (final chunk computed), sent or not yet."""
     sent_layers: int = 0
-    t_first_layer: float = 0.0
-    held: tuple[int, LayerKV, tuple[torch.Tensor, torch.Tensor]] | None = None
-    """The last layer's ``_send_layer`` arguments, sent once the first token is sampled
-    (prefill_worker/worker.py's module docstring)."""
+    started_at: float | None = None
+    """Its first scheduled step (the layer hook saw it)."""
+    sampled_at: float = 0.0
+    prompt: list[int] = field(default_factory=list)
+    """Kept only when the prompt is scored (``params.prompt_logprobs``)."""

@@ -2,20 +2,21 @@
 
 A request passes through these queues::
 
-    Prefill(ticket) ──> waiting ──(scheduled; chunked prefill)──> running
-        ──(final chunk: after each layer, send_layer into the ticket's blocks)──>
-        sending ──(TransferDone SUCCESS: D has every layer)──> done: release blocks, reply
-                 ──(TransferDone FAILED)────────────────────> done: release, ABORTED
+    Prefill(ticket, or "ticket follows") ──> waiting ──(scheduled; chunked prefill)──> running
+        ──(final chunk: after each layer, its KV into the ticket's blocks -- or, without a
+          ticket yet, once AttachTicket brings one: streaming.py)──>
+        first token sampled ──> reply to the router at once (its TTFT) ──> sending
+        ──(TransferDone: D has every layer, or the transfer failed)──> done: blocks released
+    no ticket within the lease ──> dropped (its router went away)
 
 ``waiting``/``running`` are the engine scheduler's queues; ``sending`` and ``done`` are
 this module's (``JobState``). Everything here runs on the engine thread
-(engine/worker/loop.py): the gRPC handler submits ``Prefill`` with a sender it opened,
-and the sender's callback posts ``TransferDone`` when D confirmed or the transfer failed,
-which wakes the loop. The engine's KV layer hook runs on the engine thread after each
-layer; on a request's final prefill chunk every earlier chunk's KV is already in the
-cache, so the hook queues that layer's pages for the whole prompt (kv_transfer gathers
-and sends on its own thread) while the next layers compute. Blocks are released only
-once the sender is SUCCESS or FAILED, so pages are never overwritten while being sent.
+(engine/worker/loop.py): the gRPC handlers submit ``Prefill`` (with a sender they opened,
+or none) and ``AttachTicket`` (a sender they opened; it may come first: tickets.py), and the sender's callback posts ``TransferDone`` when D confirmed or the
+transfer failed, which wakes the loop. Blocks are released only once the sender is
+SUCCESS or FAILED, so pages are never overwritten while being sent. The reply does not
+wait for the transfer: a transfer that fails after it is the decode worker's to report
+(its Decode stream fails and the router continues the request there).
 The last layer is held back until the first token is sampled: the decode side's transfer
 completes only with it, so a request whose first token fails (non-finite logits) aborts a
 transfer that D has not completed, and D frees the reservation at once instead of holding
@@ -43,16 +44,19 @@ from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.security import ClusterSecret
 from engine.worker.commands import Abort, TransferDone
-from engine.worker.convert import token_to_pb
+from engine.worker.convert import prompt_logprobs_to_pb, token_to_pb
 from engine.worker.errors import WorkerError
 from engine.worker.loop import EngineLoop
 from engine.worker.snapshot import RoleLoad
 from kv_transfer import KVClient, KVSender, TransferState, TransferTicket, make_client
-from prefill_worker.commands import Job, JobState, Prefill
+from prefill_worker import streaming
+from prefill_worker.commands import AttachTicket, Job, JobState, Prefill
+from prefill_worker.tickets import TicketDesk
 from prefill_worker.tp import TPSenders
 from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
+ABORTED = grpc.StatusCode.ABORTED
 
 
 class PrefillWorker:
@@ -66,8 +70,10 @@ class PrefillWorker:
         self._clients: dict[str, KVClient] = {}
         self._clients_lock = threading.Lock()  # gRPC threads open senders; not the engine's
         self._jobs: dict[str, Job] = {}
+        self._tickets = TicketDesk(config.lease_s)
         spec = engine.layout_spec  # the whole group's KV moves, every head
         self._block_bytes = spec.block_size * spec.bytes_per_token // 2 // spec.num_layers
+        self._layers = engine.layout.num_layers
         self.tp = TPSenders(engine, engine.parallel.channel)
         """Transfers in parts (prefill_worker/tp.py): a TP group here or on the decode side."""
         engine.kv_layer_hook = self._on_layer
@@ -86,12 +92,21 @@ class PrefillWorker:
         return {}
 
     def handlers(self) -> dict[type, object]:
-        return {Prefill: self._prefill, Abort: self._abort, TransferDone: self._transfer_done}
+        return {
+            Prefill: self._prefill,
+            AttachTicket: self._attach,
+            Abort: self._abort,
+            TransferDone: self._transfer_done,
+        }
 
     # -- gRPC threads ----------------------------------------------------------------------
 
     def open_sender(
-        self, rid: str, tickets: list[TransferTicket], prompt_len: int, num_cached_blocks: int
+        self,
+        rid: str,
+        tickets: list[TransferTicket],
+        prompt_len: int | None,
+        num_cached_blocks: int,
     ) -> KVSender:
         """Pair with the tickets' endpoints if needed (blocking network I/O: never on the
         engine thread) and open the transfer (in parts, one per rank pair, when a side is
@@ -103,6 +118,11 @@ class PrefillWorker:
         client = self.client(tickets[0].backend)
         if len(tickets) == 1 and tickets[0].heads is None:
             return client.open(tickets[0], on_done=done)
+        if prompt_len is None:  # AttachTicket: the followers could not tell the final chunk
+            raise ValueError(
+                "a transfer in TP parts comes with its Prefill (ticket and parts), not by "
+                "AttachTicket; reserve on the decode worker first"
+            )
         job = {"request_id": rid, "prompt_len": prompt_len, "num_cached_blocks": num_cached_blocks}  # fmt: skip
         job["backend"] = tickets[0].backend
         return self.tp.open(client, tickets, job, done)
@@ -126,50 +146,83 @@ class PrefillWorker:
         try:
             self._admit(cmd)
         except Exception as exc:
-            cmd.sender.abort(f"prefill refused: {exc}")
+            if cmd.sender is not None:
+                cmd.sender.abort(f"prefill refused: {exc}")
             raise
 
     def _admit(self, cmd: Prefill) -> None:
-        bs = self.engine.layout.block_size
-        need = -(-len(cmd.prompt) // bs) - cmd.num_cached_blocks
-        have = len(cmd.sender.ticket.block_ids)
-        if need != have:
-            raise WorkerError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"ticket has {have} blocks but a {len(cmd.prompt)}-token prompt with "
-                f"{cmd.num_cached_blocks} cached blocks needs {need} (block_size={bs})",
-            )
-        rid = cmd.request_id
+        bs, rid = self.engine.layout.block_size, cmd.request_id
+        if cmd.sender is not None:
+            streaming.check_fits(len(cmd.prompt), bs, cmd.sender, cmd.num_cached_blocks)
         self.engine.add_request(rid, cmd.prompt, cmd.params, prefill_only=True)
-        job = Job(rid, cmd.params, len(cmd.prompt), cmd.sender, cmd.num_cached_blocks, cmd.reply)
+        deadline = cmd.received_at + self.config.lease_s
+        job = Job(rid, cmd.params, len(cmd.prompt), cmd.reply, deadline, cmd.received_at)
+        job.sender, job.num_cached_blocks = cmd.sender, cmd.num_cached_blocks
+        job.prompt = cmd.prompt if cmd.params.prompt_logprobs is not None else []
         self._jobs[rid] = job
-        if cmd.sender.poll() is TransferState.FAILED:  # its TransferDone came before the job
-            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
+        early = self._tickets.take(rid)
+        if early is not None:
+            self._guarded_attach(job, early)
+        elif cmd.sender is not None and cmd.sender.poll() is TransferState.FAILED:
+            self._finish(job, WorkerError(ABORTED, self._why(job)))  # its TransferDone came first
+
+    def _attach(self, cmd: AttachTicket) -> None:
+        job = self._jobs.get(cmd.request_id)
+        if job is None and self._tickets.has_ended(cmd.request_id):
+            cmd.sender.abort("its prefill already ended")
+            raise WorkerError(grpc.StatusCode.NOT_FOUND, f"prefill {cmd.request_id!r} already ended")  # fmt: skip
+        if job is None:  # its Prefill is still on the way
+            self._tickets.hold(cmd, time.monotonic())
+            return
+        if job.sender is not None:
+            cmd.sender.abort("a second ticket for the same prefill")
+            raise WorkerError(grpc.StatusCode.ALREADY_EXISTS, f"request {cmd.request_id!r} already has a ticket")  # fmt: skip
+        self._guarded_attach(job, cmd)
+
+    def _guarded_attach(self, job: Job, cmd: AttachTicket) -> None:
+        """Attach, or fail the job (a ticket that does not fit its prompt)."""
+        try:
+            streaming.check_fits(job.prompt_len, self.engine.layout.block_size, cmd.sender, cmd.num_cached_blocks)  # fmt: skip
+        except WorkerError as exc:
+            cmd.sender.abort(str(exc))
+            self._finish(job, exc)
+            raise
+        streaming.attach(job, cmd.sender, cmd.num_cached_blocks, self.engine.kv_caches, self._layers)  # fmt: skip
+        if cmd.sender.poll() is TransferState.FAILED:
+            self._transfer_done(TransferDone(job.request_id, cmd.sender.ticket.transfer_id, False))
 
     def _abort(self, cmd: Abort) -> bool:
         rid = cmd.request_id
-        job = self._jobs.pop(rid, None)
+        early = self._tickets.take(rid)
+        if early is not None:
+            early.sender.abort("aborted by the router")
+        job = self._jobs.get(rid)
         if job is not None:
-            job.sender.abort("aborted by the router")
-            job.reply(WorkerError(grpc.StatusCode.ABORTED, f"request {rid} was aborted"))
-        return self.engine.abort(rid) or job is not None
+            if job.sender is not None:
+                job.sender.abort("aborted by the router")
+            job.first = None  # nothing more is sent: free rather than release
+            self._finish(job, WorkerError(ABORTED, f"request {rid} was aborted"))
+        return self.engine.abort(rid) or job is not None or early is not None
 
     def _transfer_done(self, ev: TransferDone) -> None:
         job = self._jobs.get(ev.request_id)
-        if job is None or job.sender.ticket.transfer_id != ev.transfer_id:
+        if job is None or job.sender is None or job.sender.ticket.transfer_id != ev.transfer_id:
             return
         if not ev.succeeded:
-            self._finish(job, WorkerError(grpc.StatusCode.ABORTED, self._why(job)))
+            self._finish(job, WorkerError(ABORTED, self._why(job)))
         elif job.first is not None:
-            self._finish(job, self._response(job))
+            self._finish(job, None)
         # else: SUCCESS before this step's outputs came back; on_outputs finishes it
 
     def fail_all(self, why: str) -> None:
         """Fail every prefill with ``why`` (the engine cannot go on, e.g. an EP rank died):
         each KV stream is aborted, so its decode worker frees the reserved blocks."""
+        self._tickets.abort_all(why)
         for job in list(self._jobs.values()):
-            job.sender.abort(why)
-            job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
+            if job.sender is not None:
+                job.sender.abort(why)
+            if not job.replied:
+                job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._jobs.clear()
         self.engine.abort_all()
 
@@ -185,7 +238,12 @@ class PrefillWorker:
     # -- each step (engine thread) --------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
-        """Nothing runs on a timer here: transfers end by ``TransferDone``."""
+        """Drop what no ticket came for within the lease (transfers end by ``TransferDone``)."""
+        self._tickets.expire(now)
+        for job in [j for j in self._jobs.values() if j.sender is None and now > j.deadline]:
+            job.first = None
+            why = f"request {job.request_id}: no ticket within the lease ({self.config.lease_s:g}s)"  # fmt: skip
+            self._finish(job, WorkerError(ABORTED, why))
 
     def _on_layer(
         self, layer: int, items: list[LayerKV], cache: tuple[torch.Tensor, torch.Tensor]
@@ -196,36 +254,16 @@ class PrefillWorker:
             job = self._jobs.get(item.request_id)
             if job is None:
                 continue
-            job.state = JobState.RUNNING
+            if job.started_at is None:
+                job.started_at, job.state = time.monotonic(), JobState.RUNNING
             if item.end_pos < job.prompt_len:
                 continue  # not the final chunk: this layer is sent once the prompt is whole
-            if layer == self.engine.layout.num_layers - 1:
-                job.held = (layer, item, cache)  # sent by _on_outputs (module docstring)
-                continue
-            self._try_send(job, layer, item, cache)
-
-    def _try_send(self, job: Job, layer: int, item: LayerKV, cache) -> None:
-        try:
-            self._send_layer(job, layer, item, cache)
-        except Exception as exc:
-            logger.exception("sending layer %d of %s failed", layer, job.request_id)
-            job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")
-
-    def _send_layer(self, job: Job, layer: int, item: LayerKV, cache) -> None:
-        #  prefill block table:  [ cached on D | blocks to fill ... ]
-        #                          0 .. nc-1     nc .. nc+len(ticket)-1  -> ticket.block_ids
-        nc, n = job.num_cached_blocks, len(job.sender.ticket.block_ids)
-        src = item.block_ids[nc : nc + n]
-        if layer == 0:
-            job.t_first_layer = time.monotonic()
-        try:
-            job.sender.send_layer(layer, cache[0], cache[1], src_block_ids=src)
-        except ValueError as exc:
-            job.sender.abort(f"prefill could not send layer {layer}: {exc}")
-            return
-        job.sent_layers += 1
-        if job.sent_layers == self.engine.layout.num_layers:
-            job.sender.finish()
+            try:
+                streaming.layer_computed(job, layer, item.block_ids, self.engine.kv_caches, self._layers)  # fmt: skip
+            except Exception as exc:
+                logger.exception("sending layer %d of %s failed", layer, job.request_id)
+                if job.sender is not None:
+                    job.sender.abort(f"prefill could not send layer {layer} ({type(exc).__name__})")  # fmt: skip
 
     def on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:
@@ -242,42 +280,54 @@ class PrefillWorker:
         if out.error is not None:
             self._fail_job(job, out.error)
             return
-        job.first, job.state = out, JobState.SENDING
-        held, job.held = job.held, None
-        if held is not None:
-            self._try_send(job, *held)
-        elif job.sent_layers < self.engine.layout.num_layers:
-            job.sender.abort("prefill finished without sending its last layer")
-        if job.sender.poll() is TransferState.SUCCESS:  # D confirmed within the step
-            self._finish(job, self._response(job))
+        job.first, job.state, job.sampled_at = out, JobState.SENDING, time.monotonic()
+        state = job.sender.poll() if job.sender is not None else None
+        if state is TransferState.FAILED:  # known lost: D holds nothing to decode from
+            self._finish(job, WorkerError(ABORTED, self._why(job)))
+            return
+        streaming.first_sampled(job, self.engine.kv_caches, self._layers)
+        job.replied = True
+        job.reply(self._response(job))  # the first token goes now (TTFT), the KV may follow
+        if state is TransferState.SUCCESS:
+            self._finish(job, None)  # D confirmed within the step
 
     def _fail_job(self, job: Job, why: str) -> None:
         """``job`` failed alone: abort its KV stream (D frees the reservation), reply
         INTERNAL, free its blocks."""
         msg = f"request {job.request_id} failed on {self.config.name}: {why}"
-        job.sender.abort(msg)
+        if job.sender is not None:
+            job.sender.abort(msg)
         job.first = None  # its blocks are not sent on: _finish frees rather than releases
         self._finish(job, WorkerError(grpc.StatusCode.INTERNAL, msg))
 
     def _why(self, job: Job) -> str:
         return f"KV transfer to {job.sender.ticket.endpoint} failed: {job.sender.error}"
 
-    def _finish(self, job: Job, result: pb.PrefillResponse | WorkerError) -> None:
+    def _finish(self, job: Job, error: WorkerError | None) -> None:
+        """Drop ``job``: release its blocks (sent) or free them; reply ``error`` unless
+        the reply already left."""
         self._jobs.pop(job.request_id, None)
+        self._tickets.ended(job.request_id, time.monotonic())
         if job.first is not None:
             self.engine.release(job.request_id)
         else:
             self.engine.abort(job.request_id)
-        job.reply(result)
+        if not job.replied:
+            job.replied = True
+            job.reply(error or WorkerError(grpc.StatusCode.INTERNAL, "prefill ended without a token"))  # fmt: skip
 
     def _response(self, job: Job) -> pb.PrefillResponse:
-        out = job.first
+        out, started = job.first, job.started_at or job.received_at
         lps = out.new_logprobs[0] if out.new_logprobs else None
-        n = len(job.sender.ticket.block_ids)
+        n = len(job.sender.ticket.block_ids) if job.sender is not None else 0
         return pb.PrefillResponse(
             first_token=token_to_pb(out.new_token_ids[0], lps, job.params.logprobs),
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
-            transfer_bytes=2 * n * self._block_bytes * self.engine.layout.num_layers,
-            transfer_seconds=time.monotonic() - job.t_first_layer,
+            transfer_bytes=2 * n * self._block_bytes * self._layers,
+            queue_seconds=started - job.received_at,
+            compute_seconds=job.sampled_at - started,
+            prompt_logprobs=prompt_logprobs_to_pb(
+                job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
+            ),
         )

@@ -40,6 +40,11 @@ class PrefillServiceStub:
                 request_serializer=proto_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=proto_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.AttachTicket = channel.unary_unary(
+                '/pdserve.worker.PrefillService/AttachTicket',
+                request_serializer=proto_dot_worker__pb2.AttachTicketRequest.SerializeToString,
+                response_deserializer=proto_dot_worker__pb2.AttachTicketResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.worker.PrefillService/Abort',
                 request_serializer=proto_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -67,13 +72,26 @@ class PrefillServiceServicer:
     """
 
     def Prefill(self, request, context):
-        """Prefill one prompt into the decode worker's reserved blocks named by the ticket.
-        Prompts are batched with chunked prefill; each layer's KV pages are sent while
-        later layers compute. Returns the first token once D confirmed every layer.
+        """Prefill one prompt into the decode worker's reserved blocks named by the ticket
+        (given here, or by AttachTicket with ticket_follows). Prompts are batched with
+        chunked prefill; each layer's KV pages are sent while later layers compute. Returns
+        the first token as soon as it is sampled; the transfer may still be finishing (D
+        admits the request once it is SUCCESS, and its Decode stream fails if it is not).
+        Without a ticket within the lease the prefill is dropped.
         Errors: INVALID_ARGUMENT (bad prompt or params), FAILED_PRECONDITION (layout
-        mismatch with D), ABORTED (transfer failed or the request was aborted), INTERNAL
-        (this request failed alone, e.g. non-finite logits), UNAVAILABLE (the engine loop
-        is not serving: route elsewhere).
+        mismatch with D), ABORTED (transfer failed before the first token, or the request
+        was aborted), INTERNAL (this request failed alone, e.g. non-finite logits),
+        UNAVAILABLE (the engine loop is not serving: route elsewhere).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachTicket(self, request, context):
+        """The ticket of a Prefill sent with ticket_follows (it may arrive before that Prefill).
+        Errors: PERMISSION_DENIED (a ticket the cluster did not sign), FAILED_PRECONDITION
+        (layout mismatch), INVALID_ARGUMENT (block count does not fit the prompt), NOT_FOUND
+        (the prefill already ended), UNAVAILABLE (D's endpoint unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +133,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=proto_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=proto_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'AttachTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachTicket,
+                    request_deserializer=proto_dot_worker__pb2.AttachTicketRequest.FromString,
+                    response_serializer=proto_dot_worker__pb2.AttachTicketResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -165,6 +188,33 @@ class PrefillService:
             '/pdserve.worker.PrefillService/Prefill',
             proto_dot_worker__pb2.PrefillRequest.SerializeToString,
             proto_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.worker.PrefillService/AttachTicket',
+            proto_dot_worker__pb2.AttachTicketRequest.SerializeToString,
+            proto_dot_worker__pb2.AttachTicketResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,10 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import openapi
 from router.api import Shaper
+from router.choices import run_choices
 from router.middleware import BodyLimit
-from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from router.protocol import UNSUPPORTED, ApiError, ChatCompletionRequest, CompletionRequest
+from router.protocol_chat import FieldError
+from router.protocol_responses import ModelCard, ModelList
 from router.service import RouterService
 from router.streaming import EventStream, chain, collect, first_output, until
+from router.tokenize_routes import tokenize_routes
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +45,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc = [cause.param]
         param = param or (loc[0] if loc and not loc[0].isdigit() else None)  # not a JSON offset
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = _unsupported(loc)
         value = err.get("input")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "got" not in msg:
             msg += f", got {_shown(value)}"  # a number; never a whole body echoed back
         parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
+
+
+def _unsupported(loc: list[str]) -> str:
+    name = loc[-1] if loc else "?"
+    hint = UNSUPPORTED.get(name) if len(loc) == 1 else None
+    return (
+        f"unsupported field `{name[:64]}`"
+        + (f": {hint}" if hint else "")
+        + "; pdserve refuses fields it would not honour (see the README's list of request fields)"
+    )
 
 
 def _shown(value: int | float) -> str:
@@ -74,6 +93,7 @@ def create_app(service: RouterService, lifespan=None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(probes)
     app.include_router(v1)
+    app.include_router(tokenize_routes, dependencies=[Depends(_auth)])
     openapi.install(app)
     return app
 
@@ -151,28 +171,39 @@ async def metrics(request: Request):
     return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+def _card(svc: RouterService) -> ModelCard:
+    name = svc.config.served_model_name
+    return ModelCard(id=name, root=name, max_model_len=svc.max_model_len)
+
+
 @v1.get("/models", responses=openapi.MODELS)
 async def models(request: Request):
+    return ModelList(data=[_card(_service(request))]).model_dump()
+
+
+@v1.get("/models/{model:path}", responses=openapi.MODEL)
+async def model(model: str, request: Request):
     svc = _service(request)
-    card = ModelCard(id=svc.config.served_model_name, max_model_len=svc.max_model_len)
-    return ModelList(data=[card]).model_dump()
+    svc.check_model(model)
+    return _card(svc).model_dump()
 
 
 @v1.post("/completions", responses=openapi.GENERATE)
 async def completions(body: CompletionRequest, request: Request):
-    job, shaper = await _service(request).completion_job(body)
-    return await respond(_service(request), job, shaper, body, request)
+    jobs, shaper = await _service(request).completion_jobs(body)
+    return await respond(_service(request), jobs, shaper, body, request)
 
 
 @v1.post("/chat/completions", responses=openapi.GENERATE)
 async def chat(body: ChatCompletionRequest, request: Request):
-    job, shaper = await _service(request).chat_job(body)
-    return await respond(_service(request), job, shaper, body, request)
+    jobs, shaper = await _service(request).chat_jobs(body)
+    return await respond(_service(request), jobs, shaper, body, request)
 
 
-async def respond(service: RouterService, job, shaper: Shaper, body, request: Request):
+async def respond(service: RouterService, jobs, shaper: Shaper, body, request: Request):
     cfg = service.config
-    outs = until(service.generate(job), cfg.request_timeout_s)
+    rid = jobs[0].request_id
+    outs = until(run_choices(service, jobs), cfg.request_timeout_s)
     if not body.stream:
         return JSONResponse(shaper.full(await collect(outs, request)))
     try:
@@ -180,8 +211,8 @@ async def respond(service: RouterService, job, shaper: Shaper, body, request: Re
     except BaseException:
         await outs.aclose()
         raise
-    events = shaper.stream(chain(first, outs), body.include_usage, _stream_error(job.request_id))
-    return EventStream(events, outs, cfg.stream_stall_timeout_s, job.request_id)
+    events = shaper.stream(chain(first, outs), body.include_usage, _stream_error(rid))
+    return EventStream(events, outs, cfg.stream_stall_timeout_s, rid)
 
 
 def _stream_error(request_id: str):

@@ -25,6 +25,11 @@ class Job:
     params: SamplingParams
     stop: list[str]
     arrival: float = field(default_factory=time.monotonic)
+    index: int = 0
+    """Which choice of the request this job is (``n`` > 1)."""
+    discard_output: bool = False
+    """Score the prompt only (``echo`` with ``max_tokens=0``): the token generated to get
+    there is not returned."""
 
 
 @dataclass
@@ -38,6 +43,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[pb.Token] | None = None
+    """On the first output of a job scoring its prompt: tokens 1.. of the prompt."""
 
 
 class RouterService(Protocol):

@@ -35,6 +35,17 @@ def model_vocab_size(model_dir: str) -> int | None:
     return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
+def model_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """``eos_token_id`` (one or a list) from the checkpoint's config.json."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    eos = cfg.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in ids if isinstance(i, int))
+
+
 @dataclass(frozen=True)
 class EdgeLimits:
     """What the served model can take."""

@@ -9,6 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+_HOP_BUCKETS = (0.0001, 0.00025, 0.0005, *_LATENCY_BUCKETS)
+"""Hops are often well under a millisecond."""
+HOPS = ("reserve", "prefill_queue", "prefill_compute", "transfer_tail", "decode_admission")
+"""The ``hop`` labels of ``pdserve_disagg_hop_seconds``."""
 
 
 class Metrics:
@@ -62,8 +66,18 @@ class Metrics:
             "pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode.", registry=r
         )
         self.kv_seconds = Counter(
-            "pdserve_kv_transfer_seconds", "Seconds spent moving KV (first layer to SUCCESS).",
+            "pdserve_kv_transfer_seconds",
+            "Seconds spent moving KV (the decode worker's first page to every layer in).",
             registry=r,
+        )  # fmt: skip
+        self.hops = Histogram(
+            "pdserve_disagg_hop_seconds",
+            "Seconds of each hop of a disaggregated request: reserve (the Reserve rpc, "
+            "router), prefill_queue and prefill_compute (the prefill worker, until it "
+            "sampled the first token), transfer_tail (from the prefill's last layer until "
+            "the decode worker had every layer) and decode_admission (KV and Decode call "
+            "in, to the running batch).",
+            ["hop"], buckets=_HOP_BUCKETS, registry=r,
         )  # fmt: skip
         self.workers = Gauge(
             "pdserve_workers", "Registered workers by role and health.", ["role", "healthy"],

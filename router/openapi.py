@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from router.protocol import ErrorResponse, ModelList
+from router.protocol_responses import ErrorResponse, ModelCard, ModelList
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -44,6 +44,21 @@ GENERATE = {
     504: _error("--request-timeout passed"),
 }
 MODELS = {200: {"model": ModelList, "description": "the served model"}, **AUTH}
+MODEL = {
+    200: {"model": ModelCard, "description": "the served model"},
+    **AUTH,
+    404: _error("unknown model"),
+}
+TOKENIZE = {
+    200: {"description": "the prompt's token ids / the text of the token ids"},
+    400: _error(
+        "invalid parameters, prompt text over the bound, or a token id outside the vocabulary (names the field)"
+    ),  # fmt: skip
+    **AUTH,
+    404: _error("unknown model"),
+    413: _error("request body over --max-body-bytes"),
+    503: _error("no worker registered yet (Retry-After)"),
+}
 HEALTH = {
     200: {"description": "a decode worker serves; workers and cluster-state status"},
     503: {"description": "no healthy decode worker (Retry-After); same body"},

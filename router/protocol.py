@@ -1,91 +1,87 @@
 """OpenAI-compatible request and response models: only the fields pdserve supports.
 
-Unknown request fields are ignored (as vLLM does). vLLM extensions: ``ignore_eos``,
-``min_tokens``, ``stop_token_ids``, ``top_k`` and ``return_token_ids``.
+Unknown request fields are refused (400 naming the field, with what to use instead where
+there is something): a field pdserve would not act on is never silently dropped. Fields
+OpenAI clients send that change nothing are accepted: ``user``, ``safety_identifier``,
+``metadata``, ``prompt_cache_key`` (prefix caching is automatic), ``store: false``,
+``service_tier: auto|default``, ``modalities: ["text"]``, ``prompt_cache_retention:
+in_memory``, and ``best_of`` equal to ``n``. vLLM extensions: ``ignore_eos``,
+``min_tokens``, ``stop_token_ids``, ``top_k``, ``min_p``, ``repetition_penalty``,
+``return_token_ids``, ``structured_outputs`` and (chat) ``add_generation_prompt``.
 
 Every numeric field is bounded to what the engine and worker.proto hold (the constants of
 engine/sampling_params.py); bounds that need the model (vocabulary, context) are in
-router/limits.py. Stop strings: at most ``MAX_STOP_STRINGS`` of at most
-``MAX_STOP_CHARS`` characters each.
-
-The OpenAPI schema (``/openapi.json``) states every one of these bounds, so clients and
-schema-driven fuzzers (tests/router/test_fuzz_openapi.py) see them: where a validator
-below gives a clearer message than pydantic's, the field carries its bounds in a
-``WithJsonSchema`` instead.
+router/limits.py. Types are strict JSON types, and the OpenAPI schema (``/openapi.json``)
+states every bound (router/protocol_schema.py for those a validator below checks).
 """
 
 from __future__ import annotations
 
-import time
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
     MAX_TOKEN_ID,
+    MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
 )
+from router.protocol_chat import (
+    MAX_TOOLS,
+    ChatMessage,
+    FieldError,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolChoice,
+)
+from router.protocol_schema import (
+    LOGIT_BIAS_SCHEMA,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    PROMPT_SCHEMA,
+    STOP_SCHEMA,
+    TEMPERATURE_SCHEMA,
+    TOKEN_KEY,
+)
 
-MAX_STOP_STRINGS = 64
-"""Stop strings per request (OpenAI allows 4, vLLM does not bound them)."""
-MAX_STOP_CHARS = 512
-"""Characters per stop string: a stream holds back this many - 1 characters, so a longer
-one would turn streaming into one final chunk."""
+MAX_N = 16
+"""Choices per request (each one is a generation; the prompt is computed once)."""
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
+_TOKEN_KEY = re.compile(TOKEN_KEY)
 
-_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
-_TOKENS = {"type": "array", "items": _TOKEN_ID, "minItems": 1}
-_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
-_NULL = {"type": "null"}
-STOP_SCHEMA = WithJsonSchema(
-    {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOP_STRINGS}, _NULL]}
-)
-TEMPERATURE_SCHEMA = WithJsonSchema(
-    {
-        "anyOf": [
-            {"type": "number", "minimum": 0, "maximum": 0},
-            {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
-            _NULL,
-        ],
-        "description": f"0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
-    }
-)
-PROMPT_SCHEMA = WithJsonSchema(
-    {
-        "anyOf": [
-            {"type": "string", "minLength": 1},
-            _TOKENS,
-            {
-                "type": "array",
-                "items": {"type": "string", "minLength": 1},
-                "minItems": 1,
-                "maxItems": 1,
-            },
-            {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 1},
-        ],
-        "description": "text or token ids; a list holds one prompt (no batches)",
-    }
-)
-
-
-STRICT = ConfigDict(strict=True)
-"""JSON types as the schema states them (OpenAI's API does the same): ``"max_tokens":
-"16"``, ``"stream": 1`` or ``"echo": 0`` are 400s, not silently converted."""
+UNSUPPORTED = {
+    "suffix": "insertion after a suffix is not supported",
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this server serves no reasoning model",
+    "verbosity": "not supported",
+    "web_search_options": "web search is not supported",
+    "moderation": "moderation is not supported",
+    "prompt_cache_options": "prefix caching is automatic and has no options",
+    "guided_json": "use structured_outputs.json (or response_format)",
+    "guided_regex": "use structured_outputs.regex",
+    "guided_choice": "use structured_outputs.choice",
+    "guided_grammar": "use structured_outputs.grammar",
+    "prompt_logprobs": "use echo with logprobs (completions)",
+}
+"""Fields refused with a hint: the message of an unknown field's 400 adds it."""
 
 
 class StreamOptions(BaseModel):
-    model_config = STRICT
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -93,7 +89,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     temperature: Annotated[float | None, TEMPERATURE_SCHEMA] = Field(
@@ -108,13 +104,40 @@ class _Sampling(BaseModel):
     stop_token_ids: list[TokenId] | None = Field(
         default=None, validate_default=True, max_length=MAX_STOP_TOKEN_IDS
     )
-    n: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1})] = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=MAX_TOKEN_ID)
     return_token_ids: bool = False
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=512)
+    """Accepted and unused (OpenAI abuse monitoring)."""
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)  # fmt: skip
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    logit_bias: Annotated[dict[str, float] | None, LOGIT_BIAS_SCHEMA] = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(v)}")  # fmt: skip
+        for key, bias in v.items():
+            if not _TOKEN_KEY.match(key) or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key[:40]!r}")  # fmt: skip
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias} for token {key}")  # fmt: skip
+        if len({int(k) for k in v}) != len(v):
+            raise ValueError("logit_bias names a token id twice (e.g. '7' and '07')")
+        return v
+
+    @property
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("temperature")
     @classmethod
@@ -141,13 +164,6 @@ class _Sampling(BaseModel):
                 )
         return stops
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got n={v}")
-        return v
-
     @field_validator("stop_token_ids")
     @classmethod
     def _stop_ids(cls, v: list[int] | None) -> list[int]:
@@ -164,9 +180,12 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Annotated[str | list[int] | list[str] | list[list[int]], PROMPT_SCHEMA]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_TOKEN_ID)
+    """0 only with ``echo``: score the prompt and generate nothing."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Annotated[bool, WithJsonSchema({"type": "boolean", "enum": [False]})] = False
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Accepted only equal to ``n`` (what it then means: n choices, all returned)."""
 
     @field_validator("prompt")
     @classmethod
@@ -182,29 +201,16 @@ class CompletionRequest(_Sampling):
         return v
 
     @model_validator(mode="after")
-    def _no_echo(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
+    def _echo_and_best_of(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens=0 is only allowed with echo (to score the prompt)")  # fmt: skip
+        if self.best_of is not None and self.best_of != self.n:
+            raise FieldError(
+                "best_of",
+                f"best_of={self.best_of} is not supported (only best_of equal to n={self.n}): "
+                "request n choices and rank them yourself",
+            )
         return self
-
-
-class ContentPart(BaseModel):
-    model_config = STRICT
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -214,49 +220,49 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # Accepted, and they change nothing (see the module docstring).
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)  # fmt: skip
+    store: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    modalities: list[Literal["text"]] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "in-memory"] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=512)
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def num_chars(self) -> int:
-        """Characters of every message's text: what the prompt limit counts."""
-        return sum(len(m.text()) for m in self.messages)
+        """Characters of every message (and tool definition): what the prompt limit counts."""
+        tools = sum(len(t.model_dump_json()) for t in self.tools or ())
+        return sum(m.num_chars() for m in self.messages) + tools
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise FieldError("tools", "tools: every function needs a distinct name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise FieldError("tool_choice", f"tool_choice={_choice_name(choice)} needs tools")
+        if not isinstance(choice, str) and choice is not None and choice.function.name not in names:  # fmt: skip
+            raise FieldError("tool_choice", f"tool_choice names function {choice.function.name!r}, which is not in tools {names}")  # fmt: skip
+        return self
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "pdserve"
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+def _choice_name(choice) -> str:
+    return choice if isinstance(choice, str) else f"function {choice.function.name!r}"
 
 
 class ApiError(Exception):

@@ -1,8 +1,13 @@
 """One request's life on the workers, from routing to its last token.
 
 route      policy -> (decode D, prefill P | local, reason)     counted in metrics
-remote:    D.Reserve -> P.Prefill (first token) -> D.Decode stream
+remote:    router/remote.py: D.Reserve and P.Prefill at once, the ticket to P when D
+           answers (reserve_mode "overlap"; "serial": one after the other) -> P's first
+           token, yielded at once -> the ticket at P -> D.Decode stream (D admits the
+           request when the KV is in; its first chunk says how the KV came: hop metrics)
            any failure before the first token -> abort on P and D, local fallback
+           the KV lost after it (reservation or ticket refused, transfer failed)
+                 -> D continues from the first token (Generate of prompt + first token)
            (reason: prefill_timeout, transfer_failed, layout_mismatch, ticket_refused,
            prefill_failed), except INTERNAL: the request itself failed -> 502, final
 local:     D.Generate stream
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -28,17 +34,22 @@ from router.detok import TextStream
 from router.job import Job, Output, RouterService
 from router.policy import RouteDecision, RoutePath, RouteReason
 from router.protocol import ApiError
+from router.remote import RemotePrefill
 from router.run_errors import (
     FALLBACKS,
     SHIELD_ERRORS,
     DecodeDown,
     Fallback,
+    TransferLost,
     public_reason,
     worker_failed,
 )
 from router.state.base import WorkerRecord
 
 logger = logging.getLogger(__name__)
+
+_LOST = (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND)
+"""What D's Decode answers when the KV never came (transfer failed, lease over)."""
 
 
 class RequestRun:
@@ -61,6 +72,10 @@ class RequestRun:
         self.num_output = 0
         self._call = None
         self._reserved: str | None = None
+        self._remote_p: str | None = None
+        """The prefill worker of the remote attempt (its pair's bandwidth estimate)."""
+        self.prompt_logprobs: list[pb.Token] | None = None
+        """From the prefill worker (or the first chunk of a local prefill)."""
 
     # -- token streams ------------------------------------------------------------------
 
@@ -70,6 +85,12 @@ class RequestRun:
         last = None
         user_stops = set(job.params.stop_token_ids)
         async for chunk in self._chunks():
+            if chunk.prompt_logprobs and self.prompt_logprobs is None:
+                self.prompt_logprobs = list(chunk.prompt_logprobs)
+            if job.discard_output and (chunk.tokens or chunk.finished):
+                self.finish_reason = "length"
+                yield self._out("", [], [], "length")
+                return
             now = time.monotonic()
             ids = [t.token_id for t in chunk.tokens]
             for _ in ids:
@@ -100,10 +121,12 @@ class RequestRun:
             self.svc.metrics.e2e.observe(time.monotonic() - self.job.arrival)
             self.svc.metrics.prompt_tokens.inc(self.num_prompt_tokens)
             self.svc.metrics.generation_tokens.inc(self.num_output)
-        return Output(
+        out = Output(
             text, list(ids), list(tokens), reason, self.num_prompt_tokens, self.num_output,
-            self.cached_tokens,
+            self.cached_tokens, self.prompt_logprobs,
         )  # fmt: skip
+        self.prompt_logprobs = None  # on the first output only
+        return out
 
     async def _chunks(self) -> AsyncIterator[pb.TokenChunk]:
         for attempt in (1, 2):
@@ -127,15 +150,19 @@ class RequestRun:
         self.inflight.append(d.worker_id)  # the slot svc.route reserved
         self._reserved = d.worker_id
         if decision.path is RoutePath.REMOTE:
+            remote = RemotePrefill(self, decision)
             try:
-                first = await self._remote_prefill(decision)
+                pre = await remote.first_token()
             except Fallback as fb:
                 svc.metrics.route(RoutePath.LOCAL, fb.reason)
                 logger.warning("request %s: remote prefill failed (%s)", self.job.request_id, fb)
             else:
                 svc.metrics.route(RoutePath.REMOTE, decision.reason)
-                yield first
-                async for chunk in self._stream_decode(d):
+                self.cached_tokens, self._remote_p = pre.num_cached_tokens, remote.p.worker_id
+                if pre.prompt_logprobs:
+                    self.prompt_logprobs = list(pre.prompt_logprobs)
+                yield pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)  # fmt: skip
+                async for chunk in self._after_first(remote, pre.first_token):
                     yield chunk
                 return
         else:
@@ -143,7 +170,25 @@ class RequestRun:
         async for chunk in self._stream_local(d, decision.path is RoutePath.REMOTE):
             yield chunk
 
-    async def _track(self, worker: WorkerRecord, rid: str) -> None:
+    async def _after_first(self, remote: RemotePrefill, first: pb.Token) -> AsyncIterator[pb.TokenChunk]:  # fmt: skip
+        """D's Decode stream once P holds the ticket; without the KV, D continues locally."""
+        d, rid = remote.d, self.job.request_id
+        try:
+            await remote.kv_bound()
+            self._record_prefix(d)
+            self._call = self.svc.registry.client(d).decode.Decode(
+                pb.DecodeRequest(request_id=rid, first_token=first)
+            )
+            async for chunk in self._drain(self._call, d, rid, lost_ok=True):
+                yield chunk
+        except TransferLost as lost:
+            logger.warning("request %s: %s; continuing on %s", rid, lost, d.worker_id)
+            self.svc.metrics.route(RoutePath.LOCAL, lost.reason)  # after a remote first token
+            async for chunk in self._continue_locally(d, first):
+                yield chunk
+
+    async def track(self, worker: WorkerRecord, rid: str) -> None:
+        """``rid`` may hold something on ``worker`` now (aborted unless it finishes)."""
         self.to_abort.append((worker.worker_id, worker.role, rid))
         if worker.worker_id == self._reserved:
             self._reserved = None  # counted since routing
@@ -151,53 +196,15 @@ class RequestRun:
         self.inflight.append(worker.worker_id)
         await self.svc.io(self.svc.state.add_inflight, worker.worker_id, 1)
 
-    def _done(self, worker: WorkerRecord, rid: str) -> None:
+    def done(self, worker: WorkerRecord, rid: str) -> None:
         self.to_abort = [t for t in self.to_abort if (t[0], t[2]) != (worker.worker_id, rid)]
 
-    async def _remote_prefill(self, decision: RouteDecision) -> pb.TokenChunk:
-        svc, d, p = self.svc, decision.decode, decision.prefill
-        rid = self.job.request_id
-        reg = svc.registry
-        transport = svc.transport(p, d)
-        await self._track(d, rid)
-        reserve = pb.ReserveRequest(
-            request=self.spec, kv_transport=transport, lease_s=self.cfg.lease_s,
-            prefill_tp_size=p.tp_size,  # a TP group on either side: D plans rank-to-rank parts
-        )  # fmt: skip
-        try:
-            res = await reg.client(d).decode.Reserve(reserve, timeout=5.0)
-        except grpc.aio.AioRpcError as exc:
-            self._raise_bad_input(exc)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                await svc.io(svc.state.mark_unhealthy, d.worker_id, d.epoch)
-                raise DecodeDown(d.worker_id, exc.details()) from None
-            raise Fallback(RouteReason.RESERVE_FAILED) from exc
-        await self._track(p, rid)
-        req = pb.PrefillRequest(
-            request=self.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks,
-            parts=res.parts,
-        )  # fmt: skip
-        try:
-            pre = await reg.client(p).prefill.Prefill(req, timeout=self.cfg.prefill_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            await self._prefill_failed(decision, exc)
-        self._done(p, rid)
-        self._record_prefix(d)
-        svc.metrics.kv_bytes.inc(pre.transfer_bytes)
-        svc.metrics.kv_seconds.inc(max(0.0, pre.transfer_seconds))
-        svc.policy.observe_transfer(p.worker_id, d.worker_id, pre.transfer_bytes, pre.transfer_seconds)  # fmt: skip
-        self.cached_tokens = pre.num_cached_tokens
-        self._call = reg.client(d).decode.Decode(
-            pb.DecodeRequest(request_id=rid, first_token=pre.first_token)
-        )
-        return pb.TokenChunk(tokens=[pre.first_token], num_prompt_tokens=pre.num_prompt_tokens)
-
-    async def _prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None:
+    async def prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None:
         """Abort on both workers, then fall back to local prefill (or a 400 for bad input).
         INTERNAL is the request's own failure (e.g. non-finite logits): it would fail the
         same way on D, so it is final (a 502 naming the reason), not computed twice."""
-        await self._abort_all()
-        self._raise_bad_input(exc)
+        await self.abort_all()
+        self.raise_bad_input(exc)
         p, code = decision.prefill, exc.code()
         if code == grpc.StatusCode.INTERNAL:
             self.svc.metrics.route(RoutePath.REMOTE, decision.reason)
@@ -211,12 +218,43 @@ class RequestRun:
         hashes = hash_blocks(self.job.prompt, d.layout.block_size)
         self.svc.background(self.svc.io(self.svc.state.record_prefix, d.worker_id, hashes))
 
-    def _raise_bad_input(self, exc: grpc.aio.AioRpcError) -> None:
+    def raise_bad_input(self, exc: grpc.aio.AioRpcError) -> None:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             raise ApiError(400, exc.details() or "invalid request") from None
 
-    async def _stream_decode(self, d: WorkerRecord) -> AsyncIterator[pb.TokenChunk]:
-        async for chunk in self._drain(self._call, d, self.job.request_id):
+    def _observe(self, report: pb.TransferReport, d: WorkerRecord) -> None:
+        """D's account of how the KV came (the first chunk of its Decode stream)."""
+        m = self.svc.metrics
+        m.hops.labels(hop="transfer_tail").observe(report.tail_seconds)
+        m.hops.labels(hop="decode_admission").observe(report.admission_seconds)
+        m.kv_bytes.inc(report.bytes)
+        m.kv_seconds.inc(max(0.0, report.seconds))
+        if self._remote_p is not None:
+            self.svc.policy.observe_transfer(self._remote_p, d.worker_id, report.bytes, report.seconds)  # fmt: skip
+
+    async def _continue_locally(self, d: WorkerRecord, first: pb.Token) -> AsyncIterator[pb.TokenChunk]:  # fmt: skip
+        """The rest of the request on D from the prompt and the first token (seeded
+        sampling draws by position, so it continues as the remote path would have)."""
+        params, tok = self.job.params, first.token_id
+        eos = tok == self.svc.tokenizer.eos_token_id and not params.ignore_eos
+        stop = tok in params.stop_token_ids or eos
+        if params.max_tokens <= 1 or (stop and params.min_tokens <= 1):
+            yield pb.TokenChunk(finished=True, finish_reason="stop" if stop else "length")
+            return
+        spec = pb.RequestSpec(
+            request_id=f"{self.job.request_id}-cont",
+            prompt_token_ids=[*self.job.prompt, tok],
+            params=params_to_pb(
+                replace(
+                    params,
+                    max_tokens=params.max_tokens - 1,
+                    min_tokens=max(0, params.min_tokens - 1),
+                )
+            ),  # fmt: skip
+        )
+        await self.track(d, spec.request_id)
+        self._call = self.svc.registry.client(d).decode.Generate(spec)
+        async for chunk in self._drain(self._call, d, spec.request_id):
             yield chunk
 
     async def _stream_local(self, d: WorkerRecord, fallback: bool) -> AsyncIterator[pb.TokenChunk]:
@@ -224,7 +262,7 @@ class RequestRun:
         spec.CopyFrom(self.spec)
         if fallback:  # the first attempt's id may still be held while its blocks drain
             spec.request_id = f"{self.job.request_id}-local"
-        await self._track(d, spec.request_id)
+        await self.track(d, spec.request_id)
         self._record_prefix(d)
         self._call = self.svc.registry.client(d).decode.Generate(spec)
         async for chunk in self._drain(self._call, d, spec.request_id):
@@ -232,22 +270,32 @@ class RequestRun:
                 self.cached_tokens = chunk.num_cached_tokens
             yield chunk
 
-    async def _drain(self, call, d: WorkerRecord, rid: str) -> AsyncIterator[pb.TokenChunk]:
+    async def _drain(
+        self, call, d: WorkerRecord, rid: str, lost_ok: bool = False
+    ) -> AsyncIterator[pb.TokenChunk]:
+        """``call``'s chunks; with ``lost_ok`` (a Decode stream) a stream that ends for want
+        of its KV before any chunk raises TransferLost."""
+        got = False
         try:
             async for chunk in call:
+                if chunk.HasField("transfer"):
+                    self._observe(chunk.transfer, d)
                 if chunk.finished:
-                    self._done(d, rid)
+                    self.done(d, rid)
+                got = True
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            self._raise_bad_input(exc)
+            self.raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 await self.svc.io(self.svc.state.mark_unhealthy, d.worker_id, d.epoch)
                 raise DecodeDown(d.worker_id, exc.details()) from None
+            if lost_ok and not got and exc.code() in _LOST:
+                raise TransferLost(exc.details()) from None
             raise worker_failed(d, rid, exc) from None
 
     # -- cleanup --------------------------------------------------------------------------
 
-    async def _abort_all(self) -> None:
+    async def abort_all(self) -> None:
         targets, self.to_abort = self.to_abort, []
         reg = self.svc.registry
         calls = []
@@ -267,4 +315,4 @@ class RequestRun:
             await self.svc.io(self.svc.state.add_inflight, worker_id, -1)
         if self.to_abort:
             # Shielded: the caller may be a cancelled task (client disconnect).
-            self.svc.background(self._abort_all())
+            self.svc.background(self.abort_all())

@@ -1,5 +1,6 @@
-"""How a request's attempt on the workers fails (router/run.py): fall back to local
-prefill, route again, or answer the client."""
+"""How a request's attempt on the workers fails (router/run.py, router/remote.py): fall
+back to local prefill, continue on D after the first token, route again, or answer the
+client."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ class Fallback(Exception):
 
     def __init__(self, reason: RouteReason) -> None:
         super().__init__(reason)
+        self.reason = reason
+
+
+class TransferLost(Exception):
+    """After the first token: the decode worker will not get the prompt's KV (reservation
+    refused, ticket refused, transfer failed); it continues the request itself."""
+
+    def __init__(self, message: str, reason: RouteReason = RouteReason.TRANSFER_FAILED) -> None:
+        super().__init__(message)
         self.reason = reason
 
 

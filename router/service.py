@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
 from engine.tokenizer import Tokenizer
-from router.api import Shaper
+from router.api import Echo, Shaper
 from router.job import Job, Output
 from router.jobs import JobBuilder
 from router.metrics import Metrics
@@ -18,6 +18,7 @@ from router.policy import NoWorkerError, RouteDecision, RouteRequest, RoutingPol
 from router.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from router.run import RequestRun
 from router.state.base import ClusterState, WorkerRecord
+from router.tools.formats import get_format
 from router.workers import Registry
 
 logger = logging.getLogger(__name__)
@@ -45,26 +46,40 @@ class RouterService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
-        self.jobs = JobBuilder(tokenizer, config.model, config.max_prompt_chars, TOKENIZER_THREADS)
+        fmt = get_format(config.tool_call_parser) if config.tool_call_parser else None
+        self.tool_format = fmt
+        self.jobs = JobBuilder(
+            tokenizer, config.model, config.max_prompt_chars, TOKENIZER_THREADS, fmt
+        )
 
     # -- requests -> jobs (router/jobs.py) --------------------------------------------------
 
-    async def completion_job(self, body: CompletionRequest) -> tuple[Job, Shaper]:
-        limit = self._admissible(body.model)
-        job = await self.jobs.completion(body, limit)
-        return job, self._shaper("completion", job, body.logprobs, body.return_token_ids)
+    async def completion_jobs(self, body: CompletionRequest) -> tuple[list[Job], Shaper]:
+        limit = self._admissible(body.model, body.n)
+        jobs = await self.jobs.completion(body, limit)
+        shaper = self._shaper("completion", jobs[0], body.logprobs, body.return_token_ids)
+        if body.echo:
+            prompt = jobs[0].prompt
+            text = body.prompt if isinstance(body.prompt, str) else self.tokenizer.decode(prompt)
+            shaper.echo = Echo(text, prompt)
+        return jobs, shaper
 
-    async def chat_job(self, body: ChatCompletionRequest) -> tuple[Job, Shaper]:
-        limit = self._admissible(body.model)
-        job = await self.jobs.chat(body, limit)
+    async def chat_jobs(self, body: ChatCompletionRequest) -> tuple[list[Job], Shaper]:
+        limit = self._admissible(body.model, body.n)
+        jobs = await self.jobs.chat(body, limit)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return job, self._shaper("chat", job, top, body.return_token_ids)
+        shaper = self._shaper("chat", jobs[0], top, body.return_token_ids)
+        choice = body.effective_tool_choice
+        if body.tools and choice != "none":
+            shaper.tool_format = self.tool_format
+            shaper.named_tool = not isinstance(choice, str)
+        return jobs, shaper
 
-    def _admissible(self, model: str) -> int:
+    def _admissible(self, model: str, n: int = 1) -> int:
         """The context length, once the model name and the router's capacity allow the
         request: refused before any tokenization costs the router anything."""
         self.check_model(model)
-        self.admit()
+        self.admit(n)
         limit = self.max_model_len
         if limit is None:
             raise ApiError(503, "no worker registered yet", "service_unavailable", headers={"Retry-After": "5"})  # fmt: skip
@@ -95,22 +110,25 @@ class RouterService:
         ]
         return min(lens) if lens else None
 
-    def admit(self) -> None:
-        if self.inflight >= self.config.max_inflight:
+    def admit(self, n: int = 1) -> None:
+        """Room for ``n`` more generations (a request's choices), else 429."""
+        if self.inflight + n > self.config.max_inflight:
             raise ApiError(
                 429,
                 f"the router has {self.inflight} requests in flight (limit "
-                f"{self.config.max_inflight}); retry later",
+                f"{self.config.max_inflight}; this request needs {n}); retry later",
                 "rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
 
     # -- generation -----------------------------------------------------------------------
 
-    async def generate(self, job: Job) -> AsyncIterator[Output]:
+    async def generate(self, job: Job, admit: bool = True) -> AsyncIterator[Output]:
         """Run ``job``; abort it on every worker unless it finished by itself. The
-        in-flight slot taken here is released on every path, exceptions included."""
-        self.admit()
+        in-flight slot taken here is released on every path, exceptions included.
+        ``admit=False``: a later choice of a request admitted for all its choices."""
+        if admit:
+            self.admit()
         self.inflight += 1
         self.metrics.inflight.inc()
         self._idle.clear()

@@ -85,12 +85,11 @@ async def first_output(outs: AsyncIterator[Output], request: Request) -> Output 
     return await or_disconnect(first, request)
 
 
-async def chain(first: Output | None, rest: AsyncIterator[Output]) -> AsyncIterator[Output]:
+async def chain(first, rest: AsyncIterator) -> AsyncIterator:
+    """``first`` (an ``(index, Output)`` already awaited), then the rest of the stream."""
     try:
         if first is not None:
             yield first
-            if first.finish_reason is not None:
-                return
         async for out in rest:
             yield out
     finally:

@@ -26,3 +26,24 @@ class DelayRpc(grpc.aio.ServerInterceptor):
             return await inner(request, context)
 
         return handler._replace(unary_unary=delayed)
+
+
+class FailRpc(grpc.aio.ServerInterceptor):
+    """Every call of ``method`` fails with ``code`` -- once ``after`` (a
+    ``threading.Event``) is set, when one is given: a fault that strikes at a chosen point
+    of a request (the call waits for it, as a slow worker would, then fails)."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, after=None, wait_s: float = 60.0):
+        self.method, self.code, self.after, self.wait_s = method, code, after, wait_s
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith(f"/{self.method}"):
+            return handler
+
+        async def failing(request, context):
+            if self.after is not None:
+                await asyncio.to_thread(self.after.wait, self.wait_s)
+            await context.abort(self.code, f"{self.method} failed: injected by the test")
+
+        return handler._replace(unary_unary=failing)

@@ -68,6 +68,10 @@ class CacheConfig:
     enable_prefix_caching: bool = field(default=True, metadata=flag("--no-prefix-caching"))
     """Reuse full blocks whose chained token hash matches an earlier request (the flag
     turns it off)."""
+    shared_memory: bool = field(default=False, metadata=flag(None))
+    """Allocate the KV cache where a prefill worker on the same host can write into it (a
+    memfd; on CUDA one device buffer shared by IPC), so the shm transport moves each byte
+    once (engine/kv_cache/shared_pool.py). Decode workers serving shm turn it on."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,9 @@ from engine.config.fields import flag, runtime
 from engine.config.worker import LEASE_S
 
 KvTransport = Literal["auto", "shm", "tcp", "ucx", "torch_dist"]
+ReserveMode = Literal["overlap", "serial"]
+ToolCallParser = Literal["hermes", "llama3_json"]
+"""The tool-call formats router/tools/formats.py implements (its ``FORMATS`` keys)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,10 @@ class RouterConfig:
     prefill_overload_factor: float = 8.0
     """Prefill on the decode worker when remote prefill's predicted TTFT exceeds this many
     times local prefill's (router/policy.py); 0 = never for that reason."""
+    reserve_mode: ReserveMode = "overlap"
+    """overlap: the prefill starts while the decode worker reserves its blocks, and the
+    ticket follows it (the reservation leaves the time to first token); serial: reserve,
+    then prefill with the ticket (bench.compare measures both)."""
     prefill_timeout_s: float = field(default=30.0, metadata=flag("--prefill-timeout"))
     """Seconds: give up on remote prefill (and fall back to local) after this long."""
     request_timeout_s: float = field(default=600.0, metadata=flag("--request-timeout"))
@@ -49,6 +57,12 @@ class RouterConfig:
     graceful_shutdown_s: float = field(default=20.0, metadata=flag("--graceful-shutdown-timeout"))
     """On SIGTERM/SIGINT, seconds requests in flight get to finish before they are
     aborted."""
+    tool_call_parser: ToolCallParser | None = field(
+        default=None, metadata=flag("--tool-call-parser")
+    )
+    """The model's tool-call format, as vLLM's flag: chat output is parsed into tool_calls
+    and tool_choice required/named is enforced in it; unset refuses tools (other than
+    with tool_choice none)."""
 
     def __post_init__(self) -> None:
         if self.served_model_name is None:  # resolved once, at construction
@@ -68,3 +82,8 @@ class RouterConfig:
         for name in ("stream_stall_timeout_s", "graceful_shutdown_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        parsers = typing.get_args(ToolCallParser)
+        if self.tool_call_parser is not None and self.tool_call_parser not in parsers:
+            raise ValueError(
+                f"unknown tool_call_parser {self.tool_call_parser!r}; choose one of {list(parsers)}"
+            )

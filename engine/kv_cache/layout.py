@@ -24,7 +24,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
+
+from engine.kernels import cpu_kv_copy
 
 PROTOCOL_VERSION = 1
 
@@ -178,6 +181,32 @@ def scatter_blocks(
         rows[index.numpy()] = src
         return
     cache.index_copy_(0, index, pages.to(cache.dtype))
+
+
+def copy_blocks(
+    dst: torch.Tensor, dst_ids: Sequence[int], src: torch.Tensor, src_ids: Sequence[int]
+) -> None:
+    """``dst[dst_ids[i]] = src[src_ids[i]]`` between two caches of one block shape and dtype.
+
+    Contiguous CPU caches (the shm zero-copy path into a shared-memory pool): one memcpy per
+    run of ids consecutive on both sides, no gathered temporary, so each byte is read and
+    written once. Elsewhere (CUDA, or no C compiler): gather + ``index_copy_``.
+    """
+    d, s = np.asarray(dst_ids, dtype=np.int64), np.asarray(src_ids, dtype=np.int64)
+    if d.shape != s.shape or dst.shape[1:] != src.shape[1:] or dst.dtype != src.dtype:
+        raise ValueError(
+            f"cannot copy {len(s)} blocks of {src.dtype} {tuple(src.shape[1:])} into "
+            f"{len(d)} blocks of {dst.dtype} {tuple(dst.shape[1:])}"
+        )
+    for name, ids, cache in (("dst", d, dst), ("src", s, src)):
+        if ids.size and not (0 <= ids.min() and ids.max() < cache.shape[0]):
+            raise ValueError(f"{name} block ids out of range [0, {cache.shape[0]})")
+    host = dst.device.type == src.device.type == "cpu"
+    if host and dst.is_contiguous() and src.is_contiguous():
+        if cpu_kv_copy.copy_blocks(dst, d, src, s):
+            return
+    rows = src.index_select(0, torch.from_numpy(s).to(src.device))
+    dst.index_copy_(0, torch.from_numpy(d).to(dst.device), rows.to(dst.device))
 
 
 def block_byte_views(cache: torch.Tensor, block_ids: Sequence[int]) -> list[memoryview] | None:

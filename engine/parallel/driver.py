@@ -24,7 +24,7 @@ from engine.model_runner import ModelRunner
 from engine.parallel.expert_load import expert_counts
 from engine.parallel.state import ParallelState
 from engine.parallel.step_sync import IDLE, StepMessage, broadcast_step, receive_step
-from engine.scheduler_output import SampledToken, SchedulerOutput
+from engine.scheduler_output import SchedulerOutput, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ LayerHook = Callable[[int], None]
 class StepDriver(Protocol):
     def execute(
         self, so: SchedulerOutput, items: list[LayerKV], hook: LayerHook | None
-    ) -> dict[str, SampledToken]:
+    ) -> StepResult:
         """Leader (or the one rank): run the step everywhere; the sampled tokens."""
 
     def follow(self, msg: StepMessage, hook: LayerHook | None) -> None:

@@ -12,16 +12,24 @@ below are this rank's tokens only, and no step ever gathers all tokens to all ra
 A rank with no sequences in a step still joins every MoE layer's collectives with zero
 rows. One MoE layer on one rank, for ``N`` tokens and top-``k`` routing::
 
-    slots (N*k, one per token/expert pair), sorted by global expert id
-      ──► grouped by owner rank:  | rank 0 slots | rank 1 slots | ... |   send_splits
-    all_to_all_single(per-expert counts)      equal splits: num_local ints per rank (async,
+    pairs (token, owner rank): one per token and rank owning any of its k experts, so a
+      token whose experts share an owner travels there once (DeepEP-style)
+      ──► grouped by owner rank:  | rank 0 rows | rank 1 rows | ... |   send_splits
+    all_to_all_single(row counts)             equal splits: one int per rank (async,
                                               overlapped with gathering rows in send order)
-    all_to_all_single(hidden rows)            uneven: send_splits ──► recv_splits
-    owner runs its experts on the received rows (source-major, expert-minor order)
-    all_to_all_single(expert outputs)         uneven: recv_splits ──► send_splits
-    out.index_add_(token_of_slot, y * weight_of_slot)
+    all_to_all_single(rows)                   uneven: send_splits ──► recv_splits; each row
+                                              is [hidden | k weights | k expert ids (bits)]
+    owner: weighted sum of its experts' outputs per row (ids of other ranks' experts ignored)
+    all_to_all_single(weighted sums)          uneven: recv_splits ──► send_splits
+    out.index_add_(token_of_row, sum)
 
-Routing weights never travel: the sender keeps them and applies them on the way back.
+The top-k ids and weights travel as ``2k`` extra columns of the row (the ids' integer bits
+in the hidden dtype's width), so dedup costs no second exchange: with top-2 over 2 ranks
+about 40% of tokens have both experts on one owner, and each such token moves once
+instead of twice in both directions. The owner applies the weights, which are in the
+hidden dtype as on one rank (``engine.layers.moe.route``). For top-2 the sums are added in
+the single-rank order (expert order); for larger k the order of the floating-point adds
+differs from one rank when a token's experts interleave across owners.
 Only ``all_to_all_single`` is used because gloo supports uneven splits only there.
 """
 
@@ -75,13 +83,13 @@ class Dispatched:
     """Rows this rank received for its experts, and what ``combine`` needs to send back."""
 
     x: torch.Tensor
-    """``[R, H]`` hidden rows, source-rank-major then local-expert-minor."""
+    """``[R, H]`` hidden rows (a strided view), one per (source token, this rank)."""
     expert_ids: torch.Tensor
-    """``[R]`` global expert id of each received row."""
-    tokens: torch.Tensor
-    """``[S]`` token index of each sent slot, in send order."""
+    """``[R, k]`` the source token's global top-k expert ids (other ranks' included)."""
     weights: torch.Tensor
-    """``[S]`` routing weight of each sent slot, in send order."""
+    """``[R, k]`` its routing weights (hidden dtype)."""
+    tokens: torch.Tensor
+    """``[S]`` token index of each sent row, in send order."""
     send_splits: list[int]
     recv_splits: list[int]
     num_tokens: int
@@ -89,18 +97,31 @@ class Dispatched:
 
 
 _WORKSPACE: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+_ID_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Element size of the hidden dtype -> the integer type whose bits carry expert ids."""
 
 
-def _buffer(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """``[rows, H]`` view of a reused buffer: a fresh multi-MB tensor per layer costs page
+def _buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` view of a reused buffer: a fresh multi-MB tensor per layer costs page
     faults comparable to the transfer itself. ``name`` buffers are reused by the next
     MoE layer, so their contents die with the layer that filled them."""
     key = (name, like.device, like.dtype)
     buf = _WORKSPACE.get(key)
-    if buf is None or buf.shape[0] < rows or buf.shape[1] != like.shape[1]:
-        buf = like.new_empty(max(rows, 1), like.shape[1])
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+        buf = like.new_empty(max(rows, 1), cols)
         _WORKSPACE[key] = buf
     return buf[:rows]
+
+
+def _pairs(
+    expert_ids: torch.Tensor, per_local: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, per_rank)``: the token of each (token, owner) pair in owner-major order,
+    and the number of pairs per owner rank."""
+    hit = torch.zeros(size, expert_ids.shape[0], dtype=torch.bool, device=expert_ids.device)
+    hit.scatter_(0, (expert_ids // per_local).T, True)
+    per_rank = hit.sum(1)
+    return torch.nonzero(hit)[:, 1], per_rank  # row-major: owner-major, then token
 
 
 def dispatch(
@@ -110,44 +131,42 @@ def dispatch(
     num_experts: int,
     ep: ExpertParallelGroup,
 ) -> Dispatched:
-    """Send each (token, expert) pair's hidden row to the expert's owner.
+    """Send each token's hidden row once to every rank owning one of its experts.
 
-    ``Dispatched.x`` is a reused buffer: valid until the next ``dispatch``."""
-    k = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat, minlength=num_experts)
-    per_local = num_experts // ep.size
-    recv_counts = torch.empty_like(per_expert)
+    ``Dispatched.x`` is a view of a reused buffer: valid until the next ``dispatch``."""
+    n, hidden, k = x.shape[0], x.shape[1], expert_ids.shape[1]
+    ep.expert_range(num_experts)  # names a bad ep_size
+    tokens, per_rank = _pairs(expert_ids, num_experts // ep.size, ep.size)
+    recv_counts = torch.empty_like(per_rank)
     # The count exchange is latency-bound: gather the rows in send order while it runs.
-    counts_done = dist.all_to_all_single(recv_counts, per_expert, group=ep.group, async_op=True)
-    tokens = order // k
-    send = torch.index_select(x, 0, tokens, out=_buffer("send", tokens.numel(), x))
-    send_splits = per_expert.view(ep.size, per_local).sum(1).tolist()
+    counts_done = dist.all_to_all_single(recv_counts, per_rank, group=ep.group, async_op=True)
+    width = hidden + 2 * k
+    send = _buffer("send", tokens.numel(), width, x)
+    torch.index_select(x, 0, tokens, out=send[:, :hidden])
+    send[:, hidden : hidden + k] = weights[tokens]
+    send[:, hidden + k :].view(_ID_BITS[x.element_size()]).copy_(expert_ids[tokens])
+    send_splits = per_rank.tolist()
     counts_done.wait()
-    recv_splits = recv_counts.view(ep.size, per_local).sum(1).tolist()
-    recv = _buffer("recv", sum(recv_splits), x)
+    recv_splits = recv_counts.tolist()
+    recv = _buffer("recv", sum(recv_splits), width, x)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=ep.group)
-    start, _ = ep.expert_range(num_experts)
-    local = torch.arange(start, start + per_local, device=x.device).repeat(ep.size)
-    recv_ids = torch.repeat_interleave(local, recv_counts.reshape(-1))
+    ids = recv[:, hidden + k :].view(_ID_BITS[x.element_size()]).long()
     return Dispatched(
-        recv,
-        recv_ids,
+        recv[:, :hidden],
+        ids,
+        recv[:, hidden : hidden + k],
         tokens,
-        weights.reshape(-1)[order],
         send_splits,
         recv_splits,
-        x.shape[0],
+        n,
         ep.group,
     )
 
 
 def combine(y: torch.Tensor, d: Dispatched) -> torch.Tensor:
-    """Return expert outputs ``y`` ``[R, H]`` to their senders; weighted sum per token."""
-    back = _buffer("back", sum(d.send_splits), y)
+    """Return the owners' weighted sums ``y`` ``[R, H]`` to their senders; sum per token."""
+    back = _buffer("back", sum(d.send_splits), y.shape[1], y)
     dist.all_to_all_single(back, y.contiguous(), d.send_splits, d.recv_splits, group=d.group)
-    back.mul_(d.weights[:, None].to(back.dtype))
     out = y.new_zeros(d.num_tokens, y.shape[1])
     out.index_add_(0, d.tokens, back)
     return out
@@ -161,9 +180,11 @@ def ep_expert_forward(
     ep: ExpertParallelGroup,
     run_local,
 ) -> torch.Tensor:
-    """``dispatch`` → ``run_local(rows, global_ids) -> [R, H]`` → ``combine``."""
+    """``dispatch`` → ``run_local(rows, ids [R, k], weights [R, k]) -> [R, H]`` (the
+    weighted sum of this rank's experts per row, other ranks' ids ignored: exactly
+    ``engine.layers.moe.expert_forward``) → ``combine``."""
     d = dispatch(x, weights, expert_ids, num_experts, ep)
-    return combine(run_local(d.x, d.expert_ids), d)
+    return combine(run_local(d.x, d.expert_ids, d.weights), d)
 
 
 def gather_to_leader(

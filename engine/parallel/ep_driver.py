@@ -22,7 +22,7 @@ from engine.parallel.expert_load import ExpertCountSync
 from engine.parallel.kv_relay import pull_hook, pull_slots, push_hook, recv_blocks, send_blocks
 from engine.parallel.state import ParallelState
 from engine.parallel.step_sync import IDLE, StepMessage, broadcast_step
-from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
 
 
 def home_step(so: SchedulerOutput, homes: dict[str, int], rank: int) -> SchedulerOutput:
@@ -94,17 +94,23 @@ class EPDriver:
 
     # -- every rank -----------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, so: SchedulerOutput, homes: dict[str, int], hook):
+    def _run(self, so: SchedulerOutput, homes: dict[str, int], hook) -> StepResult:
         if so.is_empty:
-            return {}
+            return StepResult({})
         local = home_step(so, homes, self.ep.rank)
-        rows = self.runner.forward(local, hook) if local.sequences else self._idle_forward(hook)
         by_rank = sampling_by_rank(so, homes, self.ep.size)
+        sampling = [s for seqs in by_rank for s in seqs]
+        leader = self.ep.is_leader
+        controls = self.runner.begin(sampling) if leader else None  # before the forward
+        if local.sequences:  # a prompt to score is homed on the leader (ep_kv.py)
+            rows, prompt_lps = self.runner.forward(local, hook)
+        else:
+            rows, prompt_lps = self._idle_forward(hook), {}
         rows = gather_to_leader(rows, [len(seqs) for seqs in by_rank], self.ep)
         self.expert_sync.step()
-        if not self.ep.is_leader:
-            return {}
-        return self.runner.sample([s for seqs in by_rank for s in seqs], rows)
+        if not leader:
+            return StepResult({})
+        return self.runner.sample(sampling, rows, controls, prompt_lps)
 
     def _idle_forward(self, hook):
         """No sequences here this step: zero rows through every MoE layer's collectives

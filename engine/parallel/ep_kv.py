@@ -82,8 +82,9 @@ class EPCacheManager(KVCacheManager):
         rid = request.request_id
         if rid in self._home:
             home = self._home[rid]
-        elif home is None:
-            home = self.pick_home(prefix)
+        elif home is None:  # a prompt to score runs on the leader (it has the rows scored)
+            scored = request.sampling_params.prompt_logprobs is not None
+            home = 0 if scored and not request.prompt_logprobs_done else self.pick_home(prefix)
         start = len(self._blocks.get(rid, ())) + (len(prefix.blocks) if prefix else 0)
         if not super().allocate(request, num_new_tokens, prefix, cache):
             return False

@@ -25,10 +25,12 @@ class EPSparseMoE(SparseMoE):
         out = ep_expert_forward(x, weights, ids, self.spec.num_experts, self.ep, self._run_received)
         return self.add_shared(x, out)
 
-    def _run_received(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Unweighted output of this rank's experts for rows routed here by other ranks."""
-        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        return expert_forward(rows, ones, ids[:, None], *self.expert_weights, self.expert_start)
+    def _run_received(
+        self, rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted sum of this rank's experts for rows routed here (other ranks' ids in
+        ``ids`` ``[R, k]`` are ignored)."""
+        return expert_forward(rows, weights, ids, *self.expert_weights, self.expert_start)
 
 
 def ep_expert_range(spec: ModelSpec, ep: ExpertParallelGroup) -> tuple[int, int]:

@@ -66,9 +66,9 @@ def decode_step(data: bytes) -> StepMessage:
         return StepMessage(None)
     seqs = []
     for s in body["sequences"]:
-        params = s.pop("sampling_params")
-        params["stop_token_ids"] = tuple(params["stop_token_ids"])
-        seqs.append(ScheduledSequence(**_tuples(s), sampling_params=SamplingParams(**params)))
+        params = SamplingParams.from_dict(s.pop("sampling_params"))
+        s.pop("sampler_init", None)  # followers never sample: no sampler state
+        seqs.append(ScheduledSequence(**_tuples(s), sampling_params=params))
     so = SchedulerOutput(tuple(seqs), body["num_decodes"], frozenset(body["finished"]))
     items = [LayerKV(**_tuples(i)) for i in body["items"]]
     forward = {int(r): b for r, b in body["kv_forward"].items()}

@@ -8,7 +8,8 @@ the type, never on a string.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,5 @@ class TransferDone:
     transfer_id: str
     succeeded: bool
     """SUCCESS (every layer arrived, or the receiver confirmed it); else FAILED."""
+    at: float = field(default_factory=time.monotonic)
+    """When the transport posted it (the decode worker times its admission from it)."""

@@ -82,6 +82,8 @@ def start_role(
     ``parallel``: this process is rank 0 of a parallel replica (its followers run
     elsewhere). ``interceptors`` run after the cluster-secret check on every call."""
     config = replace(config, host=config.host or default_host())
+    if role.prepare is not None:
+        config = role.prepare(config)
     secret = worker_secret(config)
     engine = LLMEngine(config.engine, parallel)
     worker = role.worker(engine, config, secret)

@@ -1,8 +1,9 @@
 """``EngineLoop``: the one thread that owns a worker's engine and its request tables.
 
-Other threads never call the engine. gRPC handlers ``submit`` typed commands (answered
-through a ``concurrent.futures.Future``) and transport threads ``post`` events; the engine
-thread drains its queue before every step::
+Other threads never call the engine (the one object of it they use is its thread-safe
+grammar cache, ``engine.grammars``: engine/worker/service.py says why). gRPC handlers
+``submit`` typed commands (answered through a ``concurrent.futures.Future``) and
+transport threads ``post`` events; the engine thread drains its queue before every step::
 
     engine thread:  drain queue -> handler(command) per item (dispatch by type)
                        -> publish snapshot -> resolve the commands' futures

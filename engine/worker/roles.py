@@ -54,6 +54,9 @@ class WorkerRole:
     """Its service in proto/worker.proto, e.g. ``DecodeService``."""
     follower: Callable[[LLMEngine, WorkerConfig, ClusterSecret | None], FollowerRole] | None = None
     """What the role runs on a follower rank of a TP group (its own KV transfers)."""
+    prepare: Callable[[WorkerConfig], WorkerConfig] | None = None
+    """What the role needs of its engine, applied before the engine is built (decode: a
+    KV cache in shared memory when it serves shm)."""
 
 
 _ROLES: dict[str, WorkerRole] = {}

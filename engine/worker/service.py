@@ -4,6 +4,15 @@ the helpers their own rpcs use to reach the engine thread.
 A role's service (decode_worker/service.py, prefill_worker/service.py) implements only
 its own rpcs; ``engine/worker/host.py`` serves them together with :class:`CommonService`
 as one gRPC service (engine/worker/grpc_server.py).
+
+Handlers never call the engine (it is the engine thread's, engine/worker/loop.py), with
+one exception: ``engine.grammars``, the structured-output grammar cache
+(engine/grammar.py), which :func:`compile_grammar` fills before a request's command is
+submitted. It is thread-safe and llguidance compiles without the GIL, so a new JSON
+schema or regex is compiled on an executor thread while the engine thread keeps
+stepping the batch; on the engine thread the request then finds its grammar compiled
+(a cache hit), and a spec that cannot compile is refused here, before any KV block is
+reserved or any connection to a decode worker opened.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from engine.grammar import GrammarBackend
+from engine.sampling_params import SamplingParams
 from engine.worker.commands import Abort
 from engine.worker.errors import WorkerError
 from engine.worker.info import health_response, stats_response, worker_info
@@ -52,6 +63,15 @@ async def call_worker(
         await context.abort(exc.code, str(exc))
     except ValueError as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+async def compile_grammar(
+    context: grpc.aio.ServicerContext, grammars: GrammarBackend, params: SamplingParams
+) -> None:
+    """Compile ``params``' grammar into the engine's cache on an executor thread (see the
+    module docstring); a spec that cannot compile is the call's INVALID_ARGUMENT."""
+    if params.structured is not None:
+        await call_worker(context, grammars.prepare, params.structured, thread=True)
 
 
 async def stream_sink(

@@ -1,4 +1,17 @@
-"""shm: page bytes go through shared-memory regions on the same host.
+"""shm: page bytes move within one host, without a socket.
+
+Two data paths, chosen at pairing:
+
+- **in place** (zero copy, shm_pool.py): the decode worker's KV pool is in shared memory
+  (engine/kv_cache/shared_pool.py); the sender copies each layer straight into the
+  reserved blocks under the fence of shm_fence.py, and the descriptor only says so;
+- **regions** (below): the receiver's cache is private, or the sender could not map the
+  pool; each layer is gathered into a shared region and scattered out of it (two copies).
+
+Integrity: no checksum by default on either path (``Capabilities.checksum == "none"``):
+the bytes never leave this host's memory, the region protocol (Release) and the fence
+decide who may touch which bytes, and a layer counts only once its writer said it is
+complete. The plane option ``checksum`` (``xxh3`` / ``crc32c``) turns one on.
 
 A region's life::
 
@@ -19,19 +32,33 @@ slower here: each descriptor/Release round trip costs more than the cache saves.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from kv_transfer.base import TransferConfig
+from engine.kv_cache.shared_pool import find_pool
+from kv_transfer.backends.shm_fence import PoolFence
+from kv_transfer.backends.shm_pool import PoolGrants, PoolWriter, fetch_pool
+from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import Backend, BadDescriptor, Capabilities, SimpleHost
+from kv_transfer.plane import (
+    NO_FENCE,
+    Backend,
+    BadDescriptor,
+    Capabilities,
+    ReceiverPlane,
+    checksum_kind,
+)
+from kv_transfer.sender import LayerJob
 from proto import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 
 def _shm_dir() -> str:
@@ -67,10 +94,24 @@ def _unlink(path: str) -> None:
 
 
 class ShmSender:
-    def __init__(self, link: ControlLink, max_regions: int, region_bytes: int, wait_s: float):
+    def __init__(
+        self,
+        link: ControlLink,
+        max_regions: int,
+        region_bytes: int,
+        wait_s: float,
+        checksum: str,
+        writer: PoolWriter | None = None,
+    ):
         self._link, self._max, self._wait_s = link, max_regions, wait_s
-        self.capabilities = Capabilities(max_payload_bytes=region_bytes, same_host_only=True)
-        """Layers are sent as descriptors of at most ``region_bytes`` (see client.py)."""
+        self._writer = writer
+        self.capabilities = Capabilities(
+            max_payload_bytes=region_bytes,
+            same_host_only=True,
+            writes_in_place=writer is not None,
+            checksum=checksum,
+        )
+        """Region layers go as descriptors of at most ``region_bytes`` (see client.py)."""
         self._cond = threading.Condition()
         self._free: list[_Region] = []
         self._busy: dict[str, _Region] = {}
@@ -114,6 +155,16 @@ class ShmSender:
                 self._free.append(self._busy.pop(region.name))
             raise
 
+    # -- in place (shm_pool.py) ------------------------------------------------------------
+    def begin(self, transfer_id: str, block_ids: tuple[int, ...]) -> str | None:
+        return self._writer.begin(transfer_id, block_ids)
+
+    def write_layer(self, desc: pb.PageDescriptor, job: LayerJob) -> None:
+        self._writer.write_layer(desc, job)
+
+    def end(self, transfer_id: str) -> None:
+        self._writer.end(transfer_id)
+
     def on_frame(self, frame: pb.Frame) -> bool:
         if not frame.HasField("release"):
             return False
@@ -132,14 +183,23 @@ class ShmSender:
         for region in regions:
             _unlink(region.path)
             region.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class ShmReceiver:
-    capabilities = Capabilities(same_host_only=True)
-
-    def __init__(self, link: ControlLink):
+    def __init__(self, link: ControlLink, checksum: str, pool: bool = False):
         self._link = link
         self._maps: dict[str, _Region] = {}
+        self.capabilities = Capabilities(
+            same_host_only=True, writes_in_place=pool, checksum=checksum
+        )
+        self.granted = False
+        """This link's sender was handed the pool: its in-place descriptors count."""
+        self.withdraw: Callable[[], None] = lambda: None
+
+    def in_place_ok(self) -> bool:
+        return self.granted
 
     def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
         region, offset = self._region_for(desc, sum(sizes)), desc.shm.offset
@@ -189,19 +249,53 @@ class ShmReceiver:
         return True
 
     def close(self) -> None:
+        self.withdraw()
         for region in self._maps.values():
             region.close()
         self._maps.clear()
 
 
+class ShmHost:
+    """Per endpoint: the shared pool's grants and fence when the KV caches are in one."""
+
+    def __init__(self, args: EndpointArgs):
+        self._checksum = checksum_kind(args.config, "none")
+        pool = find_pool(args.kv_caches)
+        self._grants = PoolGrants(pool, args.config.handshake_timeout_s) if pool else None
+        self.fence = PoolFence(pool.fd, pool.owners) if pool else NO_FENCE
+
+    def accept(
+        self, link: ControlLink, hello: pb.Hello
+    ) -> tuple[dict[str, str], Callable[[], ReceiverPlane]]:
+        grants = self._grants
+        receiver = ShmReceiver(link, self._checksum, pool=grants is not None)
+        params = {"checksum": self._checksum}
+        if grants is not None:
+            token = grants.offer(lambda: setattr(receiver, "granted", True))
+            receiver.withdraw = lambda: grants.withdraw(token)
+            try:
+                params |= grants.params(token)
+            except (RuntimeError, OSError) as exc:  # e.g. CUDA IPC refused: use regions
+                logger.warning("shm: cannot share the KV pool (%s); regions only", exc)
+                receiver.withdraw()
+        return params, lambda: receiver
+
+    def close(self) -> None:
+        if self._grants is not None:
+            self._grants.close()
+
+
 def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfig) -> ShmSender:
     regions = int(config.plane.get("shm_regions", "3"))
     region_bytes = int(config.plane.get("shm_region_bytes", str(16 << 20)))
-    return ShmSender(link, regions, region_bytes, wait_s=config.peer_timeout_s)
+    checksum = params.get("checksum", "xxh3")  # a receiver that names none predates the option
+    writer = None
+    if "pool_socket" in params:
+        try:
+            writer = PoolWriter(link, fetch_pool(params, config.connect_timeout_s), checksum)
+        except (OSError, ValueError) as exc:
+            logger.warning("shm: cannot map %s's KV pool (%s); sending through regions", link.name, exc)  # fmt: skip
+    return ShmSender(link, regions, region_bytes, config.peer_timeout_s, checksum, writer)
 
 
-BACKEND = Backend(
-    name="shm",
-    host=lambda args: SimpleHost(ShmReceiver),
-    connect=_connect,
-)
+BACKEND = Backend(name="shm", host=ShmHost, connect=_connect)

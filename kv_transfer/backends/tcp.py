@@ -48,7 +48,7 @@ class TcpSender:
     def send_parts(self, desc: pb.PageDescriptor, parts: list[memoryview]) -> None:
         """Descriptor, then each chunk hashed just before it is sent, then the trailer."""
         desc.checksum_in_trailer = True
-        checksum = Checksum()
+        checksum = Checksum(self.capabilities.checksum)
         with self._link.writing() as write:
             write([memoryview(encode_frame(pb.Frame(pages=desc)))])
             for batch in _batches(parts, desc.chunk_bytes):

@@ -4,13 +4,17 @@ Pairing: the endpoint hosts one TCPStore; for each sender link it hands out a gr
 key, and both sides build a ProcessGroupGloo (CPU caches) or ProcessGroupNCCL (CUDA)
 over ``PrefixStore(key, store)``: receiver rank 0, sender rank 1. Per layer::
 
-    sender:   descriptor on the control link -> one send() per chunk of at most
-              msg_bytes (set by the receiver at pairing) -> returns; the staging buffer
-              is reused once those sends complete (ping-pong)
+    sender:   descriptor on the control link -> one send() per message of at most
+              msg_bytes (set by the receiver at pairing): a run of blocks consecutive on
+              both sides straight from the source cache, the rest gathered into staging
+              (kv_transfer/messages.py) -> returns; the staging buffer is reused once
+              those sends complete (ping-pong)
     receiver: a ring of ``dist_ring`` receives of msg_bytes is always posted (gloo sends
-              complete only against a posted receive) -> checksum + scatter each chunk
-              -> re-post its buffer; a descriptor whose sizes do not fit the layout has
-              its messages (sized from the descriptor, as the sender does) taken and dropped
+              complete only against a posted receive) for staged messages -> checksum +
+              scatter each -> re-post its buffer; a message whose destination blocks are
+              consecutive (tag DIRECT) is received straight into them, posted when its
+              descriptor arrives; a descriptor whose sizes do not fit the layout has its
+              messages (sized from the descriptor, as the sender does) taken and dropped
 
 Plane options: ``dist_msg_bytes`` (default 4 MiB, or TransferConfig.chunk_bytes),
 ``dist_ring`` (default 4), ``device`` (default: where the receiver's KV cache is;
@@ -35,11 +39,15 @@ import torch.distributed as dist
 from kv_transfer.backends.buffers import PingPong
 from kv_transfer.base import EndpointArgs, TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
-from kv_transfer.wire import payload_sizes, skippable_sizes
+from kv_transfer.messages import receiver_direct, run_min_bytes
+from kv_transfer.plane import NO_FENCE, Backend, Capabilities, ReceiverPlane, checksum_kind
+from kv_transfer.wire import desc_plan, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
 _TAG = 7
+_DIRECT = 8
+"""Messages received straight into the cache (messages.py), posted once their descriptor
+is in; the others match the ring of receives posted ahead (``_TAG``)."""
 
 
 def _group(store: dist.Store, key: str, rank: int, device: str, timeout: timedelta, host: str):
@@ -79,8 +87,9 @@ class _Poster:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name="kv-dist-send", daemon=True).start()
 
-    def submit(self, chunks: list[torch.Tensor]) -> Callable[[], None]:
-        """Queue the sends; returns a wait() that raises PeerLost if one failed."""
+    def submit(self, chunks: list[tuple[torch.Tensor, int]]) -> Callable[[], None]:
+        """Queue the sends (tensor, tag); returns a wait() that raises PeerLost if one
+        failed."""
         done, errors = threading.Event(), []
         self._queue.put((chunks, done, errors))
 
@@ -95,9 +104,9 @@ class _Poster:
         while (item := self._queue.get()) is not None:
             chunks, done, errors = item
             try:
-                for chunk in chunks:
+                for chunk, tag in chunks:
                     if not errors:
-                        self._group.send([chunk], 0, _TAG).wait()
+                        self._group.send([chunk], 0, tag).wait()
             except RuntimeError as exc:
                 errors.append(str(exc))
             finally:
@@ -110,9 +119,13 @@ class _Poster:
 class DistSender:
     """Sends each chunk as one message of at most ``chunk_bytes`` (the receiver's size)."""
 
-    def __init__(self, link: ControlLink, group, device: str, msg_bytes: int):
+    def __init__(
+        self, link: ControlLink, group, device: str, msg_bytes: int, checksum: str, run_min: int
+    ):
         self._link = link
-        self.capabilities = Capabilities(chunk_bytes=msg_bytes)
+        self.capabilities = Capabilities(
+            chunk_bytes=msg_bytes, run_messages=True, run_min_bytes=run_min, checksum=checksum
+        )
         """The message size is fixed by the receiver at pairing; it overrides
         TransferConfig.chunk_bytes."""
         self._buffers = PingPong(device)
@@ -125,7 +138,16 @@ class DistSender:
         """Queue the sends and return; the buffer is reused only after they complete."""
         self._link.send(pb.Frame(pages=desc))
         sizes = payload_sizes(desc, desc.k_bytes // len(desc.block_ids))
-        self._buffers.sent([self._poster.submit(list(_chunks_of(staging, sizes)))])
+        chunks = [(c, _TAG) for c in _chunks_of(staging, sizes)]
+        self._buffers.sent([self._poster.submit(chunks)])
+
+    def send_messages(self, desc: pb.PageDescriptor, parts: list[torch.Tensor]) -> None:
+        """The descriptor, then one message per part (messages.py) on its tag; staging is
+        reused only after they complete, the cache views are the prefill's until SUCCESS."""
+        self._link.send(pb.Frame(pages=desc))
+        plan = desc_plan(desc, desc.k_bytes // len(desc.block_ids))
+        tags = [_DIRECT if d else _TAG for d in receiver_direct(desc, plan)]
+        self._buffers.sent([self._poster.submit(list(zip(parts, tags, strict=True)))])
 
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
@@ -143,10 +165,9 @@ class DistReceiver:
     padded.
     """
 
-    capabilities = BASIC
-
-    def __init__(self, group, device: str, msg_bytes: int, ring: int):
-        self._group, self._msg = group, msg_bytes
+    def __init__(self, group, device: str, msg_bytes: int, ring: int, checksum: str):
+        self._group, self._msg, self._device = group, msg_bytes, device
+        self.capabilities = Capabilities(run_messages=True, checksum=checksum)
         self._slots: collections.deque = collections.deque()
         for _ in range(ring):
             self._post(torch.empty(msg_bytes, dtype=torch.uint8, device=device))
@@ -154,16 +175,33 @@ class DistReceiver:
     def _post(self, buf: torch.Tensor) -> None:
         self._slots.append((buf, self._group.recv([buf], 1, _TAG)))
 
-    def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        if max(sizes, default=0) > self._msg:  # gloo fails a message longer than its buffer
-            raise PeerLost(f"a {max(sizes)}-byte message exceeds the paired size {self._msg}")
-        for size in sizes:
+    def chunks(
+        self, desc: pb.PageDescriptor, sizes: Sequence[int], targets=None
+    ) -> Iterator[torch.Tensor]:
+        """The descriptor's messages in order: DIRECT ones into ``targets`` (cache views;
+        scratch where None), posted now, the rest from the ring."""
+        plan = desc_plan(desc, desc.k_bytes // max(1, len(desc.block_ids)))
+        direct = receiver_direct(desc, plan) if len(plan) == len(sizes) else [False] * len(sizes)
+        ring = [s for s, d in zip(sizes, direct, strict=True) if not d]
+        if max(ring, default=0) > self._msg:  # gloo fails a message longer than its buffer
+            raise PeerLost(f"a {max(ring)}-byte message exceeds the paired size {self._msg}")
+        posted = {i: self._post_direct(sizes[i], targets[i] if targets else None) for i, d in enumerate(direct) if d}  # fmt: skip
+        for i, size in enumerate(sizes):
+            if i in posted:
+                buf, work = posted[i]
+                _wait(work, "recv")
+                yield buf
+                continue
             buf, work = self._slots.popleft()
             _wait(work, "recv")
             try:
                 yield buf[:size]
             finally:
                 self._post(buf)  # the consumer is done with it: receive the next message
+
+    def _post_direct(self, size: int, target: torch.Tensor | None):
+        buf = target if target is not None else torch.empty(size, dtype=torch.uint8, device=self._device)  # fmt: skip
+        return buf, self._group.recv([buf], 1, _DIRECT)
 
     def discard(self, desc: pb.PageDescriptor) -> None:
         for _ in self.chunks(desc, skippable_sizes(desc, self._msg)):
@@ -179,10 +217,16 @@ class DistReceiver:
 class DistHost:
     """Hosts the TCPStore every pair of this endpoint rendezvous through."""
 
+    fence = NO_FENCE
+
     def __init__(self, args: EndpointArgs):
         config = self._config = args.config
         on_cuda = args.kv_caches[0][0].is_cuda
         self._device = config.plane.get("device") or ("cuda" if on_cuda else "cpu")
+        # NCCL moves device memory over NVLink / InfiniBand, whose links check every
+        # packet, and hashing device pages would copy them to the host; gloo crosses a
+        # TCP wire (bench/RESULTS.md, "Integrity").
+        self._checksum = checksum_kind(config, "none" if self._device == "cuda" else "xxh3")
         self._timeout = timedelta(seconds=config.peer_timeout_s)
         self._store = dist.TCPStore(
             config.host,
@@ -206,10 +250,12 @@ class DistHost:
             "key": key,
             "device": device,
             "msg_bytes": str(msg),
+            "checksum": self._checksum,
         }
         return params, lambda: DistReceiver(
-            _group(self._store, key, 0, device, self._timeout, self._config.host), device, msg, ring
-        )
+            _group(self._store, key, 0, device, self._timeout, self._config.host),
+            device, msg, ring, self._checksum,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._store = None
@@ -225,7 +271,9 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
     )
     timeout = timedelta(seconds=config.peer_timeout_s)
     group = _group(store, params["key"], 1, params["device"], timeout, config.host)
-    return DistSender(link, group, params["device"], int(params["msg_bytes"]))
+    checksum = params.get("checksum", "xxh3")
+    msg = int(params["msg_bytes"])
+    return DistSender(link, group, params["device"], msg, checksum, run_min_bytes(config))
 
 
 BACKEND = Backend(name="torch_dist", host=DistHost, connect=_connect)

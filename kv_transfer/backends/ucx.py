@@ -35,8 +35,9 @@ import torch
 from kv_transfer.backends.buffers import GrowBuffer, PingPong
 from kv_transfer.base import TransferConfig
 from kv_transfer.link import ControlLink, PeerLost
-from kv_transfer.plane import BASIC, Backend, Capabilities, ReceiverPlane
-from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, payload_sizes, skippable_sizes
+from kv_transfer.messages import receiver_direct, run_min_bytes
+from kv_transfer.plane import NO_FENCE, Backend, Capabilities, ReceiverPlane
+from kv_transfer.wire import MAX_SKIP_MESSAGE_BYTES, desc_plan, payload_sizes, skippable_sizes
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,18 @@ async def _make_lock() -> asyncio.Lock:
     return asyncio.Lock()
 
 
-class UcxSender:
-    capabilities = Capabilities(default_chunk_bytes=4 << 20)
-    """Default message size: per-message cost is high here, so bigger than tcp's."""
+_DIRECT = 1
+"""The ucxx tag of messages received straight into the cache (messages.py); the others
+keep the endpoint's default tag."""
 
-    def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float):
+
+class UcxSender:
+    def __init__(self, link: ControlLink, ucx: UcxLoop, ep, timeout: float, run_min: int):
         self._link, self._ucx, self._ep, self._timeout = link, ucx, ep, timeout
+        self.capabilities = Capabilities(
+            default_chunk_bytes=4 << 20, run_messages=True, run_min_bytes=run_min
+        )
+        """Default message size: per-message cost is high here, so bigger than tcp's."""
         self._buffers = PingPong()
         self._order = ucx.run(_make_lock(), timeout)
 
@@ -123,6 +130,20 @@ class UcxSender:
         future = self._ucx.submit(send_all())
         self._buffers.sent([lambda: self._ucx.wait(future, self._timeout)])
 
+    def send_messages(self, desc: pb.PageDescriptor, parts: list[torch.Tensor]) -> None:
+        """The descriptor, then every part posted at once (messages.py: ucx overlaps them),
+        each on its tag; staging is reused only after they complete."""
+        self._link.send(pb.Frame(pages=desc))
+        plan = desc_plan(desc, desc.k_bytes // len(desc.block_ids))
+        tags = [_DIRECT if d else None for d in receiver_direct(desc, plan)]
+
+        async def send_all() -> None:
+            async with self._order:  # FIFO: posted in order, so matched in order per tag
+                await asyncio.gather(*(self._ep.send(_buffer(p), tag=t) for p, t in zip(parts, tags, strict=True)))  # fmt: skip
+
+        future = self._ucx.submit(send_all())
+        self._buffers.sent([lambda: self._ucx.wait(future, self._timeout)])
+
     def on_frame(self, frame: pb.Frame) -> bool:
         return False
 
@@ -134,23 +155,39 @@ class UcxSender:
 
 
 class UcxReceiver:
-    capabilities = BASIC
+    capabilities = Capabilities(run_messages=True)
 
     def __init__(self, ucx: UcxLoop, ep, done: asyncio.Event, timeout: float):
         self._ucx, self._ep, self._done, self._timeout = ucx, ep, done, timeout
         self._bufs = (GrowBuffer(), GrowBuffer())
 
-    def chunks(self, desc: pb.PageDescriptor, sizes: Sequence[int]) -> Iterator[torch.Tensor]:
-        def post(i: int) -> tuple[torch.Tensor, concurrent.futures.Future]:
-            chunk = self._bufs[i % 2].get(sizes[i])
+    def chunks(
+        self, desc: pb.PageDescriptor, sizes: Sequence[int], targets=None
+    ) -> Iterator[torch.Tensor]:
+        """DIRECT messages posted at once into ``targets`` (cache views; scratch where
+        None); the staged ones double-buffered: chunk i+1 posted while i is consumed."""
+        plan = desc_plan(desc, desc.k_bytes // max(1, len(desc.block_ids)))
+        direct = receiver_direct(desc, plan) if len(plan) == len(sizes) else [False] * len(sizes)
+        posted = {}
+        for i, d in enumerate(direct):
+            if d:
+                buf = targets[i] if targets and targets[i] is not None else torch.empty(sizes[i], dtype=torch.uint8)  # fmt: skip
+                posted[i] = (buf, self._ucx.submit(self._ep.recv(_buffer(buf), tag=_DIRECT)))
+        staged = [i for i, d in enumerate(direct) if not d]
+
+        def post(k: int) -> tuple[torch.Tensor, concurrent.futures.Future]:
+            chunk = self._bufs[k % 2].get(sizes[staged[k]])
             return chunk, self._ucx.submit(self._ep.recv(_buffer(chunk)))
 
-        pending = post(0) if sizes else None
+        pending, k = (post(0) if staged else None), 0
         for i in range(len(sizes)):
-            chunk, future = pending
+            if i in posted:
+                chunk, future = posted[i]
+            else:
+                (chunk, future), k = pending, k + 1
+                if k < len(staged):
+                    pending = post(k)  # before waiting: it overlaps this one
             self._ucx.wait(future, self._timeout)
-            if i + 1 < len(sizes):
-                pending = post(i + 1)
             yield chunk
 
     def discard(self, desc: pb.PageDescriptor) -> None:
@@ -167,6 +204,8 @@ class UcxReceiver:
 
 class UcxHost:
     """One ucxx listener per endpoint; binds incoming UCX endpoints to links by token."""
+
+    fence = NO_FENCE
 
     def __init__(self, config: TransferConfig):
         self._config = config
@@ -258,7 +297,8 @@ def _connect(link: ControlLink, params: Mapping[str, str], config: TransferConfi
         await ep.send(token.numpy())
         return ep
 
-    return UcxSender(link, ucx, ucx.run(connect(), timeout), config.peer_timeout_s)
+    ep = ucx.run(connect(), timeout)
+    return UcxSender(link, ucx, ep, config.peer_timeout_s, run_min_bytes(config))
 
 
 BACKEND = Backend(name="ucx", host=lambda args: UcxHost(args.config), connect=_connect)

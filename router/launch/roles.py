@@ -4,6 +4,7 @@ roles. Launch calls :func:`install` before it starts a worker."""
 from __future__ import annotations
 
 from decode_worker.service import DecodeService
+from decode_worker.setup import prepare
 from decode_worker.tp import DecodeFollower
 from decode_worker.worker import DecodeWorker
 from engine.worker.roles import WorkerRole, register_role
@@ -13,7 +14,7 @@ from prefill_worker.worker import PrefillWorker
 
 ROLES = (
     WorkerRole("prefill", PrefillWorker, PrefillService, "PrefillService", PrefillFollower),
-    WorkerRole("decode", DecodeWorker, DecodeService, "DecodeService", DecodeFollower),
+    WorkerRole("decode", DecodeWorker, DecodeService, "DecodeService", DecodeFollower, prepare),
 )
 
 

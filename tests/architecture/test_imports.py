@@ -40,8 +40,14 @@ ALLOWED: dict[str, set[str]] = {
     "bench": set(GROUPS) - {"router.launch.cli"},
 }
 
-KV_TRANSFER_ENGINE = ("engine.kv_cache", "engine.config", "engine.security")
-"""The parts of engine kv_transfer builds on: the KV layout, its config, the secret."""
+KV_TRANSFER_ENGINE = (
+    "engine.kv_cache",
+    "engine.config",
+    "engine.security",
+    "engine.kernels.cpu_kv_copy",
+)
+"""The parts of engine kv_transfer builds on: the KV layout (and its shared pool), its
+config, the secret, and the C block-copy / CRC32C helpers."""
 ROUTER_KV_TRANSFER = ("kv_transfer.wire",)
 """What the router and the cluster state take from kv_transfer: wire conversions only."""
 

@@ -83,3 +83,34 @@ def test_pdserve_bench_compare_parses():
 
     args = build_parser().parse_args(["bench", "compare", "--json", "--rates", "1,2"])
     assert args.json and args.rates == "1,2" and callable(args.func)
+
+
+def test_hop_means_come_from_the_histogram_deltas():
+    from bench.compare_cluster import HOPS, hop_means_ms
+
+    before = {f"{h}_{k}": 0.0 for h in HOPS for k in ("sum", "count")}
+    after = dict(before, reserve_sum=0.006, reserve_count=4.0, transfer_tail_sum=0.5)
+    means = hop_means_ms(before, after)
+    assert means["reserve"] == pytest.approx(1.5)
+    assert means["transfer_tail"] is None  # a sum without samples is no mean
+    assert set(means) == set(HOPS)
+
+
+def test_analyse_reports_the_ratio_at_twice_the_low_load_ttft():
+    calib = {
+        "aggregated": {"median_ttft_ms": 10.0, "median_tpot_ms": 2.0},
+        "disaggregated": {
+            "median_ttft_ms": 10.0,
+            "median_tpot_ms": 2.0,
+            "hops_ms": {"reserve": 1.0},
+        },
+        "slo_ms": {"ttft": 40.0, "tpot": 6.0},
+        "ttft_overhead_ms_per_kv_mb": 0.0,
+        "inverse_bandwidth_ms_per_mb": 0.1,
+    }
+    fast, slowish = _rec(0.015, 0.002), _rec(0.025, 0.002)  # under / over 2 x 10 ms
+    runs = {"aggregated": [_run(1, 1.0, [slowish, slowish])], "disaggregated": [_run(1, 1.0, [fast, slowish])]}  # fmt: skip
+    out = analyse(runs, calib)
+    assert out["goodput_ratio"] == 1.0  # both meet the 40 ms SLO
+    assert out["goodput_ratio_ttft_2x"] == float("inf")  # (a) meets none at 20 ms
+    assert out["hops_ms"] == {"disaggregated": {"reserve": 1.0}}

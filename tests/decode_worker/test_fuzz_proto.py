@@ -49,7 +49,25 @@ def pb_params(draw) -> pb.SamplingParams:
         msg.seed = draw(st.integers(*I64))
     if draw(st.booleans()):
         msg.logprobs = draw(U32S)
+    _draw_controls(draw, msg)
     return msg
+
+
+KINDS = st.sampled_from(["json", "json_object", "regex", "choice", "grammar", "", "xml"])
+
+
+def _draw_controls(draw, msg: pb.SamplingParams) -> None:
+    """The sampling-control fields (penalties, bias, grammar, prompt logprobs)."""
+    msg.presence_penalty, msg.frequency_penalty = draw(DOUBLES), draw(DOUBLES)
+    msg.min_p = draw(DOUBLES)
+    bias = st.builds(pb.LogitBias, token_id=U32S, bias=DOUBLES)
+    msg.logit_bias.extend(draw(st.lists(bias, max_size=4)))
+    if draw(st.booleans()):
+        msg.repetition_penalty = draw(DOUBLES)
+    if draw(st.booleans()):
+        msg.prompt_logprobs = draw(U32S)
+    if draw(st.booleans()):
+        msg.structured.kind, msg.structured.spec = draw(KINDS), draw(st.text(max_size=8))
 
 
 @st.composite
@@ -62,14 +80,23 @@ def near_valid_pb_params(draw) -> pb.SamplingParams:
     msg = params_to_pb(SamplingParams(**draw(valid_params())))
     if kind == "one_off":
         wild = draw(pb_params())
-        name = draw(st.sampled_from([f.name for f in pb.SamplingParams.DESCRIPTOR.fields]))
-        if name == "stop_token_ids":
-            msg.stop_token_ids[:] = wild.stop_token_ids
-        elif wild.HasField(name) if name in ("top_k", "seed", "logprobs") else True:
-            setattr(msg, name, getattr(wild, name))
-        else:
-            msg.ClearField(name)
+        field = draw(st.sampled_from(list(pb.SamplingParams.DESCRIPTOR.fields)))
+        _copy_field(msg, wild, field)
     return msg
+
+
+def _copy_field(msg, wild, field) -> None:
+    """``msg``'s ``field`` becomes ``wild``'s (unset where ``wild`` leaves it unset)."""
+    name = field.name
+    if field.is_repeated:
+        msg.ClearField(name)
+        getattr(msg, name).extend(getattr(wild, name))
+    elif field.has_presence and not wild.HasField(name):
+        msg.ClearField(name)
+    elif field.message_type is not None:
+        getattr(msg, name).CopyFrom(getattr(wild, name))
+    else:
+        setattr(msg, name, getattr(wild, name))
 
 
 @budget(300)

@@ -135,10 +135,10 @@ def test_security_output_handling_error_fails_one_stream(pair, broken, monkeypat
     decode, _ = pair
     real = decode_mod.chunk_from_output
 
-    def chunk_from_output(out, num_top):
+    def chunk_from_output(out, num_top, *prompt):
         if out.request_id == "victim" and out.num_output_tokens == 3:
             raise IndexError("injected by the test")
-        return real(out, num_top)
+        return real(out, num_top, *prompt)
 
     monkeypatch.setattr(decode_mod, "chunk_from_output", chunk_from_output)
     good = clean_prompts(broken, [9, 17], seed=324)

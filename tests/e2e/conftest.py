@@ -75,6 +75,13 @@ class Cluster:
         self.routers.append(rt)
         return rt
 
+    def release(self, *routers: RouterThread) -> None:
+        """Stop routers a module is done with: each polls every worker 4 times a second,
+        and a session's worth of idle routers would load the machine."""
+        for rt in routers:
+            rt.stop()
+            self.routers.remove(rt)
+
     def stubs(self):
         out = []
         for info in self.workers.wait_ready().values():
@@ -144,6 +151,21 @@ def clusters(ray_session, tiny_model):
         cluster.stop()
 
 
+API_MODES = ("aggregated", "tcp", "shm")
+"""The modes the API feature modules run every case in: local, and both disaggregated
+transports the tiny cluster always has."""
+
+
+@pytest.fixture(scope="module")
+def mode_routers(clusters):
+    """One router per ``API_MODES`` mode on the llama cluster for one module, stopped
+    after it (idle routers poll every worker)."""
+    llama = clusters("llama")
+    made = {mode: llama.router(mode) for mode in API_MODES}
+    yield made
+    llama.release(*made.values())
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_blocks(request):
     """After every test, every worker of every shared cluster holds nothing."""
@@ -157,3 +179,12 @@ def client(rt: RouterThread, **kw) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=rt.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw
     )
+
+
+def completion_text(c: openai.OpenAI, stream: bool, **kw) -> tuple[str, str]:
+    """One completion's ``(text, finish_reason)``, streamed or whole."""
+    if not stream:
+        choice = c.completions.create(**kw).choices[0]
+        return choice.text, choice.finish_reason
+    chunks = list(c.completions.create(stream=True, **kw))
+    return "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason

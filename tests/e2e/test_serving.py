@@ -19,7 +19,7 @@ from router.server import Router
 from tests.engine.hf_reference import hf_greedy, hf_top_logprobs, make_prompts
 from tests.waiting import Threads, wait_until
 
-from .conftest import MODEL_NAME, client
+from .conftest import MODEL_NAME, client, completion_text
 
 LONG = {"max_tokens": 1500, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
@@ -90,13 +90,7 @@ def test_stop_strings_and_stop_token_ids(rt, tiny_model):
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     for stream in (False, True):
         kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0.0, stop=[stop])
-        if stream:
-            chunks = list(c.completions.create(stream=True, **kw))
-            got = "".join(ch.choices[0].text for ch in chunks)
-            reason = chunks[-1].choices[0].finish_reason
-        else:
-            choice = c.completions.create(**kw).choices[0]
-            got, reason = choice.text, choice.finish_reason
+        got, reason = completion_text(c, stream, **kw)
         assert (got, reason) == (text[: text.index(stop)], "stop")
     stop_id = want[5]
     r = c.completions.create(
@@ -149,9 +143,9 @@ def test_logprobs_seed_and_usage(rt, tiny_model):
     [
         ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
         ({"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
-        ({"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400, "only n=1"),
+        ({"model": MODEL_NAME, "prompt": "hi", "n": 17}, 400, "less than or equal to 16"),
         ({"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-        ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "only allowed with echo"),
         ({"model": MODEL_NAME, "prompt": "hi", "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens"),
         ({"model": MODEL_NAME, "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
         ({"model": MODEL_NAME}, 400, "prompt"),

@@ -20,7 +20,11 @@ def _hf_model(model_dir: str, dtype: str = "float32", device: str = "cpu"):
 def _greedy(
     model_dir: str, prompt: tuple[int, ...], max_new_tokens: int, dtype: str, device: str
 ) -> tuple[int, ...]:
-    model = _hf_model(model_dir, dtype, device)
+    return tuple(_generate(_hf_model(model_dir, dtype, device), prompt, max_new_tokens, device))
+
+
+def _generate(model, prompt, max_new_tokens: int, device: str = "cpu", **kw) -> list[int]:
+    """HF ``generate()`` greedy with EOS ignored; ``kw`` adds to its arguments."""
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt], device=device),
@@ -29,8 +33,9 @@ def _greedy(
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
+            **kw,
         )
-    return tuple(out[0, len(prompt) :].tolist())
+    return out[0, len(prompt) :].tolist()
 
 
 def hf_greedy(
@@ -77,3 +82,22 @@ def hf_next_logits(
     model = _hf_model(str(model_dir), dtype, device)
     with torch.inference_mode():
         return model(torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+
+
+def hf_greedy_with(
+    model_dir: str | Path, prompt: list[int], max_new_tokens: int, processors: list
+) -> list[int]:
+    """HF ``generate()`` greedy (EOS ignored) with ``processors`` (``LogitsProcessor``s,
+    applied in order) as the only logits processing."""
+    from transformers import LogitsProcessorList
+
+    procs = LogitsProcessorList(processors)
+    return _generate(_hf_model(str(model_dir)), prompt, max_new_tokens, logits_processor=procs)
+
+
+def hf_prompt_logprobs(model_dir: str | Path, prompt: list[int]) -> torch.Tensor:
+    """float32 log-softmax ``[len(prompt) - 1, vocab]``: row ``i`` scores token ``i + 1``."""
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)

@@ -1,7 +1,8 @@
 """Expert parallelism on CPU (gloo, 2 spawned ranks).
 
 Dispatch/combine equals the single-process expert computation under uneven routing (an
-expert with no tokens, a rank that receives none, a rank that sends none); the leader
+expert with no tokens, a rank that receives none, a rank that sends none, top-3 in bf16)
+and sends a token once to each rank owning its experts; the leader
 gathers only the sampling rows; greedy output with EP=2 (data-parallel attention) equals
 EP=1 equals HF for the tiny MoE models over a workload with both ranks busy, steps where
 one rank has no sequences, chunked prefill, a prefix hit and preemption.
@@ -15,7 +16,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.layers.moe import expert_forward
-from engine.parallel.ep import ep_expert_forward, gather_to_leader
+from engine.parallel.ep import combine, dispatch, ep_expert_forward, gather_to_leader
 from tests.engine.ep_spawn import spawn_ep
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
@@ -41,9 +42,8 @@ def _weights():
 def _local_runner(ep, w13, w2):
     start, end = ep.expert_range(E)
 
-    def run(rows, ids):
-        ones = torch.ones(rows.shape[0], 1)
-        return expert_forward(rows, ones, ids[:, None], w13[start:end], w2[start:end], start)
+    def run(rows, ids, weights):
+        return expert_forward(rows, weights, ids, w13[start:end], w2[start:end], start)
 
     return run
 
@@ -60,6 +60,7 @@ def _dispatch_rank(ep, out_path):
         got = ep_expert_forward(x, w, ids, E, ep, run)
         want = expert_forward(x, w, ids, w13, w2)
         errors[name] = (got - want).abs().max().item() if ids.numel() else 0.0
+    errors.update(_dedup_errors(ep, run, w13, w2))
     for counts in ([2, 3], [0, 2], [1, 0], [0, 0]):  # rank r sends counts[r] rows
         rows = torch.full((counts[ep.rank], H), float(ep.rank + 1))
         got = gather_to_leader(rows, counts, ep)
@@ -68,6 +69,26 @@ def _dispatch_rank(ep, out_path):
         errors[f"gather {counts}"] = 0.0 if torch.equal(got, want) else 1.0
     with open(f"{out_path}.{ep.rank}", "w") as f:
         json.dump(errors, f)
+
+
+def _dedup_errors(ep, run, w13, w2) -> dict[str, float]:
+    """A token whose experts share an owner travels there once (rank 0 owns experts 0-1,
+    rank 1 experts 2-3); top-3 in bf16 carries the ids in int16 bits beside the row."""
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3]])
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(7 + ep.rank))
+    d = dispatch(x, torch.rand(4, 2), ids, E, ep)
+    combine(d.x.contiguous(), d)
+    errors = {"rows sent per owner": float(d.send_splits != [3, 3])}
+    ids3 = torch.tensor([[0, 1, 2], [3, 2, 0], [1, 0, 3], [2, 3, 1]])[ep.rank :]
+    g = torch.Generator().manual_seed(11 + ep.rank)
+    x3 = torch.randn(ids3.shape[0], H, generator=g).bfloat16()
+    w3 = torch.rand(ids3.shape[0], 3, generator=g).bfloat16()
+    run16 = _local_runner(ep, w13.bfloat16(), w2.bfloat16())
+    got = ep_expert_forward(x3, w3, ids3, E, ep, run16).float()
+    want = expert_forward(x3, w3, ids3, w13.bfloat16(), w2.bfloat16()).float()
+    relative = ((got - want).abs().max() / want.abs().max()).item()
+    errors["top-3 bf16 off by more than 3% of the largest output"] = float(relative > 0.03)
+    return errors
 
 
 def test_dispatch_combine_uneven_routing(tmp_path):

@@ -13,11 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
     MAX_TOKEN_ID,
+    MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
     SamplingParams,
 )
@@ -26,7 +31,8 @@ from tests.fuzzing import budget
 
 FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids",
-    "ignore_eos", "logprobs",
+    "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "min_p", "logit_bias", "prompt_logprobs",
 )  # fmt: skip
 DEFAULTS = {name: getattr(SamplingParams(), name) for name in FIELDS}
 
@@ -41,6 +47,21 @@ def _real(v) -> bool:
 
 def _in(v, lo, hi, optional=False) -> bool:
     return (optional and v is None) or (_int(v) and lo <= v <= hi)
+
+
+def _within(v, lo, hi) -> bool:
+    return _real(v) and lo <= v <= hi
+
+
+def _bias_ok(bias) -> bool:
+    if not isinstance(bias, (list, tuple)) or len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        return False
+    pairs = [p for p in bias if isinstance(p, (list, tuple)) and len(p) == 2]
+    return (
+        len(pairs) == len(bias)
+        and all(_in(t, 0, MAX_TOKEN_ID) and _within(b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for t, b in pairs)
+        and len({int(t) for t, _ in pairs}) == len(pairs)
+    )  # fmt: skip
 
 
 def invalid_fields(kw: dict) -> set[str]:
@@ -60,6 +81,14 @@ def invalid_fields(kw: dict) -> set[str]:
         and all(_in(i, 0, MAX_TOKEN_ID) for i in ids),
         "ignore_eos": isinstance(f["ignore_eos"], bool),
         "logprobs": _in(f["logprobs"], 0, MAX_LOGPROBS, optional=True),
+        "presence_penalty": _within(f["presence_penalty"], -MAX_PENALTY, MAX_PENALTY),
+        "frequency_penalty": _within(f["frequency_penalty"], -MAX_PENALTY, MAX_PENALTY),
+        "repetition_penalty": _within(
+            f["repetition_penalty"], MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        ),  # fmt: skip
+        "min_p": _within(f["min_p"], 0.0, 1.0),
+        "logit_bias": _bias_ok(f["logit_bias"]),
+        "prompt_logprobs": _in(f["prompt_logprobs"], 0, MAX_LOGPROBS, optional=True),
     }
     return {name for name, good in ok.items() if not good}
 
@@ -68,6 +97,12 @@ def _edges(lo: int, hi: int) -> st.SearchStrategy[int]:
     """Integers clustered on both sides of ``[lo, hi]``'s ends, plus any integer."""
     near = st.sampled_from([lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, 2**32, 2**63, -(2**63)])
     return st.one_of(near, st.integers(lo, hi), st.integers())
+
+
+def _float_edges(lo: float, hi: float) -> st.SearchStrategy[float]:
+    """Floats on both sides of ``[lo, hi]``'s ends (and 5e-324), plus any float."""
+    near = st.sampled_from([lo, hi, lo - 1e-9, hi + 1e-9, 5e-324, -5e-324, 0.0, math.nan])
+    return st.one_of(near, st.floats(lo, hi), st.floats(), st.integers(-3, 3))
 
 
 HOSTILE = st.one_of(
@@ -97,6 +132,21 @@ PER_FIELD = {
     ),  # fmt: skip
     "ignore_eos": st.booleans(),
     "logprobs": st.one_of(st.none(), _edges(0, MAX_LOGPROBS)),
+    "presence_penalty": _float_edges(-MAX_PENALTY, MAX_PENALTY),
+    "frequency_penalty": _float_edges(-MAX_PENALTY, MAX_PENALTY),
+    "repetition_penalty": _float_edges(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+    "min_p": _float_edges(0.0, 1.0),
+    "logit_bias": st.one_of(
+        st.lists(
+            st.tuples(_edges(0, MAX_TOKEN_ID), _float_edges(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)),
+            max_size=4,
+        ),  # fmt: skip
+        st.lists(st.tuples(st.integers(0, 3), st.floats(-1, 1)), min_size=2, max_size=4),  # repeats
+        st.lists(
+            st.one_of(st.integers(), st.tuples(st.integers()), st.text(max_size=2)), max_size=2
+        ),  # fmt: skip
+    ),
+    "prompt_logprobs": st.one_of(st.none(), _edges(0, MAX_LOGPROBS)),
 }
 ANY_PARAMS = st.fixed_dictionaries(
     {}, optional={name: st.one_of(PER_FIELD[name], HOSTILE) for name in FIELDS}
@@ -118,6 +168,20 @@ def valid_params(draw) -> dict:
         ),  # fmt: skip
         "ignore_eos": draw(st.booleans()),
         "logprobs": draw(st.one_of(st.none(), st.integers(0, MAX_LOGPROBS))),
+        "presence_penalty": draw(st.floats(-MAX_PENALTY, MAX_PENALTY)),
+        "frequency_penalty": draw(st.floats(-MAX_PENALTY, MAX_PENALTY)),
+        "repetition_penalty": draw(st.floats(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)),
+        "min_p": draw(st.floats(0.0, 1.0)),
+        "logit_bias": tuple(
+            draw(
+                st.dictionaries(
+                    st.integers(0, MAX_TOKEN_ID),
+                    st.floats(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),
+                    max_size=8,
+                )
+            ).items()  # fmt: skip
+        ),
+        "prompt_logprobs": draw(st.one_of(st.none(), st.integers(0, MAX_LOGPROBS))),
     }
     keep = {k for k in kw if draw(st.booleans())}
     if "min_tokens" in keep:  # the default max_tokens may be below it
@@ -134,13 +198,15 @@ def test_fuzz_sampling_params_accept_exactly_the_documented_domain(kw):
     except ValueError as exc:
         message = str(exc)
         assert bad, f"valid params refused: {kw!r}: {message}"
-        named = set(re.findall(r"\b(" + "|".join(FIELDS) + r") (?:must|takes)", message))
+        named = set(re.findall(r"\b(" + "|".join(FIELDS) + r")(?: token ids| values)? (?:must|takes|names)", message))  # fmt: skip
         assert named == bad, f"{kw!r}: the message names {named}, the bad fields are {bad}"
         return
     assert not bad, f"invalid {sorted(bad)} accepted: {kw!r}"
     # What the engine gets is plain Python numbers, whatever the caller passed.
     assert all(type(params.stop_token_ids[i]) is int for i in range(len(params.stop_token_ids)))
     assert type(params.max_tokens) is int and type(params.temperature) is float
+    assert all(type(t) is int and type(b) is float for t, b in params.logit_bias)
+    assert type(params.repetition_penalty) is float and type(params.min_p) is float
 
 
 @budget(200)

@@ -1,4 +1,7 @@
-"""Fixtures for the KV transfer conformance suite: every test runs on every backend.
+"""Fixtures for the KV transfer conformance suite: every test runs on every backend, and
+shm twice: ``shm`` into a shared KV pool (the sender writes the destination blocks in
+place, as into a decode worker's pool) and ``shm-regions`` into a private cache (through
+shared regions).
 
 A ``BlockPool`` stands in for the decode engine's allocator; after each test every
 block must be back in it (no leaks), whatever the test did, and no block was freed twice
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.shared_pool import SharedKVPool
 from kv_transfer import TransferConfig, backend_names, make_client, make_endpoint
 
 NUM_BLOCKS = 64
@@ -25,10 +29,11 @@ FAST = TransferConfig(
     peer_timeout_s=30.0,
     reap_interval_s=0.02,
     chunk_bytes=512,
-    plane={"shm_region_bytes": "1024", "shm_regions": "2"},
+    plane={"shm_region_bytes": "1024", "shm_regions": "2", "run_min_bytes": "512"},
 )
 """Small chunks and shm regions, so even tiny test layers go through several data-path
-messages and the shm backend splits every layer into several descriptors. The peer
+messages and the shm backend splits every layer into several descriptors; runs of two
+blocks already go straight from and into the caches (torch_dist, ucx: messages.py). The peer
 timeout is long: on a busy 2-core machine a heartbeat thread can be starved for seconds,
 and a healthy transfer must not fail for it (the dead-peer tests use ``DEATH``)."""
 DEATH = replace(FAST, peer_timeout_s=TransferConfig.peer_timeout_s)
@@ -36,6 +41,23 @@ DEATH = replace(FAST, peer_timeout_s=TransferConfig.peer_timeout_s)
 PEER_DEATH_BOUND_S = DEATH.peer_timeout_s + 3.0
 """A dead peer is noticed one peer timeout after its last frame; the rest is a margin for
 a busy machine (the lease, 60 s in those tests, would fail the transfer much later)."""
+
+
+VARIANTS = {**{name: name for name in backend_names()}, "shm-regions": "shm"}
+"""Fixture id -> backend name."""
+
+
+def backend_name(variant: str) -> str:
+    return VARIANTS[variant]
+
+
+def allocate_dst(variant: str, layout: KVLayout):
+    """``(pool, caches)``: the destination caches of ``variant``, in a shared KV pool for
+    ``shm`` (``pool`` is None otherwise; the caller closes it)."""
+    if variant == "shm":
+        pool = SharedKVPool.create(layout)
+        return pool, pool.caches
+    return None, layout.allocate()
 
 
 def tiny_layout(dtype: torch.dtype = torch.float32, block_size: int = 4) -> KVLayout:
@@ -75,6 +97,14 @@ class BlockPool:
             self._free.difference_update(ids)
             return ids
 
+    def take(self, ids: list[int]) -> None:
+        """Allocate exactly ``ids`` (free ones)."""
+        with self._lock:
+            assert self._free.issuperset(ids), (
+                f"blocks {sorted(set(ids) - self._free)} are not free"
+            )
+            self._free.difference_update(ids)
+
     def free(self, ids: list[int]) -> None:
         with self._lock:
             if twice := self._free.intersection(ids):
@@ -92,6 +122,7 @@ class Pair:
     """A receiver endpoint and a sender client for one backend, plus their caches."""
 
     backend: str
+    variant: str
     layout: KVLayout
     spec: KVLayoutSpec
     pool: BlockPool
@@ -99,10 +130,12 @@ class Pair:
     client: object
     src: list[tuple[torch.Tensor, torch.Tensor]]
     dst: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_pool: SharedKVPool | None = None
 
 
-@pytest.fixture(params=backend_names())
+@pytest.fixture(params=list(VARIANTS))
 def backend(request) -> str:
+    """A variant (``VARIANTS``): the backend name, or ``shm-regions``."""
     return request.param
 
 
@@ -110,15 +143,17 @@ def backend(request) -> str:
 def make_pair(backend) -> Callable[..., Pair]:
     """``make_pair(dtype=..., block_size=...)``; closes everything and checks for leaks."""
     made: list[Pair] = []
+    name = backend_name(backend)
 
     def make(dtype: torch.dtype = torch.float32, block_size: int = 4, config=FAST) -> Pair:
         layout = tiny_layout(dtype, block_size)
         spec = KVLayoutSpec.from_layout(layout, "test-model")
         pool = BlockPool(NUM_BLOCKS, seed=len(made))
-        dst = layout.allocate()
-        endpoint = make_endpoint(backend, layout, dst, spec, pool.free, config=config)
-        client = make_client(backend, spec, config=config)
-        pair = Pair(backend, layout, spec, pool, endpoint, client, random_caches(layout, 1), dst)
+        kv_pool, dst = allocate_dst(backend, layout)
+        endpoint = make_endpoint(name, layout, dst, spec, pool.free, config=config)
+        client = make_client(name, spec, config=config)
+        src = random_caches(layout, 1)
+        pair = Pair(name, backend, layout, spec, pool, endpoint, client, src, dst, kv_pool)
         made.append(pair)
         return pair
 
@@ -126,6 +161,8 @@ def make_pair(backend) -> Callable[..., Pair]:
     for pair in made:
         pair.client.close()
         pair.endpoint.close()
+        if pair.kv_pool is not None:
+            pair.kv_pool.close()
         assert not pair.pool.double_frees, f"blocks freed twice on {pair.backend}: {pair.pool.double_frees}"  # fmt: skip
         assert pair.pool.num_free == pair.pool.total, (
             f"{pair.pool.total - pair.pool.num_free} KV blocks leaked on {pair.backend}"

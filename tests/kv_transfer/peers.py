@@ -71,3 +71,22 @@ def run_endpoint(
     out.put((rx.poll().value, rx.error, endpoint.stats()))
     done.wait(120)
     endpoint.close()
+
+
+def run_pausing_sender(backend: str, ticket: TransferTicket, sent, go, done, seed: int) -> None:
+    """Send layers 0 and 1, report it, wait for ``go``, send the rest from other source
+    pages (seed ``seed``), report when the transfer ended, then wait to be killed."""
+    logging.basicConfig(level=logging.WARNING)
+    layout, spec = _spec()
+    first, rest = random_caches(layout, 1), random_caches(layout, seed)
+    tx = make_client(backend, spec, config=DEATH).open(ticket)
+    ids = list(range(len(ticket.block_ids)))
+    for layer in range(layout.num_layers):
+        if layer == 2:
+            sent.set()
+            go.wait(120)
+        tx.send_layer(layer, *(first if layer < 2 else rest)[layer], src_block_ids=ids)
+    while not tx.poll().terminal:
+        time.sleep(0.01)
+    done.set()
+    time.sleep(600)

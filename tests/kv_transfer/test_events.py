@@ -75,13 +75,43 @@ def test_planes_declare_their_capabilities(make_pair):
     assert isinstance(caps, Capabilities)
     want = {
         "tcp": Capabilities(zero_copy_send=True),
-        "ucx": Capabilities(default_chunk_bytes=4 << 20),
+        "ucx": Capabilities(default_chunk_bytes=4 << 20, run_messages=True, run_min_bytes=512),
     }
     if pair.backend in want:
         assert caps == want[pair.backend]
     elif pair.backend == "shm":
         assert caps.same_host_only and caps.max_payload_bytes == 1024
+        # in place into a shared pool (one copy per byte), else through regions; no
+        # checksum within one host's memory
+        assert caps.writes_in_place == (pair.variant == "shm") and caps.checksum == "none"
     else:
         assert caps.chunk_bytes == 512  # torch_dist: fixed at pairing (the config's here)
+        assert caps.checksum == "xxh3"  # gloo crosses a TCP wire
+        assert caps.run_messages and caps.run_min_bytes == 512
     tx.abort("done looking")
     wait_until(lambda: rx.poll().terminal)
+
+
+def test_success_reports_its_timings_and_the_tail_after_the_last_layer(make_pair):
+    """``timings`` (set with SUCCESS) bracket what this process saw, on its one clock: the
+    first page arrived before it saw layer 0 in, the transfer ended after it queued the
+    last layer, and the tail lies between queuing the last layer and seeing SUCCESS."""
+    import time
+
+    pair = make_pair()
+    dst = pair.pool.allocate(3)
+    rx = pair.endpoint.expect(dst, lease_s=30)
+    tx = pair.client.open(rx.ticket)
+    send_layers(pair, tx, [4, 5, 6], layers=[0, 1, 2])
+    wait_until(lambda: rx.layers_arrived() == [0, 1, 2])
+    seen_first = time.monotonic()
+    assert rx.timings is None
+    queued_last = time.monotonic()
+    send_layers(pair, tx, [4, 5, 6], layers=[3])
+    wait_until(lambda: rx.poll() is S.SUCCESS)
+    seen_success = time.monotonic()
+    t = rx.timings
+    assert t.seconds >= queued_last - seen_first
+    assert 0 <= t.tail_seconds <= seen_success - queued_last
+    wait_until(lambda: tx.poll().terminal)
+    pair.pool.free(dst)

@@ -25,7 +25,15 @@ from kv_transfer import (
 from kv_transfer.link import ControlLink, PeerLost
 from proto import kv_transfer_pb2 as pb
 
-from .conftest import FAST, BlockPool, random_caches, tiny_layout, wait_until
+from .conftest import (
+    FAST,
+    BlockPool,
+    allocate_dst,
+    backend_name,
+    random_caches,
+    tiny_layout,
+    wait_until,
+)
 
 SECRET = ClusterSecret(b"kv-test-secret-0123456789abcdef")
 OTHER = ClusterSecret(b"another-secret-0123456789abcdef")
@@ -39,6 +47,7 @@ class Side:
     pool: BlockPool
     layout: object
     clients: list
+    kv_pool: object = None
 
     def client(self, secret: ClusterSecret | None, backend: str | None = None):
         cfg = dataclasses.replace(FAST, secret=secret)
@@ -52,13 +61,14 @@ def serve():
     """``serve(backend, secret)``: an endpoint; closes it and its clients, checks leaks."""
     made: list[Side] = []
 
-    def make(backend: str = "tcp", secret: ClusterSecret | None = SECRET) -> Side:
+    def make(variant: str = "tcp", secret: ClusterSecret | None = SECRET) -> Side:
         layout = tiny_layout()
         spec = KVLayoutSpec.from_layout(layout, "test-model")
         pool = BlockPool(layout.num_blocks)
         cfg = dataclasses.replace(FAST, secret=secret)
-        endpoint = make_endpoint(backend, layout, layout.allocate(), spec, pool.free, config=cfg)
-        made.append(Side(endpoint, spec, pool, layout, []))
+        kv_pool, dst = allocate_dst(variant, layout)
+        endpoint = make_endpoint(backend_name(variant), layout, dst, spec, pool.free, config=cfg)
+        made.append(Side(endpoint, spec, pool, layout, [], kv_pool))
         return made[-1]
 
     yield make
@@ -66,6 +76,8 @@ def serve():
         for client in side.clients:
             client.close()
         side.endpoint.close()
+        if side.kv_pool is not None:
+            side.kv_pool.close()
         assert side.pool.num_free == side.pool.total
 
 
@@ -89,7 +101,7 @@ def test_security_paired_with_the_secret_on_every_backend(serve, backend):
     side = serve(backend)
     _round_trip(side, side.client(SECRET))
     rx = side.endpoint.expect(side.pool.allocate(1), lease_s=30)
-    auth.check_ticket(SECRET, rx.ticket, backend)
+    auth.check_ticket(SECRET, rx.ticket, backend_name(backend))
     rx.abort("test done")
     with pytest.raises(HandshakeError, match="requires the cluster secret"):
         side.client(None).connect(side.endpoint.address)

@@ -80,7 +80,8 @@ def router_schema() -> dict:
 
 def fuzzed_schema() -> schemathesis.BaseSchema:
     doc = copy.deepcopy(router_schema())
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    models = ("CompletionRequest", "ChatCompletionRequest", "TokenizeChat", "TokenizeCompletion", "Detokenize")  # fmt: skip
+    for name in models:
         doc["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [MODEL]}  # fmt: skip
     # make test: the same cases every run (tests/fuzzing.py); make fuzz: fresh ones.
     schema = schemathesis.openapi.from_dict(doc, config=schemathesis.Config(seed=None if LONG else 0))  # fmt: skip

@@ -20,7 +20,7 @@ def test_completion_defaults_and_extensions():
 @pytest.mark.parametrize(
     "fields, needle",
     [
-        ({"n": 2}, "only n=1"),
+        ({"n": 17}, "less than or equal to 16"),
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -28,7 +28,13 @@ def test_completion_defaults_and_extensions():
         ({"prompt": ""}, "prompt is empty"),
         ({"stop": ["a"] * 65}, "at most 64"),
         ({"logprobs": 21}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"max_tokens": 0}, "only allowed with echo"),
+        ({"best_of": 3}, "best_of=3 is not supported"),
+        ({"suffix": "x"}, "Extra inputs are not permitted"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias values must be in [-100, 100]"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one of"),
     ],
 )
 def test_completion_rejects(fields, needle):
