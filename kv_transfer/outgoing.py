@@ -118,14 +118,16 @@ def _send_runs(plane: SenderPlane, job: LayerJob, chunk_bytes: int) -> None:
     src = job.src_block_ids.tolist() if job.src_block_ids is not None else list(range(n))
     min_run = plane.capabilities.run_min_bytes
     spans = messages.segments(messages.plan(src, ticket.block_ids, bb, chunk_bytes, min_run))
-    direct = [messages.consecutive(src[a:b]) for a, b in spans]
-    staged_bytes = 2 * bb * sum(b - a for (a, b), d in zip(spans, direct, strict=True) if not d)
-    staging = plane.staging(staged_bytes)
+    # A TP part's source is a slice of the heads (not contiguous): every run is staged.
+    whole = job.k.is_contiguous() and job.v.is_contiguous()
+    direct = [whole and messages.consecutive(src[a:b]) for a, b in spans]
+    staging = plane.staging(2 * bb * sum(b - a for (a, b), d in zip(spans, direct, strict=True) if not d))  # fmt: skip
+    if any(direct) and job.k.device != staging.device:  # no run straight from this cache
+        direct, staging = [False] * len(spans), plane.staging(2 * bb * n)
     checksum, parts, at = wire.Checksum(plane.capabilities.checksum), [], 0
     for source in (job.k, job.v):
-        straight = source.is_contiguous() and source.device == staging.device
         for (a, b), d in zip(spans, direct, strict=True):
-            if d and straight:
+            if d:
                 part = messages.run_view(source, src[a:b])
             else:
                 part, at = staging[at : at + (b - a) * bb], at + (b - a) * bb

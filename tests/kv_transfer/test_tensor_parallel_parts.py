@@ -12,7 +12,7 @@ from engine.kv_cache.layout import KVLayout, KVLayoutSpec, kv_head_range
 from kv_transfer import HandshakeError, TransferState, make_client, make_endpoint
 from kv_transfer.tp_map import Part, plan_parts
 
-from .conftest import FAST, NUM_BLOCKS, BlockPool, wait_until
+from .conftest import FAST, NUM_BLOCKS, BlockPool, allocate_dst, backend_name, wait_until
 
 HEADS, LAYERS = 4, 3
 S = TransferState
@@ -63,9 +63,13 @@ class Group:
         ]
 
 
-def _transfer(backend: str, prefill_tp: int, decode_tp: int) -> None:
-    ref = _reference()
+def _transfer(variant: str, prefill_tp: int, decode_tp: int) -> None:
+    """``variant`` shm: each decode rank's cache is a shared KV pool (a whole ticket would
+    be written in place; parts go staged, kv_transfer/outgoing.py ``in_place``)."""
+    ref, backend = _reference(), backend_name(variant)
     prefill, decode = Group(prefill_tp, ref), Group(decode_tp, ref)
+    shared = [allocate_dst(variant, _layout(s.num_local_heads)) for s in decode.specs]
+    decode.caches = [caches for _, caches in shared]
     for caches in decode.caches:
         for k, v in caches:
             k.zero_(), v.zero_()
@@ -105,6 +109,9 @@ def _transfer(backend: str, prefill_tp: int, decode_tp: int) -> None:
             c.close()
         for e in endpoints:
             e.close()
+        for pool, _ in shared:
+            if pool is not None:
+                pool.close()
 
 
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2), (4, 2)])
@@ -115,6 +122,7 @@ def test_tensor_parallel_parts_move_rank_to_rank(backend, prefill_tp, decode_tp)
 def test_tensor_parallel_unmappable_layout_is_refused_naming_both_sides(backend):
     bad = KVLayoutSpec.from_layout(_layout(HEADS), "tp-model").for_rank(2, 0, (0, 4))
     pool = BlockPool(NUM_BLOCKS)
+    backend = backend_name(backend)
     endpoint = make_endpoint(backend, _layout(HEADS), _layout(HEADS).allocate(), bad, pool.free, config=FAST)  # fmt: skip
     client = make_client(backend, _spec(2, 1), config=FAST)
     try:
@@ -131,7 +139,7 @@ def test_tensor_parallel_unmappable_layout_is_refused_naming_both_sides(backend)
 
 def test_tensor_parallel_part_a_rank_does_not_hold_fails_naming_both(backend):
     pool = BlockPool(NUM_BLOCKS)
-    spec = _spec(1, 0)
+    spec, backend = _spec(1, 0), backend_name(backend)
     endpoint = make_endpoint(backend, _layout(HEADS), _layout(HEADS).allocate(), spec, pool.free, config=FAST)  # fmt: skip
     client = make_client(backend, _spec(2, 0), config=FAST)  # holds heads 0-1 only
     try:
