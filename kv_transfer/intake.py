@@ -88,7 +88,7 @@ class PageIntake:
             why = transfer.begin_write(desc, link)
         targets = None
         if plane.capabilities.run_messages:  # (scratch for a dropped one: the plane's)
-            targets = self._targets(desc, plan, pages) if why is None else [None] * len(plan)
+            targets = self._targets(desc, plan) if why is None else [None] * len(plan)
         chunks = (
             plane.chunks(desc, sizes) if targets is None else plane.chunks(desc, sizes, targets)
         )
@@ -184,9 +184,10 @@ class PageIntake:
                 writers[kv].write(desc.block_ids[a:b], chunk)
         return checksum.value() == _expected_checksum(plane, desc)
 
-    def _targets(self, desc: pb.PageDescriptor, plan, pages) -> list[torch.Tensor | None]:
+    def _targets(self, desc: pb.PageDescriptor, plan) -> list[torch.Tensor | None]:
         """Where each message may land straight in the cache: its blocks are consecutive
         (messages.py), in a contiguous cache (never a TP part's slice of the heads)."""
+        pages = self._pages_of(self._find(desc.transfer_id))
         writers, ids = pages.writers[desc.layer], desc.block_ids
         out = []
         for kv, a, b in plan:
