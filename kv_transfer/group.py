@@ -29,6 +29,7 @@ from kv_transfer.base import (
     OnDone,
     TransferState,
     TransferTicket,
+    TransferTimings,
     report_done,
 )
 
@@ -154,6 +155,15 @@ class GroupReceiver(_Group):
 
     def layers_arrived(self) -> list[int]:
         return self._local[0].layers_arrived() if self._local else []
+
+    @property
+    def timings(self) -> TransferTimings | None:
+        """The slowest of this rank's parts (the other ranks' are theirs to time); None
+        until every local part has its timings."""
+        times = [getattr(r, "timings", None) for r in self._local]
+        if not times or None in times:
+            return None
+        return TransferTimings(max(t.seconds for t in times), max(t.tail_seconds for t in times))
 
 
 class GroupSender(_Group):
