@@ -99,13 +99,24 @@ def start_ray(address: str | None, node_ip: str | None, num_cpus: int | None) ->
         ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=num_cpus,
-        _node_ip_address=node_ip,
-        object_store_memory=512 * 1024 * 1024,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    # Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded host
+    # (a 2-core box with a dozen busy processes) that can pass, so a local start is tried
+    # a second time before it fails.
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                _node_ip_address=node_ip,
+                object_store_memory=512 * 1024 * 1024,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+            return
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            logger.warning("local Ray did not start in time (%s); trying once more", e)
+            ray.shutdown()
 
 
 def _placement(role: str) -> dict[str, Any]:

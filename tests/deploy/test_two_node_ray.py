@@ -141,7 +141,7 @@ def _session_members(sid: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # generous: Ray starts slowly on an overloaded host
 def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path):
     base = port_base()
     gcs = f"{HEAD_IP}:{base}"
@@ -168,10 +168,10 @@ def test_serve_places_prefill_and_decode_on_their_own_nodes(tiny_model, tmp_path
             "--include-dashboard", "false",
         ]  # fmt: skip
         nodes.start("head", [str(RAY_DIR / "start-head.sh"), "--port", str(base), "--role", "prefill", "--gpus", "0", "--", *head_args])  # fmt: skip
-        nodes.wait_for("head", "Ray runtime started", 60)
+        nodes.wait_for("head", "Ray runtime started", 150)
         worker_args = node_args(base + 32, WORKER_IP, temp / "w")
         nodes.start("worker", [str(RAY_DIR / "start-worker.sh"), "--role", "decode", "--address", gcs, "--gpus", "0", "--", *worker_args])  # fmt: skip
-        nodes.wait_for("worker", "Ray runtime started", 60)
+        nodes.wait_for("worker", "Ray runtime started", 150)
 
         def serve(name: str) -> str:
             nodes.start(
