@@ -23,6 +23,8 @@ class Reserve:
     params: SamplingParams
     transport: str
     lease_s: float
+    prefill_tp: int = 1
+    """TP ranks of the prefill worker that will send (decode_worker/tp.py plans parts)."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import grpc
 
 from decode_worker.commands import Decode, Generate, Reserve
 from decode_worker.worker import DecodeWorker
+from engine.model_spec import ModelSpec
+from engine.parallel.tp import check_tp
 from engine.worker.convert import params_from_pb
 from engine.worker.errors import WorkerError
 from engine.worker.service import abort_of, ask, call_worker, compile_grammar, stream_sink
@@ -42,15 +44,19 @@ class DecodeService:
                 f"lease_s must be in (0, {MAX_LEASE_S}] seconds (0 = this worker's default "
                 f"{self.worker.config.lease_s}), got {lease}",
             )
+        tp = request.prefill_tp_size or 1
+        await call_worker(context, _check_prefill_tp, self.worker.engine.spec, tp)
         await compile_grammar(context, self.worker.engine.grammars, params)
-        cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease)
+        cmd = Reserve(spec.request_id, prompt, params, request.kv_transport, lease, tp)
         try:
-            ticket, blocks, tokens = await ask(context, self.worker.loop, cmd)
+            ticket, blocks, tokens, parts = await ask(context, self.worker.loop, cmd)
         except asyncio.CancelledError:  # the router gave up: free what it may have reserved
             with contextlib.suppress(WorkerError):  # a dead loop holds nothing to abort
                 await asyncio.shield(abort_of(self.worker.loop, spec.request_id)())
             raise
-        return pb.ReserveResponse(ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens)
+        return pb.ReserveResponse(
+            ticket=ticket, num_cached_blocks=blocks, num_cached_tokens=tokens, parts=parts
+        )
 
     async def Decode(self, request: pb.DecodeRequest, context) -> AsyncIterator[pb.TokenChunk]:
         sink = Sink(asyncio.get_running_loop())
@@ -67,3 +73,12 @@ class DecodeService:
         await ask(context, self.worker.loop, Generate(rid, prompt, params, sink))
         async for chunk in stream_sink(sink, abort_of(self.worker.loop, rid), context):
             yield chunk
+
+
+def _check_prefill_tp(spec: ModelSpec, tp: int) -> None:
+    """A prefill TP size this model cannot be split over is refused before any part is
+    planned (planning walks every prefill rank: an absurd size would stall the engine)."""
+    try:
+        check_tp(spec, tp)
+    except ValueError as exc:
+        raise ValueError(f"prefill_tp_size={tp} does not fit this model: {exc}") from None

@@ -34,6 +34,7 @@ from dataclasses import replace
 import grpc
 
 from decode_worker.commands import Decode, DecodeRequest, DecodeState, Generate, Reserve
+from decode_worker.tp import TPReceivers
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
 from engine.request import RequestOutput
@@ -69,12 +70,14 @@ class DecodeWorker:
                 name,
                 engine.layout,
                 engine.kv_caches,
-                engine.layout_spec,
+                engine.rank_layout_spec,
                 _transport_frees_nothing,
                 config=tcfg,
             )  # fmt: skip
             for name in config.kv_transports
         }
+        self.tp = TPReceivers(engine, self.endpoints, engine.parallel.channel)
+        """Transfers in parts (decode/tp.py): a TP group here or on the prefill side."""
         self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
         self.loop.start(self)
 
@@ -102,7 +105,7 @@ class DecodeWorker:
 
     # -- commands (engine thread) ---------------------------------------------------------
 
-    def _reserve(self, cmd: Reserve) -> tuple[pb.TransferTicket, int, int]:
+    def _reserve(self, cmd: Reserve) -> tuple[pb.TransferTicket, int, int, list]:
         endpoint = self.endpoints.get(cmd.transport)
         if endpoint is None:
             raise WorkerError(
@@ -123,13 +126,17 @@ class DecodeWorker:
             self.loop.post(TransferDone(rid, transfer_id, state is TransferState.SUCCESS))
 
         try:
-            receiver = endpoint.expect(res.blocks_to_fill, cmd.lease_s, on_done=done)
+            if cmd.prefill_tp == 1 and self.engine.tp_size == 1:
+                receiver = endpoint.expect(res.blocks_to_fill, cmd.lease_s, on_done=done)
+            else:  # rank-to-rank parts between TP groups
+                receiver = self.tp.expect(cmd.transport, res.blocks_to_fill, cmd.lease_s, done, cmd.prefill_tp)  # fmt: skip
         except (ValueError, RuntimeError) as exc:
             self.engine.abort(rid)
             raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"cannot expect KV: {exc}") from None
         cached = res.num_cached_blocks * self.engine.layout.block_size
         self._reqs[rid] = DecodeRequest(rid, cmd.params, S.RESERVED, receiver, num_cached_tokens=cached)  # fmt: skip
-        return ticket_to_pb(receiver.ticket, cmd.transport), res.num_cached_blocks, cached
+        parts = [ticket_to_pb(t, cmd.transport) for t in getattr(receiver, "tickets", ())]
+        return ticket_to_pb(receiver.ticket, cmd.transport), res.num_cached_blocks, cached, parts
 
     def _decode(self, cmd: Decode) -> None:
         vocab = self.engine.spec.vocab_size
@@ -217,11 +224,15 @@ class DecodeWorker:
             self._fail_request(rid, f"internal error ({type(exc).__name__})")
 
     def fail_all(self, why: str) -> None:
-        """End every stream with ``why`` (the engine cannot go on, e.g. an EP rank died)."""
+        """End every stream with ``why`` (the engine cannot go on, e.g. a rank of its group
+        died) and free every block; the process then ends."""
         for req in list(self._reqs.values()):
             if req.sink is not None:
                 req.sink.put(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
+            if req.receiver is not None:
+                req.receiver.abort(why)
         self._reqs.clear()
+        self.engine.abort_all()
 
     def load(self) -> RoleLoad:
         sched = self.engine.scheduler

@@ -10,6 +10,10 @@ Aggregated lifecycle: ``add_request`` → waiting → running (chunked prefill, 
 * decode side: ``reserve`` allocates blocks for a prompt (reusing prefix-cache hits) and
   returns the block ids to fill; after the KV arrived, ``admit_prefilled`` puts the request
   straight into the running batch with its first token; ``abort`` frees a reservation.
+
+A rank of a parallel replica (``ParallelState``: tensor or expert parallel) builds its
+shard of the model and hands every step to its driver (engine/parallel/driver.py); rank 0
+runs this engine's scheduler, the others :meth:`LLMEngine.run_follower`.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ from engine.config import EngineConfig
 from engine.config.engine import resolve_device
 from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import KVLayout, KVLayoutSpec
-from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.shared_pool import SharedKVPool
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from engine.parallel.build import describe_rank, kv_heads
+from engine.parallel.compose import make_driver, make_kv_manager
+from engine.parallel.driver import FollowerRole, run_follower
 from engine.parallel.ep import ExpertParallelGroup
-from engine.parallel.expert_load import ExpertLoad, expert_counts, expert_load
-from engine.parallel.kv_relay import pull_hook, pull_slots
-from engine.parallel.step_sync import StepMessage, broadcast_step, run_follower
+from engine.parallel.expert_load import ExpertLoad, expert_load
+from engine.parallel.state import ParallelState, as_parallel
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, make_output, pick_home
+from engine.scheduler import Scheduler, make_output
 from engine.scheduler_output import SchedulerOutput
 from engine.throughput import PrefillRate
 from engine.validation import check_params, check_prompt, check_token
@@ -46,39 +51,39 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, ep: ExpertParallelGroup | None = None) -> None:
-        """``ep``: this engine is one rank of an expert-parallel group (rank 0 leads)."""
+    def __init__(
+        self, config: EngineConfig, parallel: ParallelState | ExpertParallelGroup | None = None
+    ) -> None:
+        """``parallel``: this engine is one rank of a parallel replica (rank 0 leads)."""
         config = replace(config, device=resolve_device(config.device))  # auto: this node's
         self.config = config
-        self.ep = ep if ep is not None and ep.size > 1 else None
+        self.parallel = as_parallel(parallel)
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
-        loaded = load_model(config.model, dtype, config.device, config.max_model_len, ep=self.ep)
+        loaded = load_model(config.model, dtype, config.device, config.max_model_len, self.parallel)
         self.model, self.spec, self.fingerprint = loaded.model, loaded.spec, loaded.fingerprint
         self.max_model_len = self._max_model_len(config)
+        self.heads = kv_heads(self.spec, self.parallel)
+        """Global KV heads ``[start, end)`` in this rank's cache."""
         self.layout = self._layout(config, dtype)
-        self.kv = KVCacheManager(
-            self.layout.num_blocks, self.layout.block_size, config.cache.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.ep_size)
+        self.kv = make_kv_manager(self.parallel, self.layout, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.backend = get_backend(config.attention_backend, config.device)
         self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
         """Compiled structured-output grammars; thread-safe (engine/worker/service.py)."""
         self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
         """The KV cache in shared memory (``cache.shared_memory``), else ``None``."""
         self.runner = self._runner(config)
+        self.driver = make_driver(self.parallel, self.runner, self.kv)
         self.kv_layer_hook: KVLayerHook | None = None
         self._reserved: dict[str, Request] = {}
         self._kv_streamed: set[str] = set()
-        self._kv_forward: dict[int, list[int]] = {}
-        """EP leader: home rank -> blocks that arrived by transfer, to send it next step."""
         self.prefill_rate = PrefillRate()
         """Measured prompt tokens per second (the router predicts TTFT with it)."""
-        layout = self.layout
         logger.info(
-            "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s",
-            self.spec.architecture, layout.num_blocks, layout.block_size, self.max_model_len,
-            self.backend.name,
+            "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s%s",
+            self.spec.architecture, self.layout.num_blocks, self.layout.block_size,
+            self.max_model_len, self.backend.name, describe_rank(self.parallel, self.heads),
         )  # fmt: skip
 
     def _runner(self, config: EngineConfig) -> ModelRunner:
@@ -86,7 +91,7 @@ class LLMEngine:
         caches = pool.caches if pool is not None else self.layout.allocate(self.device)
         block_size = self.layout.block_size
         return ModelRunner(
-            self.model, caches, self.backend, block_size, self.device, config.seed, self.ep,
+            self.model, caches, self.backend, block_size, self.device, config.seed,
             vocab_size=self.spec.vocab_size, grammars=self.grammars,
         )  # fmt: skip
 
@@ -102,17 +107,21 @@ class LLMEngine:
         return config.max_model_len or limit
 
     def _layout(self, config: EngineConfig, dtype: torch.dtype) -> KVLayout:
+        """This rank's cache: its KV heads only (every rank has the same block count)."""
         spec, cache = self.spec, config.cache
-        per_block = 2 * spec.num_layers * cache.block_size * spec.num_kv_heads * spec.head_dim
+        heads = self.heads[1] - self.heads[0]
+        per_block = 2 * spec.num_layers * cache.block_size * heads * spec.head_dim
         per_block *= torch.empty((), dtype=dtype).element_size()
         num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory_bytes // per_block)
-        return KVLayout(
-            spec.num_layers, num_blocks, cache.block_size, spec.num_kv_heads, spec.head_dim, dtype
-        )
+        return KVLayout(spec.num_layers, num_blocks, cache.block_size, heads, spec.head_dim, dtype)
 
     @property
     def ep_size(self) -> int:
-        return self.ep.size if self.ep is not None else 1
+        return self.parallel.ep_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.parallel.tp_size
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,7 +129,16 @@ class LLMEngine:
 
     @property
     def layout_spec(self) -> KVLayoutSpec:
-        return KVLayoutSpec.from_layout(self.layout, self.fingerprint)
+        """The replica's KV layout (every head), which a cluster's workers share."""
+        spec = KVLayoutSpec.from_layout(self.layout, self.fingerprint)
+        return replace(spec, num_kv_heads=self.spec.num_kv_heads)
+
+    @property
+    def rank_layout_spec(self) -> KVLayoutSpec:
+        """This rank's part of it (TP size, rank and heads): what its KV links pair with."""
+        return self.layout_spec.for_rank(
+            self.tp_size, self.parallel.rank % self.tp_size, self.heads
+        )
 
     # -- requests -------------------------------------------------------------------------
 
@@ -169,6 +187,12 @@ class LLMEngine:
             return True
         return False
 
+    def abort_all(self) -> None:
+        """Abort every request, reservation and prefilled hand-off: every block is free
+        again (the engine cannot go on, e.g. a rank of its group died)."""
+        for rid in {*self.scheduler.requests, *self._reserved, *self.kv.request_ids()}:
+            self.abort(rid)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 
@@ -183,46 +207,29 @@ class LLMEngine:
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
         items = self._stream_items(so)
-        hook = self._layer_hook(items)
-        if self.ep is not None:
-            hook = self._ep_broadcast(so, items, hook)
-        result = self.runner.execute(so, hook)
+        sampled = self.driver.execute(so, items, self._layer_hook(items))
         self.prefill_rate.observe(so, time.perf_counter() - t0)
-        return self.scheduler.update(so, result.sampled, result.prompt_logprobs)
+        return self.scheduler.update(so, sampled.sampled, sampled.prompt_logprobs)
 
-    def _ep_broadcast(
-        self, so: SchedulerOutput, items: list[LayerKV], hook: Callable[[int], None] | None
-    ) -> Callable[[int], None] | None:
-        """EP leader: send the step (and forwarded KV); the hook first pulls followers' KV."""
-        pulls = [(i.request_id, i.start_pos, i.end_pos) for i in items]
-        broadcast_step(StepMessage(so, self._kv_forward, pulls), self.ep, self.kv_caches)
-        self._kv_forward = {}
-        bs = self.layout.block_size
-        slots = {r: pull_slots(so, pulls, r, bs) for r in range(1, self.ep.size)}
-        slots = {r: s for r, s in slots.items() if s.numel()}
-        return pull_hook(self.kv_caches, slots, self.ep, hook) if slots else hook
-
-    def run_follower(self) -> int:
-        """EP follower: run the leader's steps until it calls :meth:`stop_followers`."""
-        assert self.ep is not None and not self.ep.is_leader, "only EP followers follow"
-        return run_follower(self.runner, self.ep)
+    def run_follower(self, role: FollowerRole | None = None) -> int:
+        """Follower rank: run the leader's steps until it calls :meth:`stop_followers`;
+        ``role`` adds the worker role's part (its KV hook)."""
+        assert not self.parallel.is_leader, "only follower ranks follow"
+        return run_follower(self.driver, self.parallel, role)
 
     def expert_load(self) -> ExpertLoad | None:
         """Tokens routed per expert and per EP rank since start (``None``: dense model);
-        on an EP leader, summed over every rank."""
-        if self.ep is None:
-            return expert_load(expert_counts(self.model))
-        return expert_load(self.runner.expert_sync.total, self.ep.size)
+        on the leader of a parallel replica, every rank's."""
+        return expert_load(self.driver.expert_counts(), self.ep_size)
 
     def heartbeat(self) -> None:
-        """EP leader, idle: an empty step, so followers see the leader is alive."""
-        if self.ep is not None:
-            broadcast_step(StepMessage(SchedulerOutput((), 0)), self.ep)
+        """Leader, idle: an empty step, so followers see the leader is alive."""
+        self.driver.heartbeat()
 
     def stop_followers(self) -> None:
-        """EP leader: release the followers from :meth:`run_follower`."""
-        if self.ep is not None and self.ep.is_leader:
-            broadcast_step(StepMessage(None), self.ep)
+        """Leader: release the followers from :meth:`run_follower`."""
+        if self.parallel.is_leader:
+            self.driver.stop()
 
     def _stream_items(self, so: SchedulerOutput) -> list[LayerKV]:
         """What the KV layer hook gets this step (nothing without a hook)."""
@@ -257,10 +264,7 @@ class LLMEngine:
         self._check_request(request_id, prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids)
         prefix = self.kv.find_prefix(req)
-        home = pick_home(self.kv, prefix, self.ep_size)
-        if not self.kv.allocate(
-            req, req.num_tokens - prefix.num_tokens, prefix, cache=False, home=home
-        ):
+        if not self.kv.allocate(req, req.num_tokens - prefix.num_tokens, prefix, cache=False):
             return None
         self._reserved[request_id] = req
         req.num_cached_tokens = prefix.num_tokens
@@ -286,14 +290,7 @@ class LLMEngine:
             req.status = status
             self.kv.free(request_id)
         else:
-            self._forward_kv(req)
+            cached = req.num_cached_tokens // self.layout.block_size
+            self.driver.admitted(request_id, self.kv.block_ids(request_id)[cached:])
             self.scheduler.add_running(req)
         return make_output(req, 1)
-
-    def _forward_kv(self, req: Request) -> None:
-        """EP leader: the transferred blocks go to the request's home rank next step (hit
-        blocks are already there: a prefix hit is only valid on its own home)."""
-        home = self.kv.home(req.request_id)
-        if self.ep is not None and home != 0:
-            cached = req.num_cached_tokens // self.layout.block_size
-            self._kv_forward.setdefault(home, []).extend(self.kv.block_ids(req.request_id)[cached:])

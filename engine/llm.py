@@ -34,17 +34,20 @@ class CompletionOutput:
 class LLM:
     """Runs an :class:`LLMEngine` to completion over a batch of prompts."""
 
-    def __init__(self, model: str | Path | EngineConfig, *, ep=None, **overrides) -> None:
+    def __init__(
+        self, model: str | Path | EngineConfig, *, ep=None, parallel=None, **overrides
+    ) -> None:
         """``model``: a checkpoint directory (``overrides`` then name EngineConfig leaves by
         field or flag name: ``block_size=16``, ``num_kv_blocks=8``, ``device="cuda"``), or
-        a whole :class:`~engine.config.EngineConfig`. ``ep``: an
-        :class:`~engine.parallel.ep.ExpertParallelGroup` for this rank; the leader (rank 0)
-        generates, followers call ``llm.engine.run_follower()``."""
+        a whole :class:`~engine.config.EngineConfig`. ``parallel``: this rank's
+        :class:`~engine.parallel.state.ParallelState` (``ep``: an
+        :class:`~engine.parallel.ep.ExpertParallelGroup`, the same for EP); the leader
+        (rank 0) generates, followers call ``llm.engine.run_follower()``."""
         if isinstance(model, EngineConfig):
             config = replace(model, **overrides) if overrides else model
         else:
             config = with_leaves(EngineConfig, model=str(model), **overrides)
-        self.engine = LLMEngine(config, ep)
+        self.engine = LLMEngine(config, parallel if parallel is not None else ep)
         path = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         self._ids = itertools.count()

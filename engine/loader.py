@@ -2,7 +2,8 @@
 
 Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``)
 checkpoints both work. Every tensor the model needs must be present with the right
-shape; errors name the file and the tensor.
+shape; errors name the file and the tensor. A rank of a parallel replica builds the
+model of its shard and reads only its slice of each tensor (``get_slice``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from safetensors import safe_open
 
 from engine.kv_cache.layout import model_fingerprint
 from engine.layers.basic import prepack_linears
+from engine.layers.weights import WeightRead, WeightTarget
 from engine.model_spec import ModelSpec, parse_model_spec
 from engine.models import build_model
-from engine.models.llama import CausalLM, WeightTarget
+from engine.models.llama import CausalLM
+from engine.parallel import build as parallel_build
+from engine.parallel.state import SINGLE, ParallelState
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class LoadedModel:
     spec: ModelSpec
     fingerprint: str
     """Stable id of config + weight names, used in the KV layout handshake."""
+    local_spec: ModelSpec
+    """This rank's shard of ``spec`` (``spec`` itself on a single rank)."""
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -61,12 +67,24 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def _read(model: CausalLM, target: WeightTarget) -> WeightRead:
+    """The slice of the on-disk tensor that ``target``'s layer holds (all of it, unless
+    the layer is a shard: engine/layers/weights.py)."""
+    owner, _, name = target.param.rpartition(".")
+    module = model.get_submodule(owner)
+    read = getattr(module, "weight_read", None)
+    return read(name, target) if read is not None else WeightRead()
+
+
 def _copy(
-    param: torch.Tensor, target: WeightTarget, tensor: torch.Tensor, name: str, file: Path
+    param: torch.Tensor, target: WeightTarget, read: WeightRead, f, name: str, file: Path
 ) -> None:
     dest = param if target.expert is None else param[target.expert]
-    if target.rows is not None:
+    if read.dest_rows is not None:
+        dest = dest[read.dest_rows]
+    elif target.rows is not None:
         dest = dest[target.row_offset : target.row_offset + target.rows]
+    tensor = f.get_slice(name)[read.source] if read.source else f.get_tensor(name)
     if tuple(dest.shape) != tuple(tensor.shape):
         raise ValueError(
             f"shape mismatch for tensor {name} in {file.name}: checkpoint has "
@@ -94,7 +112,7 @@ def _load_tensors(
                 if target is None:
                     logger.debug("ignoring tensor %s in %s", name, file.name)
                     continue
-                _copy(params[target.param], target, f.get_tensor(name), name, file)
+                _copy(params[target.param], target, _read(model, target), f, name, file)
                 loaded.add(name)
     return loaded, on_disk
 
@@ -104,18 +122,20 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     max_positions: int | None = None,
-    expert_range: tuple[int, int] | None = None,
-    ep=None,
+    parallel: ParallelState = SINGLE,
 ) -> LoadedModel:
-    """Build the model named by ``config.json`` and fill it from the safetensors files."""
+    """Build the model named by ``config.json`` (this rank's shard of it) and fill it from
+    the safetensors files."""
     cfg = read_config(model_dir)
     spec = parse_model_spec(cfg, source=str(Path(model_dir) / "config.json"))
     files = weight_files(model_dir)
     logger.info("loading %s from %s (%d file(s))", spec.architecture, model_dir, len(files))
-    model, targets = build_model(
-        spec, max_positions or spec.max_position_embeddings, expert_range, ep
-    )
+    local = parallel_build.local_spec(spec, parallel)
+    experts = parallel_build.expert_range(spec, parallel)
+    model, targets = build_model(local, max_positions or spec.max_position_embeddings, experts)
+    parallel_build.apply_parallel(model, spec, parallel)
     model.to(dtype)
+    _zero_padding(model)
     loaded, on_disk = _load_tensors(model, targets, files)
     missing = sorted(set(targets) - loaded)
     if missing:
@@ -126,4 +146,12 @@ def load_model(
     model.to(device).eval()
     if torch.device(device).type == "cpu":
         prepack_linears(model)
-    return LoadedModel(model, spec, model_fingerprint(cfg, on_disk))
+    return LoadedModel(model, spec, model_fingerprint(cfg, on_disk), local)
+
+
+def _zero_padding(model: CausalLM) -> None:
+    """Rows no tensor fills (a vocabulary shard's padding) must not hold garbage."""
+    for module in (model.embed, model.lm_head):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter):
+            weight.data.zero_()

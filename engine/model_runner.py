@@ -1,9 +1,11 @@
 """Runs one step: SchedulerOutput -> input tensors + attention metadata -> model -> tokens.
 
-With expert parallelism (data-parallel attention) each rank runs only the sequences homed
-on it (``ScheduledSequence.home_rank``); a rank with none still joins every MoE layer's
-collectives with zero rows. Each rank then sends the final hidden row of each of its
-sampling sequences to the leader (``gather_to_leader``), which samples for all of them.
+    execute(step) = forward (final hidden rows of the sampling sequences)
+                    -> compute_logits -> sample
+    follow(step)  = the same forward and logits, no sampling: a follower rank of a
+                    parallel replica, whose layers' collectives must match the leader's
+
+A parallel replica drives these pieces from engine/parallel/ (driver.py, ep_driver.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ import torch
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.grammar import GrammarBackend
 from engine.kv_cache.layout import slot_mapping
-from engine.layers.moe import SparseMoE
 from engine.models.llama import CausalLM
-from engine.parallel.ep import ExpertParallelGroup, gather_to_leader
-from engine.parallel.expert_load import ExpertCountSync
 from engine.prompt_logprobs import score_prompts
 from engine.sampler import sample
 from engine.sampler_state import SamplerStates
@@ -71,15 +70,12 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         seed: int = 0,
-        ep: ExpertParallelGroup | None = None,
         vocab_size: int | None = None,
         grammars: GrammarBackend | None = None,
     ) -> None:
         """``vocab_size`` (logits width) and ``grammars`` serve the sampler's per-request
         state: penalties and structured output."""
         self.model = model
-        self.ep = ep
-        self.expert_sync = ExpertCountSync(model, ep) if ep is not None else None
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
@@ -95,21 +91,32 @@ class ModelRunner:
         self.sampler_states.drop(so.finished_request_ids)
         if so.is_empty:
             return StepResult({})
-        local = so if self.ep is None else home_step(so, self.ep.rank)
-        leader = self.ep is None or self.ep.is_leader
-        by_rank = sampling_by_rank(so, self.ep.size) if self.ep is not None else None
-        if by_rank is None:
-            sampling = [s for s in local.sequences if s.sample]
-        else:
-            sampling = [s for seqs in by_rank for s in seqs]
-        # Grammar masks are filled on a helper thread while the model runs.
-        controls = self.sampler_states.begin(sampling) if leader and sampling else None
-        rows, prompt_lps = self._forward(local, after_layer)
-        if self.ep is not None:
-            rows = gather_to_leader(rows, [len(seqs) for seqs in by_rank], self.ep)
-            self.expert_sync.step()
-            if not leader:
-                return StepResult({})
+        sampling = [s for s in so.sequences if s.sample]
+        controls = self.begin(sampling)
+        rows, prompt_lps = self.forward(so, after_layer)
+        return self.sample(sampling, rows, controls, prompt_lps)
+
+    def begin(self, sampling: list[ScheduledSequence]):
+        """Leader, before the forward: grammar masks for ``sampling`` are filled on a
+        helper thread while the model runs (None: nothing to fill)."""
+        return self.sampler_states.begin(sampling) if sampling else None
+
+    @torch.inference_mode()
+    def follow(self, so: SchedulerOutput, after_layer: LayerHook | None = None) -> None:
+        """Run the step's forward and logits without sampling (a follower rank: the
+        collectives of the vocabulary-parallel LM head match the leader's)."""
+        if so.is_empty:
+            return
+        rows, _ = self.forward(so, after_layer)
+        if rows.shape[0]:
+            self.model.compute_logits(rows)
+
+    @torch.inference_mode()
+    def sample(
+        self, sampling: list[ScheduledSequence], rows: torch.Tensor, controls=None, prompt_lps=None
+    ) -> StepResult:
+        """Tokens for ``sampling`` from their final hidden ``rows`` (same order)."""
+        prompt_lps = prompt_lps or {}
         if not sampling:
             return StepResult({}, prompt_lps)
         tokens = sample(
@@ -123,11 +130,11 @@ class ModelRunner:
         tokens = self.sampler_states.commit(sampling, tokens)
         return StepResult({s.request_id: t for s, t in zip(sampling, tokens, strict=True)}, prompt_lps)  # fmt: skip
 
-    def _forward(self, so: SchedulerOutput, after_layer: LayerHook | None):
+    @torch.inference_mode()
+    def forward(self, so: SchedulerOutput, after_layer: LayerHook | None):
         """Final hidden rows ``[num_sampling, hidden]`` of the sequences that sample, and
-        the prompt logprobs of the sequences that ask for them."""
-        if so.is_empty:
-            return self._idle_forward(after_layer), {}
+        the prompt logprobs of the sequences that ask for them (every rank scores: the
+        LM head's collectives run on all of them)."""
         input_ids = torch.tensor(
             [t for s in so.sequences for t in s.token_ids], dtype=torch.int64, device=self.device
         )
@@ -145,18 +152,6 @@ class ModelRunner:
             starts = meta.query_start_loc.tolist()
             prompt_lps = score_prompts(hidden, starts, so.sequences, self.model.compute_logits)
         return hidden[last[rows.to(self.device)]], prompt_lps
-
-    def _idle_forward(self, after_layer: LayerHook | None) -> torch.Tensor:
-        """EP rank with no sequences this step: zero rows through every MoE layer's
-        collectives (the other ranks' tokens may need this rank's experts)."""
-        weight = self.model.embed.weight
-        x = weight.new_empty(0, weight.shape[1])
-        for i, layer in enumerate(self.model.layers):
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp(x)
-            if after_layer is not None:
-                after_layer(i)
-        return x
 
     def _row_seed(self, s: ScheduledSequence) -> int:
         """The seed of the draw for the token at position ``start_pos + num_tokens``.
@@ -185,19 +180,3 @@ def _mix64(seed: int, position: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-
-
-def home_step(so: SchedulerOutput, rank: int) -> SchedulerOutput:
-    """The part of a step that ``rank`` runs: its home sequences, decodes still first."""
-    seqs = tuple(s for s in so.sequences if s.home_rank == rank)
-    decodes = sum(1 for s in seqs if s.num_tokens == 1)
-    return SchedulerOutput(seqs, decodes, so.finished_request_ids)
-
-
-def sampling_by_rank(so: SchedulerOutput, size: int) -> list[list[ScheduledSequence]]:
-    """Sampling sequences per home rank, in step order (the leader's row order)."""
-    out: list[list[ScheduledSequence]] = [[] for _ in range(size)]
-    for s in so.sequences:
-        if s.sample:
-            out[s.home_rank].append(s)
-    return out

@@ -9,10 +9,6 @@ A request moves through::
 Each step spends a token budget: running requests first (decodes take one token, a
 partially prefilled prompt takes its next chunk), then waiting requests in FCFS order.
 When the pool runs dry, the most recently admitted running request is preempted.
-
-With expert parallelism (``num_ranks`` > 1, data-parallel attention) each request gets a
-home rank when it is admitted (:func:`pick_home`): the rank holding its prefix hit, else
-the least-loaded rank. The home travels in every ``ScheduledSequence``.
 """
 
 from __future__ import annotations
@@ -35,11 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_ranks: int = 1
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
         self.config = config
-        self.num_ranks = num_ranks
         self.max_model_len = max_model_len
         self.kv = kv
         self.waiting: deque[Request] = deque()
@@ -118,8 +111,7 @@ class Scheduler:
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            home = 0 if scored else pick_home(self.kv, prefix, self.num_ranks)
-            if not self.kv.allocate(req, n, prefix, home=home):
+            if not self.kv.allocate(req, n, prefix):
                 break
             self.waiting.popleft()
             if req.num_preemptions == 0:
@@ -168,7 +160,6 @@ class Scheduler:
             sampling_params=params,
             suppress_token_ids=suppress,
             stream_kv=req.prefill_only,
-            home_rank=self.kv.home(req.request_id),
             sampler_init=self._sampler_init(req) if sample else None,
             **_prompt_scoring(req, start, n),
         )
@@ -249,17 +240,6 @@ class Scheduler:
         if n >= params.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
-
-def pick_home(kv: KVCacheManager, prefix: PrefixHit, num_ranks: int) -> int:
-    """Home rank for a request being admitted: its prefix hit's rank, else the rank
-    holding the fewest requests (then blocks, then the lowest rank)."""
-    if prefix.home is not None:
-        return prefix.home
-    if num_ranks == 1:
-        return 0
-    load = kv.home_load(num_ranks)
-    return min(range(num_ranks), key=lambda r: (load[r], r))
 
 
 def _prompt_scoring(req: Request, start: int, n: int) -> dict:

@@ -35,8 +35,6 @@ class ScheduledSequence:
     """Tokens that must not be sampled (EOS/stop tokens before ``min_tokens``)."""
     stream_kv: bool = False
     """Call the engine's KV layer hook for this sequence's new tokens."""
-    home_rank: int = 0
-    """EP rank that runs this sequence's attention and holds its KV (0 without EP)."""
     sampler_init: SamplerInit | None = None
     """Set on the first sampling step of a request whose sampler keeps state."""
     prompt_logprobs: int | None = None

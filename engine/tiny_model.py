@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.chat_templates import TEMPLATES
+from engine.layers.weights import WeightTarget
 from engine.model_spec import parse_model_spec
 from engine.models import build_model
-from engine.models.llama import WeightTarget
 
 logger = logging.getLogger(__name__)
 

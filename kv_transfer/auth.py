@@ -18,7 +18,7 @@ without a secret sends no nonce, and a receiver with one refuses it; a receiver 
 one replies with no mac, and a sender with one refuses that.
 
 Tickets: the receiver signs ``H("ticket", transfer id, endpoint, block ids, epoch, lease
-deadline, backend)``; the sender checks it before connecting to the ticket's endpoint, so
+deadline, backend[, TP part: decode rank, prefill rank, heads])``; the sender checks it before connecting to the ticket's endpoint, so
 no Prefill RPC can point a prefill worker at an address the cluster did not issue.
 
 Not covered: the page bytes themselves are neither encrypted nor MACed after pairing (the
@@ -59,6 +59,7 @@ def _spec_parts(spec: pb.LayoutSpec) -> tuple[str, ...]:
         spec.dtype,
         str(spec.block_size),
         str(spec.protocol_version),
+        f"{spec.tp_size}/{spec.tp_rank}/{spec.head_start}/{spec.head_end}",
     )
 
 
@@ -93,7 +94,7 @@ def reply_mac(secret: ClusterSecret, reply: pb.HelloReply, nonce: bytes, challen
 
 
 def _ticket_parts(t: TransferTicket) -> tuple[bytes | str, ...]:
-    return (
+    parts = (
         "pdserve-kv/ticket",
         t.transfer_id,
         t.endpoint,
@@ -102,6 +103,9 @@ def _ticket_parts(t: TransferTicket) -> tuple[bytes | str, ...]:
         struct.pack(">d", t.lease_deadline),  # exact: a proto double round-trips bit for bit
         t.backend,
     )
+    if t.heads is None:
+        return parts
+    return (*parts, struct.pack(">4I", t.tp_rank, t.src_rank, *t.heads))  # a TP part
 
 
 def sign_ticket(secret: ClusterSecret | None, ticket: TransferTicket) -> TransferTicket:

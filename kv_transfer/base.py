@@ -87,8 +87,15 @@ class TransferTicket:
     backend: str = ""
     """The receiver endpoint's backend (``tcp``, ``shm``, ...)."""
     signature: bytes = field(default=b"", repr=False)
-    """The receiver's HMAC over every field above (kv_transfer/auth.py); empty when the
+    """The receiver's HMAC over every other field (kv_transfer/auth.py); empty when the
     receiver has no cluster secret."""
+    tp_rank: int = 0
+    """Tensor-parallel groups: the decode rank whose cache (and endpoint) this is."""
+    src_rank: int = 0
+    """Tensor-parallel groups: the prefill rank that sends this part."""
+    heads: tuple[int, int] | None = None
+    """Global KV heads ``[start, end)`` this part carries (kv_transfer/tp_map.py);
+    ``None``: every head the receiver holds."""
 
 
 @dataclass(frozen=True)
@@ -169,9 +176,16 @@ class KVEndpoint(Protocol):
     epoch: int
 
     def expect(
-        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None
+        self,
+        block_ids: Sequence[int],
+        lease_s: float,
+        on_done: OnDone | None = None,
+        heads: tuple[int, int] | None = None,
+        src_rank: int = 0,
     ) -> KVReceiver:
-        """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``."""
+        """Register a transfer into reserved ``block_ids``; its ticket is ``.ticket``.
+        ``heads``: only these global KV heads arrive (from prefill rank ``src_rank``), into
+        their place in each block (a TP part, kv_transfer/tp_map.py)."""
 
     def stats(self) -> dict[str, int]:
         """Counters: ``dropped_pages`` / ``dropped_bytes`` (late, stale or malformed pages,

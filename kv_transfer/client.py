@@ -23,7 +23,7 @@ import threading
 import uuid
 
 from engine.kv_cache.layout import KVLayoutSpec, dtype_from_name
-from kv_transfer import auth, outgoing, wire
+from kv_transfer import auth, outgoing, tp_map, wire
 from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pairing import sender_handshake
@@ -37,8 +37,15 @@ logger = logging.getLogger(__name__)
 class _Link:
     """A paired link to one endpoint with its send queue and transfers."""
 
-    def __init__(self, link: ControlLink, plane: SenderPlane, epoch: int, config: TransferConfig):
-        self.link, self.plane, self.epoch = link, plane, epoch
+    def __init__(
+        self,
+        link: ControlLink,
+        plane: SenderPlane,
+        epoch: int,
+        config: TransferConfig,
+        peer: KVLayoutSpec,
+    ):
+        self.link, self.plane, self.epoch, self.peer = link, plane, epoch, peer
         self._config = config
         self._queue: queue.SimpleQueue[LayerJob | EndJob | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -61,7 +68,7 @@ class _Link:
         self._queue.put(job)
 
     def ended(self, transfer: SenderTransfer) -> None:
-        if self.plane.capabilities.writes_in_place:
+        if self.plane.capabilities.writes_in_place and outgoing.in_place(transfer.ticket):
             self._queue.put(EndJob(transfer))
 
     def _on_frame(self, frame: pb.Frame) -> None:
@@ -129,7 +136,8 @@ class Client:
     def open(self, ticket: TransferTicket, on_done: OnDone | None = None) -> SenderTransfer:
         auth.check_ticket(self.config.secret, ticket, self.backend.name)  # before connecting
         link = self._link_for(ticket.endpoint, ticket.epoch)
-        block_shape = (self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        heads = tp_map.part_heads(ticket, link.peer)
+        block_shape = (self.spec.block_size, heads[1] - heads[0], self.spec.head_dim)
         transfer = SenderTransfer(
             ticket,
             self.spec.num_layers,
@@ -140,6 +148,10 @@ class Client:
             on_done=on_done,
             on_terminal=link.ended,
         )
+        problem = tp_map.check_part(self.spec, link.peer, ticket)
+        if problem is not None:
+            transfer.fail(problem)
+            return transfer
         if ticket.epoch != link.epoch:
             transfer.fail(
                 f"ticket epoch {ticket.epoch} does not match the receiver's epoch {link.epoch} "
@@ -147,7 +159,9 @@ class Client:
             )
             return transfer
         link.add(transfer)
-        if link.plane.capabilities.writes_in_place:  # the fence first (shm_fence.py)
+        if link.plane.capabilities.writes_in_place and outgoing.in_place(
+            ticket
+        ):  # the fence first (shm_fence.py)
             problem = link.plane.begin(ticket.transfer_id, ticket.block_ids)
             if problem is not None:
                 transfer.abort(problem)
@@ -195,16 +209,16 @@ class Client:
                 spec=wire.spec_to_pb(self.spec), backend=self.backend.name, sender_id=self.sender_id
             )
             reply = sender_handshake(link, endpoint, hello, cfg.secret, cfg.connect_timeout_s)
+            peer = wire.spec_from_pb(reply.spec)
             try:
-                self.spec.check_compatible(
-                    wire.spec_from_pb(reply.spec), ours="prefill", theirs="decode"
-                )
+                self.spec.check_compatible(peer, ours="prefill", theirs="decode")
+                tp_map.check_pairable(self.spec, peer, "prefill", "decode")
             except ValueError as exc:
                 raise HandshakeError(str(exc)) from None
             plane = self.backend.connect(link, dict(reply.plane), cfg)
         except BaseException:
             link.close()
             raise
-        paired = _Link(link, plane, reply.epoch, cfg)
+        paired = _Link(link, plane, reply.epoch, cfg, peer)
         paired.start()
         return paired

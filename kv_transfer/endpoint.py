@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from kv_transfer import auth, wire
+from kv_transfer import auth, tp_map, wire
 from kv_transfer.base import EndpointArgs, HandshakeError, OnDone, TransferState, TransferTicket
 from kv_transfer.intake import PageIntake
 from kv_transfer.link import ControlLink, PeerLost
@@ -80,12 +80,14 @@ class Endpoint:
 
     # -- KVEndpoint --------------------------------------------------------------
     def expect(
-        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None
-    ) -> ReceiverTransfer:
-        """Register a transfer into the reserved ``block_ids``; hand out ``.ticket``."""
+        self, block_ids: Sequence[int], lease_s: float, on_done: OnDone | None = None,
+        heads: tuple[int, int] | None = None, src_rank: int = 0,
+    ) -> ReceiverTransfer:  # fmt: skip
+        """Register a transfer into the reserved ``block_ids``; hand out ``.ticket``
+        (``heads``: a TP part's global KV heads, kv_transfer/tp_map.py)."""
         if self._stop.is_set():
             raise RuntimeError(f"endpoint {self.address} is closed")
-        ids = tuple(int(b) for b in block_ids)
+        ids, spec = tuple(int(b) for b in block_ids), self.args.spec
         bad = [b for b in ids if not 0 <= b < self.args.layout.num_blocks]
         if bad or len(set(ids)) != len(ids) or not ids:
             raise ValueError(
@@ -93,19 +95,16 @@ class Endpoint:
                 f"got {list(ids)[:8]}... ({len(ids)} ids, out of range: {bad[:8]})"
             )
         ticket = TransferTicket(
-            transfer_id=uuid.uuid4().hex,
-            endpoint=self.address,
-            block_ids=ids,
-            epoch=self.epoch,
-            lease_deadline=time.time() + lease_s,
-            backend=self.backend.name,
-        )
+            uuid.uuid4().hex, self.address, ids, self.epoch, time.time() + lease_s,
+            self.backend.name, tp_rank=spec.tp_rank, src_rank=src_rank, heads=heads,
+        )  # fmt: skip
         ticket = auth.sign_ticket(self.args.config.secret, ticket)
         fence = self._host.fence
         transfer = ReceiverTransfer(
             ticket, self.args.layout.num_layers, self.args.free_blocks, self._on_terminal,
             on_done, fence,
         )  # fmt: skip
+        transfer.local_heads = tp_map.local_heads(spec, heads)
         fence.claim(ticket.transfer_id, ids)  # before the ticket leaves: see shm_fence.py
         with self._lock:
             self._transfers[ticket.transfer_id] = transfer

@@ -1,6 +1,7 @@
 """Receiving one PageDescriptor's pages on a link's reader thread (the endpoint's data side).
 
-    descriptor -> sizes fit the layout?  no -> fail that transfer, skip its payload (bounded)
+    descriptor -> sizes fit the layout (of the transfer's heads)?
+                  no -> fail that transfer, skip its payload (bounded)
                -> epoch, transfer, link, layer and blocks admitted?  no -> read and drop
                -> checksum + write every chunk into the KV cache -> end_write(checksum ok)
     written in place (shm pool: the sender already wrote the blocks, under the fence)
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.kv_cache.layout import KVLayout
+from engine.kv_cache.layout import KVLayout, head_view
 from kv_transfer import messages, wire
 from kv_transfer.link import ControlLink, PeerLost
 from kv_transfer.pages import PageWriter
@@ -28,6 +29,19 @@ from kv_transfer.wire import byte_view
 from proto import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+
+class _Pages:
+    """Writers of one slice of the KV heads (all of them, or a TP part's)."""
+
+    def __init__(self, layout: KVLayout, kv_caches, heads: tuple[int, int] | None) -> None:
+        a, b = heads or (0, layout.num_kv_heads)
+        self.writers = [
+            (PageWriter(head_view(k, (a, b))), PageWriter(head_view(v, (a, b))))
+            for k, v in kv_caches
+        ]
+        self.direct_ok = self.writers[0][0].block_views([]) is not None  # contiguous blocks
+        self.block_bytes = layout.block_bytes * (b - a) // layout.num_kv_heads
 
 
 class PageIntake:
@@ -42,25 +56,31 @@ class PageIntake:
         on_drop: Callable[[int, int], None],
         on_in_place: Callable[[int], None] = lambda pages: None,
     ):
-        self._writers = [(PageWriter(k), PageWriter(v)) for k, v in kv_caches]
-        self._direct_ok = self._writers[0][0].block_views([]) is not None
-        self._block_bytes = layout.block_bytes
+        self._layout, self._kv_caches = layout, kv_caches
+        self._pages = {None: _Pages(layout, kv_caches, None)}
         self._num_blocks = layout.num_blocks
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
         self._on_in_place = on_in_place
 
+    def _pages_of(self, transfer: ReceiverTransfer | None) -> _Pages:
+        heads = transfer.local_heads if transfer is not None else None
+        if heads not in self._pages:  # one reader thread per link: a benign race at worst
+            self._pages[heads] = _Pages(self._layout, self._kv_caches, heads)
+        return self._pages[heads]
+
     def receive(self, link: ControlLink, plane: ReceiverPlane, desc: pb.PageDescriptor) -> None:
-        problem = self._size_problem(desc)
+        transfer = self._find(desc.transfer_id)
+        pages = self._pages_of(transfer)
+        problem = self._size_problem(desc, pages.block_bytes)
         if problem is not None:
             self._discard(link, plane, desc, problem)
             return
         if desc.written_in_place:
             self._in_place(link, plane, desc)
             return
-        plan = wire.desc_plan(desc, self._block_bytes)
-        sizes = [(b - a) * self._block_bytes for _, a, b in plan]
-        transfer = self._find(desc.transfer_id)
+        plan = wire.desc_plan(desc, pages.block_bytes)
+        sizes = [(b - a) * pages.block_bytes for _, a, b in plan]
         why = self._epoch_problem(desc.epoch, desc.transfer_id)
         if why is None:
             why = "unknown or finished transfer" if transfer is None else None
@@ -77,11 +97,11 @@ class PageIntake:
             return
         ok = False
         try:
-            if plane.capabilities.direct_recv and self._direct_ok:
+            if plane.capabilities.direct_recv and pages.direct_ok:
                 chunks.close()
-                ok = self._receive_direct(transfer, desc, plan, plane)
+                ok = self._receive_direct(transfer, desc, plan, plane, pages)
             else:
-                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, targets)
+                ok = self._receive_chunks(transfer, desc, plan, plane, chunks, targets, pages)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -90,8 +110,8 @@ class PageIntake:
         finally:
             transfer.end_write(desc, ok)
 
-    def _size_problem(self, desc: pb.PageDescriptor) -> str | None:
-        n, bb = len(desc.block_ids), self._block_bytes
+    def _size_problem(self, desc: pb.PageDescriptor, bb: int) -> str | None:
+        n = len(desc.block_ids)
         if n > self._num_blocks:
             # Its chunks would be buffered before any block id is checked: refused here,
             # a peer cannot make this endpoint allocate more than one layer of its cache.
@@ -143,7 +163,7 @@ class PageIntake:
             checksum = wire.Checksum(plane.capabilities.checksum)
             if checksum.kind != "none":
                 for kv in (0, 1):
-                    for view in self._writers[desc.layer][kv].checksum_views(desc.block_ids):
+                    for view in self._pages[None].writers[desc.layer][kv].checksum_views(desc.block_ids):  # fmt: skip
                         checksum.update(view)
             ok = checksum.value() == _expected_checksum(plane, desc)
         finally:
@@ -151,12 +171,12 @@ class PageIntake:
         self._on_in_place(2 * len(desc.block_ids))
 
     def _receive_chunks(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, targets
-    ) -> bool:
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, chunks, targets, pages
+    ) -> bool:  # fmt: skip
         """Checksum and scatter every chunk (while it is hot in cache); a chunk received
         straight into its blocks (``targets``) is only checksummed. True if it matched."""
         checksum = wire.Checksum(plane.capabilities.checksum)
-        writers = self._writers[desc.layer]
+        writers = pages.writers[desc.layer]
         targets = targets or [None] * len(plan)
         for chunk, (kv, a, b), target in zip(chunks, plan, targets, strict=True):
             checksum.update(chunk)
@@ -166,8 +186,9 @@ class PageIntake:
 
     def _targets(self, desc: pb.PageDescriptor, plan) -> list[torch.Tensor | None]:
         """Where each message may land straight in the cache: its blocks are consecutive
-        (messages.py), in a contiguous cache."""
-        writers, ids = self._writers[desc.layer], desc.block_ids
+        (messages.py), in a contiguous cache (never a TP part's slice of the heads)."""
+        pages = self._pages_of(self._find(desc.transfer_id))
+        writers, ids = pages.writers[desc.layer], desc.block_ids
         out = []
         for kv, a, b in plan:
             cache = writers[kv].cache
@@ -176,15 +197,15 @@ class PageIntake:
         return out
 
     def _receive_direct(
-        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane
+        self, transfer: ReceiverTransfer, desc: pb.PageDescriptor, plan, plane, pages
     ) -> bool:
         """Receive each chunk straight into its destination blocks, then checksum them."""
         checksum = wire.Checksum(plane.capabilities.checksum)
-        writers = self._writers[desc.layer]
+        writers = pages.writers[desc.layer]
         for kv, a, b in plan:
             views = writers[kv].block_views(desc.block_ids[a:b]) if transfer.writable() else None
             if views is None:  # failed meanwhile: read the bytes into scratch, never the cache
-                views = [byte_view(plane.scratch((b - a) * self._block_bytes))]
+                views = [byte_view(plane.scratch((b - a) * pages.block_bytes))]
             plane.recv_views(views)
             for view in views:
                 checksum.update(view)

@@ -25,7 +25,7 @@ from proto import kv_transfer_pb2 as pb
 def send_layer(plane: SenderPlane, job: LayerJob, chunk_bytes: int) -> None:
     caps = plane.capabilities
     half = len(job.transfer.ticket.block_ids) * _block_bytes(job)
-    if caps.writes_in_place:
+    if caps.writes_in_place and in_place(job.transfer.ticket):
         plane.write_layer(descriptor(job, slice(None), half, 0, chunk_bytes), job)
     elif caps.zero_copy_send and _host_contiguous(job):
         _send_parts(plane, job, chunk_bytes)
@@ -33,6 +33,13 @@ def send_layer(plane: SenderPlane, job: LayerJob, chunk_bytes: int) -> None:
         _send_runs(plane, job, chunk_bytes)
     else:
         _send_staged(plane, job, chunk_bytes)
+
+
+def in_place(ticket) -> bool:
+    """Written straight into the receiver's pool: whole tickets only. A TP part fills some
+    heads of blocks that other parts fill too, which the pool's per-block fence and
+    checksums do not divide, so parts go through the plane's staged path."""
+    return ticket.heads is None
 
 
 def descriptor(
@@ -111,14 +118,16 @@ def _send_runs(plane: SenderPlane, job: LayerJob, chunk_bytes: int) -> None:
     src = job.src_block_ids.tolist() if job.src_block_ids is not None else list(range(n))
     min_run = plane.capabilities.run_min_bytes
     spans = messages.segments(messages.plan(src, ticket.block_ids, bb, chunk_bytes, min_run))
-    direct = [messages.consecutive(src[a:b]) for a, b in spans]
-    staged_bytes = 2 * bb * sum(b - a for (a, b), d in zip(spans, direct, strict=True) if not d)
-    staging = plane.staging(staged_bytes)
+    # A TP part's source is a slice of the heads (not contiguous): every run is staged.
+    whole = job.k.is_contiguous() and job.v.is_contiguous()
+    direct = [whole and messages.consecutive(src[a:b]) for a, b in spans]
+    staging = plane.staging(2 * bb * sum(b - a for (a, b), d in zip(spans, direct, strict=True) if not d))  # fmt: skip
+    if any(direct) and job.k.device != staging.device:  # no run straight from this cache
+        direct, staging = [False] * len(spans), plane.staging(2 * bb * n)
     checksum, parts, at = wire.Checksum(plane.capabilities.checksum), [], 0
     for source in (job.k, job.v):
-        straight = source.is_contiguous() and source.device == staging.device
         for (a, b), d in zip(spans, direct, strict=True):
-            if d and straight:
+            if d:
                 part = messages.run_view(source, src[a:b])
             else:
                 part, at = staging[at : at + (b - a) * bb], at + (b - a) * bb

@@ -16,13 +16,23 @@ from dataclasses import dataclass
 
 from engine.kv_cache.layout import KVLayoutSpec
 from engine.security import ClusterSecret
-from kv_transfer import auth, wire
+from kv_transfer import auth, tp_map, wire
 from kv_transfer.base import HandshakeError
 from kv_transfer.link import ControlLink
 from kv_transfer.plane import PlaneHost, ReceiverPlane
 from proto import kv_transfer_pb2 as pb
 
 _SET_THE_SECRET = "give every worker the same cluster secret (--cluster-secret-file)"
+
+
+def _next(link: ControlLink, deadline: float) -> pb.Frame:
+    """The peer's next handshake frame. Heartbeats are skipped: a side kept waiting past
+    its heartbeat interval (a busy machine, a slow backend accept) sends one mid-handshake,
+    which is liveness, not a protocol error (``deadline`` still bounds the wait)."""
+    while True:
+        frame = link.recv_frame(deadline)
+        if not frame.HasField("heartbeat"):
+            return frame
 
 
 def _expect(frame: pb.Frame, kind: str) -> pb.Frame:
@@ -47,7 +57,7 @@ class ReceiverSide:
 def receiver_handshake(link: ControlLink, side: ReceiverSide, timeout_s: float) -> ReceiverPlane:
     """Pair with the sender on ``link``; raises HandshakeError / PeerLost on refusal."""
     deadline = time.monotonic() + timeout_s
-    hello = _expect(link.recv_frame(deadline), "hello").hello
+    hello = _expect(_next(link, deadline), "hello").hello
     reply = pb.HelloReply(spec=wire.spec_to_pb(side.spec), epoch=side.epoch)
     try:
         challenge = _authenticate_sender(link, side.secret, hello, deadline)
@@ -84,7 +94,7 @@ def _authenticate_sender(
         )
     challenge = auth.new_nonce()
     link.send(pb.Frame(challenge=pb.Challenge(nonce=challenge)))
-    proof = _expect(link.recv_frame(deadline), "proof").proof
+    proof = _expect(_next(link, deadline), "proof").proof
     if not auth.matches(proof.mac, auth.hello_mac(secret, hello, challenge)):
         raise HandshakeError(
             f"authentication failed: {who}'s proof does not match this endpoint's cluster "
@@ -99,8 +109,10 @@ def _check_hello(side: ReceiverSide, hello: pb.Hello) -> None:
             f"backend mismatch: prefill={hello.backend[:64]}, decode={side.backend}; "
             "start both workers with the same --kv-transport"
         )
+    theirs = wire.spec_from_pb(hello.spec)
     try:
-        side.spec.check_compatible(wire.spec_from_pb(hello.spec), ours="decode", theirs="prefill")
+        side.spec.check_compatible(theirs, ours="decode", theirs="prefill")
+        tp_map.check_pairable(side.spec, theirs, "decode", "prefill")
     except ValueError as exc:
         raise HandshakeError(str(exc)) from None
 
@@ -116,7 +128,7 @@ def sender_handshake(
     deadline = time.monotonic() + timeout_s
     hello.nonce = auth.new_nonce() if secret is not None else b""
     link.send(pb.Frame(hello=hello))
-    frame = link.recv_frame(deadline)
+    frame = _next(link, deadline)
     challenge = b""
     if frame.HasField("challenge"):
         challenge = frame.challenge.nonce
@@ -128,7 +140,7 @@ def sender_handshake(
         if len(challenge) != auth.NONCE_BYTES:
             raise HandshakeError(f"{endpoint} sent a malformed challenge")
         link.send(pb.Frame(proof=pb.Proof(mac=auth.hello_mac(secret, hello, challenge))))
-        frame = link.recv_frame(deadline)
+        frame = _next(link, deadline)
     reply = _expect(frame, "hello_reply").hello_reply
     if not reply.ok:
         raise HandshakeError(f"{endpoint} refused pairing: {reply.error}")

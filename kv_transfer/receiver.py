@@ -61,6 +61,8 @@ class ReceiverTransfer:
         self._writers = 0
         self._freed = False
         self._link: ControlLink | None = None
+        self.local_heads: tuple[int, int] | None = None
+        """The slice of this cache's KV heads the pages fill (``None``: all of them)."""
         self._first_at: float | None = None
         self._last = (0.0, 0.0)  # (begin_write time, sender delay) of the latest descriptor
         self.timings: TransferTimings | None = None

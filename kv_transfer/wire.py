@@ -182,6 +182,10 @@ def ticket_to_pb(t: TransferTicket, backend: str | None = None) -> worker_pb2.Tr
         lease_deadline=t.lease_deadline,
         backend=t.backend or backend or "",
         signature=t.signature,
+        tp_rank=t.tp_rank,
+        src_rank=t.src_rank,
+        head_start=t.heads[0] if t.heads else 0,
+        head_end=t.heads[1] if t.heads else 0,
     )
 
 
@@ -194,4 +198,7 @@ def ticket_from_pb(msg: worker_pb2.TransferTicket) -> TransferTicket:
         lease_deadline=msg.lease_deadline,
         backend=msg.backend,
         signature=msg.signature,
+        tp_rank=msg.tp_rank,
+        src_rank=msg.src_rank,
+        heads=(msg.head_start, msg.head_end) if msg.head_end else None,
     )

@@ -35,7 +35,8 @@ class PrefillService:
     async def AttachTicket(self, request: pb.AttachTicketRequest, context) -> pb.AttachTicketResponse:  # fmt: skip
         rid, loop = request.request_id, self.worker.loop
         await call_worker(context, loop.check_serving)  # before connecting to D
-        sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
+        cached = request.num_cached_blocks
+        sender = await call_worker(context, self._open, rid, [request.ticket], None, cached, thread=True)  # fmt: skip
         try:
             await asyncio.wrap_future(loop.submit(AttachTicket(rid, sender, request.num_cached_blocks)))  # fmt: skip
         except WorkerError as exc:  # the handler aborted the sender, or none ran
@@ -51,7 +52,8 @@ class PrefillService:
         await compile_grammar(context, self.worker.engine.grammars, params)
         sender = None
         if not request.ticket_follows:
-            sender = await call_worker(context, self._open, rid, request.ticket, thread=True)
+            tickets, cached = [request.ticket, *request.parts], request.num_cached_blocks
+            sender = await call_worker(context, self._open, rid, tickets, len(prompt), cached, thread=True)  # fmt: skip
         aio = asyncio.get_running_loop()
         done: asyncio.Future = aio.create_future()
 
@@ -74,10 +76,15 @@ class PrefillService:
             await context.abort(result.code, str(result))
         return result
 
-    def _open(self, rid: str, ticket: pb.TransferTicket) -> KVSender:
-        name = self.worker.config.name
+    def _open(
+        self, rid: str, tickets_pb: list, prompt_len: int | None, num_cached: int
+    ) -> KVSender:
+        """``tickets_pb``: the ticket, then its TP parts if any (the first part is the
+        ticket); ``prompt_len`` None for AttachTicket (no TP parts there)."""
+        name, ticket = self.worker.config.name, tickets_pb[0]
+        tickets = [ticket_from_pb(t) for t in (tickets_pb[1:] or tickets_pb[:1])]
         try:
-            sender = self.worker.open_sender(rid, ticket_from_pb(ticket))
+            sender = self.worker.open_sender(rid, tickets, prompt_len, num_cached)
         except TicketRefused as exc:  # checked before any connection is made
             logger.warning("prefill %s refused a ticket: %s", name, exc)
             raise WorkerError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
@@ -88,6 +95,8 @@ class PrefillService:
             raise WorkerError(
                 grpc.StatusCode.UNAVAILABLE, f"cannot reach KV endpoint {ticket.endpoint}: {exc}"
             ) from None
+        except ValueError as exc:  # parts for another prefill TP size
+            raise WorkerError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if sender.poll() is TransferState.FAILED:
             raise WorkerError(grpc.StatusCode.ABORTED, f"transfer refused: {sender.error}")
         return sender

@@ -52,6 +52,7 @@ from kv_transfer import KVClient, KVSender, TransferState, TransferTicket, make_
 from prefill_worker import streaming
 from prefill_worker.commands import AttachTicket, Job, JobState, Prefill
 from prefill_worker.tickets import TicketDesk
+from prefill_worker.tp import TPSenders
 from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,11 @@ class PrefillWorker:
         self._clients_lock = threading.Lock()  # gRPC threads open senders; not the engine's
         self._jobs: dict[str, Job] = {}
         self._tickets = TicketDesk(config.lease_s)
-        self._block_bytes, self._layers = engine.layout.block_bytes, engine.layout.num_layers
+        spec = engine.layout_spec  # the whole group's KV moves, every head
+        self._block_bytes = spec.block_size * spec.bytes_per_token // 2 // spec.num_layers
+        self._layers = engine.layout.num_layers
+        self.tp = TPSenders(engine, engine.parallel.channel)
+        """Transfers in parts (prefill_worker/tp.py): a TP group here or on the decode side."""
         engine.kv_layer_hook = self._on_layer
         self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
         self.loop.start(self)
@@ -96,14 +101,31 @@ class PrefillWorker:
 
     # -- gRPC threads ----------------------------------------------------------------------
 
-    def open_sender(self, rid: str, ticket: TransferTicket) -> KVSender:
-        """Pair with the ticket's endpoint if needed (blocking network I/O: never on the
-        engine thread) and open the transfer; its end is posted to the engine thread."""
+    def open_sender(
+        self,
+        rid: str,
+        tickets: list[TransferTicket],
+        prompt_len: int | None,
+        num_cached_blocks: int,
+    ) -> KVSender:
+        """Pair with the tickets' endpoints if needed (blocking network I/O: never on the
+        engine thread) and open the transfer (in parts, one per rank pair, when a side is
+        a TP group); its end is posted to the engine thread."""
 
         def done(transfer_id: str, state: TransferState) -> None:  # a transport thread
             self.loop.post(TransferDone(rid, transfer_id, state is TransferState.SUCCESS))
 
-        return self.client(ticket.backend).open(ticket, on_done=done)
+        client = self.client(tickets[0].backend)
+        if len(tickets) == 1 and tickets[0].heads is None:
+            return client.open(tickets[0], on_done=done)
+        if prompt_len is None:  # AttachTicket: the followers could not tell the final chunk
+            raise ValueError(
+                "a transfer in TP parts comes with its Prefill (ticket and parts), not by "
+                "AttachTicket; reserve on the decode worker first"
+            )
+        job = {"request_id": rid, "prompt_len": prompt_len, "num_cached_blocks": num_cached_blocks}  # fmt: skip
+        job["backend"] = tickets[0].backend
+        return self.tp.open(client, tickets, job, done)
 
     def client(self, backend: str) -> KVClient:
         if backend not in self.config.kv_transports:
@@ -114,7 +136,7 @@ class PrefillWorker:
             )
         with self._clients_lock:
             if backend not in self._clients:
-                spec = self.engine.layout_spec
+                spec = self.engine.rank_layout_spec
                 self._clients[backend] = make_client(backend, spec, config=self._transfer)
             return self._clients[backend]
 
@@ -202,6 +224,7 @@ class PrefillWorker:
             if not job.replied:
                 job.reply(WorkerError(grpc.StatusCode.UNAVAILABLE, why))
         self._jobs.clear()
+        self.engine.abort_all()
 
     def load(self) -> RoleLoad:
         sched = self.engine.scheduler

@@ -154,6 +154,7 @@ async def health(request: Request):
                 "address": w.address,
                 "epoch": w.epoch,
                 "ep_size": w.ep_size,
+                "tp_size": w.tp_size,
             }
             for w in workers
         },

@@ -4,8 +4,8 @@ P, the ticket between them and the first token.
     overlap (RouterConfig.reserve_mode, the default):
         D.Reserve ──────────────> P.AttachTicket ──┐   "bind" (a task)
         P.Prefill(ticket follows) ──── computes ───┴──> first token  (returned at once)
-    serial:
-        D.Reserve ──> P.Prefill(ticket) ──> first token
+    serial (also whenever either side is a TP group: P opens every part at once):
+        D.Reserve ──> P.Prefill(ticket, parts) ──> first token
 
     bind fails before the first token  -> abort P and D, Fallback (prefill on D); if P
                                           says the prefill already ended, its reply decides
@@ -79,7 +79,9 @@ class RemotePrefill:
         """P's reply; raises Fallback, DecodeDown or ApiError (everything aborted then)."""
         await self.run.track(self.d, self.rid)
         await self.run.track(self.p, self.rid)
-        if self.svc.config.reserve_mode == "serial":
+        if self.svc.config.reserve_mode == "serial" or max(self.p.tp_size, self.d.tp_size) > 1:
+            # A TP group on either side reserves first: P needs every part's ticket to
+            # open them on its ranks (AttachTicket carries one ticket).
             res = await self._reserve()
             self._bind = asyncio.get_running_loop().create_future()
             self._bind.set_result(res)
@@ -136,7 +138,10 @@ class RemotePrefill:
 
     async def _reserve(self) -> pb.ReserveResponse:
         cfg, d = self.svc.config, self.d
-        req = pb.ReserveRequest(request=self.run.spec, kv_transport=self.transport, lease_s=cfg.lease_s)  # fmt: skip
+        req = pb.ReserveRequest(
+            request=self.run.spec, kv_transport=self.transport, lease_s=cfg.lease_s,
+            prefill_tp_size=self.p.tp_size,  # a TP group on either side: D plans its parts
+        )  # fmt: skip
         t0 = time.monotonic()
         try:
             res = await self.svc.registry.client(d).decode.Reserve(req, timeout=5.0)
@@ -165,7 +170,7 @@ class RemotePrefill:
         if res is None:
             req = pb.PrefillRequest(request=self.run.spec, ticket_follows=True)
         else:
-            req = pb.PrefillRequest(request=self.run.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks)  # fmt: skip
+            req = pb.PrefillRequest(request=self.run.spec, ticket=res.ticket, num_cached_blocks=res.num_cached_blocks, parts=res.parts)  # fmt: skip
         client = self.svc.registry.client(self.p)
         try:
             return await client.prefill.Prefill(req, timeout=self.svc.config.prefill_timeout_s)

@@ -164,8 +164,8 @@ class Registry:
             self.clients[w.worker_id] = WorkerClient(w.address, self.secret)
             self.epochs[w.worker_id] = w.epoch
             logger.info(
-                "discovered %s worker %s at %s (epoch %d, ep_size %d, %d KV blocks)",
-                w.role, w.worker_id, w.address, w.epoch, w.ep_size, w.num_blocks,
+                "discovered %s worker %s at %s (epoch %d, ep_size %d, tp_size %d, %d KV blocks)",
+                w.role, w.worker_id, w.address, w.epoch, w.ep_size, w.tp_size, w.num_blocks,
             )  # fmt: skip
         for worker_id in set(self.clients) - set(records):
             logger.info("worker %s left the registry", worker_id)

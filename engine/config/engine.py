@@ -107,14 +107,23 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one model replica spreads over ranks."""
+    """How one model replica spreads over ranks (tensor- or expert-parallel, not both)."""
 
     ep_size: int = field(default=1, metadata=per_role())
     """Expert-parallel ranks serving the replica (MoE models; must divide num_experts)."""
+    tp_size: int = field(default=1, metadata=per_role("tp"))
+    """Tensor-parallel ranks serving the replica: each holds 1/N of every layer and of
+    the KV heads (must divide the attention heads)."""
 
     def __post_init__(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.ep_size < 1 or self.tp_size < 1:
+            raise ValueError(f"tp_size and ep_size must be >= 1, got {self.tp_size}/{self.ep_size}")
+        if self.tp_size > 1 and self.ep_size > 1:
+            raise ValueError(
+                f"--tp-size {self.tp_size} with --ep-size {self.ep_size}: a replica is "
+                "tensor- or expert-parallel, not both; for an MoE model --tp-size splits "
+                "every expert, --ep-size spreads the experts"
+            )
 
 
 @dataclass(frozen=True)

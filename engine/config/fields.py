@@ -12,7 +12,8 @@ RUNTIME = "pdserve.runtime"
 CLI_DEFAULT = "pdserve.cli_default"
 """What an omitted flag means when its command resolves it (not the field's default)."""
 PER_ROLE = "pdserve.per_role"
-"""``pdserve serve``: one flag per worker role (``--prefill-ep-size``, ``--decode-ep-size``)."""
+"""``pdserve serve``: one flag per worker role (``--prefill-ep-size``, ``--decode-ep-size``);
+its value names the flag after the role (``tp``: ``--prefill-tp``), or ``True``."""
 
 
 def flag(name: str | None, **more: Any) -> dict[str, Any]:
@@ -32,5 +33,6 @@ def cli_default(value: Any, meaning: str) -> dict[str, Any]:
     return {CLI_DEFAULT: (value, meaning)}
 
 
-def per_role() -> dict[str, Any]:
-    return {PER_ROLE: True}
+def per_role(name: str | None = None) -> dict[str, Any]:
+    """One flag per role: ``--<role>-<name>`` (default: the plain flag's name)."""
+    return {PER_ROLE: name or True}

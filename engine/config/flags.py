@@ -125,8 +125,10 @@ def add_flags(
             continue
         kwargs = argparse_kwargs(leaf)
         names = [(name, dest)]
-        if leaf.field.metadata.get(PER_ROLE) and roles:
-            names = [(f"--{role}-{name[2:]}", role) for role in roles]
+        per = leaf.field.metadata.get(PER_ROLE)
+        if per and roles:
+            suffix = per if isinstance(per, str) else name[2:]
+            names = [(f"--{role}-{suffix}", role) for role in roles]
         for flag, where in names:
             shown = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
             if "choices" in kwargs or kwargs.get("action") in ("store_true", "store_false"):

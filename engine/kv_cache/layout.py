@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -121,6 +121,27 @@ class KVLayout:
         ]
 
 
+def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """Global KV heads ``[start, end)`` in the cache of TP rank ``rank`` of ``tp_size``: an
+    equal split when there are at least as many heads as ranks, else one head, replicated
+    over ``tp_size / num_kv_heads`` ranks::
+
+        4 heads, TP=2:  rank 0 [0, 2)   rank 1 [2, 4)
+        1 head,  TP=2:  rank 0 [0, 1)   rank 1 [0, 1)
+    """
+    if num_kv_heads >= tp_size:
+        per = num_kv_heads // tp_size
+        return rank * per, (rank + 1) * per
+    head = rank * num_kv_heads // tp_size
+    return head, head + 1
+
+
+def head_view(cache: torch.Tensor, heads: tuple[int, int]) -> torch.Tensor:
+    """One layer's K or V cache restricted to its KV heads ``[start, end)`` (a view: a TP
+    part reads or writes its heads in place within every block)."""
+    return cache[:, :, heads[0] : heads[1]]
+
+
 def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """Slots of token positions ``[start, end)`` of a sequence with ``block_table``."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -203,9 +224,17 @@ def _cpu_rows_ok(cache: torch.Tensor) -> bool:
     return cache.device.type == "cpu" and cache.is_contiguous() and block_bytes % 8 == 0
 
 
+TP_FIELDS = ("tp_size", "tp_rank", "head_start", "head_end")
+"""Where a rank's cache sits in its tensor-parallel group: not compared at pairing (groups
+of different TP sizes pair), mapped instead (kv_transfer/tp_map.py)."""
+
+
 @dataclass(frozen=True)
 class KVLayoutSpec:
-    """What two workers must agree on before KV pages move between them."""
+    """What two workers must agree on before KV pages move between them.
+
+    ``num_kv_heads`` counts the model's KV heads; a rank of a tensor-parallel group holds
+    heads ``[head_start, head_end)`` of them (every head without TP)."""
 
     model_fingerprint: str
     """Hash of the model's config and weight names (see :func:`model_fingerprint`)."""
@@ -216,6 +245,15 @@ class KVLayoutSpec:
     """Dtype name, e.g. ``bfloat16``."""
     block_size: int
     protocol_version: int = PROTOCOL_VERSION
+    tp_size: int = 1
+    tp_rank: int = 0
+    head_start: int = 0
+    head_end: int = 0
+    """End of this rank's heads; 0 = ``num_kv_heads`` (every head)."""
+
+    def __post_init__(self) -> None:
+        if self.head_end == 0:
+            object.__setattr__(self, "head_end", self.num_kv_heads)
 
     @classmethod
     def from_layout(cls, layout: KVLayout, model_fingerprint: str) -> KVLayoutSpec:
@@ -228,20 +266,37 @@ class KVLayoutSpec:
             block_size=layout.block_size,
         )
 
+    def for_rank(self, tp_size: int, tp_rank: int, heads: tuple[int, int]) -> KVLayoutSpec:
+        """This layout as TP rank ``tp_rank`` of ``tp_size`` holding ``heads`` has it."""
+        return replace(
+            self, tp_size=tp_size, tp_rank=tp_rank, head_start=heads[0], head_end=heads[1]
+        )
+
+    @property
+    def group(self) -> KVLayoutSpec:
+        """The layout of the whole group (every head), as clusters register it."""
+        return replace(self, tp_size=1, tp_rank=0, head_start=0, head_end=self.num_kv_heads)
+
+    @property
+    def num_local_heads(self) -> int:
+        return self.head_end - self.head_start
+
     @property
     def bytes_per_token(self) -> int:
-        """K and V bytes per token across all layers (as :attr:`KVLayout.bytes_per_token`)."""
+        """K and V bytes per token across all layers and heads (the whole group's)."""
         itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
     def check_compatible(
         self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs"
     ) -> None:
-        """Raise ``ValueError`` naming every mismatched field and both values."""
+        """Raise ``ValueError`` naming every mismatched field and both values (the TP
+        placement fields are not compared: see :data:`TP_FIELDS`)."""
+        mine, their = asdict(self), asdict(other)
         diffs = [
-            f"{k} mismatch: {ours}={a}, {theirs}={b}"
-            for k, a, b in ((k, asdict(self)[k], asdict(other)[k]) for k in asdict(self))
-            if a != b
+            f"{k} mismatch: {ours}={mine[k]}, {theirs}={their[k]}"
+            for k in mine
+            if k not in TP_FIELDS and mine[k] != their[k]
         ]
         if diffs:
             raise ValueError(
@@ -251,7 +306,11 @@ class KVLayoutSpec:
             )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """JSON of the fields (the TP placement only when it is not the whole group's)."""
+        fields = asdict(self)
+        if self == self.group:
+            fields = {k: v for k, v in fields.items() if k not in TP_FIELDS}
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> KVLayoutSpec:

@@ -10,12 +10,8 @@ Full blocks are registered in the prefix index as soon as their tokens are sched
 within a step every layer stores all K/V before any attention reads it, so a later
 request in the same step may already hit them.
 
-Expert parallelism with data-parallel attention: every request has a *home rank* whose
-cache holds its KV (block ids are global; each rank has a full-size cache tensor). The
-manager remembers each block's home; a prefix hit is only valid on the home that holds
-it, so the hit chain stops at the first block of another rank::
-
-    cached chain:  b3(home 1) ─ b7(home 1) ─ b2(home 0)     request hits [b3, b7], home 1
+Expert parallelism places each request's KV on one rank; that bookkeeping wraps this
+manager from outside (engine/parallel/ep_kv.py).
 """
 
 from __future__ import annotations
@@ -33,8 +29,6 @@ class PrefixHit:
 
     blocks: list[KVBlock]
     num_tokens: int
-    home: int | None = None
-    """EP rank whose cache holds the hit blocks; ``None`` when there is no hit."""
 
 
 class KVCacheManager:
@@ -45,8 +39,6 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}
-        self._home: dict[str, int] = {}
-        self._block_home = [0] * num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -62,21 +54,9 @@ class KVCacheManager:
     def holds(self, request_id: str) -> bool:
         return request_id in self._blocks
 
-    def home(self, request_id: str) -> int:
-        """EP rank holding the request's KV (0 without EP)."""
-        return self._home.get(request_id, 0)
-
-    def block_home(self, block_id: int) -> int:
-        """EP rank whose cache holds the block's data (its last allocator's home)."""
-        return self._block_home[block_id]
-
-    def home_load(self, num_ranks: int) -> list[tuple[int, int]]:
-        """``(requests, blocks)`` held per home rank."""
-        load = [(0, 0)] * num_ranks
-        for rid, home in self._home.items():
-            n, b = load[home]
-            load[home] = (n + 1, b + len(self._blocks.get(rid, ())))
-        return load
+    def request_ids(self) -> list[str]:
+        """Every request holding blocks."""
+        return list(self._blocks)
 
     def block_hashes(self, request: Request) -> list[int]:
         """Chained hashes of the request's full blocks (extended incrementally)."""
@@ -87,25 +67,28 @@ class KVCacheManager:
             hashes.extend(hash_blocks(tokens, self.block_size, parent, start_block=len(hashes)))
         return hashes
 
-    def find_prefix(self, request: Request, home: int | None = None) -> PrefixHit:
-        """Longest cached prefix of the request, leaving at least one token to compute,
-        all on one home rank (``home``, or the first hit block's)."""
+    def find_prefix(self, request: Request) -> PrefixHit:
+        """Longest cached prefix of the request, leaving at least one token to compute."""
+        return self.prefix_of(request, self.hit_chain(request))
+
+    def hit_chain(self, request: Request) -> list[KVBlock]:
+        """The request's full blocks found in the prefix cache, in order (maybe all)."""
         if not self.enable_caching:
-            return PrefixHit([], 0)
-        tokens = request.all_token_ids
+            return []
+        tokens, bs = request.all_token_ids, self.block_size
         hits: list[KVBlock] = []
         for i, h in enumerate(self.block_hashes(request)):
-            block = self.pool.lookup(h, tokens[i * self.block_size : (i + 1) * self.block_size])
+            block = self.pool.lookup(h, tokens[i * bs : (i + 1) * bs])
             if block is None:
                 break
-            if home is None:
-                home = self._block_home[block.block_id]
-            if self._block_home[block.block_id] != home:
-                break
             hits.append(block)
-        if hits and len(hits) * self.block_size >= len(tokens):
-            hits.pop()  # the last token must be computed to produce logits
-        return PrefixHit(hits, len(hits) * self.block_size, home if hits else None)
+        return hits
+
+    def prefix_of(self, request: Request, hits: list[KVBlock]) -> PrefixHit:
+        """The usable prefix of a hit chain: the last token must be computed (logits)."""
+        if hits and len(hits) * self.block_size >= request.num_tokens:
+            hits = hits[:-1]
+        return PrefixHit(hits, len(hits) * self.block_size)
 
     def allocate(
         self,
@@ -113,11 +96,9 @@ class KVCacheManager:
         num_new_tokens: int,
         prefix: PrefixHit | None = None,
         cache: bool = True,
-        home: int = 0,
     ) -> bool:
         """Reserve slots for ``num_new_tokens`` more tokens; ``False`` (and no change) if the
-        pool is short. ``cache=False`` defers prefix registration (KV filled from outside).
-        ``home``: the EP rank that will hold the KV (used on the request's first call)."""
+        pool is short. ``cache=False`` defers prefix registration (KV filled from outside)."""
         held = self._blocks.get(request.request_id, [])
         hit_blocks = prefix.blocks if prefix else []
         computed = request.num_computed_tokens + (prefix.num_tokens if prefix else 0)
@@ -128,12 +109,8 @@ class KVCacheManager:
         self.pool.touch(hit_blocks)
         blocks = self._blocks.setdefault(request.request_id, held)
         blocks.extend(hit_blocks)
-        home = self._home.setdefault(request.request_id, home)
         if need > 0:
-            new = self.pool.allocate(need)
-            for b in new:
-                self._block_home[b.block_id] = home
-            blocks.extend(new)
+            blocks.extend(self.pool.allocate(need))
         if cache:
             self.cache_blocks(request, computed + num_new_tokens)
         return True
@@ -157,6 +134,5 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
-        self._home.pop(request_id, None)
         if blocks:
             self.pool.free(blocks)

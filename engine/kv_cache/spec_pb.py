@@ -16,6 +16,10 @@ def spec_to_pb(spec: KVLayoutSpec) -> pb.LayoutSpec:
         dtype=spec.dtype,
         block_size=spec.block_size,
         protocol_version=spec.protocol_version,
+        tp_size=spec.tp_size,
+        tp_rank=spec.tp_rank,
+        head_start=spec.head_start,
+        head_end=spec.head_end,
     )
 
 
@@ -28,4 +32,8 @@ def spec_from_pb(msg: pb.LayoutSpec) -> KVLayoutSpec:
         dtype=msg.dtype,
         block_size=msg.block_size,
         protocol_version=msg.protocol_version,
+        tp_size=msg.tp_size or 1,
+        tp_rank=msg.tp_rank,
+        head_start=msg.head_start,
+        head_end=msg.head_end,
     )

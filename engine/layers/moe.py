@@ -6,10 +6,9 @@ Expert weights are stacked (fused in memory, per-expert on disk)::
     w2:  [num_local_experts, hidden, intermediate]
 
 ``expert_start`` is the global id of local expert 0, so an expert-parallel rank can hold
-a contiguous slice of the experts. With an :class:`~engine.parallel.ep.ExpertParallelGroup`
-the layer holds only its rank's slice and exchanges tokens with the other ranks
-(``engine/parallel/ep.py``); router and shared expert run on each rank's own tokens
-(data-parallel attention: a rank holds only its home sequences).
+a contiguous slice of the experts; exchanging tokens with the other ranks is the EP
+layer's (engine/parallel/ep_layers.py), splitting each expert the TP layer's
+(engine/parallel/tp_layers.py). This one computes what it holds.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from engine.layers.basic import (
     silu_and_mul,
 )
 from engine.model_spec import MoESpec
-from engine.parallel.ep import ExpertParallelGroup, ep_expert_forward
 
 
 def route(
@@ -91,14 +89,9 @@ class SparseMoE(nn.Module):
         spec: MoESpec,
         expert_start: int = 0,
         num_local: int | None = None,
-        ep: ExpertParallelGroup | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.ep = ep
-        if ep is not None:
-            expert_start, end = ep.expert_range(spec.num_experts)
-            num_local = end - expert_start
         self.expert_start = expert_start
         num_local = spec.num_experts if num_local is None else num_local
         inter = spec.intermediate_size
@@ -108,8 +101,7 @@ class SparseMoE(nn.Module):
         shared = spec.shared_expert_intermediate_size
         self.shared = GatedMLP(hidden, shared) if shared else None
         self.shared_gate = Linear(hidden, 1) if shared else None
-        # Load statistics (engine/parallel/expert_load.py): this rank's tokens only; the
-        # EP leader sums the ranks' counts after each step.
+        # Load statistics (engine/parallel/expert_load.py): the tokens this layer sees.
         self.register_buffer(
             "tokens_per_expert", torch.zeros(spec.num_experts, dtype=torch.int64), persistent=False
         )
@@ -128,21 +120,17 @@ class SparseMoE(nn.Module):
         return self.w13, self.w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = expert_forward(x, weights, ids, *self.expert_weights, self.expert_start)
+        return self.add_shared(x, out)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, global expert ids)`` ``[N, top_k]`` of each token, counted."""
         weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob, x.dtype)
         self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts)
-        if self.ep is None:
-            out = expert_forward(x, weights, ids, *self.expert_weights, self.expert_start)
-        else:
-            out = ep_expert_forward(
-                x, weights, ids, self.spec.num_experts, self.ep, self._run_received
-            )
+        return weights, ids
+
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out
-
-    def _run_received(
-        self, rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Weighted sum of this rank's experts for rows routed here (other ranks' ids in
-        ``ids`` ``[R, k]`` are ignored)."""
-        return expert_forward(rows, weights, ids, *self.expert_weights, self.expert_start)

@@ -17,18 +17,9 @@ _FAMILIES = {
 }
 
 
-def build_model(
-    spec: ModelSpec,
-    max_positions: int,
-    expert_range: tuple[int, int] | None = None,
-    ep=None,
-):
-    """``(model, weight_targets)`` for ``spec.architecture``; ``ep`` splits MoE experts."""
+def build_model(spec: ModelSpec, max_positions: int, expert_range: tuple[int, int] | None = None):
+    """``(model, weight_targets)`` for ``spec.architecture``; an MoE model holds experts
+    ``expert_range`` (default: all). A plain single-rank model: parallel layers are
+    swapped in around it (engine/parallel/build.py)."""
     module = importlib.import_module(_FAMILIES[spec.architecture])
-    if ep is None or ep.size == 1:
-        return module.build(spec, max_positions, expert_range)
-    if spec.moe is None:
-        raise ValueError(
-            f"--ep-size {ep.size} needs an MoE model; {spec.architecture} has no experts"
-        )
-    return module.build(spec, max_positions, ep=ep)
+    return module.build(spec, max_positions, expert_range)

@@ -8,7 +8,6 @@ MoE models (``models/moe.py``) reuse this stack with a sparse MLP.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,21 +16,11 @@ from torch import nn
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.layers.attention import Attention
 from engine.layers.basic import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from engine.layers.weights import WeightTarget
 from engine.model_spec import ModelSpec
 
 MLPFactory = Callable[[int], nn.Module]
 """Builds layer ``i``'s MLP."""
-
-
-@dataclass(frozen=True)
-class WeightTarget:
-    """Where one on-disk tensor goes: a parameter, an expert slot and a row range."""
-
-    param: str
-    expert: int | None = None
-    row_offset: int = 0
-    rows: int | None = None
-    """``None`` = the whole parameter (or the whole expert slice)."""
 
 
 class DecoderLayer(nn.Module):

@@ -11,7 +11,6 @@ from engine.layers.basic import GatedMLP
 from engine.layers.moe import SparseMoE
 from engine.model_spec import ModelSpec
 from engine.models.llama import CausalLM, WeightTarget, dense_weight_targets, gated_mlp_targets
-from engine.parallel.ep import ExpertParallelGroup
 
 # Per-expert tensor names on disk: (gate, up, down).
 _EXPERT_NAMES = {
@@ -44,18 +43,15 @@ def build(
     spec: ModelSpec,
     max_positions: int,
     expert_range: tuple[int, int] | None = None,
-    ep: ExpertParallelGroup | None = None,
 ) -> tuple[CausalLM, dict[str, WeightTarget]]:
-    """An MoE model holding experts ``expert_range`` (default: all, or ``ep``'s slice)."""
+    """An MoE model holding experts ``expert_range`` (default: all)."""
     moe = spec.moe
-    if ep is not None:
-        expert_range = ep.expert_range(moe.num_experts)
     start, end = expert_range or (0, moe.num_experts)
     sparse = set(moe.sparse_layers)
 
     def make_mlp(i: int):
         if i in sparse:
-            return SparseMoE(spec.hidden_size, moe, start, end - start, ep)
+            return SparseMoE(spec.hidden_size, moe, start, end - start)
         return GatedMLP(spec.hidden_size, spec.intermediate_size)
 
     targets = dense_weight_targets(spec)

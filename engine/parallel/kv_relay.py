@@ -62,10 +62,14 @@ def recv_blocks(kv_caches: KVCaches, blocks: Sequence[int], ep: ExpertParallelGr
 
 
 def pull_slots(
-    so: SchedulerOutput, pulls: Sequence[Pull], rank: int, block_size: int
+    so: SchedulerOutput,
+    pulls: Sequence[Pull],
+    homes: dict[str, int],
+    rank: int,
+    block_size: int,
 ) -> torch.Tensor:
     """int64 cache slots of the pulls whose sequence is homed on ``rank``, in pull order."""
-    seqs = {s.request_id: s for s in so.sequences if s.home_rank == rank}
+    seqs = {s.request_id: s for s in so.sequences if homes.get(s.request_id, 0) == rank}
     slots = [
         slot
         for rid, start, end in pulls

@@ -1,33 +1,27 @@
-"""Lockstep for an EP group: the leader broadcasts each step's ``SchedulerOutput``.
+"""Lockstep for a parallel replica: the leader broadcasts each step's ``SchedulerOutput``.
 
-Leader (rank 0): ``schedule()`` → :func:`broadcast_step` → ``runner.execute`` (its home
-sequences) → sample every rank's sequences. Follower: :func:`run_follower` loops
-:func:`receive_step` → ``runner.execute`` (its home sequences, its slice of the experts;
-it sends its sampling rows to the leader) until the leader sends ``stop``.
+Leader (rank 0): ``schedule()`` -> :func:`broadcast_step` -> run the step -> sample.
+Follower: :func:`receive_step` -> run the same step (its shard) until the leader sends
+``stop`` (engine/parallel/driver.py loops it).
 
 The wire format is JSON (no pickle): a length broadcast, then the UTF-8 bytes, over the
-group's CPU (gloo) group. Besides the step, the message names the KV moves of
-``engine/parallel/kv_relay.py``: ``kv_forward`` (rank → blocks the leader received by
-transfer, sent point-to-point to that home rank right after the broadcast) and
-``kv_pull`` (positions of prefill-only sequences homed on followers, which the followers
-push to the leader after each layer for the KV hook).
+group's CPU (gloo) group. Besides the step the message carries what the followers' own
+KV hooks need (``items``: the prefill-only sequences whose new K/V leave after each
+layer) and, with expert parallelism, each sequence's home rank and the KV blocks the
+leader forwards to a home rank (engine/parallel/ep_driver.py).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from engine.parallel.ep import ExpertParallelGroup
-from engine.parallel.kv_relay import KVCaches, Pull, pull_slots, push_hook, recv_blocks, send_blocks
+from engine.kv_handoff import LayerKV
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,8 +29,15 @@ class StepMessage:
     """One step as the followers receive it; ``step is None`` means stop."""
 
     step: SchedulerOutput | None
+    items: list[LayerKV] = field(default_factory=list)
+    """The KV layer hook's items this step (followers' KV hooks send their share)."""
+    homes: dict[str, int] = field(default_factory=dict)
+    """EP: the home rank of each scheduled sequence."""
     kv_forward: dict[int, list[int]] = field(default_factory=dict)
-    kv_pull: list[Pull] = field(default_factory=list)
+    """EP: rank -> blocks the leader sends it point to point right after the broadcast."""
+
+
+IDLE = SchedulerOutput((), 0)
 
 
 def encode_step(msg: StepMessage) -> bytes:
@@ -48,10 +49,15 @@ def encode_step(msg: StepMessage) -> bytes:
         "sequences": [asdict(s) for s in so.sequences],
         "num_decodes": so.num_decodes,
         "finished": sorted(so.finished_request_ids),
+        "items": [asdict(i) for i in msg.items],
+        "homes": msg.homes,
         "kv_forward": {str(r): b for r, b in msg.kv_forward.items()},
-        "kv_pull": [list(p) for p in msg.kv_pull],
     }
     return json.dumps(body).encode()
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def decode_step(data: bytes) -> StepMessage:
@@ -62,48 +68,25 @@ def decode_step(data: bytes) -> StepMessage:
     for s in body["sequences"]:
         params = SamplingParams.from_dict(s.pop("sampling_params"))
         s.pop("sampler_init", None)  # followers never sample: no sampler state
-        seqs.append(
-            ScheduledSequence(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()},
-                sampling_params=params,
-            )
-        )
+        seqs.append(ScheduledSequence(**_tuples(s), sampling_params=params))
     so = SchedulerOutput(tuple(seqs), body["num_decodes"], frozenset(body["finished"]))
+    items = [LayerKV(**_tuples(i)) for i in body["items"]]
     forward = {int(r): b for r, b in body["kv_forward"].items()}
-    return StepMessage(so, forward, [tuple(p) for p in body["kv_pull"]])
+    return StepMessage(so, items, body["homes"], forward)
 
 
-def broadcast_step(
-    msg: StepMessage, ep: ExpertParallelGroup, kv_caches: KVCaches | None = None
-) -> None:
-    """Leader: send this step (``msg.step is None`` = stop), then forward its KV blocks."""
+def broadcast_step(msg: StepMessage, group: dist.ProcessGroup | None) -> None:
+    """Leader: send this step (``msg.step is None`` = stop) to every rank of ``group``."""
     data = torch.frombuffer(bytearray(encode_step(msg)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
-    dist.broadcast(size, 0, group=ep.cpu_group)
-    dist.broadcast(data, 0, group=ep.cpu_group)
-    if msg.step is not None and msg.kv_forward:
-        send_blocks(kv_caches, msg.kv_forward, ep)
+    dist.broadcast(size, 0, group=group)
+    dist.broadcast(data, 0, group=group)
 
 
-def receive_step(ep: ExpertParallelGroup, kv_caches: KVCaches) -> StepMessage:
-    """Follower: the leader's next step, with this rank's forwarded KV written."""
+def receive_step(group: dist.ProcessGroup | None) -> StepMessage:
+    """Follower: the leader's next step."""
     size = torch.zeros(1, dtype=torch.int64)
-    dist.broadcast(size, 0, group=ep.cpu_group)
+    dist.broadcast(size, 0, group=group)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.broadcast(data, 0, group=ep.cpu_group)
-    msg = decode_step(data.numpy().tobytes())
-    if msg.step is not None:
-        recv_blocks(kv_caches, msg.kv_forward.get(ep.rank, []), ep)
-    return msg
-
-
-def run_follower(runner, ep: ExpertParallelGroup) -> int:
-    """Execute the leader's steps until it stops; returns the number of steps run."""
-    steps = 0
-    while (msg := receive_step(ep, runner.kv_caches)).step is not None:
-        slots = pull_slots(msg.step, msg.kv_pull, ep.rank, runner.block_size)
-        after = push_hook(runner.kv_caches, slots, ep) if slots.numel() else None
-        runner.execute(msg.step, after)
-        steps += 1
-    logger.info("EP follower rank %d stopped after %d steps", ep.rank, steps)
-    return steps
+    dist.broadcast(data, 0, group=group)
+    return decode_step(data.numpy().tobytes())

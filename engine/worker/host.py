@@ -21,7 +21,8 @@ import grpc
 
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
-from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.health import describe_failure
+from engine.parallel.state import ParallelState
 from engine.security import ENV_FILE, ClusterSecret, load_cluster_secret
 from engine.worker.grpc_server import GrpcServer, service_handler
 from engine.worker.info import default_host, worker_info
@@ -74,16 +75,17 @@ def worker_secret(config: WorkerConfig) -> ClusterSecret | None:
 def start_role(
     config: WorkerConfig,
     role: WorkerRole,
-    ep: ExpertParallelGroup | None = None,
+    parallel: ParallelState | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningWorker:
     """Load the model, start the engine thread and serve gRPC (see the module docstring).
-    ``interceptors`` run after the cluster-secret check on every call."""
+    ``parallel``: this process is rank 0 of a parallel replica (its followers run
+    elsewhere). ``interceptors`` run after the cluster-secret check on every call."""
     config = replace(config, host=config.host or default_host())
     if role.prepare is not None:
         config = role.prepare(config)
     secret = worker_secret(config)
-    engine = LLMEngine(config.engine, ep)
+    engine = LLMEngine(config.engine, parallel)
     worker = role.worker(engine, config, secret)
     _exit_on_engine_failure(worker, config.name)
     common, own = CommonService(worker), role.service(worker)
@@ -108,22 +110,25 @@ def _exit_on_engine_failure(worker: RoleWorker, name: str) -> None:
     """An exception the engine could not pin on one request ended its loop: fail every
     stream with a clear error and end the process non-zero, so its supervisor (Ray, or
     whatever runs ``pdserve worker``) restarts it rather than leaving it up but deaf.
-    With EP the reason names the dead rank (a failed collective)."""
+    In a parallel replica the reason names the dead rank (a failed collective)."""
 
     def on_crash(exc: BaseException) -> str | None:
         better = None  # the loop's own "the engine loop failed: ..." says enough
-        if worker.engine.ep is not None:
-            from engine.parallel.health import describe_failure
-
-            dead = describe_failure(worker.engine.ep)
-            why = better = f"expert-parallel group of {name} failed: {dead} ({exc}); the worker restarts"  # fmt: skip
+        parallel = worker.engine.parallel
+        if parallel.kind != "single":
+            kind = "tensor" if parallel.kind == "tp" else "expert"
+            dead = describe_failure(parallel)
+            why = better = f"{kind}-parallel group of {name} failed: {dead} ({exc}); the worker restarts"  # fmt: skip
         else:
             why = (
                 f"the engine loop of {name} failed ({type(exc).__name__}: {exc}); "
                 "the worker restarts"
             )
         worker.fail_all(why)
-        logger.error("%s; exiting", why)
+        kv = worker.engine.kv
+        logger.error(
+            "%s; exiting (%d of %d KV blocks free)", why, kv.num_free_blocks, kv.num_blocks
+        )
         # ``_exit`` is read now: a replacement installed by a test holds for this timer.
         threading.Timer(EXIT_DELAY_S, _exit, args=(1,)).start()
         return better

@@ -43,7 +43,8 @@ def worker_info(
         hostname=socket.gethostname(),
         kv_transports=list(kv_transports),
         vocab_size=engine.spec.vocab_size,
-        ep_size=engine.ep.size if engine.ep is not None else 1,
+        ep_size=engine.ep_size,
+        tp_size=engine.tp_size,
     )
 
 

@@ -10,7 +10,7 @@ transport threads ``post`` events; the engine thread drains its queue before eve
                     -> housekeeping() -> engine.step() -> on_outputs(outs)
                        -> publish snapshot -> repeat
     idle:           block on the queue (any command or event wakes it; at least every
-                    ``IDLE_WAKE_S`` for timers and the EP heartbeat)
+                    ``IDLE_WAKE_S`` for timers and the followers' heartbeat)
 
 A command's future resolves only after the snapshot that includes its effect, so a
 ``Stats`` read after a ``Reserve`` returned sees the reservation.
@@ -45,7 +45,7 @@ from engine.worker.snapshot import BlockEvents, LoadSnapshot, RoleLoad, take_sna
 logger = logging.getLogger(__name__)
 
 IDLE_WAKE_S = 1.0
-"""An idle loop wakes at least this often: lease timers, the EP followers' heartbeat."""
+"""An idle loop wakes at least this often: lease timers, the followers' heartbeat."""
 
 
 class LoopRole(Protocol):
@@ -228,8 +228,8 @@ class EngineLoop:
         if busy:
             self._role.on_outputs(self.engine.step())
             self.num_steps += 1
-        elif self.engine.ep is not None:
-            self.engine.heartbeat()  # EP followers time out without steps
+        else:
+            self.engine.heartbeat()  # a parallel replica's followers time out without steps
         self._publish()
         return busy
 

@@ -1,4 +1,5 @@
-"""The worker role registry: role name -> (worker class, service class, gRPC service).
+"""The worker role registry: role name -> (worker class, service class, gRPC service,
+follower-rank part).
 
 Only a protocol and a registry live here; launch fills it (router/launch/roles.py), so the
 shared layer never imports a role, and starting a worker (engine/worker/host.py) looks
@@ -13,6 +14,7 @@ from typing import Protocol
 
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
+from engine.parallel.driver import FollowerRole
 from engine.security import ClusterSecret
 from engine.worker.loop import EngineLoop
 
@@ -50,6 +52,8 @@ class WorkerRole:
     service: Callable[[RoleWorker], RoleService]
     grpc_service: str
     """Its service in proto/worker.proto, e.g. ``DecodeService``."""
+    follower: Callable[[LLMEngine, WorkerConfig, ClusterSecret | None], FollowerRole] | None = None
+    """What the role runs on a follower rank of a TP group (its own KV transfers)."""
     prepare: Callable[[WorkerConfig], WorkerConfig] | None = None
     """What the role needs of its engine, applied before the engine is built (decode: a
     KV cache in shared memory when it serves shm)."""

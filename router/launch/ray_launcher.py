@@ -10,13 +10,14 @@ with a new port and epoch; the router's supervisor re-reads ``info()`` and re-re
                                                resources={"<role>_gpu": 1} if advertised)
     addresses(): [actor.info()["address"] for live actors]  -> Router source
 
-Expert parallelism (``ep_size`` > 1): a worker is a placement group of ``ep_size``
-bundles (STRICT_PACK, one node). The leader actor sits in bundle 0 and is what the router
-sees; in its ``__init__`` it picks a rendezvous port, starts one ``EPFollowerActor``
-per other bundle (owned by the leader, so they die with it) and joins the torch.distributed
-group with them. A follower that dies fails the leader's next collective: the leader fails
-its streams and exits, Ray restarts it, and it starts a fresh group
-(``router/launch/ep_launch.py``).
+Tensor or expert parallelism (``tp_size`` or ``ep_size`` > 1): a worker is a placement
+group of one bundle per rank (STRICT_PACK, one node; a GPU per bundle on GPU nodes). The
+leader actor sits in bundle 0 and is what the router sees; in its ``__init__`` it binds
+the rendezvous store, starts one ``TPFollowerActor`` / ``EPFollowerActor`` per other
+bundle (owned by the leader, so they die with it) and joins the torch.distributed group
+with them. A follower that dies fails the leader's next collective: the leader fails its
+streams naming the rank and exits, Ray restarts it, and it starts a fresh group
+(``router/launch/group_launch.py``).
 """
 
 from __future__ import annotations
@@ -47,24 +48,26 @@ class WorkerActor:
         host = ray.util.get_node_ip_address()
         config = from_json(WorkerConfig, config_json)
         config = replace(config, role=role, worker_id=worker_id, host=config.host or host)
-        ep, self.followers = None, []
-        if config.engine.parallel.ep_size > 1:
-            from router.launch.ep_launch import start_ray_ep_group
+        from router.launch.group_launch import group_size, start_ray_group
 
-            ep, self.followers = start_ray_ep_group(config, placement_group, host)
-        self.running = self._start(config, ep)
+        parallel, self.followers = None, []
+        if group_size(config) > 1:
+            parallel, self.followers = start_ray_group(config, placement_group, host)
+        self.running = self._start(config, parallel)
 
-    def _start(self, config, ep):
+    def _start(self, config, parallel):
         """Start the worker (a subclass may add gRPC interceptors, e.g. a test's faults)."""
         from router.launch.worker_main import start_worker
 
-        return start_worker(config, ep)
+        return start_worker(config, parallel)
 
-    def ep_pids(self) -> list[int]:
-        """Process ids of the EP ranks, leader first (one entry without EP)."""
+    def rank_pids(self) -> list[int]:
+        """Process ids of the worker's ranks, leader first (one entry on a single rank)."""
         import ray
 
         return [os.getpid(), *ray.get([f.pid.remote() for f in self.followers])]
+
+    ep_pids = rank_pids
 
     def info(self) -> dict[str, Any]:
         """Address, role, KV layout and capacity, as plain values."""
@@ -81,6 +84,7 @@ class WorkerActor:
             "block_size": i.block_size,
             "max_model_len": i.max_model_len,
             "ep_size": i.ep_size or 1,
+            "tp_size": i.tp_size or 1,
             "layout": json_format.MessageToDict(i.layout, preserving_proto_field_name=True),
         }
 
@@ -150,13 +154,15 @@ class RayWorkers:
             worker_id = f"{prefix}{role}-{i}"
             if self.namespace:
                 options.update(name=worker_id, namespace=self.namespace, lifetime="detached", get_if_exists=True)  # fmt: skip
-            pg = self._ep_placement(options, config.engine.parallel.ep_size)
+            p = config.engine.parallel
+            pg = self._group_placement(options, p.tp_size * p.ep_size)
             cls = ray.remote(WorkerActor).options(**options)
             self.actors[worker_id] = cls.remote(role, worker_id, to_json(config), pg)
 
-    def _ep_placement(self, options: dict[str, Any], ep_size: int) -> Any:
-        """For EP: a placement group of one bundle per rank; the leader takes bundle 0."""
-        if ep_size == 1:
+    def _group_placement(self, options: dict[str, Any], ranks: int) -> Any:
+        """For TP or EP: a placement group of one bundle per rank (STRICT_PACK: one node);
+        the leader takes bundle 0."""
+        if ranks == 1:
             options.pop("scheduling_strategy", None)
             return None
         import ray
@@ -165,7 +171,7 @@ class RayWorkers:
 
         bundle = {"GPU": 1} if "num_gpus" in options else {"CPU": 1}
         bundle.update(options.get("resources", {}))
-        pg = placement_group([bundle] * ep_size, strategy="STRICT_PACK")
+        pg = placement_group([bundle] * ranks, strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=120)
         self.placement_groups.append(pg)
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)

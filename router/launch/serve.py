@@ -3,7 +3,7 @@
 serve:  flags -> ServeConfig -> bind the HTTP port (a taken one fails now, naming it)
         -> cluster state (memory, or Redis) -> workers: Ray actors, --worker
         addresses, or none (--router-only) -> Router.serve on the bound socket
-worker: flags -> WorkerConfig -> [EP followers] -> start_worker -> wait for SIGTERM
+worker: flags -> WorkerConfig -> [TP/EP followers] -> start_worker -> wait for SIGTERM
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from dataclasses import replace
 
 from engine.config import ServeConfig
-from router.launch.ep_launch import start_local_ep_group
 from router.launch.flags import launched_worker, serve_config, worker_config
+from router.launch.group_launch import start_local_group
 from router.launch.ray_launcher import RayWorkers, start_ray
 from router.launch.secrets import cluster_secret, warn_password_in_url
 from router.state.redis_conn import redact_url
@@ -106,7 +106,7 @@ def _launch(config: ServeConfig, auth: bool) -> RayWorkers:
     ray = config.ray
     logger.info("starting Ray (%s)", ray.address or f"local, node {ray.node_ip}")
     ranks = sum(
-        n * c.engine.parallel.ep_size
+        n * c.engine.parallel.ep_size * c.engine.parallel.tp_size
         for n, c in ((config.num_prefill, config.prefill), (config.num_decode, config.decode))
     )
     start_ray(ray.address, ray.node_ip, max(os.cpu_count() or 1, ranks + 1))
@@ -150,7 +150,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop, refused = threading.Event(), []
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        running = start_worker(config, start_local_ep_group(config), lambda why: (refused.append(why), stop.set()))  # fmt: skip
+        running = start_worker(config, start_local_group(config), lambda why: (refused.append(why), stop.set()))  # fmt: skip
     except LayoutRefused as exc:
         logger.error("%s worker refused by the cluster state in %s: %s", config.role, redact_url(config.state.redis_url or ""), exc)  # fmt: skip
         return 2

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from engine.config import WorkerConfig
-from engine.parallel.ep import ExpertParallelGroup
+from engine.parallel.state import ParallelState
 from engine.worker.host import RunningWorker, start_role
 from engine.worker.info import stats_response
 from engine.worker.roles import RoleWorker, get_role
@@ -23,7 +23,7 @@ from router.state.publisher import WorkerPublisher
 
 def start_worker(
     config: WorkerConfig,
-    ep: ExpertParallelGroup | None = None,
+    parallel: ParallelState | None = None,
     on_refused: Callable[[str], None] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningWorker:
@@ -33,11 +33,12 @@ def start_worker(
     state and publishes its load and prefix events; a KV layout the cluster refuses raises
     ``router.state.publisher.LayoutRefused`` (``on_refused``: a later refusal).
 
-    With ``ep`` this process is the EP leader (rank 0); the followers run
-    :func:`engine.parallel.step_sync.run_follower` on an engine of their own.
+    With ``parallel`` this process is rank 0 of a TP or EP group; the followers run
+    :meth:`engine.engine.LLMEngine.run_follower` on an engine of their own
+    (router/launch/group_launch.py).
     """
     roles.install()
-    running = start_role(config, get_role(config.role), ep, interceptors)
+    running = start_role(config, get_role(config.role), parallel, interceptors)
     if config.state.redis_url:
         try:
             publisher = start_publisher(running, on_refused)

@@ -55,6 +55,8 @@ class WorkerRecord:
     hostname: str = ""
     ep_size: int = 1
     """Expert-parallel ranks serving this worker (1 = no expert parallelism)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks serving this worker (1 = no tensor parallelism)."""
     kv_transports: tuple[str, ...] = ()
     healthy: bool = True
     last_heartbeat: float = field(default_factory=time.monotonic)
@@ -164,6 +166,7 @@ def record_from_info(info, address: str = "") -> WorkerRecord:
         epoch=info.epoch,
         hostname=info.hostname,
         ep_size=info.ep_size or 1,
+        tp_size=info.tp_size or 1,
         kv_transports=tuple(info.kv_transports),
     )
 

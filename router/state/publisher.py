@@ -137,9 +137,9 @@ class WorkerPublisher:
         self._stored, self._evicted = [], []
         self._registered = True
         logger.info(
-            "%s worker %s registered in %s (epoch %d, ep_size %d, %d KV blocks, %d cached)",
+            "%s worker %s registered in %s (epoch %d, ep_size %d, tp_size %d, %d KV blocks, %d cached)",
             self.record.role, self.record.worker_id, self.state.url, self.record.epoch,
-            self.record.ep_size, self.record.num_blocks, len(self._cached),
+            self.record.ep_size, self.record.tp_size, self.record.num_blocks, len(self._cached),
         )  # fmt: skip
 
     def _publish(self, load: WorkerLoad) -> None:

@@ -31,6 +31,7 @@ def record_fields(w: WorkerRecord) -> dict:
         "epoch": w.epoch,
         "hostname": w.hostname,
         "ep_size": w.ep_size,
+        "tp_size": w.tp_size,
         "kv_transports": list(w.kv_transports),
     }
 
@@ -94,6 +95,7 @@ class RecordReader:
             epoch=epoch,
             hostname=str(f["hostname"]),
             ep_size=int(f.get("ep_size", 1)),
+            tp_size=int(f.get("tp_size", 1)),
             kv_transports=tuple(map(str, f["kv_transports"])),
             healthy=alive is not None and alive.isdigit() and int(alive) == epoch,
             load=self.load(worker_id, load),

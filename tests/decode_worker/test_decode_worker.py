@@ -113,6 +113,19 @@ def test_reserve_errors(decode):
             decode.Abort(pb.AbortRequest(request_id=rid))
 
 
+@pytest.mark.parametrize("tp", [3, 8, 2**30])
+def test_tensor_parallel_reserve_refuses_a_prefill_tp_size_the_model_cannot_split(decode, tp):
+    """A prefill_tp_size that no prefill group of this model can have (4 attention heads)
+    is the caller's error, named, before any part is planned: it was UNAVAILABLE (3), a
+    reservation for 8 ranks that cannot exist, or an engine thread planning 2**30 ranks."""
+    req = pb.ReserveRequest(request=spec("tp", [5, 6, 7]), kv_transport="tcp", prefill_tp_size=tp)  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        decode.Reserve(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert f"prefill_tp_size={tp}" in err.value.details()
+    assert "num_attention_heads=4" in err.value.details()
+
+
 def test_cancelled_stream_aborts_the_request(decode):
     call = decode.Generate(spec("c", [5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True)))
     first = next(call)

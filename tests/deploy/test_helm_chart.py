@@ -13,6 +13,7 @@ import helm_python
 import pytest
 
 from tests.deploy.manifests import load, load_all, validate
+from tests.deploy.serve_flags import serve_config_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "pdserve"
@@ -237,3 +238,27 @@ def test_every_value_is_documented_in_the_chart_readme():
 
     walk("", load(CHART / "values.yaml"))
     assert not missing, f"values not in deploy/helm/pdserve/README.md: {missing}"
+
+
+def test_tensor_parallel_tp_size_sets_the_flags_and_the_gpus_per_worker():
+    """`tpSize` per role: `--prefill-tp` / `--decode-tp` for the router, one GPU (one
+    `<role>_gpu` unit) per rank checked at render time, and not together with EP."""
+    docs = render({"prefill": {"tpSize": 2, "gpusPerWorker": 2}, "decode": {"tpSize": 4, "gpusPerWorker": 4}})  # fmt: skip
+    for doc in docs:
+        validate(doc)
+    args = router_container(docs)["args"]
+    assert {"--prefill-tp=2", "--decode-tp=4"} <= set(args)
+    groups = worker_groups(docs)
+    assert json.loads(json.loads(groups["decode"]["rayStartParams"]["resources"])) == {"decode_gpu": 4}  # fmt: skip
+    limits = groups["decode"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) == 4
+    config = serve_config_of(args)
+    assert (config.prefill.engine.parallel.tp_size, config.decode.engine.parallel.tp_size) == (2, 4)
+    with pytest.raises(
+        helm_python.HelmRenderError,
+        match=r"decode.gpusPerWorker=2 but decode.epSize=1 x tpSize=4 = 4 ranks",
+    ):
+        render({"decode": {"tpSize": 4, "gpusPerWorker": 2}})
+    with pytest.raises(helm_python.HelmRenderError, match=r"tensor- or expert-parallel, not both"):
+        render({"decode": {"tpSize": 2, "epSize": 2, "gpusPerWorker": 4}})
+    assert not {a for a in router_container(render({}))["args"] if "-tp=" in a}

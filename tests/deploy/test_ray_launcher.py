@@ -158,6 +158,19 @@ def test_launch_passes_counts_transport_ep_and_redis(recorder):
     assert "--decode must be an integer >= 1, got '0'" in recorder("launch.sh", "--decode", "0", ok=False)  # fmt: skip
 
 
+def test_tensor_parallel_launch_passes_tp_sizes(recorder):
+    from tests.deploy.serve_flags import serve_config_of
+
+    argv = recorder("launch.sh", "--prefill-tp", "4", "--decode-tp", "2")
+    assert argv[argv.index("--prefill-tp") : argv.index("--prefill-tp") + 4] == [
+        "--prefill-tp", "4", "--decode-tp", "2",
+    ]  # fmt: skip
+    cfg = serve_config_of(argv[1:])
+    assert (cfg.prefill.engine.parallel.tp_size, cfg.decode.engine.parallel.tp_size) == (4, 2)
+    assert "--prefill-tp" not in recorder("launch.sh")
+    assert "--decode-tp must be an integer >= 1, got 'x'" in recorder("launch.sh", "--decode-tp", "x", ok=False)  # fmt: skip
+
+
 def test_security_scripts_authenticate_by_default(recorder, tmp_path):
     token, secret = f"{recorder.secrets}/ray-auth-token", f"{recorder.secrets}/cluster-secret"
     for script, args in [("start-head.sh", ()), ("start-worker.sh", ("--role", "decode", "--address", "h:1"))]:  # fmt: skip

@@ -1,5 +1,5 @@
 """`pdserve worker --ep-size 2` (no Ray: the leader spawns its follower process on this
-host, `start_local_ep_group`): greedy output equals HF with concurrent requests spread
+host, `start_local_group`): greedy output equals HF with concurrent requests spread
 over both ranks; a killed follower ends the in-flight stream (decode) or prefill (prefill
 worker) within seconds with an error naming the dead rank, and every EP process exits;
 SIGTERM stops leader and follower."""

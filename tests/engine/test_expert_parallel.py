@@ -116,7 +116,7 @@ def _record_steps(engine) -> list[list[tuple[int, int]]]:
 
     def recorded():
         so = schedule()
-        steps.append([(s.home_rank, s.num_tokens) for s in so.sequences])
+        steps.append([(engine.kv.home(s.request_id), s.num_tokens) for s in so.sequences])
         return so
 
     engine.scheduler.schedule = recorded

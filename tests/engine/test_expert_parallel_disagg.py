@@ -32,7 +32,7 @@ def _homes(engine: LLMEngine) -> list[tuple[str, int, int]]:
 
     def recorded():
         so = schedule()
-        seen.extend((s.request_id, s.home_rank, s.start_pos) for s in so.sequences)
+        seen.extend((s.request_id, engine.kv.home(s.request_id), s.start_pos) for s in so.sequences)
         return so
 
     engine.scheduler.schedule = recorded

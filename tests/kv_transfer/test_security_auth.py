@@ -250,3 +250,50 @@ def test_security_ticket_for_another_backend_is_refused(serve):
     with pytest.raises(TicketRefused, match="is for backend 'tcp', not 'shm'"):
         side.client(SECRET, backend="shm").open(rx.ticket)
     rx.abort("test done")
+
+
+def test_pairing_skips_heartbeats_mid_handshake(serve):
+    """A side kept waiting past its heartbeat interval sends a heartbeat mid-handshake
+    (seen on a loaded box: "expected hello_reply during the handshake, got heartbeat");
+    both sides skip it. The real endpoint gets one before the Hello and one before the
+    Proof; the real client gets one before the Challenge and one before the HelloReply."""
+    side = serve()
+    beat = pb.Frame(heartbeat=pb.Heartbeat())
+    hello = pb.Hello(spec=wire.spec_to_pb(side.spec), backend="tcp", sender_id="hb", nonce=auth.new_nonce())  # fmt: skip
+    raw = _raw_link(side.endpoint.address)
+    try:
+        raw.send(beat)
+        raw.send(pb.Frame(hello=hello))
+        challenge = raw.recv_frame().challenge.nonce
+        raw.send(beat)
+        raw.send(pb.Frame(proof=pb.Proof(mac=auth.hello_mac(SECRET, hello, challenge))))
+        reply = raw.recv_frame().hello_reply
+        assert reply.ok, reply.error
+    finally:
+        raw.close()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def receiver() -> None:  # the real protocol, a heartbeat before each of its frames
+        sock, _ = server.accept()
+        link = ControlLink(sock, "beating", FAST.heartbeat_s, FAST.peer_timeout_s)
+        got = link.recv_frame().hello
+        nonce = auth.new_nonce()
+        link.send(beat)
+        link.send(pb.Frame(challenge=pb.Challenge(nonce=nonce)))
+        link.recv_frame()  # the proof
+        ok = pb.HelloReply(ok=True, spec=wire.spec_to_pb(side.spec), epoch=1)
+        ok.mac = auth.reply_mac(SECRET, ok, got.nonce, nonce)
+        link.send(beat)
+        link.send(pb.Frame(hello_reply=ok))
+        with contextlib.suppress(PeerLost):
+            link.recv_frame()  # until the sender hangs up
+        link.close()
+
+    thread = threading.Thread(target=receiver, daemon=True)
+    thread.start()
+    try:
+        side.client(SECRET).connect(f"127.0.0.1:{server.getsockname()[1]}")
+    finally:
+        side.clients[-1].close()
+        thread.join(10)
+        server.close()

@@ -138,6 +138,12 @@ ray://{{ include "pdserve.fullname" . }}-head-svc.{{ .Release.Namespace }}.svc:{
 {{- if gt (int $v.decode.epSize) 1 }}
 - --decode-ep-size={{ $v.decode.epSize }}
 {{- end }}
+{{- if gt (int (default 1 $v.prefill.tpSize)) 1 }}
+- --prefill-tp={{ $v.prefill.tpSize }}
+{{- end }}
+{{- if gt (int (default 1 $v.decode.tpSize)) 1 }}
+- --decode-tp={{ $v.decode.tpSize }}
+{{- end }}
 - --kv-transport={{ $v.serving.kvTransport }}
 {{- if $v.clusterSecret.enabled }}
 - --cluster-secret-file={{ include "pdserve.secretsDir" . }}/cluster-secret
