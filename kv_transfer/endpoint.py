@@ -40,6 +40,8 @@ from proto import kv_transfer_pb2 as pb
 logger = logging.getLogger(__name__)
 _link_ids = itertools.count()
 _COUNTERS = (
+    "received_pages",
+    "received_bytes",
     "dropped_pages",
     "dropped_bytes",
     "succeeded",
@@ -57,7 +59,12 @@ class Endpoint:
         self.args = args
         self.epoch = args.epoch
         self._intake = PageIntake(
-            args.layout, args.kv_caches, self._find, self._epoch_problem, self._count_drop
+            args.layout,
+            args.kv_caches,
+            self._find,
+            self._epoch_problem,
+            self._count_drop,
+            self._count_received,
         )
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
@@ -275,6 +282,11 @@ class Endpoint:
         state = pb.Status.FAILED if error else pb.Status.WAITING
         status = pb.Status(transfer_id=msg.transfer_id, state=state, error=wire.clip(error or ""))
         link.try_send(pb.Frame(status=status))
+
+    def _count_received(self, pages: int, nbytes: int) -> None:
+        with self._lock:
+            self._counters["received_pages"] += pages
+            self._counters["received_bytes"] += nbytes
 
     def _count_drop(self, pages: int, nbytes: int) -> None:
         with self._lock:

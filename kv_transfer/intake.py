@@ -52,11 +52,14 @@ class PageIntake:
         find: Callable[[str], ReceiverTransfer | None],
         epoch_problem: Callable[[int, str], str | None],
         on_drop: Callable[[int, int], None],
+        on_received: Callable[[int, int], None] | None = None,
     ):
         self._layout, self._kv_caches = layout, kv_caches
         self._pages = {None: _Pages(layout, kv_caches, None)}
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
+        self._on_received = on_received
+        """Counts the K/V pages and bytes written into blocks (what the wire carried)."""
 
     def _pages_of(self, transfer: ReceiverTransfer | None) -> _Pages:
         heads = transfer.local_heads if transfer is not None else None
@@ -96,6 +99,8 @@ class PageIntake:
             raise
         finally:
             transfer.end_write(desc, ok)
+        if ok and self._on_received is not None:
+            self._on_received(2 * n, desc.k_bytes + desc.v_bytes)
 
     def _size_problem(self, desc: pb.PageDescriptor, bb: int) -> str | None:
         n = len(desc.block_ids)
