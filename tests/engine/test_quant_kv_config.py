@@ -8,8 +8,8 @@ import pytest
 from engine.config import CacheConfig
 from router.launch.cli import build_parser
 from router.launch.flags import serve_config, worker_config
-from tests.deploy.test_helm_chart import render, router_container
 from tests.deploy.serve_flags import serve_config_of
+from tests.deploy.test_helm_chart import render, router_container
 
 
 def test_quant_kv_flag_reaches_both_workers_of_serve_and_a_worker():
