@@ -92,6 +92,8 @@ class PageIntake:
                 ok = self._receive_direct(transfer, desc, plan, plane, pages)
             else:
                 ok = self._receive_chunks(transfer, desc, plan, plane, chunks, pages)
+            if ok and self._on_received is not None:  # counted before the layer completes
+                self._on_received(2 * n, desc.k_bytes + desc.v_bytes)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -99,8 +101,6 @@ class PageIntake:
             raise
         finally:
             transfer.end_write(desc, ok)
-        if ok and self._on_received is not None:
-            self._on_received(2 * n, desc.k_bytes + desc.v_bytes)
 
     def _size_problem(self, desc: pb.PageDescriptor, bb: int) -> str | None:
         n = len(desc.block_ids)
