@@ -16,6 +16,8 @@ token a prefill worker samples equals the dense cache's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.attention.backend import AttentionMetadata
@@ -34,13 +36,15 @@ def dense_blocks(
     block_tables: torch.Tensor,
     num_blocks: int,
     dtype: torch.dtype,
+    dequant: Callable[..., torch.Tensor] = dequantize_blocks,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``num_blocks`` of every table, dequantized: dense K, V and the tables
-    renumbered into them (int32, same shape as ``block_tables[:, :num_blocks]``)."""
+    """The first ``num_blocks`` of every table, dequantized (by ``dequant``: torch here, the
+    Triton kernel on CUDA): dense K, V and the tables renumbered into them (int32, same
+    shape as ``block_tables[:, :num_blocks]``)."""
     tables = block_tables[:, :num_blocks].to(torch.int64)
     used, local = torch.unique(tables, return_inverse=True)
-    k = dequantize_blocks(fmt, k_cache, used, dtype)
-    v = dequantize_blocks(fmt, v_cache, used, dtype)
+    k = dequant(fmt, k_cache, used, dtype)
+    v = dequant(fmt, v_cache, used, dtype)
     return k, v, local.to(torch.int32)
 
 
