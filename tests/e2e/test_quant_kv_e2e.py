@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import grpc
+import httpx
 import pytest
 
 from engine import LLM, SamplingParams
@@ -59,7 +60,8 @@ def test_quant_kv_through_the_router(ray_session, decisive, dense, kv_cache_dtyp
     cluster = start(decisive, f"q{kv_cache_dtype}-", {"prefill": kv_cache_dtype, "decode": kv_cache_dtype})  # fmt: skip
     try:
         for mode in MODES:
-            c = client(cluster.router(mode))
+            rt = cluster.router(mode)
+            c = client(rt)
             before = decode_transfer_stats(cluster)
             got = []
             for prompt in PROMPTS:
@@ -73,6 +75,7 @@ def test_quant_kv_through_the_router(ray_session, decisive, dense, kv_cache_dtyp
             after = decode_transfer_stats(cluster)
             if mode != "aggregated":
                 check_bytes_per_token(cluster, mode, before, after)
+            check_pool_reported(rt, kv_cache_dtype)
             cluster.wait_all_free()
     finally:
         cluster.stop()
@@ -88,6 +91,19 @@ def check_bytes_per_token(cluster: Cluster, mode: str, before: dict, after: dict
     tokens = pages // (2 * layers) * block
     bf16 = 2 * layers * heads * head_dim * 2
     assert nbytes / tokens / bf16 == (head_dim + 2) / (2 * head_dim)
+
+
+def check_pool_reported(rt, kv_cache_dtype: str) -> None:
+    """/health and /metrics give each worker's pool in tokens and bytes per token."""
+    workers = httpx.get(rt.url + "/health", timeout=10).json()["workers"]
+    per_token = 2 * 2 * 2 * (16 + 2)  # layers x K,V x kv heads x (head_dim + scale bytes)
+    for w in workers.values():
+        assert w["kv_cache_dtype"] == kv_cache_dtype
+        assert (w["kv_pool_tokens"], w["kv_bytes_per_token"]) == (NUM_BLOCKS * 16, per_token)
+    text = httpx.get(rt.url + "/metrics", timeout=10).text
+    for wid in workers:
+        assert f'pdserve_kv_pool_tokens{{worker="{wid}"}} {NUM_BLOCKS * 16}.0' in text
+        assert f'pdserve_kv_bytes_per_token{{worker="{wid}"}} {per_token}.0' in text
 
 
 def test_quant_kv_dtype_mismatch_refused_naming_both(ray_session, decisive, caplog):
