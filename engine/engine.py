@@ -68,7 +68,9 @@ class LLMEngine:
         self.layout = self._layout(config, dtype)
         self.kv = make_kv_manager(self.parallel, self.layout, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        self.backend = get_backend(config.attention_backend, config.device)
+        self.backend = get_backend(
+            config.attention_backend, config.device, config.cache.kv_cache_dtype
+        )
         self.grammars = GrammarBackend(config.model, self.spec.vocab_size, self.spec.eos_token_ids)
         """Compiled structured-output grammars; thread-safe (engine/worker/service.py)."""
         self.kv_pool = SharedKVPool.create(self.layout, self.device) if config.cache.shared_memory else None  # fmt: skip
@@ -81,8 +83,10 @@ class LLMEngine:
         self.prefill_rate = PrefillRate()
         """Measured prompt tokens per second (the router predicts TTFT with it)."""
         logger.info(
-            "engine ready: %s, %d KV blocks of %d tokens, max_model_len=%d, attention=%s%s",
+            "engine ready: %s, %d KV blocks of %d tokens (%s, %d B/token), max_model_len=%d, "
+            "attention=%s%s",
             self.spec.architecture, self.layout.num_blocks, self.layout.block_size,
+            self.layout.kv_cache_dtype, self.layout.bytes_per_token,
             self.max_model_len, self.backend.name, describe_rank(self.parallel, self.heads),
         )  # fmt: skip
 
@@ -107,13 +111,14 @@ class LLMEngine:
         return config.max_model_len or limit
 
     def _layout(self, config: EngineConfig, dtype: torch.dtype) -> KVLayout:
-        """This rank's cache: its KV heads only (every rank has the same block count)."""
+        """This rank's cache: its KV heads only (every rank has the same block count),
+        as many blocks as the byte budget buys in the configured KV dtype."""
         spec, cache = self.spec, config.cache
         heads = self.heads[1] - self.heads[0]
-        per_block = 2 * spec.num_layers * cache.block_size * heads * spec.head_dim
-        per_block *= torch.empty((), dtype=dtype).element_size()
-        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory_bytes // per_block)
-        return KVLayout(spec.num_layers, num_blocks, cache.block_size, heads, spec.head_dim, dtype)
+        shape = (spec.num_layers, 1, cache.block_size, heads, spec.head_dim, dtype)
+        one = KVLayout(*shape, kv_cache_dtype=cache.kv_cache_dtype)
+        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory_bytes // one.bytes_per_block)
+        return replace(one, num_blocks=num_blocks)
 
     @property
     def ep_size(self) -> int:

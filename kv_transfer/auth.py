@@ -60,6 +60,7 @@ def _spec_parts(spec: pb.LayoutSpec) -> tuple[str, ...]:
         str(spec.block_size),
         str(spec.protocol_version),
         f"{spec.tp_size}/{spec.tp_rank}/{spec.head_start}/{spec.head_end}",
+        spec.kv_cache_dtype,
     )
 
 

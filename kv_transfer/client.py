@@ -22,7 +22,7 @@ import socket
 import threading
 import uuid
 
-from engine.kv_cache.layout import KVLayoutSpec, dtype_from_name
+from engine.kv_cache.layout import KVLayoutSpec
 from kv_transfer import auth, outgoing, tp_map, wire
 from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost
@@ -126,7 +126,7 @@ class Client:
     def __init__(self, backend: Backend, spec: KVLayoutSpec, config: TransferConfig):
         self.backend, self.spec, self.config = backend, spec, config
         self.sender_id = uuid.uuid4().hex[:8]
-        self._dtype = dtype_from_name(spec.dtype)
+        self._dtype = spec.page_dtype  # uint8 for a quantized cache: values + scales
         self._lock = threading.Lock()
         self._links: dict[str, _Link] = {}
 
@@ -137,7 +137,7 @@ class Client:
         auth.check_ticket(self.config.secret, ticket, self.backend.name)  # before connecting
         link = self._link_for(ticket.endpoint, ticket.epoch)
         heads = tp_map.part_heads(ticket, link.peer)
-        block_shape = (self.spec.block_size, heads[1] - heads[0], self.spec.head_dim)
+        block_shape = self.spec.page_block_shape(heads[1] - heads[0])
         transfer = SenderTransfer(
             ticket,
             self.spec.num_layers,

@@ -40,6 +40,8 @@ from proto import kv_transfer_pb2 as pb
 logger = logging.getLogger(__name__)
 _link_ids = itertools.count()
 _COUNTERS = (
+    "received_pages",
+    "received_bytes",
     "dropped_pages",
     "dropped_bytes",
     "succeeded",
@@ -59,7 +61,7 @@ class Endpoint:
         self.epoch = args.epoch
         self._intake = PageIntake(
             args.layout, args.kv_caches, self._find, self._epoch_problem, self._count_drop,
-            lambda pages: self._count("in_place_pages", pages),
+            lambda pages: self._count("in_place_pages", pages), self._count_received,
         )  # fmt: skip
         self._lock = threading.Lock()
         self._transfers: dict[str, ReceiverTransfer] = {}
@@ -284,6 +286,11 @@ class Endpoint:
     def _count(self, name: str, n: int) -> None:
         with self._lock:
             self._counters[name] += n
+
+    def _count_received(self, pages: int, nbytes: int) -> None:
+        with self._lock:
+            self._counters["received_pages"] += pages
+            self._counters["received_bytes"] += nbytes
 
     def _count_drop(self, pages: int, nbytes: int) -> None:
         with self._lock:

@@ -55,6 +55,7 @@ class PageIntake:
         epoch_problem: Callable[[int, str], str | None],
         on_drop: Callable[[int, int], None],
         on_in_place: Callable[[int], None] = lambda pages: None,
+        on_received: Callable[[int, int], None] = lambda pages, nbytes: None,
     ):
         self._layout, self._kv_caches = layout, kv_caches
         self._pages = {None: _Pages(layout, kv_caches, None)}
@@ -62,6 +63,8 @@ class PageIntake:
         self._max_payload = 2 * layout.num_blocks * layout.block_bytes
         self._find, self._epoch_problem, self._on_drop = find, epoch_problem, on_drop
         self._on_in_place = on_in_place
+        self._on_received = on_received
+        """Counts the K/V pages and bytes written into blocks (what the transport carried)."""
 
     def _pages_of(self, transfer: ReceiverTransfer | None) -> _Pages:
         heads = transfer.local_heads if transfer is not None else None
@@ -102,6 +105,8 @@ class PageIntake:
                 ok = self._receive_direct(transfer, desc, plan, plane, pages)
             else:
                 ok = self._receive_chunks(transfer, desc, plan, plane, chunks, targets, pages)
+            if ok:  # counted before the layer completes
+                self._on_received(2 * len(desc.block_ids), desc.k_bytes + desc.v_bytes)
         except BadDescriptor as exc:
             transfer.fail(f"layer {desc.layer}: {exc}", notify_sender=True)
         except BaseException as exc:
@@ -166,6 +171,8 @@ class PageIntake:
                     for view in self._pages[None].writers[desc.layer][kv].checksum_views(desc.block_ids):  # fmt: skip
                         checksum.update(view)
             ok = checksum.value() == _expected_checksum(plane, desc)
+            if ok:  # counted before the layer completes
+                self._on_received(2 * len(desc.block_ids), desc.k_bytes + desc.v_bytes)
         finally:
             transfer.end_write(desc, ok)
         self._on_in_place(2 * len(desc.block_ids))

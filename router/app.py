@@ -155,6 +155,9 @@ async def health(request: Request):
                 "epoch": w.epoch,
                 "ep_size": w.ep_size,
                 "tp_size": w.tp_size,
+                "kv_cache_dtype": w.layout.kv_cache_dtype,
+                "kv_pool_tokens": w.num_blocks * w.layout.block_size,
+                "kv_bytes_per_token": w.layout.bytes_per_token,
             }
             for w in workers
         },

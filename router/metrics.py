@@ -6,6 +6,8 @@ from enum import Enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.kv_cache.layout import KVLayoutSpec
+
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -62,6 +64,16 @@ class Metrics:
         self.kv_blocks_total = Gauge(
             "pdserve_kv_blocks_total", "KV blocks per worker.", ["worker"], registry=r
         )
+        self.kv_pool_tokens = Gauge(
+            "pdserve_kv_pool_tokens", "Tokens the KV pool of each worker holds (blocks x block size).",
+            ["worker"], registry=r,
+        )  # fmt: skip
+        self.kv_bytes_per_token = Gauge(
+            "pdserve_kv_bytes_per_token",
+            "KV bytes per token of each worker's cache (all layers, K and V, scales included: "
+            "half of bf16's for --kv-cache-dtype fp8/int8).",
+            ["worker"], registry=r,
+        )  # fmt: skip
         self.kv_bytes = Counter(
             "pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode.", registry=r
         )
@@ -120,6 +132,11 @@ class Metrics:
         for name, depth in queues.items():
             self.queue_depth.labels(worker=worker_id, queue=name).set(depth)
 
+    def kv_pool(self, worker_id: str, num_blocks: int, layout: KVLayoutSpec) -> None:
+        """The pool in tokens and bytes per token, for the worker's KV dtype."""
+        self.kv_pool_tokens.labels(worker=worker_id).set(num_blocks * layout.block_size)
+        self.kv_bytes_per_token.labels(worker=worker_id).set(layout.bytes_per_token)
+
     def expert_stats(self, worker_id: str, tokens: list[int], ep_size: int) -> None:
         """Per expert and per EP rank: tokens routed, and balancedness (mean / max)."""
         per = len(tokens) // max(ep_size, 1)
@@ -134,7 +151,8 @@ class Metrics:
             self.expert_balancedness.labels(worker=worker_id, level=level).set(value)
 
     def forget_worker(self, worker_id: str) -> None:
-        for gauge in (self.kv_blocks_in_use, self.kv_blocks_total):
+        gauges = (self.kv_blocks_in_use, self.kv_blocks_total, self.kv_pool_tokens, self.kv_bytes_per_token)  # fmt: skip
+        for gauge in gauges:
             try:
                 gauge.remove(worker_id)
             except KeyError:

@@ -191,6 +191,7 @@ class Registry:
                 self.metrics.workers.labels(role=role, healthy=str(healthy).lower()).set(n)
         for w in workers:
             self.metrics.worker_stats(w.worker_id, w.num_blocks, w.load.num_free_blocks, w.load.queues)  # fmt: skip
+            self.metrics.kv_pool(w.worker_id, w.num_blocks, w.layout)
             if w.load.expert_tokens:
                 self.metrics.expert_stats(w.worker_id, w.load.expert_tokens, w.ep_size)
 
@@ -258,6 +259,7 @@ class Registry:
         if stored or evicted:
             await self.io(self.state.apply_block_events, w.worker_id, stored, evicted)
         self.metrics.worker_stats(w.worker_id, stats.num_blocks, stats.num_free_blocks, queues)
+        self.metrics.kv_pool(w.worker_id, stats.num_blocks, w.layout)
         if stats.expert_tokens:
             self.metrics.expert_stats(w.worker_id, list(stats.expert_tokens), stats.ep_size or 1)
 

@@ -10,6 +10,11 @@ _REGISTRY: dict[str, str] = {
     "torch": "engine.attention.torch_backend:TorchAttentionBackend",
     "triton": "engine.attention.triton_backend:TritonAttentionBackend",
 }
+_QUANT_REGISTRY: dict[str, str] = {
+    "torch": "engine.attention.quant_backend:QuantTorchAttentionBackend",
+    "triton": "engine.attention.quant_triton_backend:QuantTritonAttentionBackend",
+}
+"""Backends of a quantized KV cache (``--kv-cache-dtype`` fp8/int8), built with its name."""
 
 
 def register_backend(name: str, target: str) -> None:
@@ -30,15 +35,19 @@ def resolve_backend_name(name: str, device: str) -> str:
     return "torch"
 
 
-def get_backend(name: str, device: str = "cpu") -> AttentionBackend:
-    """Instantiate the backend registered under ``name`` (``auto`` picks one for ``device``)."""
+def get_backend(name: str, device: str = "cpu", kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """Instantiate the backend registered under ``name`` (``auto`` picks one for ``device``),
+    in its quantized-cache form when ``kv_cache_dtype`` is not ``auto``."""
     name = resolve_backend_name(name, device)
-    if name not in _REGISTRY:
+    registry = _REGISTRY if kv_cache_dtype == "auto" else _QUANT_REGISTRY
+    if name not in registry:
         raise ValueError(
-            f"unknown attention backend {name!r}; choose one of {['auto', *available_backends()]}"
+            f"unknown attention backend {name!r} for kv_cache_dtype={kv_cache_dtype}; "
+            f"choose one of {['auto', *sorted(registry)]}"
         )
-    module_name, cls_name = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)()
+    module_name, cls_name = registry[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls() if kv_cache_dtype == "auto" else cls(kv_cache_dtype)
 
 
 __all__ = [

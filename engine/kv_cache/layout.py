@@ -13,6 +13,10 @@ A *slot* is a flat token index into that cache: ``slot = block * block_size + of
 A sequence's *block table* lists its blocks in token order, so token position ``p`` of
 the sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
 
+With ``kv_cache_dtype`` fp8/int8 the element is a ``uint8`` byte and each head row is
+``head_dim + 2`` bytes: the quantized values and their scale (``engine/kv_cache/quant.py``
+draws that row). Slot math is the same; the bytes of a block are its values and scales.
+
 The KV transfer layer, the kernels and the engine all use these helpers; none of them
 recomputes slot math on its own.
 """
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from engine.kernels import cpu_kv_copy
+from engine.kv_cache.quant import quant_format, row_bytes
 
 PROTOCOL_VERSION = 1
 
@@ -71,7 +76,10 @@ class KVLayout:
     head_dim: int
     """Elements per head."""
     dtype: torch.dtype = torch.float32
-    """Element type of K and V."""
+    """Element type of K and V as attention computes them (the model's dtype)."""
+    kv_cache_dtype: str = "auto"
+    """How the cache stores them: ``auto`` (as ``dtype``), or quantized ``fp8_e4m3``,
+    ``fp8_e5m2``, ``int8`` with a scale per token and head (``engine/kv_cache/quant.py``)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
@@ -79,11 +87,22 @@ class KVLayout:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
         dtype_name(self.dtype)
+        quant_format(self.kv_cache_dtype)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """Element type of the cache tensors: ``dtype``, or ``uint8`` when quantized."""
+        return self.dtype if quant_format(self.kv_cache_dtype) is None else torch.uint8
+
+    @property
+    def row_width(self) -> int:
+        """Elements of one token's head row: ``head_dim`` (+ the scale bytes when quantized)."""
+        return row_bytes(self.kv_cache_dtype, self.head_dim, 1)
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
-        """Shape of one block of one layer's K (or V): ``[block_size, kv_heads, head_dim]``."""
-        return (self.block_size, self.num_kv_heads, self.head_dim)
+        """Shape of one block of one layer's K (or V): ``[block_size, kv_heads, row_width]``."""
+        return (self.block_size, self.num_kv_heads, self.row_width)
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -92,17 +111,22 @@ class KVLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return torch.empty((), dtype=self.storage_dtype).element_size()
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block of one layer's K (V has the same size)."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+        """Bytes of one block of one layer's K (V has the same size), scales included."""
+        return self.block_size * self.num_kv_heads * self.row_width * self.element_size
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V bytes per token across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.element_size
+        """K and V bytes per token across all layers (scales included)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.row_width * self.element_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V bytes of one block id across all layers (what the byte budget buys)."""
+        return self.block_size * self.bytes_per_token
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
@@ -114,8 +138,8 @@ class KVLayout:
         """Zeroed K and V tensors for every layer."""
         return [
             (
-                torch.zeros(self.cache_shape, dtype=self.dtype, device=device),
-                torch.zeros(self.cache_shape, dtype=self.dtype, device=device),
+                torch.zeros(self.cache_shape, dtype=self.storage_dtype, device=device),
+                torch.zeros(self.cache_shape, dtype=self.storage_dtype, device=device),
             )
             for _ in range(self.num_layers)
         ]
@@ -245,6 +269,8 @@ class KVLayoutSpec:
     """Dtype name, e.g. ``bfloat16``."""
     block_size: int
     protocol_version: int = PROTOCOL_VERSION
+    kv_cache_dtype: str = "auto"
+    """How the pages store K/V (``auto``: as ``dtype``; fp8/int8: quantized rows + scales)."""
     tp_size: int = 1
     tp_rank: int = 0
     head_start: int = 0
@@ -252,6 +278,9 @@ class KVLayoutSpec:
     """End of this rank's heads; 0 = ``num_kv_heads`` (every head)."""
 
     def __post_init__(self) -> None:
+        if not self.kv_cache_dtype:  # a peer from before the field: it stored its dtype
+            object.__setattr__(self, "kv_cache_dtype", "auto")
+        quant_format(self.kv_cache_dtype)
         if self.head_end == 0:
             object.__setattr__(self, "head_end", self.num_kv_heads)
 
@@ -264,6 +293,7 @@ class KVLayoutSpec:
             head_dim=layout.head_dim,
             dtype=dtype_name(layout.dtype),
             block_size=layout.block_size,
+            kv_cache_dtype=layout.kv_cache_dtype,
         )
 
     def for_rank(self, tp_size: int, tp_rank: int, heads: tuple[int, int]) -> KVLayoutSpec:
@@ -282,10 +312,23 @@ class KVLayoutSpec:
         return self.head_end - self.head_start
 
     @property
+    def page_dtype(self) -> torch.dtype:
+        """Element type of the pages on the wire (``uint8`` when quantized)."""
+        if quant_format(self.kv_cache_dtype) is not None:
+            return torch.uint8
+        return dtype_from_name(self.dtype)
+
+    def page_block_shape(self, num_heads: int) -> tuple[int, int, int]:
+        """Shape of one block of one layer's K (or V) page holding ``num_heads`` heads."""
+        return (self.block_size, num_heads, row_bytes(self.kv_cache_dtype, self.head_dim, 1))
+
+    @property
     def bytes_per_token(self) -> int:
-        """K and V bytes per token across all layers and heads (the whole group's)."""
-        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        """K and V bytes per token across all layers and heads (the whole group's),
+        quantized rows and their scales included: what a transfer moves per token."""
+        itemsize = torch.empty((), dtype=self.page_dtype).element_size()
+        row = row_bytes(self.kv_cache_dtype, self.head_dim, itemsize)
+        return 2 * self.num_layers * self.num_kv_heads * row
 
     def check_compatible(
         self, other: KVLayoutSpec, *, ours: str = "ours", theirs: str = "theirs"
@@ -302,7 +345,8 @@ class KVLayoutSpec:
             raise ValueError(
                 "KV layout mismatch: "
                 + "; ".join(diffs)
-                + ". Start both workers with the same model, --dtype and --block-size."
+                + ". Start both workers with the same model, --dtype, --kv-cache-dtype and "
+                "--block-size."
             )
 
     def to_json(self) -> str:

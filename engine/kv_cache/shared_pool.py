@@ -70,7 +70,7 @@ def _views(buf: torch.Tensor, geo: PoolGeometry) -> list[tuple[torch.Tensor, tor
     for layer in range(lay.num_layers):
         k, v = (
             buf[geo.offset(layer, kv) : geo.offset(layer, kv) + n]
-            .view(lay.dtype)
+            .view(lay.storage_dtype)
             .view(lay.cache_shape)  # fmt: skip
             for kv in (0, 1)
         )

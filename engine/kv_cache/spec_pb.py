@@ -20,6 +20,7 @@ def spec_to_pb(spec: KVLayoutSpec) -> pb.LayoutSpec:
         tp_rank=spec.tp_rank,
         head_start=spec.head_start,
         head_end=spec.head_end,
+        kv_cache_dtype=spec.kv_cache_dtype,
     )
 
 
@@ -36,4 +37,5 @@ def spec_from_pb(msg: pb.LayoutSpec) -> KVLayoutSpec:
         tp_rank=msg.tp_rank,
         head_start=msg.head_start,
         head_end=msg.head_end,
+        kv_cache_dtype=msg.kv_cache_dtype or "auto",
     )

@@ -48,12 +48,14 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def layout_param(layout: KVLayout) -> str:
-    return ",".join(map(str, (*layout.cache_shape, layout.num_layers, dtype_name(layout.dtype))))
+    lay = layout
+    parts = (lay.num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim, lay.num_layers)
+    return ",".join(map(str, (*parts, dtype_name(lay.dtype), lay.kv_cache_dtype)))
 
 
 def layout_from_param(text: str) -> KVLayout:
-    blocks, size, heads, dim, layers, dtype = text.split(",")
-    return KVLayout(int(layers), int(blocks), int(size), int(heads), int(dim), dtype_from_name(dtype))  # fmt: skip
+    blocks, size, heads, dim, layers, dtype, kv_dtype = text.split(",")
+    return KVLayout(int(layers), int(blocks), int(size), int(heads), int(dim), dtype_from_name(dtype), kv_dtype)  # fmt: skip
 
 
 class PoolGrants:

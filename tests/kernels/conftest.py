@@ -20,6 +20,8 @@ _KERNEL_MODULES = (
     "engine.kernels.paged_decode_attention",
     "engine.kernels.paged_prefill_attention",
     "engine.attention.triton_backend",
+    "engine.kernels.dequant_kv",
+    "engine.attention.quant_triton_backend",
 )
 
 

@@ -168,6 +168,7 @@ ray://{{ include "pdserve.fullname" . }}-head-svc.{{ .Release.Namespace }}.svc:{
 {{- with $v.engine.numKvBlocks }}
 - --num-kv-blocks={{ . }}
 {{- end }}
+- --kv-cache-dtype={{ $v.engine.kvCacheDtype }}
 {{- with $v.engine.maxModelLen }}
 - --max-model-len={{ . }}
 {{- end }}
