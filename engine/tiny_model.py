@@ -176,19 +176,28 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
 
 
 def make_tiny_model(
-    arch: str, out_dir: str | Path, seed: int = 0, overrides: dict[str, Any] | None = None
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write a tiny checkpoint for ``arch`` into ``out_dir`` and return its path;
-    ``overrides`` change config fields (shapes) before the weights are drawn."""
+    ``overrides`` change config fields (shapes) before the weights are drawn; ``quantize``
+    (a preset of engine/quant/checkpoint.py) stores the linear weights in compressed-tensors
+    format, quantized from the same random weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("building tiny %s model in %s", arch, out)
     tok = train_tokenizer()
     eos = tok.token_to_id("<|endoftext|>")
     config = tiny_config(arch, eos, overrides)
-    save_file(
-        random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"}
-    )
+    weights = random_weights(config, seed)
+    if quantize is not None:
+        from engine.quant.checkpoint import compress_weights
+
+        weights, config["quantization_config"] = compress_weights(weights, quantize)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {"eos_token_id": eos, "do_sample": False})

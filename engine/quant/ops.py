@@ -1,0 +1,91 @@
+"""The matmuls of a quantized linear layer, per device.
+
+Weights are ``[out, in]`` int8 or FP8 e4m3 with fp32 scales ``[out, 1]`` (per-channel;
+a per-tensor scale is broadcast to every row at load) or ``[out, in // group]``.
+
+CPU
+    INT8 per-channel, bf16 activations, few rows (decode): ``torch._weight_int8pack_mm``
+        (reads the int8 matrix directly: half the bytes of bf16, which is what a decode
+        step is bound by). Its cost grows with the row count, so a prefill chunk
+        (more than ``INT8PACK_MAX_ROWS`` rows) dequantizes once and runs the dense GEMM.
+    Everything else: dequantize the layer's weight to the activation dtype, then the
+        dense GEMM (FP8 has no CPU matmul; this is the honest baseline).
+    FP8 W8A8 dynamic: the activations are quantized to FP8 and back per token
+        (emulated: the CPU has no FP8 GEMM), so the result is the one a GPU's
+        ``torch._scaled_mm`` computes, without its speed.
+CUDA
+    W8A16 (INT8 or FP8 weights): the Triton GEMM of engine/kernels/w8a16_gemm.py.
+    FP8 W8A8 dynamic on compute capability >= 8.9: ``torch._scaled_mm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT8PACK_MAX_ROWS = 8
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale`` in fp32, returned in ``dtype`` (``[out, in]``)."""
+    out, cols = weight.shape
+    groups = scale.shape[1]
+    w = weight.to(torch.float32).view(out, groups, cols // groups)
+    return (w * scale[:, :, None]).view(out, cols).to(dtype)
+
+
+def fp8_quantize_acts(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_fp8, scale)`` with ``x ~= x_fp8 * scale``; scale ``[rows, 1]`` or ``[1, 1]``."""
+    amax = x.abs().float().amax(dim=-1, keepdim=True) if per_token else x.abs().float().amax()
+    scale = (amax / FP8_MAX).clamp(min=1e-12).reshape(-1, 1)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fake_quant_fp8_acts(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    q, scale = fp8_quantize_acts(x, per_token)
+    return (q.float() * scale).to(x.dtype)
+
+
+def cpu_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The CPU product ``x @ (weight * scale)^T (+ bias)``; ``packed_scale`` (bf16
+    ``[out]``) enables the int8 packed kernel."""
+    rows = x.numel() // x.shape[-1]
+    if packed_scale is not None and x.dtype == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS:
+        y = torch._weight_int8pack_mm(x.reshape(rows, -1), weight, packed_scale)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y + bias if bias is not None else y
+    return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+
+
+def scaled_mm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    per_token: bool,
+) -> torch.Tensor:
+    """FP8 W8A8 on a GPU that has FP8 tensor cores (``torch._scaled_mm``, row-wise scales)."""
+    rows = x.numel() // x.shape[-1]
+    xq, xs = fp8_quantize_acts(x.reshape(rows, -1), per_token)
+    if not per_token:
+        xs = xs.expand(rows, 1)
+    y = torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=xs.contiguous(),
+        scale_b=scale.reshape(1, -1).contiguous(),
+        bias=bias,
+        out_dtype=x.dtype,
+    )
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def has_fp8_mm(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
