@@ -42,7 +42,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "int8": {"weights": {**_INT8, "strategy": "channel"}},
     "int8-group": {"weights": {**_INT8, "strategy": "group", "group_size": 32}},
 }
-IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*shared_expert_gate$", "re:.*experts.*"]
+IGNORE = [
+    "lm_head",
+    "re:.*(mlp|block_sparse_moe)\\.gate$",
+    "re:.*shared_expert_gate$",
+    "re:.*experts.*",
+]
 _LINEAR = re.compile(r"^model\.layers\.\d+\..*_proj\.weight$|^lm_head\.weight$")
 
 

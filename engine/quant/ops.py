@@ -28,23 +28,28 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight * scale`` in fp32, returned in ``dtype`` (``[out, in]``)."""
+    """``weight * scale`` ``[out, in]`` computed in ``dtype``, the scale first rounded to
+    it, as compressed-tensors dequantizes (8-bit values are exact in bf16 and fp16; a
+    real checkpoint's scales are already in the model dtype)."""
     out, cols = weight.shape
     groups = scale.shape[1]
-    w = weight.to(torch.float32).view(out, groups, cols // groups)
-    return (w * scale[:, :, None]).view(out, cols).to(dtype)
+    w = weight.view(out, groups, cols // groups).to(dtype)
+    return (w * scale.to(dtype)[:, :, None]).view(out, cols)
 
 
 def fp8_quantize_acts(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_fp8, scale)`` with ``x ~= x_fp8 * scale``; scale ``[rows, 1]`` or ``[1, 1]``."""
-    amax = x.abs().float().amax(dim=-1, keepdim=True) if per_token else x.abs().float().amax()
-    scale = (amax / FP8_MAX).clamp(min=1e-12).reshape(-1, 1)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """``(x_fp8, scale)`` with ``x ~= x_fp8 * scale``; scale ``[rows, 1]`` or ``[1, 1]``
+    in ``x.dtype``, computed there as compressed-tensors computes dynamic scales."""
+    amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax().reshape(1, 1)
+    scale = amax / FP8_MAX
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def fake_quant_fp8_acts(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """``x`` through FP8 and back (what an FP8 W8A8 GEMM sees of its input)."""
     q, scale = fp8_quantize_acts(x, per_token)
-    return (q.float() * scale).to(x.dtype)
+    return q.to(x.dtype) * scale
 
 
 def cpu_linear(
@@ -74,6 +79,7 @@ def scaled_mm_fp8(
     """FP8 W8A8 on a GPU that has FP8 tensor cores (``torch._scaled_mm``, row-wise scales)."""
     rows = x.numel() // x.shape[-1]
     xq, xs = fp8_quantize_acts(x.reshape(rows, -1), per_token)
+    xs = xs.float()
     if not per_token:
         xs = xs.expand(rows, 1)
     y = torch._scaled_mm(
