@@ -55,11 +55,10 @@ def _w8a16_kernel(
             mask=(rm[:, None] < M) & (rk[None, :] < K),
             other=0.0,
         ).to(tl.float32)
-        w = tl.load(
-            w_ptr + rn[None, :] * K + rk[:, None],
-            mask=(rn[None, :] < N) & (rk[:, None] < K),
-            other=0,
-        ).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        w_mask = (rn[None, :] < N) & (rk[:, None] < K)
+        # No ``other=``: an FP8 pointer takes no integer fill; zero the lanes after the cast
+        w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=w_mask)  # [BLOCK_K, BLOCK_N]
+        w = tl.where(w_mask, w.to(tl.float32), 0.0)
         g = k0 // group_size
         s = tl.load(s_ptr + rn * G + g, mask=rn < N, other=0.0)
         acc += tl.dot(x, w * s[None, :], input_precision="ieee")

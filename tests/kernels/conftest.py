@@ -20,6 +20,7 @@ _KERNEL_MODULES = (
     "engine.kernels.paged_decode_attention",
     "engine.kernels.paged_prefill_attention",
     "engine.attention.triton_backend",
+    "engine.kernels.w8a16_gemm",
 )
 
 
