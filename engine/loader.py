@@ -149,7 +149,7 @@ def load_model(
     _zero_padding(model)
     quant = parse_quant_config(cfg, source=str(Path(model_dir) / "config.json"))
     if quant is not None:
-        targets = apply_quantization(model, targets, quant)  # after .to(dtype): FP8 stays
+        targets = apply_quantization(model, targets, quant, dtype)  # after .to(dtype): FP8 stays
     loaded, on_disk = _load_tensors(model, targets, files)
     missing = sorted(set(targets) - loaded)
     if missing:

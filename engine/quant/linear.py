@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from engine.layers.basic import Linear
+from engine.layers.basic import Linear, can_prepack, packed_linear, prepack_weight
 from engine.layers.moe import SparseMoE
 from engine.layers.weights import WeightRead, WeightTarget
 from engine.quant import ops
@@ -37,9 +37,13 @@ logger = logging.getLogger(__name__)
 class QuantMethod:
     """How one layer's 8-bit weight loads and multiplies."""
 
-    def __init__(self, scheme: WeightScheme) -> None:
+    def __init__(self, scheme: WeightScheme, dtype: torch.dtype) -> None:
         self.scheme = scheme
+        self.dtype = dtype
+        """The model's (activation) dtype."""
         self.packed_scale: torch.Tensor | None = None
+        self.dense: torch.Tensor | None = None
+        """CPU FP8: the dequantized weight in oneDNN's layout."""
 
     def create(self, layer: Linear, where: str) -> None:
         out, cols = layer.weight.shape
@@ -96,9 +100,18 @@ class QuantMethod:
         return tensor
 
     def prepack(self, layer: Linear) -> None:
-        s = self.scheme
-        if s.kind == "int8" and s.strategy == "channel" and layer.weight.device.type == "cpu":
+        """CPU only (the loader calls it last): INT8 per-channel keeps its int8 matrix for
+        the packed kernel; FP8, which no CPU multiplies, is dequantized once into the
+        model dtype and oneDNN's layout (exactly the per-call dequantization, without its
+        cost per step; it then holds bf16's bytes)."""
+        s, w = self.scheme, layer.weight
+        if w.device.type != "cpu":
+            return
+        if s.kind == "int8" and s.strategy == "channel":
             self.packed_scale = layer.weight_scale.reshape(-1).to(torch.bfloat16)
+        elif s.kind == "fp8" and can_prepack(torch.empty(1, 1, dtype=self.dtype)):
+            self.dense = prepack_weight(ops.dequantize(w, layer.weight_scale, self.dtype))
+            layer.weight = layer.weight_scale = None
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         s, w, scale = self.scheme, layer.weight, layer.weight_scale
@@ -106,6 +119,8 @@ class QuantMethod:
             return _cuda_apply(s, x, w, scale, layer.bias)
         if s.dynamic_fp8_acts:
             x = ops.fake_quant_fp8_acts(x, s.act_strategy == "token")
+        if self.dense is not None:
+            return packed_linear(x, self.dense, layer.bias)
         return ops.cpu_linear(x, w, scale, layer.bias, self.packed_scale)
 
 
@@ -156,7 +171,7 @@ def _layer_schemes(
 
 
 def apply_quantization(
-    model: nn.Module, targets: dict[str, WeightTarget], cfg: QuantConfig
+    model: nn.Module, targets: dict[str, WeightTarget], cfg: QuantConfig, dtype: torch.dtype
 ) -> dict[str, WeightTarget]:
     """Quantize ``model``'s targeted linears in place; returns the weight targets of the
     checkpoint's tensors (8-bit weights and their scales)."""
@@ -166,7 +181,7 @@ def apply_quantization(
     for owner, (scheme, hf_modules) in schemes.items():
         if scheme is None:
             continue
-        QuantMethod(scheme).create(model.get_submodule(owner), hf_modules[0])
+        QuantMethod(scheme, dtype).create(model.get_submodule(owner), hf_modules[0])
         count += 1
         for hf in hf_modules:
             t = out.pop(f"{hf}.weight")

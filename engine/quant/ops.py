@@ -8,8 +8,12 @@ CPU
         (reads the int8 matrix directly: half the bytes of bf16, which is what a decode
         step is bound by). Its cost grows with the row count, so a prefill chunk
         (more than ``INT8PACK_MAX_ROWS`` rows) dequantizes once and runs the dense GEMM.
-    Everything else: dequantize the layer's weight to the activation dtype, then the
-        dense GEMM (FP8 has no CPU matmul; this is the honest baseline).
+    FP8: no CPU multiplies FP8, so the weight is dequantized once at load into the
+        model dtype and oneDNN's prepacked layout (engine/quant/linear.py): the same
+        product as dequantizing per call, at dense speed and with dense bytes. FP8 on a
+        CPU is for running FP8 checkpoints, not for saving memory.
+    INT8 group-wise (and INT8 under fp32 activations, where the packed kernel is slow):
+        dequantize the layer's weight per call, then the dense GEMM.
     FP8 W8A8 dynamic: the activations are quantized to FP8 and back per token
         (emulated: the CPU has no FP8 GEMM), so the result is the one a GPU's
         ``torch._scaled_mm`` computes, without its speed.
