@@ -61,11 +61,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_tiny_model_parser(sub) -> None:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-init HF checkpoint")
     tiny.add_argument("dir")
     tiny.add_argument(
@@ -81,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the linear weights quantized, in compressed-tensors format",
     )
     tiny.set_defaults(func=_cmd_make_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_tiny_model_parser(sub)
 
     gen = sub.add_parser("generate", help="offline generation")
     add_engine_flags(gen)
