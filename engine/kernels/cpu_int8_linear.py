@@ -1,0 +1,70 @@
+"""INT8 weight-only linear on the CPU (``csrc/int8_linear_cpu.c``): ``x @ (w * s)^T + b``.
+
+The int8 matrix is read once per call and widened to fp32 in registers, so a decode step
+(few rows, bound by the weight bytes) reads half of bf16's bytes. :func:`usable` says
+whether a call can take it (library built with AVX-512, CPU tensors, bf16/fp32
+activations, a group size of a multiple of 16 columns); engine/quant/ops.py keeps the
+torch path for everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from engine.kernels import cpu_build
+
+_NAMES = {torch.float32: "int8_linear_f32", torch.bfloat16: "int8_linear_bf16"}
+_P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.int8_linear_supported.restype, lib.int8_linear_supported.argtypes = _I, []
+    for name in _NAMES.values():
+        fn = getattr(lib, name)
+        fn.restype = _I
+        fn.argtypes = [_P, _I64, _P, _P, _I, _P, _P, _I64, _I, _I, _I, _I]
+
+
+def available() -> bool:
+    """Built, and built for a CPU with AVX-512 (F and BW)."""
+    lib = cpu_build.library(_declare)
+    return lib is not None and bool(lib.int8_linear_supported())
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    cols = weight.shape[1]
+    groups = scale.shape[1]
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _NAMES
+        and weight.dtype == torch.int8
+        and weight.is_contiguous()
+        and scale.dtype == torch.float32
+        and scale.is_contiguous()
+        and (groups == 1 or (cols % groups == 0 and (cols // groups) % 16 == 0))
+        and available()
+    )
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x`` ``[..., K]`` times int8 ``weight`` ``[N, K]`` with fp32 ``scale`` ``[N, G]``
+    (see :func:`usable`); ``bias`` ``[N]`` in ``x``'s dtype. Returns ``[..., N]``."""
+    n, k = weight.shape
+    rows = x.numel() // k
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((rows, n), dtype=x.dtype)
+    b = bias.to(x.dtype).contiguous() if bias is not None else None
+    rc = getattr(cpu_build.library(_declare), _NAMES[x.dtype])(
+        x2.data_ptr(), x2.stride(0), weight.data_ptr(), scale.data_ptr(), scale.shape[1],
+        b.data_ptr() if b is not None else None, out.data_ptr(), out.stride(0), rows, n, k,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"int8_linear: shape outside the kernel's limits (rc={rc}): {n}x{k}, {scale.shape[1]} groups")  # fmt: skip
+    return out.view(*x.shape[:-1], n)
