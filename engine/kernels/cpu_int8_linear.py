@@ -16,12 +16,13 @@ import torch
 from engine.kernels import cpu_build
 
 _NAMES = {torch.float32: "int8_linear_f32", torch.bfloat16: "int8_linear_bf16"}
+_FMA_BF16 = "int8_linear_fma_bf16"
 _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.int8_linear_supported.restype, lib.int8_linear_supported.argtypes = _I, []
-    for name in _NAMES.values():
+    for name in (*_NAMES.values(), _FMA_BF16):
         fn = getattr(lib, name)
         fn.restype = _I
         fn.argtypes = [_P, _I64, _P, _P, _I, _P, _P, _I64, _I, _I, _I, _I]
@@ -33,12 +34,16 @@ def available() -> bool:
     return lib is not None and bool(lib.int8_linear_supported())
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+def takes_activations(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _NAMES
+
+
+def takes_weight(weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """A CPU int8 ``[N, K]`` matrix with fp32 scales of whole 16-column groups."""
     cols = weight.shape[1]
     groups = scale.shape[1]
     return (
-        x.device.type == "cpu"
-        and x.dtype in _NAMES
+        weight.device.type == "cpu"
         and weight.dtype == torch.int8
         and weight.is_contiguous()
         and scale.dtype == torch.float32
@@ -49,10 +54,15 @@ def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    vnni: bool = True,
 ) -> torch.Tensor:
     """``x`` ``[..., K]`` times int8 ``weight`` ``[N, K]`` with fp32 ``scale`` ``[N, G]``
-    (see :func:`usable`); ``bias`` ``[N]`` in ``x``'s dtype. Returns ``[..., N]``."""
+    (see :func:`usable`); ``bias`` ``[N]`` in ``x``'s dtype. Returns ``[..., N]``.
+    ``vnni=False`` keeps bf16 activations off the VNNI kernel (tests run both)."""
     n, k = weight.shape
     rows = x.numel() // k
     x2 = x.reshape(rows, k)
@@ -60,7 +70,8 @@ def int8_linear(
         x2 = x2.contiguous()
     out = torch.empty((rows, n), dtype=x.dtype)
     b = bias.to(x.dtype).contiguous() if bias is not None else None
-    rc = getattr(cpu_build.library(_declare), _NAMES[x.dtype])(
+    name = _NAMES[x.dtype] if vnni or x.dtype != torch.bfloat16 else _FMA_BF16
+    rc = getattr(cpu_build.library(_declare), name)(
         x2.data_ptr(), x2.stride(0), weight.data_ptr(), scale.data_ptr(), scale.shape[1],
         b.data_ptr() if b is not None else None, out.data_ptr(), out.stride(0), rows, n, k,
         torch.get_num_threads(),

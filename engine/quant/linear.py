@@ -25,6 +25,7 @@ import logging
 import torch
 from torch import nn
 
+from engine.kernels import cpu_int8_linear
 from engine.layers.basic import Linear, can_prepack, packed_linear, prepack_weight
 from engine.layers.moe import SparseMoE
 from engine.layers.weights import WeightRead, WeightTarget
@@ -42,6 +43,9 @@ class QuantMethod:
         self.dtype = dtype
         """The model's (activation) dtype."""
         self.packed_scale: torch.Tensor | None = None
+        self.kernel_scale: torch.Tensor | None = None
+        """CPU INT8: the scales for the C kernel (rounded to the model dtype, as
+        :func:`ops.dequantize` rounds them), when it takes this weight."""
         self.dense: torch.Tensor | None = None
         """CPU FP8: the dequantized weight in oneDNN's layout."""
 
@@ -100,14 +104,17 @@ class QuantMethod:
         return tensor
 
     def prepack(self, layer: Linear) -> None:
-        """CPU only (the loader calls it last): INT8 per-channel keeps its int8 matrix for
-        the packed kernel; FP8, which no CPU multiplies, is dequantized once into the
+        """CPU only (the loader calls it last): INT8 keeps its int8 matrix for the C
+        kernel (or, per-channel, torch's packed one); FP8, which no CPU multiplies, is dequantized once into the
         model dtype and oneDNN's layout (exactly the per-call dequantization, without its
         cost per step; it then holds bf16's bytes)."""
         s, w = self.scheme, layer.weight
         if w.device.type != "cpu":
             return
-        if s.kind == "int8" and s.strategy == "channel":
+        scale = layer.weight_scale.to(self.dtype).float().contiguous()
+        if s.kind == "int8" and cpu_int8_linear.takes_weight(w, scale):
+            self.kernel_scale = scale
+        elif s.kind == "int8" and s.strategy == "channel":
             self.packed_scale = layer.weight_scale.reshape(-1).to(torch.bfloat16)
         elif s.kind == "fp8" and can_prepack(torch.empty(1, 1, dtype=self.dtype)):
             self.dense = prepack_weight(ops.dequantize(w, layer.weight_scale, self.dtype))
@@ -121,7 +128,7 @@ class QuantMethod:
             x = ops.fake_quant_fp8_acts(x, s.act_strategy == "token")
         if self.dense is not None:
             return packed_linear(x, self.dense, layer.bias)
-        return ops.cpu_linear(x, w, scale, layer.bias, self.packed_scale)
+        return ops.cpu_linear(x, w, scale, layer.bias, self.packed_scale, self.kernel_scale)
 
 
 def _cuda_apply(s: WeightScheme, x, w, scale, bias) -> torch.Tensor:

@@ -4,16 +4,18 @@ Weights are ``[out, in]`` int8 or FP8 e4m3 with fp32 scales ``[out, 1]`` (per-ch
 a per-tensor scale is broadcast to every row at load) or ``[out, in // group]``.
 
 CPU
-    INT8 per-channel, bf16 activations, few rows (decode): ``torch._weight_int8pack_mm``
-        (reads the int8 matrix directly: half the bytes of bf16, which is what a decode
-        step is bound by). Its cost grows with the row count, so a prefill chunk
-        (more than ``INT8PACK_MAX_ROWS`` rows) dequantizes once and runs the dense GEMM.
+    INT8 (per-channel or groups of a multiple of 16 columns), bf16/fp32 activations, up
+        to ``INT8_KERNEL_MAX_ROWS`` rows (decode): the C kernel of
+        engine/kernels/cpu_int8_linear.py (reads the int8 matrix once, directly: half
+        the bytes of bf16, which is what a decode step is bound by). Its cost grows with
+        the rows, so a prefill chunk dequantizes once and runs the dense GEMM.
+    INT8 per-channel, bf16, few rows, where that kernel is not built (no AVX-512):
+        ``torch._weight_int8pack_mm`` (up to ``INT8PACK_MAX_ROWS`` rows).
     FP8: no CPU multiplies FP8, so the weight is dequantized once at load into the
         model dtype and oneDNN's prepacked layout (engine/quant/linear.py): the same
         product as dequantizing per call, at dense speed and with dense bytes. FP8 on a
         CPU is for running FP8 checkpoints, not for saving memory.
-    INT8 group-wise (and INT8 under fp32 activations, where the packed kernel is slow):
-        dequantize the layer's weight per call, then the dense GEMM.
+    Everything else INT8: dequantize the layer's weight per call, then the dense GEMM.
     FP8 W8A8 dynamic: the activations are quantized to FP8 and back per token
         (emulated: the CPU has no FP8 GEMM), so the result is the one a GPU's
         ``torch._scaled_mm`` computes, without its speed.
@@ -27,7 +29,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu_int8_linear
+
 INT8PACK_MAX_ROWS = 8
+INT8_KERNEL_MAX_ROWS = 8
+"""The kernel is faster than dequantize + GEMM up to ~32 rows (bench/RESULTS.md), but it
+applies the scale after the exact sum, as CPU int8 kernels do, where HF (and a GPU
+W8A16 kernel) rounds every dequantized weight to bf16 first: on the tiny random models
+that flips enough greedy tokens, with 32-sequence decode batches in the kernel, to fail
+the 90% agreement with HF (12/32 at a limit of 32 rows; >= 90% at 4, 8 and 16)."""
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
@@ -62,10 +72,18 @@ def cpu_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     packed_scale: torch.Tensor | None = None,
+    kernel_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The CPU product ``x @ (weight * scale)^T (+ bias)``; ``packed_scale`` (bf16
-    ``[out]``) enables the int8 packed kernel."""
+    """The CPU product ``x @ (weight * scale)^T (+ bias)``; ``kernel_scale`` (fp32, as
+    :func:`cpu_int8_linear.takes_weight` checked it) enables the C kernel,
+    ``packed_scale`` (bf16 ``[out]``) torch's int8 packed kernel."""
     rows = x.numel() // x.shape[-1]
+    if (
+        kernel_scale is not None
+        and rows <= INT8_KERNEL_MAX_ROWS
+        and cpu_int8_linear.takes_activations(x)
+    ):
+        return cpu_int8_linear.int8_linear(x, weight, kernel_scale, bias)
     if packed_scale is not None and x.dtype == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, -1), weight, packed_scale)
         y = y.view(*x.shape[:-1], weight.shape[0])

@@ -38,6 +38,7 @@ typedef struct {
 
 static inline __attribute__((always_inline)) __m512 widen(const int8_t *p, __mmask16 mask,
                                                          int full) {
+    _mm_prefetch((const char *)p + 4096, _MM_HINT_T0); /* 4 rows: 4 streams to keep ahead */
     __m128i b = full ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8(mask, p);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
@@ -150,7 +151,22 @@ int NAME(const T *x, int64_t xs, const int8_t *w, const float *scale, int groups
 }
 
 DEFINE_LINEAR(int8_linear_f32, float, block_f32, 0)
-DEFINE_LINEAR(int8_linear_bf16, uint16_t, block_bf16, 1)
+DEFINE_LINEAR(int8_linear_fma_bf16, uint16_t, block_bf16, 1)
+
+/* bf16 activations take the VNNI kernel (int8_linear_vnni.c) where it is built and
+ * takes the group size; the FMA kernel otherwise. */
+int int8_linear_vnni_bf16(const uint16_t *, int64_t, const int8_t *, const float *, int,
+                          const uint16_t *, uint16_t *, int64_t, int, int, int, int);
+
+int int8_linear_bf16(const uint16_t *x, int64_t xs, const int8_t *w, const float *scale,
+                     int groups, const uint16_t *bias, uint16_t *out, int64_t os, int M, int N,
+                     int K, int threads) {
+#ifdef __AVX512VNNI__
+    int rc = int8_linear_vnni_bf16(x, xs, w, scale, groups, bias, out, os, M, N, K, threads);
+    if (rc != -1) return rc;
+#endif
+    return int8_linear_fma_bf16(x, xs, w, scale, groups, bias, out, os, M, N, K, threads);
+}
 
 #else /* no AVX-512: the torch path runs */
 
@@ -158,5 +174,6 @@ int int8_linear_supported(void) { return 0; }
 
 int int8_linear_f32(void) { return -1; }
 int int8_linear_bf16(void) { return -1; }
+int int8_linear_fma_bf16(void) { return -1; }
 
 #endif
