@@ -22,6 +22,8 @@ _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.int8_linear_supported.restype, lib.int8_linear_supported.argtypes = _I, []
+    lib.int8_dequant_bf16.restype = _I
+    lib.int8_dequant_bf16.argtypes = [_P, _P, _I, _P, _I64, _I64, _I]
     for name in (*_NAMES.values(), _FMA_BF16):
         fn = getattr(lib, name)
         fn.restype = _I
@@ -79,3 +81,16 @@ def int8_linear(
     if rc != 0:
         raise ValueError(f"int8_linear: shape outside the kernel's limits (rc={rc}): {n}x{k}, {scale.shape[1]} groups")  # fmt: skip
     return out.view(*x.shape[:-1], n)
+
+
+def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``bf16(weight * scale)`` ``[N, K]`` in one pass, bit-equal to
+    ``engine.quant.ops.dequantize(weight, scale, torch.bfloat16)`` when ``scale`` holds
+    bf16 values (as a layer's ``kernel_scale`` does); see :func:`takes_weight`."""
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=torch.bfloat16)
+    cpu_build.library(_declare).int8_dequant_bf16(
+        weight.data_ptr(), scale.data_ptr(), scale.shape[1], out.data_ptr(), n, k,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -84,6 +84,8 @@ def cpu_linear(
         and cpu_int8_linear.takes_activations(x)
     ):
         return cpu_int8_linear.int8_linear(x, weight, kernel_scale, bias)
+    if kernel_scale is not None and x.dtype == torch.bfloat16:
+        return F.linear(x, cpu_int8_linear.dequantize_bf16(weight, kernel_scale), bias)
     if packed_scale is not None and x.dtype == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, -1), weight, packed_scale)
         y = y.view(*x.shape[:-1], weight.shape[0])

@@ -78,6 +78,7 @@ def test_quant_int8_linear_refuses_a_group_of_odd_width():
 def test_quant_cpu_linear_takes_the_kernel_for_decode_rows():
     """ops.cpu_linear routes decode rows to the kernel and prefill rows around it."""
     q, scale, _, bias = _case(48, 64, 1, 1, torch.bfloat16)
+    scale = scale.to(torch.bfloat16).float()  # as QuantMethod.prepack keeps it
     for rows in (1, ops.INT8_KERNEL_MAX_ROWS, ops.INT8_KERNEL_MAX_ROWS + 3):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         got = ops.cpu_linear(x, q, scale, bias, kernel_scale=scale)
@@ -86,3 +87,11 @@ def test_quant_cpu_linear_takes_the_kernel_for_decode_rows():
         else:
             want = torch.nn.functional.linear(x, ops.dequantize(q, scale, x.dtype), bias)
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("n", "k", "groups"), [(7, 100, 1), (33, 64, 2), (5, 96, 3)])
+def test_quant_int8_dequantize_is_bit_equal_to_torch(n, k, groups):
+    """The prefill path's one-pass dequantization equals ops.dequantize bit for bit."""
+    q, scale, _, _ = _case(n, k, groups, 1, torch.bfloat16)
+    rounded = scale.to(torch.bfloat16).float()
+    assert torch.equal(k8.dequantize_bf16(q, rounded), ops.dequantize(q, scale, torch.bfloat16))

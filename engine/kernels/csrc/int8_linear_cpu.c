@@ -22,6 +22,24 @@
 #include "cpu_vec.h"
 #include <stdlib.h>
 
+/* Prefill rows go to the dense GEMM on w dequantized per call: out = bf16(w * scale),
+ * scale already rounded to bf16, so each product is exact in fp32 and rounds once, as
+ * torch's bf16 multiply does (engine/quant/ops.py dequantize): bit-equal, one pass. */
+int int8_dequant_bf16(const int8_t *w, const float *scale, int groups, uint16_t *out,
+                      int64_t N, int64_t K, int threads) {
+    int64_t gs = K / groups;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = scale[n * groups + g];
+            const int8_t *src = w + n * K + g * gs;
+            uint16_t *dst = out + n * K + g * gs;
+#pragma omp simd
+            for (int64_t k = 0; k < gs; k++) dst[k] = f32_to_bf16((float)src[k] * s);
+        }
+    return 0;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
