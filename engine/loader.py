@@ -24,6 +24,8 @@ from engine.models import build_model
 from engine.models.llama import CausalLM
 from engine.parallel import build as parallel_build
 from engine.parallel.state import SINGLE, ParallelState
+from engine.quant.config import parse_quant_config
+from engine.quant.linear import apply_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +69,33 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _read(model: CausalLM, target: WeightTarget) -> WeightRead:
-    """The slice of the on-disk tensor that ``target``'s layer holds (all of it, unless
-    the layer is a shard: engine/layers/weights.py)."""
+def _layer(model: CausalLM, target: WeightTarget) -> tuple[torch.nn.Module, str]:
     owner, _, name = target.param.rpartition(".")
-    module = model.get_submodule(owner)
+    return model.get_submodule(owner), name
+
+
+def _read(module: torch.nn.Module, name: str, target: WeightTarget) -> WeightRead:
+    """The slice of the on-disk tensor that ``target``'s layer holds (all of it, unless
+    the layer is a shard: engine/layers/weights.py; a quantized layer maps that slice
+    onto its packed weight and scales: engine/quant/linear.py)."""
     read = getattr(module, "weight_read", None)
-    return read(name, target) if read is not None else WeightRead()
+    read = read(name, target) if read is not None else WeightRead()
+    quant = getattr(module, "quant", None)
+    return quant.read(name, read) if quant is not None else read
 
 
-def _copy(
-    param: torch.Tensor, target: WeightTarget, read: WeightRead, f, name: str, file: Path
-) -> None:
+def _copy(model: CausalLM, param: torch.Tensor, target: WeightTarget, f, name: str, file: Path):
+    module, leaf = _layer(model, target)
+    read = _read(module, leaf, target)
     dest = param if target.expert is None else param[target.expert]
     if read.dest_rows is not None:
         dest = dest[read.dest_rows]
     elif target.rows is not None:
         dest = dest[target.row_offset : target.row_offset + target.rows]
     tensor = f.get_slice(name)[read.source] if read.source else f.get_tensor(name)
+    quant = getattr(module, "quant", None)
+    if quant is not None:
+        tensor = quant.convert(leaf, tensor, dest.shape, f"tensor {name} in {file.name}")
     if tuple(dest.shape) != tuple(tensor.shape):
         raise ValueError(
             f"shape mismatch for tensor {name} in {file.name}: checkpoint has "
@@ -112,7 +123,7 @@ def _load_tensors(
                 if target is None:
                     logger.debug("ignoring tensor %s in %s", name, file.name)
                     continue
-                _copy(params[target.param], target, _read(model, target), f, name, file)
+                _copy(model, params[target.param], target, f, name, file)
                 loaded.add(name)
     return loaded, on_disk
 
@@ -136,6 +147,9 @@ def load_model(
     parallel_build.apply_parallel(model, spec, parallel)
     model.to(dtype)
     _zero_padding(model)
+    quant = parse_quant_config(cfg, source=str(Path(model_dir) / "config.json"))
+    if quant is not None:
+        targets = apply_quantization(model, targets, quant, dtype)  # after .to(dtype): FP8 stays
     loaded, on_disk = _load_tensors(model, targets, files)
     missing = sorted(set(targets) - loaded)
     if missing:

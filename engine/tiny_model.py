@@ -178,10 +178,13 @@ def make_tiny_model(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     chat_format: str = "hermes",
+    quantize: str | None = None,
 ) -> Path:
     """Write a tiny checkpoint for ``arch`` into ``out_dir`` and return its path;
     ``overrides`` change config fields (shapes) before the weights are drawn;
-    ``chat_format``: its chat template, ``hermes`` (ChatML) or ``llama3``."""
+    ``chat_format``: its chat template, ``hermes`` (ChatML) or ``llama3``; ``quantize``
+    (a preset of engine/quant/checkpoint.py) stores the linear weights in compressed-tensors
+    format, quantized from the same random weights."""
     if chat_format not in TEMPLATES:
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(TEMPLATES)}")
     out = Path(out_dir)
@@ -190,9 +193,12 @@ def make_tiny_model(
     tok = train_tokenizer()
     eos = tok.token_to_id("<|endoftext|>")
     config = tiny_config(arch, eos, overrides)
-    save_file(
-        random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"}
-    )
+    weights = random_weights(config, seed)
+    if quantize is not None:
+        from engine.quant.checkpoint import compress_weights
+
+        weights, config["quantization_config"] = compress_weights(weights, quantize)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {"eos_token_id": eos, "do_sample": False})

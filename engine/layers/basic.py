@@ -41,7 +41,13 @@ class Linear(nn.Module):
     weight into oneDNN's blocked layout and drops the plain copy: oneDNN's prepacked GEMM
     runs 2-4x faster than ``F.linear``'s fp32 path on CPUs where MKL is slow (AMD), and
     nothing is re-laid out per step. Only one copy of the weight stays resident.
+
+    A quantized checkpoint gives the layer a ``quant`` method (engine/quant/linear.py):
+    the weight is then 8-bit with a ``weight_scale``, and the method does the product.
     """
+
+    quant = None
+    """The layer's :class:`~engine.quant.linear.QuantMethod`, if its weight is quantized."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -50,13 +56,17 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
 
     def prepack(self) -> None:
-        if self.packed is None and can_prepack(self.weight):
+        if self.quant is not None:
+            self.quant.prepack(self)
+        elif self.packed is None and can_prepack(self.weight):
             self.packed = prepack_weight(self.weight)
             self.weight = None  # the packed copy is the only one kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
+        if self.quant is not None:
+            return self.quant.apply(self, x)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -31,8 +31,9 @@ def _configure_threads() -> None:
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from engine.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.arch, args.dir, seed=args.seed)
-    print(f"wrote tiny {args.arch} checkpoint to {path}")
+    path = make_tiny_model(args.arch, args.dir, seed=args.seed, quantize=args.quantize)
+    note = f" ({args.quantize} compressed-tensors weights)" if args.quantize else ""
+    print(f"wrote tiny {args.arch} checkpoint{note} to {path}")
     return 0
 
 
@@ -60,11 +61,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_tiny_model_parser(sub) -> None:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-init HF checkpoint")
     tiny.add_argument("dir")
     tiny.add_argument(
@@ -73,7 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"],
     )
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--quantize",
+        default=None,
+        choices=["fp8", "fp8-tensor", "fp8-dynamic", "int8", "int8-group"],
+        help="store the linear weights quantized, in compressed-tensors format",
+    )
     tiny.set_defaults(func=_cmd_make_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_tiny_model_parser(sub)
 
     gen = sub.add_parser("generate", help="offline generation")
     add_engine_flags(gen)

@@ -22,6 +22,7 @@ _KERNEL_MODULES = (
     "engine.attention.triton_backend",
     "engine.kernels.dequant_kv",
     "engine.attention.quant_triton_backend",
+    "engine.kernels.w8a16_gemm",
 )
 
 
