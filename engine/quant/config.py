@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
-from compressed_tensors.utils.match import is_match
+
+if TYPE_CHECKING:  # compressed_tensors imports torch._dynamo and triton (seconds, and
+    # triton then decorates its language outside TRITON_INTERPRET): only when a
+    # checkpoint is quantized, inside the functions below
+    from compressed_tensors.quantization import QuantizationArgs
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class QuantConfig:
     def scheme_for(self, hf_module: str) -> WeightScheme | None:
         """The scheme of HF module ``hf_module`` (e.g. ``model.layers.0.mlp.up_proj``),
         ``None`` if it stays dense."""
+        from compressed_tensors.utils.match import is_match
+
         dummy = torch.nn.Linear(1, 1, device="meta")
         for targets, scheme in self.groups:
             if is_match(hf_module, dummy, targets, self.ignore):
@@ -137,6 +142,8 @@ def parse_quant_config(cfg: dict[str, Any], source: str = "config.json") -> Quan
             "pdserve loads compressed-tensors checkpoints (llm-compressor's format). "
             f"Supported schemes: {SUPPORTED}"
         )
+    from compressed_tensors.quantization import QuantizationConfig
+
     try:
         parsed = QuantizationConfig.model_validate(raw)
     except Exception as e:  # pydantic's ValidationError, or a bad preset name
