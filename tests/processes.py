@@ -34,3 +34,20 @@ def wait_session_gone(sid: int, started: set[int], timeout: float = 60.0) -> Non
         names = {p: cmd_name(p) for p in left}
         assert time.monotonic() < deadline, f"processes left after stop: {names}"
         time.sleep(0.2)
+
+
+def children(pid: int) -> list[int]:
+    """Follower ranks (multiprocessing spawn children) of ``pid``: what a TP or EP leader
+    started as local processes."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out

@@ -48,15 +48,17 @@ def dense_blocks(
     return k, v, local.to(torch.int32)
 
 
-class QuantTorchAttentionBackend:
-    """Paged attention over a quantized cache with the torch references."""
+class QuantizedStore:
+    """What every backend over a quantized cache shares: the format ``kv_cache_dtype``
+    names, the backend's name (``<kind>+<kv_cache_dtype>``) and the quantizing store."""
+
+    kind = ""
 
     def __init__(self, kv_cache_dtype: str) -> None:
         fmt = quant_format(kv_cache_dtype)
         if fmt is None:
-            raise ValueError("QuantTorchAttentionBackend needs a quantized kv_cache_dtype")
-        self.fmt = fmt
-        self.name = f"torch+{kv_cache_dtype}"
+            raise ValueError(f"{type(self).__name__} needs a quantized kv_cache_dtype")
+        self.fmt, self.name = fmt, f"{self.kind}+{kv_cache_dtype}"
 
     def store_kv(
         self,
@@ -67,6 +69,12 @@ class QuantTorchAttentionBackend:
         meta: AttentionMetadata,
     ) -> None:
         store_quantized(self.fmt, key, value, k_cache, v_cache, meta.slot_mapping)
+
+
+class QuantTorchAttentionBackend(QuantizedStore):
+    """Paged attention over a quantized cache with the torch references."""
+
+    kind = "torch"
 
     def forward(
         self,

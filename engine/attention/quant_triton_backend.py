@@ -19,32 +19,20 @@ from dataclasses import replace
 import torch
 
 from engine.attention.backend import AttentionMetadata
-from engine.attention.quant_backend import dense_blocks
+from engine.attention.quant_backend import QuantizedStore, dense_blocks
 from engine.attention.triton_backend import TritonAttentionBackend
 from engine.kernels.dequant_kv import dequant_blocks
-from engine.kv_cache.quant import quant_format, store_quantized
 
 
-class QuantTritonAttentionBackend:
+class QuantTritonAttentionBackend(QuantizedStore):
     """Paged attention over a quantized cache with Triton kernels (CUDA, or the Triton
     interpreter in tests)."""
 
-    def __init__(self, kv_cache_dtype: str) -> None:
-        fmt = quant_format(kv_cache_dtype)
-        if fmt is None:
-            raise ValueError("QuantTritonAttentionBackend needs a quantized kv_cache_dtype")
-        self.fmt, self.name = fmt, f"triton+{kv_cache_dtype}"
-        self._dense = TritonAttentionBackend()
+    kind = "triton"
 
-    def store_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        store_quantized(self.fmt, key, value, k_cache, v_cache, meta.slot_mapping)
+    def __init__(self, kv_cache_dtype: str) -> None:
+        super().__init__(kv_cache_dtype)
+        self._dense = TritonAttentionBackend()
 
     def forward(
         self,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -65,6 +67,18 @@ def stub(worker: RunningWorker):
     channel = grpc.insecure_channel(worker.address)
     cls = rpc.DecodeServiceStub if worker.config.role == "decode" else rpc.PrefillServiceStub
     return cls(channel), channel
+
+
+@contextlib.contextmanager
+def serving(workers: list[RunningWorker]) -> Iterator[list]:
+    """A gRPC stub per worker (``stub``); on exit the channels close and the workers stop."""
+    stubs = [stub(w) for w in workers]
+    try:
+        yield [s for s, _ in stubs]
+    finally:
+        for (_, channel), w in zip(stubs, workers, strict=True):
+            channel.close()
+            w.stop()
 
 
 def spec(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> pb.RequestSpec:

@@ -17,7 +17,7 @@ from proto import worker_pb2 as pb
 from tests.engine.broken_model import POISON, clean_prompts, nan_token_model
 from tests.engine.hf_reference import hf_greedy
 
-from .inproc import spec, start, stub, tokens, wait_all_free
+from .inproc import serving, spec, start, tokens, wait_all_free
 
 T = 30  # every call has a deadline: on a dead engine loop it would wait forever
 
@@ -30,11 +30,8 @@ def broken(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(broken):
     workers = [start("decode", broken, worker_id="d"), start("prefill", broken, worker_id="p")]
-    stubs = [stub(w) for w in workers]
-    yield [s for s, _ in stubs]
-    for (_, channel), w in zip(stubs, workers, strict=True):
-        channel.close()
-        w.stop()
+    with serving(workers) as stubs:
+        yield stubs
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from proto import worker_pb2 as pb
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.prefill_worker.test_prefill_worker import disagg
 
-from .inproc import GREEDY, spec, start, stub, tokens, wait_all_free
+from .inproc import GREEDY, serving, spec, start, tokens, wait_all_free
 
 ENGINE_CALLS = (
     "add_request", "reserve", "abort", "admit_prefilled", "release", "step",
@@ -24,11 +24,8 @@ ENGINE_CALLS = (
 def pair(tiny_model):
     model = tiny_model("llama")
     workers = [start("decode", model, worker_id="own-d"), start("prefill", model, worker_id="own-p")]  # fmt: skip
-    stubs = [stub(w) for w in workers]
-    yield workers, [s for s, _ in stubs]
-    for (_, channel), w in zip(stubs, workers, strict=True):
-        channel.close()
-        w.stop()
+    with serving(workers) as stubs:
+        yield workers, stubs
 
 
 def _record(monkeypatch, engine, seen: list[tuple[str, str]]) -> None:

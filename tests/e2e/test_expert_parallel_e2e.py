@@ -8,11 +8,9 @@ the workers stop.
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
-import openai
 import pytest
 import ray
 
@@ -21,12 +19,9 @@ from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.waiting import Threads
 
 from .conftest import MODEL_NAME, Cluster, client, worker_config
+from .group_faults import EXTRA, GREEDY, MAX_NEW, greedy_once_recovered, kill_mid_stream, wait_gone
 
 pytestmark = pytest.mark.slow  # three EP=2 clusters on Ray
-
-MAX_NEW = 10
-GREEDY = {"max_tokens": MAX_NEW, "temperature": 0.0}
-EXTRA = {"ignore_eos": True, "return_token_ids": True}
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -42,22 +37,7 @@ def ep_cluster(request, ray_session, tiny_model):
     prefill_pids = ray.get(workers.actors[f"ep-{arch}-prefill-0"].ep_pids.remote())
     yield arch, cluster, pids
     cluster.stop()
-    _wait_gone(pids + prefill_pids)
-
-
-def _wait_gone(pids: list[int], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"EP processes still running: {pids}"
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    wait_gone(pids + prefill_pids)
 
 
 def test_prefill_ep2_decode_ep2_equals_hf(ep_cluster, tiny_model):
@@ -109,26 +89,9 @@ def test_follower_death_fails_cleanly_then_recovers(ep_cluster, tiny_model):
     c = client(rt, timeout=60)
     prompt = make_prompts([30], seed=82)[0]
     want = hf_greedy(tiny_model(arch), [prompt], MAX_NEW)[0]
-    long = {"max_tokens": 1500, "temperature": 0.0, "stream": True}
-    stream = c.completions.create(model=MODEL_NAME, prompt=prompt, **long, extra_body=EXTRA)
-    next(iter(stream))  # decoding is under way on the EP group
-    os.kill(pids[1], 9)
-    t0 = time.monotonic()
-    with pytest.raises(openai.APIError) as err:  # the in-flight request fails; never a hang
-        for _ in stream:
-            pass
-    assert time.monotonic() - t0 < 20
-    assert f"EP rank 1 (pid {pids[1]}) died" in str(err.value), err.value
-    _wait_gone(pids[:1], timeout=30)  # the leader exits; Ray restarts it with new ranks
-    deadline = time.monotonic() + 90
-    while True:  # requests fail (503, unreachable) until the restarted group serves
-        try:
-            out = c.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY, extra_body=EXTRA)
-            break
-        except openai.APIError as exc:
-            assert time.monotonic() < deadline, f"decode EP group did not recover: {exc!r}"
-            time.sleep(1)
-    assert out.choices[0].token_ids == want
+    kill_mid_stream(c, prompt, pids[1], f"EP rank 1 (pid {pids[1]}) died")
+    wait_gone(pids[:1], timeout=30)  # the leader exits; Ray restarts it with new ranks
+    assert greedy_once_recovered(c, prompt, "decode EP group") == want
     cluster.refresh()
     leader = cluster.workers.actors[f"ep-{arch}-decode-0"]
     pids[:] = ray.get(leader.ep_pids.remote())

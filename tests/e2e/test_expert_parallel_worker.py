@@ -18,33 +18,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine.parallel.health import pid_alive
 from engine.sampling_params import SamplingParams
 from proto import worker_pb2 as pb
 from proto import worker_pb2_grpc as rpc
 from tests.decode_worker.inproc import spec, start, stub, tokens, wait_all_free
+from tests.e2e.group_faults import wait_gone
 from tests.engine.hf_reference import hf_greedy, make_prompts
+from tests.processes import children
 from tests.waiting import Threads
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
-
-
-def _children(pid: int) -> list[int]:
-    """Follower processes (multiprocessing spawn children) of ``pid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in cmdline:
-            out.append(int(entry.name))
-    return out
 
 
 @contextlib.contextmanager
@@ -59,7 +44,7 @@ def _ep_process(model: Path, role: str, worker_id: str, *extra: str):
     try:
         line = proc.stdout.readline()
         assert re.fullmatch(rf"{role} worker {worker_id} serving on 127\.0\.0\.1:[1-9]\d*", line.strip()), line  # fmt: skip
-        followers = _children(proc.pid)
+        followers = children(proc.pid)
         assert len(followers) == 1, followers
         with grpc.insecure_channel(line.split()[-1]) as channel:
             yield proc, followers[0], channel
@@ -74,13 +59,6 @@ def ep_worker(tiny_model):
     model = tiny_model("mixtral")
     with _ep_process(model, "decode", "ep2") as (proc, follower, channel):
         yield model, proc, follower, rpc.DecodeServiceStub(channel)
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(pid_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"EP processes still running: {pids}"
-        time.sleep(0.1)
 
 
 def test_local_ep2_worker_equals_hf_and_stops(ep_worker):
@@ -101,7 +79,7 @@ def test_local_ep2_worker_equals_hf_and_stops(ep_worker):
     assert stats.num_free_blocks == stats.num_blocks == 128
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
-    _wait_gone([follower], timeout=20)
+    wait_gone([follower], timeout=20)
 
 
 def test_killed_follower_fails_the_stream_naming_the_rank(ep_worker):
@@ -118,7 +96,7 @@ def test_killed_follower_fails_the_stream_naming_the_rank(ep_worker):
     assert f"EP rank 1 (pid {follower}) died" in err.value.details(), err.value.details()
     assert "expert-parallel group of ep2 failed" in err.value.details()
     assert proc.wait(timeout=15) != 0  # the leader exits for its supervisor to restart
-    _wait_gone([follower], timeout=5)
+    wait_gone([follower], timeout=5)
 
 
 def test_killed_follower_fails_the_prefill_naming_the_rank(tiny_model):
@@ -153,7 +131,7 @@ def test_killed_follower_fails_the_prefill_naming_the_rank(tiny_model):
             assert f"EP rank 1 (pid {follower}) died" in err.value.details(), err.value.details()
             assert "expert-parallel group of epp failed" in err.value.details()
             assert proc.wait(timeout=15) != 0
-            _wait_gone([follower], timeout=5)
+            wait_gone([follower], timeout=5)
         wait_all_free([dstub], timeout=10)  # the aborted stream freed the reservation
     finally:
         dchannel.close()

@@ -6,28 +6,21 @@ comes back (Ray restarts the leader, which starts a fresh group)."""
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import replace
 
 import httpx
-import openai
 import pytest
 import ray
 
 from engine.config import ParallelConfig
-from engine.parallel.health import pid_alive
 from router.launch.ray_launcher import RayWorkers
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.waiting import Threads
 
 from .conftest import MODEL_NAME, Cluster, client, worker_config
+from .group_faults import EXTRA, GREEDY, MAX_NEW, greedy_once_recovered, kill_mid_stream, wait_gone
 
 pytestmark = pytest.mark.slow  # two TP=2 groups on Ray
-
-MAX_NEW = 10
-GREEDY = {"max_tokens": MAX_NEW, "temperature": 0.0}
-EXTRA = {"ignore_eos": True, "return_token_ids": True}
 
 
 @pytest.fixture(scope="module")
@@ -78,29 +71,9 @@ def test_tensor_parallel_dead_rank_fails_cleanly_then_recovers(tp_cluster, tiny_
     prompt = make_prompts([30], seed=86)[0]
     want = hf_greedy(tiny_model("llama"), [prompt], MAX_NEW)[0]
     pids = _pids(tp_cluster, "tp-decode-0")
-    long = {"max_tokens": 1500, "temperature": 0.0, "stream": True}
-    stream = c.completions.create(model=MODEL_NAME, prompt=prompt, **long, extra_body=EXTRA)
-    next(iter(stream))  # decoding is under way on the TP group
-    os.kill(pids[1], 9)
-    t0 = time.monotonic()
-    with pytest.raises(openai.APIError) as err:  # the in-flight request fails; never a hang
-        for _ in stream:
-            pass
-    assert time.monotonic() - t0 < 20
-    assert f"TP rank 1 (pid {pids[1]}) died" in str(err.value), err.value
-    deadline = time.monotonic() + 30
-    while pid_alive(pids[0]):  # the leader exits; Ray restarts it with a fresh group
-        assert time.monotonic() < deadline, "the TP leader did not exit"
-        time.sleep(0.1)
-    deadline = time.monotonic() + 90
-    while True:  # requests fail (503, unreachable) until the restarted group serves
-        try:
-            out = c.completions.create(model=MODEL_NAME, prompt=prompt, **GREEDY, extra_body=EXTRA)
-            break
-        except openai.APIError as exc:
-            assert time.monotonic() < deadline, f"decode TP group did not recover: {exc!r}"
-            time.sleep(1)
-    assert out.choices[0].token_ids == want
+    kill_mid_stream(c, prompt, pids[1], f"TP rank 1 (pid {pids[1]}) died")
+    wait_gone(pids[:1], timeout=30)  # the leader exits; Ray restarts it with a fresh group
+    assert greedy_once_recovered(c, prompt, "decode TP group") == want
     tp_cluster.refresh()
     assert len(set(_pids(tp_cluster, "tp-decode-0")) & set(pids)) == 0  # every rank is new
     tp_cluster.wait_all_free()

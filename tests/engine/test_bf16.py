@@ -8,28 +8,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig, resolve_dtype
 from engine.tiny_model import make_tiny_model
-from tests.engine.hf_reference import make_prompts
+from tests.engine.hf_reference import hf_greedy, make_prompts
 
 NUM_PROMPTS, NEW_TOKENS = 32, 16
-
-
-def hf_bf16_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    outs = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(ids[0, len(p) :].tolist())
-    return outs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -47,7 +28,7 @@ def test_bf16_greedy_agrees_with_hf_bf16(tiny_model, arch):
     assert llm.engine.layout.dtype == torch.bfloat16
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(prompts, params)]
-    want = hf_bf16_greedy(d, prompts)
+    want = hf_greedy(d, prompts, NEW_TOKENS, dtype="bfloat16")
     agree = sum(a == b for a, b in zip(ours, want, strict=True))
     assert agree >= 0.95 * NUM_PROMPTS, f"{agree}/{NUM_PROMPTS} prompts agree"
     assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks

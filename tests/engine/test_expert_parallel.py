@@ -17,7 +17,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.layers.moe import expert_forward
 from engine.parallel.ep import combine, dispatch, ep_expert_forward, gather_to_leader
-from tests.engine.ep_spawn import spawn_ep
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_ep
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 E, H, INTER = 4, 8, 6
@@ -127,14 +127,10 @@ def _generate_rank(ep, model_dirs, prompts, out_path):
     results = {}
     for arch, d in model_dirs.items():
         llm = LLM(d, ep=ep, **ENGINE_ARGS)
-        if not ep.is_leader:
-            llm.engine.run_follower()
+        done = on_leader(llm, lambda llm: _recorded_generate(llm, prompts))
+        if done is None:
             continue
-        steps = _record_steps(llm.engine)
-        try:
-            outs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.stop_followers()
+        steps, outs = done
         load = llm.engine.expert_load()
         results[arch] = {
             "tokens": [o.token_ids for o in outs],
@@ -146,9 +142,13 @@ def _generate_rank(ep, model_dirs, prompts, out_path):
             "per_expert": list(load.tokens_per_expert),
             "per_rank": list(load.tokens_per_rank),
         }
-    if ep.is_leader:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+    save_on_leader(ep, out_path, results)
+
+
+def _recorded_generate(llm: LLM, prompts) -> tuple[list, list]:
+    """The scheduled steps (``_record_steps``) and the outputs of one ``generate``."""
+    steps = _record_steps(llm.engine)
+    return steps, llm.generate(prompts, GREEDY)
 
 
 def test_ep2_equals_ep1_equals_hf(tiny_model, tmp_path):

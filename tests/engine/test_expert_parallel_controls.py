@@ -9,7 +9,7 @@ import json
 
 from engine import LLM, SamplingParams
 from engine.sampling_params import StructuredOutput
-from tests.engine.ep_spawn import spawn_ep
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_ep
 from tests.engine.hf_reference import make_prompts
 
 SCHEMA = {
@@ -49,16 +49,11 @@ def _outputs(llm: LLM, prompts) -> list[dict]:
 
 def _rank(ep, model_dir, prompts, out_path):
     llm = LLM(model_dir, ep=ep, **ARGS)
-    if not ep.is_leader:
-        llm.engine.run_follower()
+    got = on_leader(llm, lambda llm: _outputs(llm, prompts))
+    if got is None:
         return
-    try:
-        got = _outputs(llm, prompts)
-    finally:
-        llm.engine.stop_followers()
     free = llm.engine.num_free_blocks == llm.engine.layout.num_blocks
-    with open(out_path, "w") as f:
-        json.dump({"outs": got, "free": free}, f)
+    save_on_leader(ep, out_path, {"outs": got, "free": free})
 
 
 def test_ep2_controls_equal_ep1(tiny_model, tmp_path):

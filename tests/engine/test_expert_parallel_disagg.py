@@ -13,7 +13,7 @@ import json
 
 from engine import LLM
 from engine.engine import LLMEngine
-from tests.engine.ep_spawn import spawn_ep
+from tests.engine.group_spawn import spawn_ep
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.engine.test_disagg_hooks import MAX_NEW, PARAMS, _disagg
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 from engine import LLM, SamplingParams
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_tp
 from tests.engine.hf_reference import make_prompts
 from tests.engine.quant_kv_model import make_decisive_model
-from tests.engine.tp_spawn import spawn_tp
 
 PROMPTS = make_prompts([5, 21, 9, 30, 13, 3, 40, 17], seed=11)
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -18,18 +18,13 @@ ARGS = {"kv_cache_dtype": "fp8_e4m3", "max_num_batched_tokens": 16, "block_size"
 
 def _rank(parallel, model, out_path):
     llm = LLM(model, parallel=parallel, **ARGS)
-    if not parallel.is_leader:
-        llm.engine.run_follower()
+    outs = on_leader(llm, lambda llm: [o.token_ids for o in llm.generate(PROMPTS, GREEDY)])
+    if outs is None:
         return
-    try:
-        outs = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    finally:
-        llm.engine.stop_followers()
     e = llm.engine
     result = {"tokens": outs, "free": e.num_free_blocks, "total": e.layout.num_blocks,
               "heads": list(e.heads), "row": e.kv_caches[0][0].shape[-1]}  # fmt: skip
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+    save_on_leader(parallel, out_path, result)
 
 
 def test_quant_kv_tp2_agrees_with_tp1(tmp_path):

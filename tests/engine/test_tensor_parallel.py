@@ -14,8 +14,8 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.tiny_model import make_tiny_model
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_tp
 from tests.engine.hf_reference import hf_greedy, make_prompts
-from tests.engine.tp_spawn import spawn_tp
 
 ARCHS = ["llama", "qwen3", "mixtral", "qwen2_moe"]
 KV1 = {"num_key_value_heads": 1, "vocab_size": 509}
@@ -35,13 +35,9 @@ def _generate_rank(parallel, model_dirs, prompts, out_path):
     results = {}
     for name, d in model_dirs.items():
         llm = LLM(d, parallel=parallel, **ENGINE_ARGS)
-        if not parallel.is_leader:
-            llm.engine.run_follower()
+        outs = on_leader(llm, lambda llm: llm.generate(prompts, GREEDY))
+        if outs is None:
             continue
-        try:
-            outs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.stop_followers()
         e = llm.engine
         results[name] = {
             "tokens": [o.token_ids for o in outs],
@@ -51,9 +47,7 @@ def _generate_rank(parallel, model_dirs, prompts, out_path):
             "preemptions": e.scheduler.num_preemptions,
             "heads": [e.layout.num_kv_heads, *e.heads],
         }
-    if parallel.is_leader:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+    save_on_leader(parallel, out_path, results)
 
 
 @pytest.fixture(scope="module")

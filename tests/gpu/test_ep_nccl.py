@@ -9,7 +9,7 @@ import json
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.engine.ep_spawn import spawn_ep
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_ep
 from tests.engine.hf_reference import make_prompts
 
 from .conftest import DEVICE, device, needs_two_devices
@@ -25,18 +25,11 @@ def _rank(ep, model_dirs: dict[str, str], prompts, out_path: str) -> None:
     results = {}
     for arch, d in model_dirs.items():
         llm = LLM(d, ep=ep, device=device(ep.rank), **ENGINE)
-        if not ep.is_leader:
-            llm.engine.run_follower()
-            continue
-        try:
-            outs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.stop_followers()
-        free = (llm.engine.num_free_blocks, llm.engine.layout.num_blocks)
-        results[arch] = {"tokens": [o.token_ids for o in outs], "free": free}
-    if ep.is_leader:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+        outs = on_leader(llm, lambda llm: llm.generate(prompts, GREEDY))
+        if outs is not None:
+            free = (llm.engine.num_free_blocks, llm.engine.layout.num_blocks)
+            results[arch] = {"tokens": [o.token_ids for o in outs], "free": free}
+    save_on_leader(ep, out_path, results)
 
 
 def test_ep2_over_nccl_equals_ep1(tiny_model, tmp_path):

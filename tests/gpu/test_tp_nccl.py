@@ -9,8 +9,8 @@ import json
 import pytest
 
 from engine import LLM, SamplingParams
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_tp
 from tests.engine.hf_reference import make_prompts
-from tests.engine.tp_spawn import spawn_tp
 
 from .conftest import DEVICE, device, needs_two_devices
 
@@ -24,18 +24,11 @@ def _rank(parallel, model_dirs: dict[str, str], prompts, out_path: str) -> None:
     results = {}
     for arch, d in model_dirs.items():
         llm = LLM(d, parallel=parallel, device=device(parallel.rank), **ENGINE)
-        if not parallel.is_leader:
-            llm.engine.run_follower()
-            continue
-        try:
-            outs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.stop_followers()
-        free = (llm.engine.num_free_blocks, llm.engine.layout.num_blocks)
-        results[arch] = {"tokens": [o.token_ids for o in outs], "free": free}
-    if parallel.is_leader:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+        outs = on_leader(llm, lambda llm: llm.generate(prompts, GREEDY))
+        if outs is not None:
+            free = (llm.engine.num_free_blocks, llm.engine.layout.num_blocks)
+            results[arch] = {"tokens": [o.token_ids for o in outs], "free": free}
+    save_on_leader(parallel, out_path, results)
 
 
 def test_tensor_parallel_tp2_over_nccl_equals_tp1(tiny_model, tmp_path):

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from proto import worker_pb2 as pb
-from tests.decode_worker.inproc import NUM_BLOCKS, spec, start, stub, tokens, wait_all_free
+from tests.decode_worker.inproc import NUM_BLOCKS, serving, spec, start, stub, tokens, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.faults import DelayRpc
 from tests.waiting import Threads, wait_until
@@ -21,11 +21,8 @@ def pair(tiny_model):
         start("prefill", model, transports=("tcp", "shm"), chunk=16),
         start("prefill", model, worker_id="slow", interceptors=[DelayRpc("Prefill", 0.5)]),
     ]
-    stubs = [stub(w) for w in workers]
-    yield [s for s, _ in stubs]
-    for (_, channel), w in zip(stubs, workers, strict=True):
-        channel.close()
-        w.stop()
+    with serving(workers) as stubs:
+        yield stubs
 
 
 @pytest.fixture(autouse=True)

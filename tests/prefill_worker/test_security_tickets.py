@@ -12,7 +12,7 @@ import pytest
 from engine.config import TransferConfig
 from engine.security import ClusterSecret
 from proto import worker_pb2 as pb
-from tests.decode_worker.inproc import spec, start, stub, wait_all_free
+from tests.decode_worker.inproc import serving, spec, start, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
 
 from .test_prefill_worker import disagg
@@ -30,11 +30,8 @@ def workers(tiny_model):
         start("decode", model, worker_id="d-sec", transfer=kv_only),
         start("prefill", model, worker_id="p-sec", transfer=kv_only),
     ]
-    stubs = [stub(w) for w in running]
-    yield [s for s, _ in stubs]
-    for (_, channel), worker in zip(stubs, running, strict=True):
-        channel.close()
-        worker.stop()
+    with serving(running) as stubs:
+        yield stubs
 
 
 @pytest.fixture(autouse=True)

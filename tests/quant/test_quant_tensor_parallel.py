@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from engine import LLM, SamplingParams
+from tests.engine.group_spawn import on_leader, save_on_leader, spawn_tp
 from tests.engine.hf_reference import make_prompts
-from tests.engine.tp_spawn import spawn_tp
 from tests.quant.checkpoints import build
 
 PRESETS = ["int8", "int8-group", "fp8-tensor", "fp8"]
@@ -24,18 +24,11 @@ def _generate_rank(parallel, model_dirs, out_path):
     results = {}
     for name, d in model_dirs.items():
         llm = LLM(d, parallel=parallel, max_num_batched_tokens=16)
-        if not parallel.is_leader:
-            llm.engine.run_follower()
-            continue
-        try:
-            outs = llm.generate(PROMPTS, GREEDY)
-        finally:
-            llm.engine.stop_followers()
-        free = llm.engine.num_free_blocks == llm.engine.layout.num_blocks
-        results[name] = {"tokens": [o.token_ids for o in outs], "free": free}
-    if parallel.is_leader:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+        outs = on_leader(llm, lambda llm: llm.generate(PROMPTS, GREEDY))
+        if outs is not None:
+            free = llm.engine.num_free_blocks == llm.engine.layout.num_blocks
+            results[name] = {"tokens": [o.token_ids for o in outs], "free": free}
+    save_on_leader(parallel, out_path, results)
 
 
 def test_quant_tp2_equals_tp1(tmp_path):

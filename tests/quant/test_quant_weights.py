@@ -54,22 +54,6 @@ def test_quant_first_decode_step_logprobs_match_hf(qroot, preset):
     assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks
 
 
-def _hf_bf16_greedy(model_dir, prompts):
-    model, outs = _hf(model_dir, torch.bfloat16), []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(ids[0, len(p) :].tolist())
-    return outs
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_quant_bf16_greedy_agrees_with_hf(qroot, preset):
     """bf16 activations take the CPU decode kernels (int8 packed mm for per-channel
@@ -79,7 +63,7 @@ def test_quant_bf16_greedy_agrees_with_hf(qroot, preset):
     llm = LLM(d, dtype="bfloat16", max_num_batched_tokens=256)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(prompts, params)]
-    want = _hf_bf16_greedy(d, prompts)
+    want = hf_greedy(d, prompts, NEW_TOKENS, dtype="bfloat16")
     agree = sum(o == w for o, w in zip(ours, want, strict=True))
     assert agree >= 0.9 * NUM_PROMPTS, f"{preset}: {agree}/{NUM_PROMPTS} prompts agree"
     assert llm.engine.num_free_blocks == llm.engine.layout.num_blocks

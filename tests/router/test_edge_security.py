@@ -17,7 +17,7 @@ import router.run
 from engine.config.router import RouterConfig
 from engine.tokenizer import Tokenizer
 from router.server import Router
-from tests.decode_worker.inproc import stub, wait_all_free
+from tests.decode_worker.inproc import serving, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
 from tests.faults import DelayRpc
 
@@ -41,12 +41,8 @@ def workers(tiny_model):
     decode = start("decode", model, worker_id="edge-d")
     slow = [DelayRpc("Prefill", PREFILL_DELAY_S)]
     prefill = start("prefill", model, worker_id="edge-p", interceptors=slow)
-    stubs = [stub(w) for w in (decode, prefill)]
-    yield {"model": model, "decode": decode, "prefill": prefill, "stubs": [s for s, _ in stubs]}
-    for _, channel in stubs:
-        channel.close()
-    decode.stop()
-    prefill.stop()
+    with serving([decode, prefill]) as stubs:
+        yield {"model": model, "decode": decode, "prefill": prefill, "stubs": stubs}
 
 
 @pytest.fixture
