@@ -3,6 +3,7 @@ yields, one per step, and what running it needs of the router's service."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,4 +64,4 @@ class RouterService(Protocol):
 
     def transport(self, p: WorkerRecord, d: WorkerRecord) -> str: ...
 
-    def background(self, coro) -> None: ...
+    def background(self, coro) -> asyncio.Task: ...

@@ -31,7 +31,7 @@ import grpc
 from proto import worker_pb2 as pb
 from router.job import Job, RouterService
 from router.policy import RouteDecision, RouteReason
-from router.run_errors import FALLBACKS, DecodeDown, Fallback, TransferLost
+from router.run_errors import FALLBACKS, SHIELD_ERRORS, DecodeDown, Fallback, TransferLost
 from router.state.base import WorkerRecord
 
 
@@ -41,6 +41,7 @@ class Run(Protocol):
     svc: RouterService
     job: Job
     spec: pb.RequestSpec
+    to_abort: list[tuple[str, str, str]]
 
     async def track(self, worker: WorkerRecord, rid: str) -> None: ...
 
@@ -82,7 +83,9 @@ class RemotePrefill:
         if self.svc.config.reserve_mode == "serial" or max(self.p.tp_size, self.d.tp_size) > 1:
             # A TP group on either side reserves first: P needs every part's ticket to
             # open them on its ranks (AttachTicket carries one ticket).
-            res = await self._reserve()
+            # Shielded: a Reserve is never cancelled (its reply is the only sign of a
+            # reservation that an earlier Abort may have missed: see _reserve).
+            res = await asyncio.shield(self._reserving())
             self._bind = asyncio.get_running_loop().create_future()
             self._bind.set_result(res)
             pre = await self._prefill(res)
@@ -94,7 +97,7 @@ class RemotePrefill:
         return pre
 
     async def _overlapped(self) -> pb.PrefillResponse:
-        reserve = asyncio.ensure_future(self._reserve())
+        reserve = self._reserving()
         self._bind = bind = asyncio.ensure_future(self._attach_after(reserve))
         prefill = asyncio.ensure_future(self._prefill(None))
         await asyncio.wait({prefill, bind}, return_when=asyncio.FIRST_COMPLETED)
@@ -132,9 +135,26 @@ class RemotePrefill:
         self.run.done(self.p, self.rid)  # P holds the ticket: D's abort now reaches it too
 
     async def _attach_after(self, reserve: asyncio.Future) -> pb.ReserveResponse:
-        res = await reserve
+        res = await asyncio.shield(reserve)  # cancelling the bind leaves the Reserve on
         await self._attach(res)
         return res
+
+    def _reserving(self) -> asyncio.Task:
+        """The Reserve call as a task of the router's (kept to its end, never cancelled)."""
+        return self.svc.background(self._reserve())
+
+    def _aborted(self) -> bool:
+        """The attempt already aborted D (it failed, or the client left): every abort takes
+        D's entry off the run's list."""
+        return (self.d.worker_id, self.rid) not in {(w, r) for w, _, r in self.run.to_abort}
+
+    async def _abort_late(self) -> None:
+        """D reserved after the attempt's Abort went out (that Abort may have reached D
+        first, or been lost with its caller): free the reservation now, not at its lease."""
+        client = self.svc.registry.clients.get(self.d.worker_id)
+        if client is not None:
+            with contextlib.suppress(*SHIELD_ERRORS):
+                await client.stub(self.d.role).Abort(pb.AbortRequest(request_id=self.rid), timeout=5.0)  # fmt: skip
 
     async def _reserve(self) -> pb.ReserveResponse:
         cfg, d = self.svc.config, self.d
@@ -146,13 +166,16 @@ class RemotePrefill:
         try:
             res = await self.svc.registry.client(d).decode.Reserve(req, timeout=5.0)
         except grpc.aio.AioRpcError as exc:
-            await self.run.abort_all()
+            if not self._aborted():  # else the attempt is over: the list holds its fallback's
+                await self.run.abort_all()
             self.run.raise_bad_input(exc)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 await self.svc.io(self.svc.state.mark_unhealthy, d.worker_id, d.epoch)
                 raise DecodeDown(d.worker_id, exc.details()) from None
             raise Fallback(RouteReason.RESERVE_FAILED) from exc
         self.svc.metrics.hops.labels(hop="reserve").observe(time.monotonic() - t0)
+        if self._aborted():
+            await self._abort_late()
         return res
 
     async def _attach(self, res: pb.ReserveResponse) -> None:

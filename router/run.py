@@ -297,6 +297,12 @@ class RequestRun:
 
     async def abort_all(self) -> None:
         targets, self.to_abort = self.to_abort, []
+        if targets:
+            # Shielded: the targets are off the list, and the caller may be cancelled
+            # mid-abort (RemotePrefill cancels its bind task when the prefill fails first).
+            await asyncio.shield(self.svc.background(self._abort(targets)))
+
+    async def _abort(self, targets: list[tuple[str, str, str]]) -> None:
         reg = self.svc.registry
         calls = []
         for worker_id, role, rid in targets:

@@ -153,10 +153,11 @@ class RouterService:
             if run is not None:
                 await run.cleanup()
 
-    def background(self, coro) -> None:
+    def background(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """At shutdown: let cancelled requests finish cleaning up and their aborts reach

@@ -10,10 +10,11 @@ import grpc
 
 class DelayRpc(grpc.aio.ServerInterceptor):
     """Every call of ``method`` (e.g. ``"Prefill"``) waits ``delay_s`` before its handler
-    runs, as a slow or overloaded worker would (the call is accepted, nothing happens)."""
+    runs, as a slow or overloaded worker would (the call is accepted, nothing happens);
+    ``seen`` (a ``threading.Event``) is set as each call arrives."""
 
-    def __init__(self, method: str, delay_s: float) -> None:
-        self.method, self.delay_s = method, delay_s
+    def __init__(self, method: str, delay_s: float, seen=None) -> None:
+        self.method, self.delay_s, self.seen = method, delay_s, seen
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -22,6 +23,8 @@ class DelayRpc(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def delayed(request, context):
+            if self.seen is not None:
+                self.seen.set()
             await asyncio.sleep(self.delay_s)
             return await inner(request, context)
 
@@ -47,3 +50,25 @@ class FailRpc(grpc.aio.ServerInterceptor):
             await context.abort(self.code, f"{self.method} failed: injected by the test")
 
         return handler._replace(unary_unary=failing)
+
+
+class LateRpc(grpc.aio.ServerInterceptor):
+    """Every call of ``method`` runs its handler only once ``until`` (a
+    ``threading.Event``) is set, and to its end even if the caller gave up meanwhile: a
+    call that reached the worker after later ones (the network reordered them), whose
+    cancellation came too late to stop it."""
+
+    def __init__(self, method: str, until, wait_s: float = 60.0) -> None:
+        self.method, self.until, self.wait_s = method, until, wait_s
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith(f"/{self.method}"):
+            return handler
+        inner = handler.unary_unary
+
+        async def late(request, context):
+            await asyncio.to_thread(self.until.wait, self.wait_s)
+            return await asyncio.shield(inner(request, context))
+
+        return handler._replace(unary_unary=late)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.decode_worker.inproc import start, stub, wait_all_free
 from tests.engine.hf_reference import hf_greedy, make_prompts
-from tests.faults import DelayRpc, FailRpc
+from tests.faults import DelayRpc, FailRpc, LateRpc
 
 from .inproc_cluster import MODEL_NAME, complete, router
 
@@ -36,6 +36,7 @@ def cluster(tiny_model):
         made.append((rt, p, d))
         return rt
 
+    make.made = made  # (router, P, D) of each cluster made
     yield make
     for rt, p, d in made:
         stubs = [stub(p), stub(d)]
@@ -114,3 +115,41 @@ def test_kv_lost_after_the_first_token_continues_on_decode(cluster, tiny_model):
     prompt = make_prompts([29], seed=512)[0]
     assert complete(rt, prompt).json()["choices"][0]["token_ids"] == hf_greedy(tiny_model("llama"), [prompt], 8)[0]  # fmt: skip
     assert metric(rt, "pdserve_routing_decisions_total", path="local", reason="transfer_failed") == 1  # fmt: skip
+
+
+def decode_free(cluster, timeout: float) -> None:
+    """The last cluster's D holds no block and no request within ``timeout``."""
+    s, channel = stub(cluster.made[-1][2])
+    try:
+        wait_all_free([s], timeout=timeout)
+    finally:
+        channel.close()
+
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_abort_the_fallback_overtakes_still_frees_the_reservation(cluster, tiny_model):
+    """P refuses the ticket (UNAVAILABLE, as a dead P would), and its Prefill fails while the
+    router's Abort to D is still on its way: the fallback must not cancel that Abort, or
+    D holds the reservation until its lease (120 s here)."""
+    abort_seen = threading.Event()
+    p_faults = [FailRpc("AttachTicket", UNAVAILABLE), FailRpc("Prefill", UNAVAILABLE, after=abort_seen)]  # fmt: skip
+    rt = cluster(p_faults, [DelayRpc("Abort", 2.0, seen=abort_seen)], kv_transport="tcp", lease_s=120)  # fmt: skip
+    prompt = make_prompts([26], seed=513)[0]
+    assert complete(rt, prompt).json()["choices"][0]["token_ids"] == hf_greedy(tiny_model("llama"), [prompt], 8)[0]  # fmt: skip
+    assert metric(rt, "pdserve_routing_decisions_total", path="local", reason="prefill_failed") == 1  # fmt: skip
+    decode_free(cluster, timeout=10)
+
+
+def test_a_reservation_made_after_its_abort_is_aborted_once_reserve_answers(cluster, tiny_model):
+    """P's Prefill fails at once and the router aborts D before D handles the Reserve (it
+    runs only once D saw that Abort, and to its end): the reservation D then makes is
+    aborted when its reply comes, not left to its lease (120 s here)."""
+    abort_seen = threading.Event()
+    d_faults = [DelayRpc("Abort", 0.0, seen=abort_seen), LateRpc("Reserve", until=abort_seen)]
+    rt = cluster([FailRpc("Prefill", UNAVAILABLE)], d_faults, kv_transport="tcp", lease_s=120)
+    prompt = make_prompts([26], seed=514)[0]
+    assert complete(rt, prompt).json()["choices"][0]["token_ids"] == hf_greedy(tiny_model("llama"), [prompt], 8)[0]  # fmt: skip
+    assert metric(rt, "pdserve_routing_decisions_total", path="local", reason="prefill_failed") == 1  # fmt: skip
+    decode_free(cluster, timeout=10)
