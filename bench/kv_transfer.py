@@ -30,8 +30,9 @@ from datetime import timedelta
 
 import torch
 
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.shared_pool import SharedKVPool
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import TransferState, backend_names, make_client, make_endpoint
 
 logger = logging.getLogger("bench.kv_transfer")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from engine.kv_cache.layout import KVLayout
 from engine.sampling_params import SamplingParams
 from engine.worker.sink import Sink
 from kv_transfer import KVReceiver
@@ -78,3 +79,16 @@ class DecodeRequest:
     since: float = field(default_factory=time.monotonic)
     prompt: list[int] = field(default_factory=list)
     """Kept only when the prompt is scored (``params.prompt_logprobs``)."""
+
+
+def transfer_report(req: DecodeRequest, lay: KVLayout) -> pb.TransferReport:
+    """How the KV came in: the transport's timings, and the admission since both the
+    KV and the Decode call were here (an event each: no polling interval on the path)."""
+    t = req.receiver.timings
+    nbytes = 2 * len(req.receiver.ticket.block_ids) * lay.block_bytes * lay.num_layers
+    return pb.TransferReport(
+        bytes=nbytes,
+        seconds=t.seconds if t else 0.0,
+        tail_seconds=t.tail_seconds if t else 0.0,
+        admission_seconds=time.monotonic() - max(req.kv_at, req.decode_at),
+    )

@@ -29,11 +29,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
 import grpc
 
-from decode_worker.commands import Decode, DecodeRequest, DecodeState, Generate, Reserve
+from decode_worker.commands import (
+    Decode,
+    DecodeRequest,
+    DecodeState,
+    Generate,
+    Reserve,
+    transfer_report,
+)
+from decode_worker.setup import make_endpoints
 from decode_worker.tp import TPReceivers
 from engine.config import WorkerConfig
 from engine.engine import LLMEngine
@@ -44,7 +51,7 @@ from engine.worker.convert import chunk_from_output, token_logprobs
 from engine.worker.errors import WorkerError
 from engine.worker.loop import EngineLoop
 from engine.worker.snapshot import RoleLoad
-from kv_transfer import KVEndpoint, TransferState, make_endpoint
+from kv_transfer import KVEndpoint, TransferState
 from kv_transfer.wire import ticket_to_pb
 from proto import worker_pb2 as pb
 
@@ -54,28 +61,13 @@ ABORTED, INTERNAL = grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL
 S = DecodeState
 
 
-def _transport_frees_nothing(block_ids: list[int]) -> None:
-    """The engine thread frees a failed transfer's blocks on its ``TransferDone``."""
-
-
 class DecodeWorker:
     """Engine + KV endpoints + the request table, owned by one engine thread."""
 
     def __init__(self, engine: LLMEngine, config: WorkerConfig, secret: ClusterSecret | None):
         self.engine, self.config = engine, config
         self._reqs: dict[str, DecodeRequest] = {}
-        tcfg = replace(config.transfer, host=config.host, secret=config.transfer.secret or secret)
-        self.endpoints: dict[str, KVEndpoint] = {
-            name: make_endpoint(
-                name,
-                engine.layout,
-                engine.kv_caches,
-                engine.rank_layout_spec,
-                _transport_frees_nothing,
-                config=tcfg,
-            )  # fmt: skip
-            for name in config.kv_transports
-        }
+        self.endpoints: dict[str, KVEndpoint] = make_endpoints(engine, config, secret)
         self.tp = TPReceivers(engine, self.endpoints, engine.parallel.channel)
         """Transfers in parts (decode/tp.py): a TP group here or on the prefill side."""
         self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
@@ -264,7 +256,7 @@ class DecodeWorker:
     def _admit(self, req: DecodeRequest) -> None:
         tok = req.first_token
         out = self.engine.admit_prefilled(req.request_id, tok.token_id, token_logprobs(tok))
-        req.state, req.report = S.RUNNING, self._report(req)
+        req.state, req.report = S.RUNNING, transfer_report(req, self.engine.layout)
         if out.finished:  # the first token already ended it; the router has that token
             self._reqs.pop(req.request_id, None)
             chunk = chunk_from_output(out, req.params.logprobs)
@@ -272,18 +264,6 @@ class DecodeWorker:
             chunk.num_cached_tokens = req.num_cached_tokens
             chunk.transfer.CopyFrom(req.report)
             req.sink.put(chunk)
-
-    def _report(self, req: DecodeRequest) -> pb.TransferReport:
-        """How the KV came in: the transport's timings, and the admission since both the
-        KV and the Decode call were here (an event each: no polling interval on the path)."""
-        t, lay = req.receiver.timings, self.engine.layout
-        nbytes = 2 * len(req.receiver.ticket.block_ids) * lay.block_bytes * lay.num_layers
-        return pb.TransferReport(
-            bytes=nbytes,
-            seconds=t.seconds if t else 0.0,
-            tail_seconds=t.tail_seconds if t else 0.0,
-            admission_seconds=time.monotonic() - max(req.kv_at, req.decode_at),
-        )
 
     def on_outputs(self, outs: list[RequestOutput]) -> None:
         for out in outs:

@@ -29,8 +29,9 @@ from engine.attention import get_backend
 from engine.config import EngineConfig
 from engine.config.engine import resolve_device
 from engine.grammar import GrammarBackend
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.shared_pool import SharedKVPool
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.kv_handoff import KVLayerHook, LayerKV, Reservation
 from engine.loader import load_model
 from engine.model_runner import ModelRunner

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.kv_cache.layout import model_fingerprint
+from engine.kv_cache.spec import model_fingerprint
 from engine.layers.basic import prepack_linears
 from engine.layers.weights import WeightRead, WeightTarget
 from engine.model_spec import ModelSpec, parse_model_spec

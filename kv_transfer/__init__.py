@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.layout import KVLayout
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer.base import (
     EndpointArgs,
     FreeBlocks,

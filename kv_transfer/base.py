@@ -25,7 +25,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from engine.config.transfer import TransferConfig
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.layout import KVLayout
+from engine.kv_cache.spec import KVLayoutSpec
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import socket
 import threading
 import uuid
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import auth, outgoing, tp_map, wire
 from kv_transfer.base import HandshakeError, OnDone, TransferConfig, TransferTicket
 from kv_transfer.link import ControlLink, PeerLost

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.security import ClusterSecret
 from kv_transfer import auth, tp_map, wire
 from kv_transfer.base import HandshakeError

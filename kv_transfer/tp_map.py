@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.kv_cache.layout import KVLayoutSpec, kv_head_range
+from engine.kv_cache.layout import kv_head_range
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer.base import TransferTicket
 
 

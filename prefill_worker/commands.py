@@ -10,6 +10,7 @@ from enum import Enum
 
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.worker.convert import prompt_logprobs_to_pb, token_to_pb
 from engine.worker.errors import WorkerError
 from kv_transfer import KVSender
 from proto import worker_pb2 as pb
@@ -76,3 +77,22 @@ class Job:
     sampled_at: float = 0.0
     prompt: list[int] = field(default_factory=list)
     """Kept only when the prompt is scored (``params.prompt_logprobs``)."""
+
+
+def prefill_response(job: Job, block_bytes: int, layers: int) -> pb.PrefillResponse:
+    """The reply to ``job``'s Prefill once its first token is sampled: that token, its
+    timings and the KV bytes its transfer moves (``block_bytes`` per block, layer and K or V)."""
+    out, started = job.first, job.started_at or job.received_at
+    lps = out.new_logprobs[0] if out.new_logprobs else None
+    n = len(job.sender.ticket.block_ids) if job.sender is not None else 0
+    return pb.PrefillResponse(
+        first_token=token_to_pb(out.new_token_ids[0], lps, job.params.logprobs),
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        transfer_bytes=2 * n * block_bytes * layers,
+        queue_seconds=started - job.received_at,
+        compute_seconds=job.sampled_at - started,
+        prompt_logprobs=prompt_logprobs_to_pb(
+            job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
+        ),
+    )

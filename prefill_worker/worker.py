@@ -31,9 +31,7 @@ stalled) new prefills get UNAVAILABLE.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import replace
 
 import grpc
 import torch
@@ -44,16 +42,14 @@ from engine.kv_handoff import LayerKV
 from engine.request import RequestOutput
 from engine.security import ClusterSecret
 from engine.worker.commands import Abort, TransferDone
-from engine.worker.convert import prompt_logprobs_to_pb, token_to_pb
 from engine.worker.errors import WorkerError
 from engine.worker.loop import EngineLoop
 from engine.worker.snapshot import RoleLoad
-from kv_transfer import KVClient, KVSender, TransferState, TransferTicket, make_client
+from kv_transfer import KVClient, KVSender, TransferState, TransferTicket
 from prefill_worker import streaming
-from prefill_worker.commands import AttachTicket, Job, JobState, Prefill
+from prefill_worker.commands import AttachTicket, Job, JobState, Prefill, prefill_response
+from prefill_worker.senders import Senders
 from prefill_worker.tickets import TicketDesk
-from prefill_worker.tp import TPSenders
-from proto import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
 ABORTED = grpc.StatusCode.ABORTED
@@ -64,26 +60,19 @@ class PrefillWorker:
 
     def __init__(self, engine: LLMEngine, config: WorkerConfig, secret: ClusterSecret | None):
         self.engine, self.config = engine, config
-        self._transfer = replace(
-            config.transfer, host=config.host, secret=config.transfer.secret or secret
-        )
-        self._clients: dict[str, KVClient] = {}
-        self._clients_lock = threading.Lock()  # gRPC threads open senders; not the engine's
+        self.senders = Senders(engine, config, secret)
         self._jobs: dict[str, Job] = {}
         self._tickets = TicketDesk(config.lease_s)
         spec = engine.layout_spec  # the whole group's KV moves, every head
         self._block_bytes = spec.block_size * spec.bytes_per_token // 2 // spec.num_layers
         self._layers = engine.layout.num_layers
-        self.tp = TPSenders(engine, engine.parallel.channel)
-        """Transfers in parts (prefill_worker/tp.py): a TP group here or on the decode side."""
         engine.kv_layer_hook = self._on_layer
         self.loop = EngineLoop(engine, config.name, config.stall_timeout_s)
         self.loop.start(self)
 
     def close(self) -> None:
         self.loop.stop()
-        for client in self._clients.values():
-            client.close()
+        self.senders.close()
 
     def kv_transports(self) -> list[str]:
         return list(self.config.kv_transports)
@@ -108,37 +97,16 @@ class PrefillWorker:
         prompt_len: int | None,
         num_cached_blocks: int,
     ) -> KVSender:
-        """Pair with the tickets' endpoints if needed (blocking network I/O: never on the
-        engine thread) and open the transfer (in parts, one per rank pair, when a side is
-        a TP group); its end is posted to the engine thread."""
+        """Open the request's KV transfer (prefill_worker/senders.py: blocking network I/O,
+        never on the engine thread); its end is posted to the engine thread."""
 
         def done(transfer_id: str, state: TransferState) -> None:  # a transport thread
             self.loop.post(TransferDone(rid, transfer_id, state is TransferState.SUCCESS))
 
-        client = self.client(tickets[0].backend)
-        if len(tickets) == 1 and tickets[0].heads is None:
-            return client.open(tickets[0], on_done=done)
-        if prompt_len is None:  # AttachTicket: the followers could not tell the final chunk
-            raise ValueError(
-                "a transfer in TP parts comes with its Prefill (ticket and parts), not by "
-                "AttachTicket; reserve on the decode worker first"
-            )
-        job = {"request_id": rid, "prompt_len": prompt_len, "num_cached_blocks": num_cached_blocks}  # fmt: skip
-        job["backend"] = tickets[0].backend
-        return self.tp.open(client, tickets, job, done)
+        return self.senders.open(rid, tickets, prompt_len, num_cached_blocks, done)
 
     def client(self, backend: str) -> KVClient:
-        if backend not in self.config.kv_transports:
-            raise WorkerError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"kv transport {backend!r} is not enabled on {self.config.name}; "
-                f"enabled: {list(self.config.kv_transports)}",
-            )
-        with self._clients_lock:
-            if backend not in self._clients:
-                spec = self.engine.rank_layout_spec
-                self._clients[backend] = make_client(backend, spec, config=self._transfer)
-            return self._clients[backend]
+        return self.senders.client(backend)
 
     # -- commands (engine thread) ---------------------------------------------------------
 
@@ -287,7 +255,9 @@ class PrefillWorker:
             return
         streaming.first_sampled(job, self.engine.kv_caches, self._layers)
         job.replied = True
-        job.reply(self._response(job))  # the first token goes now (TTFT), the KV may follow
+        job.reply(
+            prefill_response(job, self._block_bytes, self._layers)
+        )  # the first token goes now (TTFT), the KV may follow
         if state is TransferState.SUCCESS:
             self._finish(job, None)  # D confirmed within the step
 
@@ -315,19 +285,3 @@ class PrefillWorker:
         if not job.replied:
             job.replied = True
             job.reply(error or WorkerError(grpc.StatusCode.INTERNAL, "prefill ended without a token"))  # fmt: skip
-
-    def _response(self, job: Job) -> pb.PrefillResponse:
-        out, started = job.first, job.started_at or job.received_at
-        lps = out.new_logprobs[0] if out.new_logprobs else None
-        n = len(job.sender.ticket.block_ids) if job.sender is not None else 0
-        return pb.PrefillResponse(
-            first_token=token_to_pb(out.new_token_ids[0], lps, job.params.logprobs),
-            num_prompt_tokens=out.num_prompt_tokens,
-            num_cached_tokens=out.num_cached_tokens,
-            transfer_bytes=2 * n * self._block_bytes * self._layers,
-            queue_seconds=started - job.received_at,
-            compute_seconds=job.sampled_at - started,
-            prompt_logprobs=prompt_logprobs_to_pb(
-                job.prompt, out.prompt_logprobs, job.params.prompt_logprobs
-            ),
-        )

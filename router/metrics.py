@@ -6,7 +6,7 @@ from enum import Enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -20,6 +20,16 @@ HOPS = ("reserve", "prefill_queue", "prefill_compute", "transfer_tail", "decode_
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # Registered in this order (the order /metrics lists them in).
+        self._request_metrics(r)
+        self._routing_metrics(r)
+        self._worker_metrics(r)
+        self._transfer_metrics(r)
+        self._cluster_metrics(r)
+        self._moe_metrics(r)
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
+        """Latency and token counts of the requests themselves."""
         self.ttft = Histogram(
             "pdserve_time_to_first_token_seconds",
             "Time from request arrival to its first token.",
@@ -45,6 +55,9 @@ class Metrics:
         self.generation_tokens = Counter(
             "pdserve_generation_tokens", "Generated tokens.", registry=r
         )
+
+    def _routing_metrics(self, r: CollectorRegistry) -> None:
+        """Routing decisions and the router's own load."""
         self.routing = Counter(
             "pdserve_routing_decisions",
             "Routing decisions by path (remote/local) and reason (fallbacks included).",
@@ -52,6 +65,9 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge("pdserve_router_inflight_requests", "Requests in flight.", registry=r)
+
+    def _worker_metrics(self, r: CollectorRegistry) -> None:
+        """Each worker's queues and KV pool (from its Stats)."""
         self.queue_depth = Gauge(
             "pdserve_worker_queue_depth",
             "Requests in each worker queue (from the worker's Stats).",
@@ -74,6 +90,9 @@ class Metrics:
             "half of bf16's for --kv-cache-dtype fp8/int8).",
             ["worker"], registry=r,
         )  # fmt: skip
+
+    def _transfer_metrics(self, r: CollectorRegistry) -> None:
+        """KV moved from prefill to decode, and each hop of a disaggregated request."""
         self.kv_bytes = Counter(
             "pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode.", registry=r
         )
@@ -91,11 +110,13 @@ class Metrics:
             "in, to the running batch).",
             ["hop"], buckets=_HOP_BUCKETS, registry=r,
         )  # fmt: skip
+
+    def _cluster_metrics(self, r: CollectorRegistry) -> None:
+        """The registered workers and the shared cluster state."""
         self.workers = Gauge(
             "pdserve_workers", "Registered workers by role and health.", ["role", "healthy"],
             registry=r,
         )  # fmt: skip
-
         self.state_connected = Gauge(
             "pdserve_cluster_state_connected",
             "1 while the shared cluster state (Redis) is reachable; 0 = serving on the last known state.",
@@ -108,6 +129,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
+    def _moe_metrics(self, r: CollectorRegistry) -> None:
+        """MoE expert load (expert-parallel workers)."""
         self.expert_tokens = Gauge(
             "pdserve_expert_tokens", "MoE (token, expert) assignments since the worker started.",
             ["worker", "rank", "expert"], registry=r,

@@ -19,7 +19,6 @@ cleanup    unfinished (disconnect, timeout, stop string) -> Abort on P and D
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,13 +36,13 @@ from router.protocol import ApiError
 from router.remote import RemotePrefill
 from router.run_errors import (
     FALLBACKS,
-    SHIELD_ERRORS,
     DecodeDown,
     Fallback,
     TransferLost,
     public_reason,
     worker_failed,
 )
+from router.run_holds import Holds
 from router.state.base import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -63,15 +62,13 @@ class RequestRun:
             prompt_token_ids=job.prompt,
             params=params_to_pb(job.params),
         )
-        self.to_abort: list[tuple[str, str, str]] = []
-        """(worker id, role, request id) of every attempt not known to be finished."""
-        self.inflight: list[str] = []
+        self.holds = Holds(svc)
+        """What the request may hold on the workers (router/run_holds.py)."""
         self.finish_reason: str | None = None
         self.cached_tokens = 0
         self.num_prompt_tokens = len(job.prompt)
         self.num_output = 0
         self._call = None
-        self._reserved: str | None = None
         self._remote_p: str | None = None
         """The prefill worker of the remote attempt (its pair's bandwidth estimate)."""
         self.prompt_logprobs: list[pb.Token] | None = None
@@ -147,8 +144,7 @@ class RequestRun:
         svc = self.svc
         decision = await svc.route(self.job)
         d = decision.decode
-        self.inflight.append(d.worker_id)  # the slot svc.route reserved
-        self._reserved = d.worker_id
+        self.holds.routed(d.worker_id)  # the slot svc.route reserved
         if decision.path is RoutePath.REMOTE:
             remote = RemotePrefill(self, decision)
             try:
@@ -187,17 +183,18 @@ class RequestRun:
             async for chunk in self._continue_locally(d, first):
                 yield chunk
 
+    @property
+    def to_abort(self) -> list[tuple[str, str, str]]:
+        return self.holds.to_abort
+
     async def track(self, worker: WorkerRecord, rid: str) -> None:
-        """``rid`` may hold something on ``worker`` now (aborted unless it finishes)."""
-        self.to_abort.append((worker.worker_id, worker.role, rid))
-        if worker.worker_id == self._reserved:
-            self._reserved = None  # counted since routing
-            return
-        self.inflight.append(worker.worker_id)
-        await self.svc.io(self.svc.state.add_inflight, worker.worker_id, 1)
+        await self.holds.track(worker, rid)
 
     def done(self, worker: WorkerRecord, rid: str) -> None:
-        self.to_abort = [t for t in self.to_abort if (t[0], t[2]) != (worker.worker_id, rid)]
+        self.holds.done(worker, rid)
+
+    async def abort_all(self) -> None:
+        await self.holds.abort_all()
 
     async def prefill_failed(self, decision: RouteDecision, exc: grpc.aio.AioRpcError) -> None:
         """Abort on both workers, then fall back to local prefill (or a 400 for bad input).
@@ -295,30 +292,7 @@ class RequestRun:
 
     # -- cleanup --------------------------------------------------------------------------
 
-    async def abort_all(self) -> None:
-        targets, self.to_abort = self.to_abort, []
-        if targets:
-            # Shielded: the targets are off the list, and the caller may be cancelled
-            # mid-abort (RemotePrefill cancels its bind task when the prefill fails first).
-            await asyncio.shield(self.svc.background(self._abort(targets)))
-
-    async def _abort(self, targets: list[tuple[str, str, str]]) -> None:
-        reg = self.svc.registry
-        calls = []
-        for worker_id, role, rid in targets:
-            client = reg.clients.get(worker_id)
-            if client is not None:
-                calls.append(client.stub(role).Abort(pb.AbortRequest(request_id=rid), timeout=5.0))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException) and not isinstance(result, SHIELD_ERRORS):
-                logger.warning("abort failed: %r", result)
-
     async def cleanup(self) -> None:
         if self._call is not None and not self._call.done():
             self._call.cancel()
-        done, self.inflight = self.inflight, []
-        for worker_id in done:
-            await self.svc.io(self.svc.state.add_inflight, worker_id, -1)
-        if self.to_abort:
-            # Shielded: the caller may be a cancelled task (client disconnect).
-            self.svc.background(self.abort_all())
+        await self.holds.release()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine.grpc_auth import aio_channel
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.kv_cache.spec_pb import spec_from_pb
 from engine.security import ClusterSecret
 from proto import worker_pb2 as pb

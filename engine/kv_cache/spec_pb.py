@@ -3,7 +3,7 @@ handshake and the worker's ``Info`` carry it."""
 
 from __future__ import annotations
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from proto import kv_transfer_pb2 as pb
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import asdict
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from router.state.base import WorkerLoad, WorkerRecord
 
 logger = logging.getLogger(__name__)

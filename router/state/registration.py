@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict
 
 from engine.config import StateConfig
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from router.state.base import WorkerLoad, WorkerRecord
 from router.state.keys import Keys
 from router.state.records import record_fields

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayoutSpec, gather_blocks
+from engine.kv_cache.layout import gather_blocks
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import TransferState, backend_names, make_client, make_endpoint
 from tests.kv_transfer.conftest import FAST, BlockPool, random_caches, tiny_layout, wait_until
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec
+from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.shared_pool import SharedKVPool
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import TransferConfig, backend_names, make_client, make_endpoint
 
 NUM_BLOCKS = 64

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import HandshakeError, TransferState, make_client, make_endpoint
 
 from .conftest import FAST, BlockPool, random_caches, tiny_layout, wait_until

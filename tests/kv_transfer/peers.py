@@ -11,7 +11,7 @@ from .conftest import DEATH, FAST, BlockPool, random_caches, tiny_layout
 
 
 def _spec():
-    from engine.kv_cache.layout import KVLayoutSpec
+    from engine.kv_cache.spec import KVLayoutSpec
 
     layout = tiny_layout()
     return layout, KVLayoutSpec.from_layout(layout, "test-model")

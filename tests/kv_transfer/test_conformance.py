@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayoutSpec, gather_blocks
+from engine.kv_cache.layout import gather_blocks
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import HandshakeError, KVReceiver, KVSender, TransferState, make_client
 
 from .conftest import FAST, wait_until
@@ -330,7 +331,7 @@ def test_finish_with_a_missing_layer_fails_both_sides(make_pair):
 
 def test_endpoint_on_another_loopback_address(backend):
     """Workers on one host often get 127.0.0.x addresses of their own (Ray nodes)."""
-    from engine.kv_cache.layout import KVLayoutSpec as Spec
+    from engine.kv_cache.spec import KVLayoutSpec as Spec
     from kv_transfer import make_endpoint
 
     from .conftest import BlockPool, allocate_dst, backend_name, random_caches, tiny_layout

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec, gather_blocks
+from engine.kv_cache.layout import KVLayout, gather_blocks
 from engine.kv_cache.quant import FORMATS
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import HandshakeError, TransferState, make_client, make_endpoint
 
 from .conftest import FAST, NUM_BLOCKS, BlockPool, allocate_dst, backend_name, wait_until

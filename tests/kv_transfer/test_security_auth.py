@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.security import ClusterSecret
 from kv_transfer import (
     HandshakeError,

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import make_client, make_endpoint, wire
 from kv_transfer.link import ControlLink
 from proto import kv_transfer_pb2 as pb

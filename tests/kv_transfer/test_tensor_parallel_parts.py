@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayout, KVLayoutSpec, kv_head_range
+from engine.kv_cache.layout import KVLayout, kv_head_range
+from engine.kv_cache.spec import KVLayoutSpec
 from kv_transfer import HandshakeError, TransferState, make_client, make_endpoint
 from kv_transfer.tp_map import Part, plan_parts
 

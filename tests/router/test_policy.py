@@ -8,8 +8,8 @@ import pytest
 
 from engine.config.router import RouterConfig
 from engine.kv_cache.hashing import hash_blocks
-from engine.kv_cache.layout import KVLayoutSpec
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from engine.config import StateConfig
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from router.metrics import Metrics
 from router.state.base import WorkerLoad, WorkerRecord
 from router.state.publisher import LayoutRefused, WorkerPublisher

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from router.metrics import Metrics
 from router.policy import CostPolicy
 from router.state.base import WorkerRecord

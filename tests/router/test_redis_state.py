@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from router.state.base import WorkerLoad, WorkerRecord
 from router.state.memory import MemoryClusterState
 from router.state.redis import RedisClusterState

@@ -17,7 +17,7 @@ from redis.connection import AbstractConnection
 
 from engine.config import RouterConfig, StateConfig
 from engine.kv_cache.hashing import hash_blocks
-from engine.kv_cache.layout import KVLayoutSpec
+from engine.kv_cache.spec import KVLayoutSpec
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.job import Job
