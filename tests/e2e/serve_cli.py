@@ -22,7 +22,7 @@ from tests.waiting import wait_for_line
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 200) -> dict:
     """/health's workers once it answers 200 listing two (prefill and decode)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:

@@ -12,6 +12,7 @@ from tests.engine.hf_reference import hf_greedy, make_prompts
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a local Ray starts in minutes on an overloaded 2-core box
 def test_serve_with_ep_flags(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
     flags = ["--prefill-ep-size", "2", "--decode-ep-size", "2", "--num-kv-blocks", "64"]

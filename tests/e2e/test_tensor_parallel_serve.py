@@ -13,6 +13,7 @@ from tests.engine.hf_reference import hf_greedy, make_prompts
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a local Ray starts in minutes on an overloaded 2-core box
 def test_tensor_parallel_serve_with_tp_flags(tiny_model, tmp_path):
     model = tiny_model("qwen3")
     flags = ["--prefill-tp", "2", "--decode-tp", "2", "--num-kv-blocks", "64"]
